@@ -1,0 +1,2 @@
+//! Benchmark harness entry point.
+fn main() {}

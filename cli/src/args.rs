@@ -1,0 +1,93 @@
+//! fasactl's command line.
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fasactl",
+    version,
+    about = "Talk to fasad, the FASA inference daemon, over D-Bus",
+    after_help = "Exit codes: 0 ok, 1 fasad answered with an error, 2 usage, 3 fasad not reachable, 130 interrupted."
+)]
+pub struct Cli {
+    /// Use the session bus.
+    #[arg(long, global = true, conflicts_with = "system")]
+    pub session: bool,
+    /// Use the system bus. With neither flag: the system bus when fasad is there, else the session bus.
+    #[arg(long, global = true)]
+    pub system: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate an answer to TEXT and print it as it streams.
+    Generate(GenerateArgs),
+    /// Chat interactively; the conversation is kept until /reset. Ctrl-C stops an answer, Ctrl-D or /exit leaves.
+    Chat(SamplingArgs),
+    /// Show the loaded model, its shapes and the jobs.
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a job of yours (a path /dev/fasa/Fasa1/Job/N, or N).
+    Cancel {
+        #[arg(value_name = "JOB")]
+        job: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Feed TEXT to the model as is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Print one JSON object per line (events "job", "chunk", "finished") instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The question or prompt (several words are joined with spaces).
+    #[arg(value_name = "TEXT", required = true)]
+    pub text: Vec<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(allow_negative_numbers = true)]
+pub struct SamplingArgs {
+    /// Most tokens to generate [default: fasad's].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tokens: Option<u32>,
+    /// 0 = greedy (default).
+    #[arg(long, value_name = "T")]
+    pub temperature: Option<f64>,
+    /// Keep the K most likely tokens; 0 = off.
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<u32>,
+    /// Nucleus sampling mass in (0, 1]; 1 = off.
+    #[arg(long, value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Sampling seed.
+    #[arg(long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long, value_name = "STR")]
+    pub stop: Vec<String>,
+    /// A system message before the conversation (chat template only).
+    #[arg(long, value_name = "TEXT")]
+    pub system_prompt: Option<String>,
+}
+
+impl SamplingArgs {
+    pub fn options(&self) -> fasa_dbus::GenerateOptions {
+        fasa_dbus::GenerateOptions {
+            max_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            stop: self.stop.clone(),
+        }
+    }
+}

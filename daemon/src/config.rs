@@ -1,0 +1,206 @@
+//! fasad's settings: command-line flags over the TOML file (`/etc/fasa/fasad.toml` by default)
+//! over built-in defaults, validated once at start so that a bad value stops the daemon with a
+//! message naming it.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// The file read when `--config` is not given; its absence is not an error.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/fasa/fasad.toml";
+
+#[derive(Debug, Parser)]
+#[command(name = "fasad", version, about = "The FASA inference daemon: serves an LLM over D-Bus as dev.fasa.Fasa1")]
+pub struct Args {
+    /// Serve on the session bus.
+    #[arg(long, conflicts_with = "system")]
+    pub session: bool,
+    /// Serve on the system bus (the default).
+    #[arg(long)]
+    pub system: bool,
+    /// TOML configuration file [default: /etc/fasa/fasad.toml when it exists].
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// GGUF model file [default: the default model in the fasa cache folder, or $FASA_MODEL].
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// ONNX Runtime library (libonnxruntime.so.*) [default: the one in the fasa cache folder, or $FASA_ORT_LIB].
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// Jobs that generate at once (KV-cache slots) [default: 4].
+    #[arg(long, value_name = "N")]
+    pub max_sequences: Option<usize>,
+    /// Jobs that may wait for a slot; beyond that Generate answers Busy [default: 16].
+    #[arg(long, value_name = "N")]
+    pub max_queue: Option<usize>,
+    /// Tokens per sequence; 0 = the model's trained context [default: 0].
+    #[arg(long, value_name = "TOKENS")]
+    pub max_context: Option<usize>,
+    /// ONNX Runtime threads; 0 = all cores [default: 0].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// max_tokens of a job whose caller did not set it [default: 256].
+    #[arg(long, value_name = "N")]
+    pub default_max_tokens: Option<u32>,
+    /// Seconds a finished job stays on the bus for its caller to read [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    pub job_linger: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BusKind {
+    Session,
+    System,
+}
+
+impl BusKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BusKind::Session => "session",
+            BusKind::System => "system",
+        }
+    }
+}
+
+/// The TOML file: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    bus: Option<BusKind>,
+    model: Option<PathBuf>,
+    ort_library: Option<PathBuf>,
+    max_sequences: Option<usize>,
+    max_queue: Option<usize>,
+    max_context: Option<usize>,
+    threads: Option<usize>,
+    default_max_tokens: Option<u32>,
+    job_linger_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub bus: BusKind,
+    pub model: PathBuf,
+    pub ort_library: PathBuf,
+    pub max_sequences: usize,
+    pub max_queue: usize,
+    pub max_context: usize,
+    pub threads: usize,
+    pub default_max_tokens: u32,
+    pub job_linger: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("configuration file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{what} must be between {min} and {max}, got {got} (flag --{flag} or key `{key}`)")]
+    OutOfRange { what: &'static str, flag: &'static str, key: &'static str, min: u64, max: u64, got: u64 },
+}
+
+impl Config {
+    /// Reads the configuration file (the one named by `--config`, else the default one when it
+    /// exists) and lets the flags override it.
+    pub fn load(args: &Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => read_file(Path::new(DEFAULT_CONFIG_PATH))?,
+            None => FileConfig::default(),
+        };
+        Self::merge(args, file)
+    }
+
+    fn merge(args: &Args, file: FileConfig) -> Result<Config, ConfigError> {
+        let bus = if args.session {
+            BusKind::Session
+        } else if args.system {
+            BusKind::System
+        } else {
+            file.bus.unwrap_or(BusKind::System)
+        };
+        let config = Config {
+            bus,
+            model: args.model.clone().or(file.model).unwrap_or_else(fasa_engine::paths::default_model),
+            ort_library: args
+                .ort_lib
+                .clone()
+                .or(file.ort_library)
+                .unwrap_or_else(fasa_engine::paths::default_ort_library),
+            max_sequences: args.max_sequences.or(file.max_sequences).unwrap_or(4),
+            max_queue: args.max_queue.or(file.max_queue).unwrap_or(16),
+            max_context: args.max_context.or(file.max_context).unwrap_or(0),
+            threads: args.threads.or(file.threads).unwrap_or(0),
+            default_max_tokens: args.default_max_tokens.or(file.default_max_tokens).unwrap_or(256),
+            job_linger: Duration::from_secs(args.job_linger.or(file.job_linger_secs).unwrap_or(60)),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let checks: [(&str, &str, &str, u64, u64, u64); 6] = [
+            ("sequences", "max-sequences", "max_sequences", 1, 256, self.max_sequences as u64),
+            ("the queue length", "max-queue", "max_queue", 0, 4096, self.max_queue as u64),
+            ("the context", "max-context", "max_context", 0, 1 << 24, self.max_context as u64),
+            ("threads", "threads", "threads", 0, 1024, self.threads as u64),
+            ("the default max_tokens", "default-max-tokens", "default_max_tokens", 1, 1 << 20, self.default_max_tokens as u64),
+            ("the job linger time", "job-linger", "job_linger_secs", 0, 86_400, self.job_linger.as_secs()),
+        ];
+        for (what, flag, key, min, max, got) in checks {
+            if !(min..=max).contains(&got) {
+                return Err(ConfigError::OutOfRange { what, flag, key, min, max, got });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    parse(path, &text)
+}
+
+fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    // toml's messages span several lines (a snippet with a caret); keep them on one line.
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string().split_whitespace().collect::<Vec<_>>().join(" "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::parse_from(std::iter::once("fasad").chain(list.iter().copied()))
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse(Path::new("t.toml"), "bus = \"session\"\nmax_sequences = 2\nmax_queue = 3\nmodel = \"/m.gguf\"\n").unwrap();
+        let c = Config::merge(&args(&["--max-sequences", "5"]), file).unwrap();
+        assert_eq!(c.bus, BusKind::Session);
+        assert_eq!(c.max_sequences, 5);
+        assert_eq!(c.max_queue, 3);
+        assert_eq!(c.model, PathBuf::from("/m.gguf"));
+        let c = Config::merge(&args(&["--system"]), FileConfig { bus: Some(BusKind::Session), ..Default::default() }).unwrap();
+        assert_eq!(c.bus, BusKind::System);
+        assert_eq!(Config::merge(&args(&[]), FileConfig::default()).unwrap().bus, BusKind::System);
+    }
+
+    #[test]
+    fn bad_files_and_values_are_named() {
+        let e = parse(Path::new("/etc/fasa/fasad.toml"), "max_sequencs = 2\n").unwrap_err().to_string();
+        assert!(e.contains("/etc/fasa/fasad.toml") && e.contains("max_sequencs") && !e.contains('\n'), "{e}");
+        let e = parse(Path::new("f"), "max_queue = \"many\"\n").unwrap_err().to_string();
+        assert!(e.contains("max_queue"), "{e}");
+        let e = Config::merge(&args(&["--max-sequences", "0"]), FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("--max-sequences") && e.contains("got 0"), "{e}");
+        assert!(Args::try_parse_from(["fasad", "--session", "--system"]).is_err());
+    }
+}

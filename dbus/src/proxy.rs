@@ -1,0 +1,74 @@
+//! Client proxies of `dev.fasa.Fasa1.Manager` and `dev.fasa.Fasa1.Job` (async only: the
+//! workspace builds zbus without its blocking API). Method calls return the typed [`Error`].
+use std::collections::HashMap;
+
+use zbus::proxy;
+use zbus::zvariant::{OwnedObjectPath, Value};
+
+use crate::Error;
+
+#[proxy(
+    interface = "dev.fasa.Fasa1.Manager",
+    default_service = "dev.fasa.Fasa1",
+    default_path = "/dev/fasa/Fasa1",
+    gen_blocking = false
+)]
+pub trait Manager {
+    /// Starts a chat job: `messages` are `(role, content)` pairs rendered with the model's chat
+    /// template. Returns the job's object path.
+    fn generate(
+        &self,
+        messages: &[(&str, &str)],
+        options: &HashMap<&str, Value<'_>>,
+    ) -> Result<OwnedObjectPath, Error>;
+
+    /// Starts a raw completion job: `prompt` is fed to the model as is.
+    fn complete(&self, prompt: &str, options: &HashMap<&str, Value<'_>>) -> Result<OwnedObjectPath, Error>;
+
+    #[zbus(property)]
+    fn model(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn model_name(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn shapes(&self) -> zbus::Result<HashMap<String, u64>>;
+    #[zbus(property)]
+    fn active_jobs(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn queued_jobs(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn free_slots(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn max_queued_jobs(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+}
+
+#[proxy(interface = "dev.fasa.Fasa1.Job", default_service = "dev.fasa.Fasa1", gen_blocking = false)]
+pub trait Job {
+    /// Stops the job and frees its cache slot; only the job's creator may call it.
+    fn cancel(&self) -> Result<(), Error>;
+
+    /// The text generated so far; only the job's creator may call it.
+    fn get_text(&self) -> Result<String, Error>;
+
+    /// Text made final by the model (unicast to the creator).
+    #[zbus(signal)]
+    fn chunk(&self, text: String) -> zbus::Result<()>;
+
+    /// The job ended; `reason` as in `FinishReason`, `error` empty unless it failed.
+    #[zbus(signal)]
+    fn finished(&self, reason: String, error: String) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn prompt_tokens(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn tokens_generated(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn tokens_per_second(&self) -> zbus::Result<f64>;
+    #[zbus(property)]
+    fn finish_reason(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn error(&self) -> zbus::Result<String>;
+}

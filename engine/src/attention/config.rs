@@ -1,0 +1,133 @@
+//! Attention modes and their knobs, chosen per request (defaults from configuration).
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Full attention over every cached token: the accuracy reference.
+    Dense,
+    /// Our default: the best FASA variant the fidelity harness found (see `AttnConfig::fasa`).
+    Fasa,
+    /// The paper's recipe exactly: k calibrated FCs per query head, top-B, no sinks/recent.
+    FasaPaper,
+    /// Exact scores, top-B: the ceiling of any top-B method.
+    Oracle,
+    /// StreamingLLM: `sinks` first tokens + the most recent `B − sinks`.
+    Streaming,
+    /// Quest: pages of 16 tokens scored by their K min/max bounds, top pages up to B tokens.
+    Quest,
+    /// k random FCs per head (seeded by layer and head), top-B: shows calibration matters.
+    RandomFc,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 7] = [Mode::Dense, Mode::Fasa, Mode::FasaPaper, Mode::Oracle, Mode::Streaming, Mode::Quest, Mode::RandomFc];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Dense => "dense",
+            Mode::Fasa => "fasa",
+            Mode::FasaPaper => "fasa-paper",
+            Mode::Oracle => "oracle",
+            Mode::Streaming => "streaming",
+            Mode::Quest => "quest",
+            Mode::RandomFc => "random-fc",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Tokens per Quest page.
+pub const QUEST_PAGE: usize = 16;
+
+/// One request's attention settings. Budgets count tokens per KV group (or per query head when
+/// `per_group` is off); sinks and recent tokens are kept inside the budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttnConfig {
+    pub mode: Mode,
+    /// Token budget B.
+    pub budget: usize,
+    /// FCs scored per step, k.
+    pub chunks: usize,
+    /// Calibrated pool of resident FCs P (≥ k); the k used per step are chosen in it by ‖q_f‖.
+    /// `pool == chunks` is the paper's fixed set; `pool == d/2` is fully dynamic.
+    pub pool: usize,
+    /// First tokens always kept.
+    pub sinks: usize,
+    /// Most recent tokens always kept.
+    pub recent: usize,
+    /// Candidates C picked by FC score before exact scores pick B; 0 = no re-rank.
+    pub rerank: usize,
+    /// One token set per KV group (query heads summed) rather than per query head.
+    pub per_group: bool,
+    /// The first `dense_layers` layers attend densely.
+    pub dense_layers: usize,
+}
+
+impl Default for AttnConfig {
+    fn default() -> Self {
+        Self::fasa(256, 8)
+    }
+}
+
+impl AttnConfig {
+    pub fn dense() -> Self {
+        Self { mode: Mode::Dense, ..Self::fasa(256, 8) }
+    }
+
+    /// The default `fasa` variant at budget `b` with `k` FCs per step (chosen by the fidelity
+    /// harness: bench/FIDELITY.md).
+    pub fn fasa(budget: usize, chunks: usize) -> Self {
+        Self { mode: Mode::Fasa, budget, chunks, pool: 2 * chunks, sinks: 4, recent: 32, rerank: 0, per_group: true, dense_layers: 1 }
+    }
+
+    /// The paper's recipe: fixed calibrated FCs per query head, no forced tokens, layer 0 dense.
+    pub fn paper(budget: usize, chunks: usize) -> Self {
+        Self { mode: Mode::FasaPaper, budget, chunks, pool: chunks, sinks: 0, recent: 0, rerank: 0, per_group: false, dense_layers: 1 }
+    }
+
+    /// A baseline mode at the same budget.
+    pub fn baseline(mode: Mode, budget: usize, chunks: usize) -> Self {
+        match mode {
+            Mode::Fasa => Self::fasa(budget, chunks),
+            Mode::FasaPaper => Self::paper(budget, chunks),
+            Mode::Streaming => Self { mode, sinks: 4, recent: budget.saturating_sub(4), ..Self::paper(budget, chunks) },
+            _ => Self { mode, ..Self::paper(budget, chunks) },
+        }
+    }
+
+    /// Checks the knobs against a head of `n_fc` FCs; the message says what to change.
+    pub fn validate(&self, n_fc: usize, n_layers: usize) -> Result<(), String> {
+        if self.mode == Mode::Dense {
+            return Ok(());
+        }
+        if self.budget == 0 {
+            return Err("budget must be at least 1 token".into());
+        }
+        if self.chunks == 0 || self.chunks > n_fc {
+            return Err(format!("chunks must be in 1..={n_fc} (FCs per head)"));
+        }
+        if self.pool < self.chunks || self.pool > n_fc {
+            return Err(format!("pool must be in {}..={n_fc} (at least chunks)", self.chunks));
+        }
+        if self.sinks + self.recent > self.budget {
+            return Err(format!("sinks + recent ({}) exceed the budget {}", self.sinks + self.recent, self.budget));
+        }
+        if self.rerank != 0 && self.rerank < self.budget {
+            return Err(format!("rerank candidates ({}) must be 0 or at least the budget {}", self.rerank, self.budget));
+        }
+        if self.dense_layers > n_layers {
+            return Err(format!("dense_layers must be at most {n_layers}"));
+        }
+        Ok(())
+    }
+}

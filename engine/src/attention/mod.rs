@@ -1,0 +1,16 @@
+//! Attention: the sequence-slot KV cache pool (FC-plane pages) and the `FasaAttention` ONNX
+//! Runtime operator that owns RoPE, the cache appends and the attention itself.
+pub mod cache;
+pub mod calib;
+pub mod config;
+pub mod op;
+pub mod profile;
+pub mod sparse;
+pub mod stats;
+
+pub use cache::{CachePool, CacheShape, SlotLease, SlotState, PAGE};
+pub use calib::CaRecorder;
+pub use config::{AttnConfig, Mode};
+pub use profile::Profile;
+pub use stats::AttnStats;
+pub use op::{FasaAttentionOp, OP_DOMAIN, OP_NAME};

@@ -1,0 +1,241 @@
+//! The `FasaAttention` custom operator (domain `dev.fasa`), one node per decoder layer.
+//!
+//! Inputs: `qkv` f32 `(S, (H + 2·Hkv)·d)` — the fused, un-rotated projections of S new tokens of
+//! one sequence; `position` i64 `(1,)` — position of the first of them; `slot` i64 `(1,)` — the
+//! sequence's cache slot. Output: f32 `(S, H·d)` attention output in the model's dim order.
+//! The kernel rotates q and k with the model's true pairs, appends k (as FC planes) and v to the
+//! slot's pages, and attends causally. Kernels keep no per-run state: the cache pool is shared.
+use std::sync::Arc;
+
+use fasa_kernels::cpu::{attend_dense, attend_rows, Rope};
+use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
+use ort::value::TensorElementType;
+
+use super::cache::CachePool;
+use super::config::Mode;
+use super::sparse::{head_mass, select, union_len, GroupCtx, Selection, ELEM};
+use super::stats::AttnStats;
+use crate::RopeLayout;
+
+pub const OP_DOMAIN: &str = "dev.fasa";
+pub const OP_NAME: &str = "FasaAttention";
+
+/// The operator as registered with a session; every kernel shares its pool.
+pub struct FasaAttentionOp {
+    pub pool: Arc<CachePool>,
+}
+
+impl Operator for FasaAttentionOp {
+    type Kernel<'attr> = FasaKernel;
+
+    fn name(&self) -> &str {
+        OP_NAME
+    }
+
+    fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        [
+            OperatorInput::required(TensorElementType::Float32),
+            OperatorInput::required(TensorElementType::Int64),
+            OperatorInput::required(TensorElementType::Int64),
+        ]
+    }
+
+    fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
+        [OperatorOutput::required(TensorElementType::Float32)]
+    }
+
+    fn create_kernel<'attr>(&self, k: &KernelContext<'attr>) -> ort::Result<FasaKernel> {
+        let int = |n: &str| -> ort::Result<usize> {
+            let v: i64 = k.get(n).ok_or_else(|| ort::Error::new(format!("FasaAttention: missing attribute {n}")))?;
+            usize::try_from(v).map_err(|_| ort::Error::new(format!("FasaAttention: attribute {n} = {v} is negative")))
+        };
+        let (layer, n_heads, n_kv_heads, head_dim) = (int("layer")?, int("n_heads")?, int("n_kv_heads")?, int("head_dim")?);
+        let theta: f32 = k.get("rope_theta").ok_or_else(|| ort::Error::new("FasaAttention: missing rope_theta"))?;
+        let layout = match int("rope_layout")? {
+            0 => RopeLayout::Adjacent,
+            1 => RopeLayout::HalfSplit,
+            v => return Err(ort::Error::new(format!("FasaAttention: unknown rope_layout {v}"))),
+        };
+        let shape = self.pool.shape();
+        if shape.head_dim != head_dim || shape.n_kv_heads != n_kv_heads || layer >= shape.n_layers || n_heads % n_kv_heads != 0 {
+            return Err(ort::Error::new("FasaAttention: node attributes do not match the cache pool"));
+        }
+        Ok(FasaKernel { pool: Arc::clone(&self.pool), layer, n_heads, n_kv_heads, head_dim, layout, rope: Rope::new(theta, head_dim) })
+    }
+}
+
+pub struct FasaKernel {
+    pool: Arc<CachePool>,
+    layer: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    layout: RopeLayout,
+    rope: Rope,
+}
+
+/// A raw output pointer shared by `par_for` workers that write disjoint rows.
+struct SharedOut(*mut f32);
+// SAFETY: workers write disjoint `(token, head)` ranges of one buffer that outlives `par_for`.
+unsafe impl Sync for SharedOut {}
+unsafe impl Send for SharedOut {}
+
+impl SharedOut {
+    /// A method (not a field access) so closures capture the whole `Sync` wrapper.
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Kernel for FasaKernel {
+    fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
+        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let n_fc = d / 2;
+        let width = (h + 2 * hkv) * d;
+        let qkv_in = ctx.input(0)?.ok_or_else(|| ort::Error::new("FasaAttention: missing qkv"))?;
+        let (shape, qkv) = qkv_in.try_extract_tensor::<f32>()?;
+        if shape.len() != 2 || shape[1] as usize != width {
+            return Err(ort::Error::new(format!("FasaAttention: qkv shape {shape:?}, expected (S, {width})")));
+        }
+        let s = shape[0] as usize;
+        let scalar = |i: usize, what: &str| -> ort::Result<usize> {
+            let v = ctx.input(i)?.ok_or_else(|| ort::Error::new(format!("FasaAttention: missing {what}")))?;
+            let (_, x) = v.try_extract_tensor::<i64>()?;
+            x.first().and_then(|&x| usize::try_from(x).ok()).ok_or_else(|| ort::Error::new(format!("FasaAttention: bad {what}")))
+        };
+        let (pos, slot) = (scalar(1, "position")?, scalar(2, "slot")?);
+        if pos + s > self.pool.max_context() {
+            return Err(ort::Error::new(format!("FasaAttention: positions up to {} exceed the context of {}", pos + s, self.pool.max_context())));
+        }
+        let mut cache = self.pool.lock(slot).ok_or_else(|| ort::Error::new(format!("FasaAttention: no slot {slot}")))?;
+        if cache.len(self.layer) < pos {
+            return Err(ort::Error::new(format!("FasaAttention: slot {slot} layer {} holds {} tokens, asked to continue at {pos}", self.layer, cache.len(self.layer))));
+        }
+        let delta = cache.resize(self.layer, pos, s);
+        self.pool.account(delta);
+
+        // q of the S tokens as rotated FC pairs: (S, H, n_fc, 2).
+        let mut q_fc = vec![0f32; s * h * d];
+        let mut cs = vec![0f32; d];
+        let mut head = vec![0f32; d];
+        let mut pairs = vec![0f32; d];
+        let pair = |f: usize| self.layout.pair(f, d);
+        for i in 0..s {
+            self.rope.cos_sin(pos + i, &mut cs);
+            let row = &qkv[i * width..(i + 1) * width];
+            for qh in 0..h {
+                head.copy_from_slice(&row[qh * d..(qh + 1) * d]);
+                self.rope.rotate(&mut head, &cs, pair);
+                let dst = &mut q_fc[(i * h + qh) * d..(i * h + qh + 1) * d];
+                for f in 0..n_fc {
+                    let (a, b) = pair(f);
+                    dst[2 * f] = head[a];
+                    dst[2 * f + 1] = head[b];
+                }
+            }
+            for kh in 0..hkv {
+                head.copy_from_slice(&row[(h + kh) * d..(h + kh + 1) * d]);
+                self.rope.rotate(&mut head, &cs, pair);
+                for f in 0..n_fc {
+                    let (a, b) = pair(f);
+                    pairs[2 * f] = head[a];
+                    pairs[2 * f + 1] = head[b];
+                }
+                let v = &row[(h + hkv + kh) * d..(h + hkv + kh + 1) * d];
+                cache.write(self.layer, kh, pos + i, &pairs, v);
+            }
+        }
+
+        let mut out_v = ctx.output(0, vec![s as i64, (h * d) as i64])?.ok_or_else(|| ort::Error::new("FasaAttention: no output"))?;
+        let (_, out) = out_v.try_extract_tensor_mut::<f32>()?;
+        let out_ptr = SharedOut(out.as_mut_ptr());
+        let group = h / hkv;
+        let scale = 1.0 / (d as f32).sqrt();
+        let layer = self.layer;
+        let n_all = pos + s;
+        let cfg = cache.state.config.clone();
+        let measure = cache.state.measure;
+        let mut recorder = cache.state.recorder.take();
+        let sparse = s == 1 && cfg.mode != Mode::Dense && layer >= cfg.dense_layers && n_all > cfg.budget;
+        let mut stats = AttnStats::default();
+        {
+            let c = &*cache;
+            let views: Vec<(Vec<&[f32]>, Vec<&[f32]>)> = (0..hkv).map(|kh| c.pages(layer, kh)).collect();
+            let bounds: Vec<Vec<&[f32]>> = if sparse { (0..hkv).map(|kh| c.bounds(layer, kh)).collect() } else { vec![] };
+            if !sparse {
+                // One task per (token, query head); token i sees positions 0..=pos+i.
+                ctx.par_for(s * h, 0, |task| {
+                    let (i, qh) = (task / h, task % h);
+                    let (k, v) = &views[qh / group];
+                    let view = c.view(layer, k, v);
+                    let n = pos + i + 1;
+                    let mut scores = vec![0f32; n];
+                    let q = &q_fc[(i * h + qh) * d..(i * h + qh + 1) * d];
+                    let mut o = vec![0f32; d];
+                    attend_dense(&view, q, n, scale, &mut o, &mut scores);
+                    // V (and so the output) was never permuted: `o` is in the model's dim order.
+                    // SAFETY: each task writes only its own (i, qh) row of `out`, sized S·H·d.
+                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add((i * h + qh) * d), d) };
+                })?;
+                if s == 1 {
+                    stats.dense_layer_steps = 1;
+                    stats.bytes_dense = (hkv * n_all * 2 * d) as u64 * ELEM;
+                    stats.bytes_read = stats.bytes_dense;
+                    stats.rows = (hkv * n_all) as u64;
+                }
+            } else {
+                let profile = self.pool.profile();
+                let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
+                ctx.par_for(hkv, 0, |g| {
+                    let (k, v) = &views[g];
+                    let gctx = GroupCtx { view: c.view(layer, k, v), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile };
+                    let heads: Vec<usize> = (g * group..(g + 1) * group).collect();
+                    let qs: Vec<&[f32]> = heads.iter().map(|&qh| &q_fc[qh * d..(qh + 1) * d]).collect();
+                    let sels: Vec<Selection> = if cfg.per_group {
+                        vec![select(&gctx, &heads, &qs)]
+                    } else {
+                        heads.iter().zip(&qs).map(|(&qh, q)| select(&gctx, &[qh], &[q])).collect()
+                    };
+                    let mut st = AttnStats { sparse_layer_steps: 1, bytes_dense: (n_all * 2 * d) as u64 * ELEM, ..Default::default() };
+                    let fcs: Vec<&[usize]> = sels.iter().map(|x| x.fcs.as_slice()).collect();
+                    let rows: Vec<&[u32]> = sels.iter().map(|x| x.rows.as_slice()).collect();
+                    let union_rows = union_len(&rows);
+                    st.rows = union_rows as u64;
+                    st.bytes_read = (n_all * 2 * union_len(&fcs) + union_rows * 2 * d) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>();
+                    let mut scores = vec![0f32; cfg.budget.max(1).min(n_all)];
+                    for (i, (&qh, q)) in heads.iter().zip(&qs).enumerate() {
+                        let sel = &sels[if cfg.per_group { 0 } else { i }];
+                        scores.resize(sel.rows.len(), 0.0);
+                        let mut o = vec![0f32; d];
+                        attend_rows(&gctx.view, q, &sel.rows, scale, &mut o, &mut scores);
+                        // SAFETY: each group writes only the rows of its own query heads.
+                        unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add(qh * d), d) };
+                        if measure {
+                            let mass = head_mass(&gctx.view, q, n_all, scale);
+                            st.mass_sum += sel.rows.iter().map(|&t| mass[t as usize] as f64).sum::<f64>();
+                            let mut oracle = Vec::new();
+                            fasa_kernels::cpu::top_b(&mass, sel.rows.len(), &mut oracle);
+                            let hit = sel.rows.iter().filter(|t| oracle.binary_search(t).is_ok()).count();
+                            st.recall_sum += hit as f64 / sel.rows.len().max(1) as f64;
+                            st.probes += 1;
+                        }
+                    }
+                    *per_group[g].lock().unwrap_or_else(|e| e.into_inner()) = st;
+                })?;
+                for st in per_group {
+                    stats.merge(&st.into_inner().unwrap_or_else(|e| e.into_inner()));
+                }
+            }
+            if let (Some(rec), 1) = (recorder.as_mut(), s) {
+                for (g, (k, v)) in views.iter().enumerate() {
+                    let heads: Vec<usize> = (g * group..(g + 1) * group).collect();
+                    let qs: Vec<&[f32]> = heads.iter().map(|&qh| &q_fc[qh * d..(qh + 1) * d]).collect();
+                    rec.observe(layer, g, &heads, &qs, &c.view(layer, k, v), n_all);
+                }
+            }
+        }
+        cache.state.recorder = recorder;
+        cache.state.stats.merge(&stats);
+        Ok(())
+    }
+}

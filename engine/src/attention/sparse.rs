@@ -1,0 +1,297 @@
+//! Row selection for one decode step of one KV group (or one query head): each mode's stage 1.
+//! Stage 2 (exact attention over the rows) is `fasa_kernels::cpu::attend_rows`.
+use fasa_kernels::cpu::{choose_fcs, fc_scores, force_rows, quest_score, softmax_in_place, top_b, HeadView};
+
+use super::config::{AttnConfig, Mode, QUEST_PAGE};
+use super::profile::Profile;
+
+/// Bytes per cached element on the CPU (f32).
+pub const ELEM: u64 = 4;
+
+pub struct GroupCtx<'a> {
+    pub view: HeadView<'a>,
+    /// Quest bounds, one slice per cache page: `(PAGE/16, 2, d)` mins then maxs, FC-pair order.
+    pub bounds: &'a [&'a [f32]],
+    pub layer: usize,
+    pub kv_head: usize,
+    /// Tokens visible (the whole cache at decode).
+    pub n: usize,
+    pub cfg: &'a AttnConfig,
+    pub profile: &'a Profile,
+}
+
+/// A deterministic permutation of `0..n` seeded by `seed` (xorshift Fisher–Yates).
+fn permutation(n: usize, seed: u64) -> Vec<usize> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        p.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    p
+}
+
+/// Exact per-head softmax over `rows` (or all `n` tokens when `rows` is None), summed over
+/// heads: the attention mass each row gets from the group.
+fn group_mass(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>) -> Vec<f32> {
+    let d = view.head_dim();
+    let all: Vec<usize> = (0..view.n_fc).collect();
+    let m = rows.map_or(n, |r| r.len());
+    let mut total = vec![0f32; m];
+    let mut s = vec![0f32; n];
+    let mut k = vec![0f32; d];
+    for q in qs {
+        match rows {
+            None => fc_scores(view, q, &all, n, &mut s, false),
+            Some(r) => {
+                for (i, &t) in r.iter().enumerate() {
+                    view.k_pairs(t as usize, &mut k);
+                    s[i] = q.iter().zip(&k).map(|(a, b)| a * b).sum();
+                }
+            }
+        }
+        // The model's own softmax temperature, so mass means attention mass.
+        let scale = 1.0 / (d as f32).sqrt();
+        s[..m].iter_mut().for_each(|v| *v *= scale);
+        softmax_in_place(&mut s[..m]);
+        total.iter_mut().zip(&s[..m]).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
+/// The query heads' FC pool for this selection: per query head when selecting for one head of a
+/// per-head mode, else the KV group's ranking.
+fn ranked<'p>(c: &GroupCtx<'p>, heads: &[usize]) -> &'p [usize] {
+    let l = &c.profile.layers[c.layer];
+    if !c.cfg.per_group && heads.len() == 1 {
+        &l.q_heads[heads[0]].ranked_fcs
+    } else {
+        &l.kv_heads[c.kv_head].ranked_fcs
+    }
+}
+
+/// What stage 1 chose: rows to attend (ascending), the FC planes it scored, and other K/V bytes
+/// it read (Quest bounds, re-rank K, the oracle's full K).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Selection {
+    pub rows: Vec<u32>,
+    pub fcs: Vec<usize>,
+    pub extra_bytes: u64,
+}
+
+/// Stage 1 for the query heads `heads` (global ids) with rotated queries `qs` (`(n_fc, 2)`).
+pub fn select(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> Selection {
+    let (rows, fcs, extra_bytes) = select_inner(c, heads, qs);
+    Selection { rows, fcs, extra_bytes }
+}
+
+fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> (Vec<u32>, Vec<usize>, u64) {
+    let (n, b, cfg) = (c.n, c.cfg.budget, c.cfg);
+    let d = c.view.head_dim() as u64;
+    let mut rows = Vec::with_capacity(b);
+    if n <= b {
+        rows.extend(0..n as u32);
+        return (rows, vec![], 0);
+    }
+    let mut used_fcs = Vec::new();
+    let mut fc_select = |fcs: &[usize], rows: &mut Vec<u32>| -> u64 {
+        used_fcs = fcs.to_vec();
+        let mut s = vec![0f32; n];
+        for (i, q) in qs.iter().enumerate() {
+            fc_scores(&c.view, q, fcs, n, &mut s, i > 0);
+        }
+        force_rows(&mut s, cfg.sinks, cfg.recent);
+        let mut bytes = 0;
+        if cfg.rerank > b && cfg.rerank < n {
+            let mut cand = Vec::new();
+            top_b(&s, cfg.rerank, &mut cand);
+            let mut mass = group_mass(&c.view, qs, n, Some(&cand));
+            // Forced rows stay in.
+            for (m, &t) in mass.iter_mut().zip(&cand) {
+                if (t as usize) < cfg.sinks || (t as usize) >= n - cfg.recent.min(n) {
+                    *m = f32::INFINITY;
+                }
+            }
+            let mut pick = Vec::new();
+            top_b(&mass, b, &mut pick);
+            rows.extend(pick.iter().map(|&i| cand[i as usize]));
+            bytes += cfg.rerank as u64 * d * ELEM;
+        } else {
+            top_b(&s, b, rows);
+        }
+        bytes
+    };
+    let bytes = match cfg.mode {
+        Mode::Dense => {
+            rows.extend(0..n as u32);
+            0
+        }
+        Mode::Oracle => {
+            let mass = group_mass(&c.view, qs, n, None);
+            top_b(&mass, b, &mut rows);
+            n as u64 * d * ELEM
+        }
+        Mode::Streaming => {
+            let sinks = cfg.sinks.min(b);
+            rows.extend(0..sinks as u32);
+            rows.extend((n - (b - sinks)) as u32..n as u32);
+            0
+        }
+        Mode::Quest => {
+            let pages = n.div_ceil(QUEST_PAGE);
+            let per_cache_page = c.view.page / QUEST_PAGE;
+            let mut s = vec![0f32; pages];
+            for (p, sp) in s.iter_mut().enumerate() {
+                let cp = c.bounds[p / per_cache_page];
+                let o = (p % per_cache_page) * 2 * d as usize;
+                *sp = qs.iter().map(|q| quest_score(q, &cp[o..o + 2 * d as usize])).sum();
+            }
+            let mut top = Vec::new();
+            top_b(&s, (b / QUEST_PAGE).max(1), &mut top);
+            for p in top {
+                let t0 = p as usize * QUEST_PAGE;
+                rows.extend(t0 as u32..(t0 + QUEST_PAGE).min(n) as u32);
+            }
+            rows.truncate(b);
+            pages as u64 * 2 * d * ELEM
+        }
+        Mode::RandomFc => {
+            let seed = (c.layer as u64) << 32 | (heads[0] as u64) << 8 | c.kv_head as u64;
+            let mut fcs: Vec<usize> = permutation(c.view.n_fc, seed + 1).into_iter().take(cfg.chunks).collect();
+            fcs.sort_unstable();
+            fc_select(&fcs, &mut rows)
+        }
+        Mode::FasaPaper | Mode::Fasa => {
+            let ranked = ranked(c, heads);
+            let pool = &ranked[..cfg.pool.min(ranked.len())];
+            let fcs = if cfg.pool > cfg.chunks { choose_fcs(qs, pool, cfg.chunks) } else { pool[..cfg.chunks.min(pool.len())].to_vec() };
+            fc_select(&fcs, &mut rows)
+        }
+    };
+    (rows, used_fcs, bytes)
+}
+
+/// Distinct elements over several sets: what the heads of one group read together.
+pub fn union_len<T: Ord + Copy>(sets: &[&[T]]) -> usize {
+    let mut all: Vec<T> = sets.iter().flat_map(|s| s.iter().copied()).collect();
+    all.sort_unstable();
+    all.dedup();
+    all.len()
+}
+
+/// Exact attention mass `(n,)` of one query head over all tokens (for measurement).
+pub fn head_mass(view: &HeadView, q: &[f32], n: usize, scale: f32) -> Vec<f32> {
+    let all: Vec<usize> = (0..view.n_fc).collect();
+    let mut s = vec![0f32; n];
+    fc_scores(view, q, &all, n, &mut s, false);
+    s.iter_mut().for_each(|v| *v *= scale);
+    softmax_in_place(&mut s);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::profile::{HeadProfile, LayerProfile};
+    use crate::RopeLayout;
+
+    struct Fixture {
+        k: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+        bounds: Vec<Vec<f32>>,
+        n: usize,
+        d: usize,
+    }
+
+    /// One cache page of `n` tokens, d = 4 (2 FCs): token t's K is zero except FC 1 = (t, 0).
+    fn fixture(n: usize, page: usize) -> Fixture {
+        let d = 4;
+        let mut k = vec![0f32; d / 2 * page * 2];
+        for t in 0..n {
+            k[(page + t) * 2] = t as f32; // FC 1, first element
+        }
+        let mut bounds = vec![0f32; page / QUEST_PAGE * 2 * d];
+        for p in 0..page / QUEST_PAGE {
+            let (lo, hi) = (p * QUEST_PAGE, (p * QUEST_PAGE + QUEST_PAGE - 1).min(n.saturating_sub(1)));
+            let o = p * 2 * d;
+            bounds[o + 2] = lo as f32; // min of FC 1 first element
+            bounds[o + d + 2] = hi as f32; // max
+        }
+        Fixture { k: vec![k], v: vec![vec![0.0; page * d]], bounds: vec![bounds], n, d }
+    }
+
+    fn profile(ranked: Vec<usize>) -> Profile {
+        let h = HeadProfile { ranked_fcs: ranked, ca: vec![], ca_by_k: Default::default() };
+        Profile {
+            schema: 1,
+            model_sha256: String::new(),
+            model_name: String::new(),
+            rope_layout: RopeLayout::Adjacent,
+            head_dim: 4,
+            k_values: vec![],
+            ca_k: 0,
+            queries: 0,
+            sources: vec![],
+            layers: vec![LayerProfile { kv_heads: vec![h.clone()], q_heads: vec![h] }],
+            uncalibrated: false,
+        }
+    }
+
+    fn run(f: &Fixture, cfg: &AttnConfig, prof: &Profile, q: &[f32]) -> Vec<u32> {
+        let k: Vec<&[f32]> = f.k.iter().map(|p| p.as_slice()).collect();
+        let v: Vec<&[f32]> = f.v.iter().map(|p| p.as_slice()).collect();
+        let b: Vec<&[f32]> = f.bounds.iter().map(|p| p.as_slice()).collect();
+        let view = HeadView { k_pages: &k, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
+        let c = GroupCtx { view, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof };
+        select(&c, &[0], &[q]).rows
+    }
+
+    #[test]
+    fn each_mode_selects_what_its_definition_says() {
+        let f = fixture(64, 64);
+        let q = [0.0, 0.0, 1.0, 0.0]; // scores t on FC 1: later tokens score higher
+        let prof = profile(vec![1, 0]);
+        let top8: Vec<u32> = (56..64).collect();
+        assert_eq!(run(&f, &AttnConfig::baseline(Mode::Oracle, 8, 1), &prof, &q), top8);
+        assert_eq!(run(&f, &AttnConfig::paper(8, 1), &prof, &q), top8);
+        // The paper's FC set is the calibrated one: FC 0 carries no signal → ties → lowest ids.
+        assert_eq!(run(&f, &AttnConfig::paper(8, 1), &profile(vec![0, 1]), &q), (0..8).collect::<Vec<u32>>());
+        // Per-step choice by ‖q_f‖ finds FC 1 even when calibration ranked FC 0 first.
+        let mut dynamic = AttnConfig::fasa(8, 1);
+        (dynamic.pool, dynamic.sinks, dynamic.recent) = (2, 0, 0);
+        assert_eq!(run(&f, &dynamic, &profile(vec![0, 1]), &q), top8);
+        // Streaming: 4 sinks + 4 recent.
+        assert_eq!(run(&f, &AttnConfig::baseline(Mode::Streaming, 8, 1), &prof, &q), vec![0, 1, 2, 3, 60, 61, 62, 63]);
+        // Sinks and recent kept inside B; the rest by score (q favours early tokens here).
+        let mut forced = AttnConfig::fasa(8, 1);
+        (forced.pool, forced.sinks, forced.recent) = (1, 2, 2);
+        let qneg = [0.0, 0.0, -1.0, 0.0];
+        assert_eq!(run(&f, &forced, &prof, &qneg), vec![0, 1, 2, 3, 4, 5, 62, 63]);
+        // Quest: the best 16-token page by its bound.
+        assert_eq!(run(&f, &AttnConfig::baseline(Mode::Quest, 16, 1), &prof, &q), (48..64).collect::<Vec<u32>>());
+        // Budget ≥ context: everything.
+        assert_eq!(run(&f, &AttnConfig::paper(64, 1), &prof, &q), (0..64).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn rerank_uses_exact_scores_among_candidates() {
+        let f = fixture(64, 64);
+        let q = [0.0, 0.0, 1.0, 0.0];
+        // Calibration ranks the useless FC 0 first: its scores tie, so the 32 candidates are the
+        // lowest ids; exact scores then pick the best 8 of those.
+        let mut cfg = AttnConfig::paper(8, 1);
+        cfg.rerank = 32;
+        assert_eq!(run(&f, &cfg, &profile(vec![0, 1]), &q), (24..32).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn random_fc_is_deterministic() {
+        assert_eq!(permutation(32, 5), permutation(32, 5));
+        assert_ne!(permutation(32, 5), permutation(32, 6));
+        let mut p = permutation(32, 9);
+        p.sort_unstable();
+        assert_eq!(p, (0..32).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,243 @@
+//! Builds the decoder graph of a llama/qwen2 GGUF.
+//!
+//! Inputs: `input_ids` i64 `(S,)`, `position` i64 `(1,)`, `slot` i64 `(1,)`.
+//! Output: `logits` f32 `(1, vocab)` of the last of the S tokens.
+//! Per layer: RMSNorm → fused QKV `MatMulNBits` (+bias) → `FasaAttention` → o-proj → residual
+//! fused into the next `SkipSimplifiedLayerNormalization` → SwiGLU FFN. Weights stay in their
+//! GGUF bits where an exact `MatMulNBits` form exists; others fall back to f32 `MatMul`.
+use super::builder::{Attr, GraphBuilder};
+use super::proto::dtype;
+use std::collections::HashMap;
+
+use super::quant::{concat_rows, decompose, q8_0_unsigned, Decomposed, BLOCK};
+use crate::attention::{OP_DOMAIN, OP_NAME};
+use crate::gguf::{GgmlType, GgufFile};
+use crate::{EngineError, ModelConfig, Result, RopeLayout};
+
+pub struct DecoderGraph {
+    /// Serialized ONNX model.
+    pub onnx: Vec<u8>,
+    /// Bytes of weights held as initializers.
+    pub weight_bytes: u64,
+}
+
+fn bad(f: &GgufFile, reason: String) -> EngineError {
+    EngineError::BadModel { path: f.path.clone(), reason }
+}
+
+/// `(n = out, k = in)` of a 2-D weight and its raw bytes.
+fn weight<'f>(f: &'f GgufFile, name: &str) -> Result<(usize, usize, GgmlType, &'f [u8])> {
+    let t = f.tensor(name).ok_or_else(|| bad(f, format!("tensor {name} is missing")))?;
+    if t.dims.len() != 2 {
+        return Err(bad(f, format!("tensor {name} has dims {:?}, expected 2-D", t.dims)));
+    }
+    Ok((t.dims[1] as usize, t.dims[0] as usize, t.ggml_type, f.tensor_bytes(t)))
+}
+
+fn vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
+    let v = f.dequantize(name).map_err(|e| bad(f, e.to_string()))?;
+    if v.len() != len {
+        return Err(bad(f, format!("tensor {name} has {} elements, expected {len}", v.len())));
+    }
+    Ok(v)
+}
+
+struct Ctx<'a> {
+    g: GraphBuilder,
+    f: &'a GgufFile,
+    /// `BlockSum` output already computed per input tensor name.
+    block_sums: HashMap<String, String>,
+}
+
+impl Ctx<'_> {
+    /// `out = input · [W_0; W_1; …]ᵀ` (weights stacked along N): one `MatMulNBits` when every
+    /// part converts exactly with the same bits, else an f32 `MatMul`.
+    fn linear(&mut self, names: &[String], input: &str, out: &str) -> Result<usize> {
+        let mut parts = Vec::new();
+        let mut k_all = None;
+        for n in names {
+            let (rows, k, ty, bytes) = weight(self.f, n)?;
+            if *k_all.get_or_insert(k) != k {
+                return Err(bad(self.f, format!("{n}: input width {k} differs from its siblings")));
+            }
+            parts.push((n, rows, ty, bytes));
+        }
+        let k = k_all.unwrap_or(0);
+        let n_total: usize = parts.iter().map(|p| p.1).sum();
+        let dec: Option<Vec<Decomposed>> = parts.iter().map(|(_, rows, ty, bytes)| decompose(*ty, bytes, *rows, k)).collect();
+        if let Some(w) = dec.as_deref().and_then(concat_rows) {
+            self.matmul_planes(out, &w, input);
+        } else {
+            // f32 fallback: W stacked (N, K) → transposed (K, N) for MatMul(A, B).
+            let mut wt = vec![0f32; k * n_total];
+            let mut row0 = 0;
+            for (name, rows, _, _) in &parts {
+                let w = self.f.dequantize(name).map_err(|e| bad(self.f, e.to_string()))?;
+                for r in 0..*rows {
+                    for c in 0..k {
+                        wt[c * n_total + row0 + r] = w[r * k + c];
+                    }
+                }
+                row0 += rows;
+            }
+            let wn = self.g.init_f32(&format!("{out}.w"), &[k, n_total], &wt);
+            self.g.node("MatMul", "", out, &[input, &wn], &[out], vec![]);
+        }
+        Ok(n_total)
+    }
+
+    /// `out = Σ_p MatMulNBits(input, plane_p) + BlockSum(input) · corrᵀ` (see `quant`).
+    fn matmul_planes(&mut self, out: &str, w: &Decomposed, input: &str) {
+        let nb = w.k / BLOCK;
+        let mut terms = Vec::new();
+        for (p, plane) in w.planes.iter().enumerate() {
+            let b = self.g.init_u8(&format!("{out}.p{p}.q"), &[w.n, nb, 16], plane.packed.clone());
+            let s = self.g.init_f32(&format!("{out}.p{p}.scales"), &[w.n * nb], &plane.scales);
+            let y = format!("{out}.p{p}");
+            let attrs = vec![
+                ("K", Attr::Int(w.k as i64)),
+                ("N", Attr::Int(w.n as i64)),
+                ("bits", Attr::Int(4)),
+                ("block_size", Attr::Int(BLOCK as i64)),
+                ("accuracy_level", Attr::Int(0)),
+            ];
+            self.g.node("MatMulNBits", "com.microsoft", &y, &[input, &b, &s], &[&y], attrs);
+            terms.push(y);
+        }
+        if let Some(corr) = &w.correction {
+            // corrᵀ: (K/32, N) for MatMul((S, K/32), ·).
+            let mut t = vec![0f32; nb * w.n];
+            for r in 0..w.n {
+                for b in 0..nb {
+                    t[b * w.n + r] = corr[r * nb + b];
+                }
+            }
+            let c = self.g.init_f32(&format!("{out}.corr"), &[nb, w.n], &t);
+            let sums = self.block_sum(input, nb);
+            let y = format!("{out}.c");
+            self.g.node("MatMul", "", &y, &[&sums, &c], &[&y], vec![]);
+            terms.push(y);
+        }
+        // Sum the terms into `out`.
+        let mut acc = terms[0].clone();
+        for (i, t) in terms.iter().enumerate().skip(1) {
+            let name = if i + 1 == terms.len() { out.to_string() } else { format!("{out}.sum{i}") };
+            self.g.node("Add", "", &name, &[&acc, t], &[&name], vec![]);
+            acc = name;
+        }
+        if acc != out {
+            self.g.node("Identity", "", out, &[&acc], &[out], vec![]);
+        }
+    }
+
+    /// `(S, K)` → `(S, K/32)` sums of each block of 32 inputs.
+    fn block_sum(&mut self, input: &str, nb: usize) -> String {
+        if let Some(s) = self.block_sums.get(input) {
+            return s.clone();
+        }
+        let shape = self.g.init_i64(&format!("{input}.bs_shape"), &[3], &[-1, nb as i64, BLOCK as i64]);
+        let axes = self.g.init_i64(&format!("{input}.bs_axes"), &[1], &[2]);
+        let (r, s) = (format!("{input}.blocks"), format!("{input}.bsum"));
+        self.g.node("Reshape", "", &r, &[input, &shape], &[&r], vec![]);
+        self.g.node("ReduceSum", "", &s, &[&r, &axes], &[&s], vec![("keepdims", Attr::Int(0))]);
+        self.block_sums.insert(input.to_string(), s.clone());
+        s
+    }
+}
+
+pub fn build_decoder(f: &GgufFile, c: &ModelConfig) -> Result<DecoderGraph> {
+    let (d_model, d) = (c.hidden, c.head_dim);
+    let mut x = Ctx { g: GraphBuilder::new("fasa-decoder"), f, block_sums: HashMap::new() };
+    x.g.input("input_ids", dtype::INT64, &[None]);
+    x.g.input("position", dtype::INT64, &[Some(1)]);
+    x.g.input("slot", dtype::INT64, &[Some(1)]);
+    x.g.output("logits", dtype::FLOAT, &[Some(1), Some(c.vocab_size as i64)]);
+    let eps = Attr::Float(c.rms_eps);
+
+    // Token embedding (V, D): 8-bit gather where the file is Q8_0, else an f32 table.
+    let (vocab, emb_k, emb_ty, emb_bytes) = weight(f, "token_embd.weight")?;
+    if emb_k != d_model || vocab != c.vocab_size {
+        return Err(bad(f, format!("token_embd.weight is ({vocab}, {emb_k}), expected ({}, {d_model})", c.vocab_size)));
+    }
+    match (emb_ty == GgmlType::Q8_0).then(|| q8_0_unsigned(emb_bytes, vocab, d_model)).flatten() {
+        Some((q, s)) => {
+            let q = x.g.init_u8("embed.q", &[vocab, d_model], q);
+            let s = x.g.init_f32("embed.scales", &[vocab, d_model / 32], &s);
+            let attrs = vec![("gather_axis", Attr::Int(0)), ("quantize_axis", Attr::Int(1)), ("block_size", Attr::Int(32)), ("bits", Attr::Int(8))];
+            x.g.node("GatherBlockQuantized", "com.microsoft", "embed", &[&q, "input_ids", &s], &["x0"], attrs);
+        }
+        None => {
+            let table = f.dequantize("token_embd.weight").map_err(|e| bad(f, e.to_string()))?;
+            let t = x.g.init_f32("embed.table", &[vocab, d_model], &table);
+            x.g.node("Gather", "", "embed", &[&t, "input_ids"], &["x0"], vec![("axis", Attr::Int(0))]);
+        }
+    }
+
+    let w = x.g.init_f32("l0.attn_norm", &[d_model], &vector(f, "blk.0.attn_norm.weight", d_model)?);
+    x.g.node("SimplifiedLayerNormalization", "", "l0.norm1", &["x0", &w], &["l0.h"], vec![("axis", Attr::Int(-1)), ("epsilon", eps)]);
+    let qkv_width = (c.n_heads + 2 * c.n_kv_heads) * d;
+    let mut resid = "x0".to_string();
+    for l in 0..c.n_layers {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        let h = format!("l{l}.h");
+        let names = [p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight")];
+        let mut qkv = format!("l{l}.qkv");
+        let width = x.linear(&names, &h, &qkv)?;
+        if width != qkv_width {
+            return Err(bad(f, format!("layer {l}: Q|K|V width {width}, expected {qkv_width}")));
+        }
+        if c.qkv_bias {
+            let mut bias = vector(f, &p("attn_q.bias"), c.n_heads * d)?;
+            bias.extend(vector(f, &p("attn_k.bias"), c.n_kv_heads * d)?);
+            bias.extend(vector(f, &p("attn_v.bias"), c.n_kv_heads * d)?);
+            let b = x.g.init_f32(&format!("l{l}.qkv_bias"), &[qkv_width], &bias);
+            let biased = format!("l{l}.qkv_b");
+            x.g.node("Add", "", &biased, &[&qkv, &b], &[&biased], vec![]);
+            qkv = biased;
+        }
+        let attn = format!("l{l}.attn");
+        let attrs = vec![
+            ("layer", Attr::Int(l as i64)),
+            ("n_heads", Attr::Int(c.n_heads as i64)),
+            ("n_kv_heads", Attr::Int(c.n_kv_heads as i64)),
+            ("head_dim", Attr::Int(d as i64)),
+            ("rope_theta", Attr::Float(c.rope_theta)),
+            ("rope_layout", Attr::Int(match c.rope_layout { RopeLayout::Adjacent => 0, RopeLayout::HalfSplit => 1 })),
+        ];
+        x.g.node(OP_NAME, OP_DOMAIN, &attn, &[&qkv, "position", "slot"], &[&attn], attrs);
+        let o = format!("l{l}.o");
+        x.linear(&[p("attn_output.weight")], &attn, &o)?;
+        // h2 = norm(resid + o), resid' = resid + o.
+        let (h2, mid) = (format!("l{l}.h2"), format!("l{l}.mid"));
+        let w = x.g.init_f32(&format!("l{l}.ffn_norm"), &[d_model], &vector(f, &p("ffn_norm.weight"), d_model)?);
+        x.g.node("SkipSimplifiedLayerNormalization", "com.microsoft", &format!("l{l}.norm2"), &[&resid, &o, &w], &[&h2, "", "", &mid], vec![("epsilon", Attr::Float(c.rms_eps))]);
+        let (gate, up, sg, act, prod, down) = (format!("l{l}.gate"), format!("l{l}.up"), format!("l{l}.sg"), format!("l{l}.act"), format!("l{l}.prod"), format!("l{l}.down"));
+        x.linear(&[p("ffn_gate.weight")], &h2, &gate)?;
+        x.linear(&[p("ffn_up.weight")], &h2, &up)?;
+        x.g.node("Sigmoid", "", &sg, &[&gate], &[&sg], vec![]);
+        x.g.node("Mul", "", &act, &[&gate, &sg], &[&act], vec![]);
+        x.g.node("Mul", "", &prod, &[&act, &up], &[&prod], vec![]);
+        x.linear(&[p("ffn_down.weight")], &prod, &down)?;
+        // Next layer's input norm (or the final norm) fused with this residual add.
+        let (next_h, next_resid, wname, wlabel) = if l + 1 < c.n_layers {
+            (format!("l{}.h", l + 1), format!("l{}.x", l + 1), format!("blk.{}.attn_norm.weight", l + 1), format!("l{}.attn_norm", l + 1))
+        } else {
+            ("final.h".to_string(), "final.x".to_string(), "output_norm.weight".to_string(), "output_norm".to_string())
+        };
+        let w = x.g.init_f32(&wlabel, &[d_model], &vector(f, &wname, d_model)?);
+        x.g.node("SkipSimplifiedLayerNormalization", "com.microsoft", &format!("l{l}.norm3"), &[&mid, &down, &w], &[&next_h, "", "", &next_resid], vec![("epsilon", Attr::Float(c.rms_eps))]);
+        resid = next_resid;
+    }
+
+    // Logits of the last token only: (1, D) → (1, V).
+    let starts = x.g.init_i64("last.starts", &[1], &[-1]);
+    let ends = x.g.init_i64("last.ends", &[1], &[i64::MAX]);
+    let axes = x.g.init_i64("last.axes", &[1], &[0]);
+    x.g.node("Slice", "", "last", &["final.h", &starts, &ends, &axes], &["final.last"], vec![]);
+    let head = if c.tied_embeddings { "token_embd.weight" } else { "output.weight" };
+    x.linear(&[head.to_string()], "final.last", "logits")?;
+
+    let weight_bytes = x.g.initializer_bytes;
+    let onnx = x.g.finish(&[("", 17), ("com.microsoft", 1), (OP_DOMAIN, 1)]);
+    Ok(DecoderGraph { onnx, weight_bytes })
+}

@@ -1,0 +1,13 @@
+//! CPU kernels: the reference implementation of every FASA op and the fallback when no GPU is present.
+//!
+//! Layout shared with the engine's cache (pitfall 4 of FASA.md): per (layer, KV head) the cache is
+//! a list of pages of `page` tokens. A K page is `(n_fc, page, 2)`: FC plane `f` holds the rotated
+//! pair of FC `f` for every token of the page, so scoring with a subset of FCs streams only those
+//! planes. A V page is `(page, d)` in the model's dim order.
+pub mod attention;
+pub mod rope;
+pub mod select;
+
+pub use attention::{attend_dense, attend_rows, fc_scores, softmax_in_place, HeadView};
+pub use rope::Rope;
+pub use select::{choose_fcs, force_rows, quest_score, top_b};

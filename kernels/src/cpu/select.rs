@@ -1,0 +1,100 @@
+//! Token selection for sparse decode attention: top-B over scores, forced sink/recent rows,
+//! per-step FC choice by query chunk norms, and Quest's page bounds.
+
+/// Indices of the `b` largest of `scores` (ties → lower index), ascending, into `out`.
+/// With `b >= scores.len()` every index is kept. O(n) selection, no full sort.
+pub fn top_b(scores: &[f32], b: usize, out: &mut Vec<u32>) {
+    out.clear();
+    let n = scores.len();
+    if b >= n {
+        out.extend(0..n as u32);
+        return;
+    }
+    if b == 0 {
+        return;
+    }
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    // Descending by score; NaN sorts last; equal scores by index for determinism.
+    let key = |i: &u32| scores[*i as usize];
+    idx.select_nth_unstable_by(b - 1, |a, c| {
+        let (x, y) = (key(a), key(c));
+        y.partial_cmp(&x).unwrap_or_else(|| x.is_nan().cmp(&y.is_nan())).then(a.cmp(c))
+    });
+    out.extend_from_slice(&idx[..b]);
+    out.sort_unstable();
+}
+
+/// Raises the first `sinks` and last `recent` of `scores[..n]` to +∞ so `top_b` keeps them.
+pub fn force_rows(scores: &mut [f32], sinks: usize, recent: usize) {
+    let n = scores.len();
+    scores[..sinks.min(n)].fill(f32::INFINITY);
+    scores[n.saturating_sub(recent)..].fill(f32::INFINITY);
+}
+
+/// The `k` FCs of `pool` with the largest `Σ_h ‖q_{h,f}‖` over the given query heads
+/// (`(n_fc, 2)` each), ties → earlier in `pool`. SparQ's idea at FC granularity.
+pub fn choose_fcs(qs: &[&[f32]], pool: &[usize], k: usize) -> Vec<usize> {
+    let mut w: Vec<(f32, usize)> = pool
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| (qs.iter().map(|q| (q[2 * f] * q[2 * f] + q[2 * f + 1] * q[2 * f + 1]).sqrt()).sum::<f32>(), i))
+        .collect();
+    w.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
+    w.iter().take(k).map(|&(_, i)| pool[i]).collect()
+}
+
+/// Quest page score of one query: `Σ_j max(q_j·min_j, q_j·max_j)` over a page's elementwise K
+/// bounds. `bounds` is `(2, d)`: mins then maxs, in the same `(n_fc, 2)` order as `q_fc`.
+pub fn quest_score(q_fc: &[f32], bounds: &[f32]) -> f32 {
+    let d = q_fc.len();
+    let (lo, hi) = bounds.split_at(d);
+    q_fc.iter().zip(lo).zip(hi).map(|((q, a), b)| (q * a).max(q * b)).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_b_keeps_largest_ascending_with_stable_ties() {
+        let s = [0.1, 5.0, -1.0, 5.0, 3.0, f32::NAN, 2.0];
+        let mut out = Vec::new();
+        top_b(&s, 3, &mut out);
+        assert_eq!(out, vec![1, 3, 4]);
+        top_b(&s, 2, &mut out);
+        assert_eq!(out, vec![1, 3]);
+        top_b(&[1.0, 1.0, 1.0], 2, &mut out);
+        assert_eq!(out, vec![0, 1]);
+        top_b(&s, 10, &mut out);
+        assert_eq!(out.len(), 7);
+    }
+
+    #[test]
+    fn forced_rows_survive_selection() {
+        let mut s: Vec<f32> = (0..20).map(|i| i as f32).collect();
+        s.reverse(); // oldest tokens score highest
+        force_rows(&mut s, 2, 3);
+        let mut out = Vec::new();
+        top_b(&s, 7, &mut out);
+        assert_eq!(out, vec![0, 1, 2, 3, 17, 18, 19]);
+    }
+
+    #[test]
+    fn fc_choice_follows_query_chunk_norms() {
+        // FC norms: f0 = 1, f1 = 5, f2 = 0, f3 = 3.
+        let q = [1.0, 0.0, 3.0, 4.0, 0.0, 0.0, 0.0, 3.0];
+        assert_eq!(choose_fcs(&[&q], &[0, 1, 2, 3], 2), vec![1, 3]);
+        assert_eq!(choose_fcs(&[&q], &[0, 2, 3], 2), vec![3, 0]);
+        // Summed over two heads.
+        let q2 = [9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
+        assert_eq!(choose_fcs(&[&q, &q2], &[0, 1, 2, 3], 1), vec![0]);
+    }
+
+    #[test]
+    fn quest_score_bounds_the_dot_product() {
+        let q = [1.0, -2.0];
+        let bounds = [-1.0, -1.0, 2.0, 3.0]; // min (−1, −1), max (2, 3)
+        // max over corners: 1·2 + (−2)·(−1) = 4.
+        assert_eq!(quest_score(&q, &bounds), 4.0);
+    }
+}

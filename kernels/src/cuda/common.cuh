@@ -1,0 +1,69 @@
+// Shared helpers of the FASA kernels: storage types, 16-byte unpacking, order-preserving keys.
+// Compiled by NVRTC at run time (no system headers), so everything here is self-contained.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// ---- Layout constants (mirrored in kernels/src/gpu/mod.rs) ----
+// K is stored as FC groups: per (sequence, KV head) `(n_grp, L_max, FCG, 2)` elements, i.e. a
+// token's FCs `8g..8g+8` are one 32-byte sector. TIP reads only the groups that hold the chosen
+// FCs (the engine orders FCs so the calibrated pool comes first); FAC reads a token's whole K as
+// `n_fc/8` aligned sectors instead of `n_fc` scattered 4-byte pieces.
+#define FCG 8          // FCs per group
+#define GE 16          // elements per (token, group) = 32 bytes
+#define MAXH 8         // most query heads sharing one selection (GQA group ≤ 8)
+#define MAXG 8         // most FC groups per head (d ≤ 128)
+#define NBIN 4096      // histogram bins of TIP scores: top 12 bits of the ordered key
+#define BIN_SHIFT 20
+#define FAC_MAX_ROWS 512 // most rows one FAC block handles
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float h2f(u16 x) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x)); return f; }
+__device__ __forceinline__ u16 f2h(float f) { u16 x; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(x) : "f"(f)); return x; }
+__device__ __forceinline__ float b2f(u16 x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ u16 f2b(float f) { u16 x; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(x) : "f"(f)); return x; }
+
+// Storage types: 16-bit payloads converted to f32 on load (accumulation is always f32).
+struct F16 {
+    static __device__ __forceinline__ float load(u16 x) { return h2f(x); }
+    static __device__ __forceinline__ u16 store(float f) { return f2h(f); }
+};
+struct BF16 {
+    static __device__ __forceinline__ float load(u16 x) { return b2f(x); }
+    static __device__ __forceinline__ u16 store(float f) { return f2b(f); }
+};
+
+// Eight 16-bit elements of one 16-byte load, in memory order.
+template <class T> __device__ __forceinline__ void unpack8(uint4 u, float* f) {
+    f[0] = T::load((u16)(u.x & 0xffff)); f[1] = T::load((u16)(u.x >> 16));
+    f[2] = T::load((u16)(u.y & 0xffff)); f[3] = T::load((u16)(u.y >> 16));
+    f[4] = T::load((u16)(u.z & 0xffff)); f[5] = T::load((u16)(u.z >> 16));
+    f[6] = T::load((u16)(u.w & 0xffff)); f[7] = T::load((u16)(u.w >> 16));
+}
+
+// Order-preserving u32 key of a float (larger float → larger key); -0 is folded into +0 so
+// equal scores tie, as on the CPU.
+__device__ __forceinline__ u32 okey(float f) {
+    f = f + 0.0f;
+    u32 u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Unique 64-bit selection key: score first, then the lower token index wins ties (CPU `top_b`).
+__device__ __forceinline__ u64 skey(float f, u32 t) { return ((u64)okey(f) << 32) | (u64)(0xffffffffu - t); }
+__device__ __forceinline__ u32 skey_token(u64 k) { return 0xffffffffu - (u32)(k & 0xffffffffu); }
+
+// Warp-aggregated append: lanes with `pred` get consecutive slots from `*cnt`.
+__device__ __forceinline__ int warp_append(u32* cnt, bool pred) {
+    u32 m = __ballot_sync(0xffffffffu, pred);
+    if (m == 0) return -1;
+    int lane = threadIdx.x & 31;
+    int leader = __ffs(m) - 1;
+    u32 base = 0;
+    if (lane == leader) base = atomicAdd(cnt, (u32)__popc(m));
+    base = __shfl_sync(0xffffffffu, base, leader);
+    return pred ? (int)(base + __popc(m & ((1u << lane) - 1))) : -1;
+}

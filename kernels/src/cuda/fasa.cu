@@ -1,0 +1,583 @@
+// FASA decode-attention kernels: append, TIP (+ score histogram), top-B select (filter + refine),
+// re-rank by exact scores, FAC / dense flash-decode (split + combine), and a random fill for
+// benchmarks. Launchers: kernels/src/gpu/*.rs. CPU twins: kernels/src/cpu/*.rs.
+//
+// Buffers (element counts; T = 16-bit storage, f16 or bf16; accumulation in f32):
+//   k      (batch, n_kv, n_grp, l_max, GE)  FC groups of rotated K, slot order (see fc_of_slot)
+//   v      (batch, n_kv, l_max, d)          V rows, model dim order
+//   q      (batch, n_q, d) f32              rotated queries, FC-pair order (2f, 2f+1 = FC f)
+//   fc_of_slot (n_kv, n_fc) i32             FC stored in slot s of a KV head (slot_of_fc: inverse)
+//   pool   (n_sel, P) i32                   calibrated FC pool of each selection, as slots
+//   lens   (batch,) i32                     tokens cached per sequence
+//   scores (batch·n_sel, l_max) f32         TIP scores; hist (batch·n_sel, NBIN) u32
+//   sel    (batch·n_sel, budget) u32        selected token rows (unordered)
+//   cand   (batch·n_sel, l_max) u64         candidates of the threshold bin (selection keys)
+// A "selection" is the set of q heads that share one token set: a KV group (hps = n_q/n_kv) or
+// one q head (hps = 1). Workspace invariant: hist, sel_cnt and cand_cnt are zero between steps
+// (select_refine zeroes what it used).
+#ifndef FASA_NVRTC
+#include "common.cuh"
+#endif
+
+struct Dims {
+    int batch, n_q, n_kv, d, n_fc, n_grp, l_max;
+    int hps;     // q heads per selection
+    int n_sel;   // selections per sequence (n_q / hps)
+    int budget;  // rows kept per selection (B, or C in a re-rank's first stage)
+    int pool, k; // FC pool size P and FCs chosen per step k
+    int sinks, recent;
+    float scale; // softmax scale of FAC (1/sqrt(d))
+};
+
+__device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
+
+// ---------------------------------------------------------------------------------------------
+// 1. Append: the new token's rotated K (FC order) into its FC-group slots, V into its row.
+// grid (n_kv, batch), block d.
+template <class T>
+__device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos,
+                            const int* slot_of_fc) {
+    int kvh = blockIdx.x, b = blockIdx.y, j = threadIdx.x;
+    if (j >= D.d) return;
+    int p = pos[b];
+    if (p < 0 || p >= D.l_max) return;
+    size_t bk = (size_t)b * D.n_kv + kvh;
+    int f = j >> 1, c = j & 1;
+    int slot = slot_of_fc[kvh * D.n_fc + f];
+    int g = slot / FCG, e = (slot % FCG) * 2 + c;
+    k[((bk * D.n_grp + g) * D.l_max + p) * GE + e] = T::store(k_new[bk * D.d + j]);
+    v[(bk * D.l_max + p) * D.d + j] = T::store(v_new[bk * D.d + j]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. TIP: s_t = Σ_{f chosen} (Σ_h q_{h,f}) · k_{t,f} over the chosen FCs only, forced rows +∞,
+// plus a histogram of the scores' top key bits for the selection. The k FCs are chosen per block
+// from the pool by Σ_h ‖q_{h,f}‖ (ties → earlier in the pool), exactly as cpu::choose_fcs.
+// grid (ceil(l_max/TIP_TOK), n_sel, batch), block TIP_THREADS.
+#define TIP_THREADS 256
+#define TIP_TOK 512
+template <class T>
+__device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool,
+                         const int* lens, float* scores, u32* hist) {
+    __shared__ u32 sh_hist[NBIN];
+    __shared__ float qeff[MAXG * GE];
+    __shared__ float w[64];
+    __shared__ u32 gmask_s;
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int len = lens[b];
+    int t0 = blockIdx.x * TIP_TOK;
+    if (t0 >= len) return;
+    int h0 = s * D.hps, kvh = kv_of_sel(D, s);
+    const int* fos = fc_of_slot + kvh * D.n_fc;
+    const int* pl = pool + s * D.pool;
+    for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
+    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[i] = 0.f;
+    if (tid == 0) gmask_s = 0;
+    __syncthreads();
+    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
+    if (tid < D.pool) {
+        int f = fos[pl[tid]];
+        float wi = 0.f;
+        for (int h = 0; h < D.hps; ++h) {
+            float a = qb[h * D.d + 2 * f], c = qb[h * D.d + 2 * f + 1];
+            wi = __fadd_rn(wi, __fsqrt_rn(__fadd_rn(__fmul_rn(a, a), __fmul_rn(c, c))));
+        }
+        w[tid] = wi;
+    }
+    __syncthreads();
+    if (tid < D.pool) {
+        bool chosen = true;
+        if (D.pool > D.k) {
+            int rank = 0;
+            for (int j = 0; j < D.pool; ++j) rank += (w[j] > w[tid] || (w[j] == w[tid] && j < tid));
+            chosen = rank < D.k;
+        }
+        if (chosen) {
+            int slot = pl[tid], f = fos[slot];
+            float a = 0.f, c = 0.f;
+            for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
+            qeff[2 * slot] = a;
+            qeff[2 * slot + 1] = c;
+            atomicOr(&gmask_s, 1u << (slot / FCG));
+        }
+    }
+    __syncthreads();
+    u32 gmask = gmask_s;
+    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.n_grp * D.l_max * GE;
+    int seg = b * D.n_sel + s;
+    float* sc = scores + (size_t)seg * D.l_max;
+    int t1 = min(t0 + TIP_TOK, len);
+    for (int t = t0 + tid; t < t1; t += blockDim.x) {
+        uint4 raw[MAXG][2];
+#pragma unroll
+        for (int g = 0; g < MAXG; ++g) {
+            if ((gmask >> g) & 1u) {
+                const uint4* p = (const uint4*)(kb + ((size_t)g * D.l_max + t) * GE);
+                raw[g][0] = p[0];
+                raw[g][1] = p[1];
+            }
+        }
+        float acc = 0.f;
+#pragma unroll
+        for (int g = 0; g < MAXG; ++g) {
+            if ((gmask >> g) & 1u) {
+                float f[8];
+                unpack8<T>(raw[g][0], f);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc += qeff[g * GE + e] * f[e];
+                unpack8<T>(raw[g][1], f);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc += qeff[g * GE + 8 + e] * f[e];
+            }
+        }
+        if (t < D.sinks || t >= len - D.recent) acc = POS_INF;
+        sc[t] = acc;
+        atomicAdd(&sh_hist[okey(acc) >> BIN_SHIFT], 1u);
+    }
+    __syncthreads();
+    u32* hg = hist + (size_t)seg * NBIN;
+    for (int i = tid; i < NBIN; i += blockDim.x)
+        if (sh_hist[i]) atomicAdd(&hg[i], sh_hist[i]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Top-B selection: the histogram gives the bin tb holding the B-th largest score; every
+// score above tb is kept (filter), the scores inside tb are candidates, and a radix select over
+// their unique 64-bit keys (score, then lower index) keeps exactly the missing ones (refine).
+
+// Block-wide (256 threads): bin tb with count(bins > tb) < B ≤ count(bins ≥ tb), and that count.
+__device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out) {
+    __shared__ u32 wsum[8];
+    int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
+    int hi = NBIN - 16 * tid; // this thread owns bins [hi-16, hi), walked from the top
+    u32 sum = 0;
+    for (int i = 1; i <= 16; ++i) sum += hg[hi - i];
+    u32 incl = sum;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 x = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += x;
+    }
+    if (lane == 31) wsum[wid] = incl;
+    __syncthreads();
+    u32 before = 0;
+    for (int i = 0; i < wid; ++i) before += wsum[i];
+    incl += before;
+    u32 excl = incl - sum;
+    if (excl < (u32)B && (u32)B <= incl) {
+        u32 cum = excl;
+        for (int i = 1; i <= 16; ++i) {
+            u32 h = hg[hi - i];
+            if (cum + h >= (u32)B) { *tb_out = hi - i; *above_out = (int)cum; break; }
+            cum += h;
+        }
+    }
+    __syncthreads();
+}
+
+// grid (ceil(l_max/FILT_TOK), n_sel, batch), block 256.
+#define FILT_TOK 2048
+extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const float* scores, const u32* hist, const int* lens,
+                                                                u32* sel, u32* sel_cnt, u64* cand, u32* cand_cnt) {
+    __shared__ int tb, above;
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int seg = b * D.n_sel + s;
+    int len = lens[b];
+    int t0 = blockIdx.x * FILT_TOK;
+    if (t0 >= len) return;
+    u32* out = sel + (size_t)seg * D.budget;
+    int t1 = min(t0 + FILT_TOK, len);
+    if (len <= D.budget) {
+        for (int t = t0 + tid; t < t1; t += blockDim.x) out[t] = (u32)t;
+        return;
+    }
+    find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
+    const float* sc = scores + (size_t)seg * D.l_max;
+    u64* cs = cand + (size_t)seg * D.l_max;
+    for (int base = t0; base < t1; base += blockDim.x) {
+        int t = base + tid;
+        bool valid = t < t1;
+        u32 key = okey(valid ? sc[t] : 0.f);
+        int bin = (int)(key >> BIN_SHIFT);
+        int p = warp_append(&sel_cnt[seg], valid && bin > tb);
+        if (p >= 0) out[p] = (u32)t;
+        int c = warp_append(&cand_cnt[seg], valid && bin == tb);
+        if (c >= 0) cs[c] = ((u64)key << 32) | (u64)(0xffffffffu - (u32)t);
+    }
+}
+
+// Warp 0: digit dg (descending) where count(digits > dg) < need ≤ count(digits ≥ dg).
+__device__ void find_digit(const u32* h256, int need, int* dg_out, int* gt_out) {
+    int lane = threadIdx.x & 31;
+    int hi = 256 - 8 * lane; // digits [hi-8, hi)
+    u32 sum = 0;
+    for (int i = 1; i <= 8; ++i) sum += h256[hi - i];
+    u32 incl = sum;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 x = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += x;
+    }
+    u32 excl = incl - sum;
+    if (excl < (u32)need && (u32)need <= incl) {
+        u32 cum = excl;
+        for (int i = 1; i <= 8; ++i) {
+            u32 h = h256[hi - i];
+            if (cum + h >= (u32)need) { *dg_out = hi - i; *gt_out = (int)cum; break; }
+            cum += h;
+        }
+    }
+}
+
+// grid (n_sel, batch), block 256. rerank = 0: after select_filter (need = B − kept so far);
+// rerank = 1: keep the top min(B, m) of the m candidate keys written by rerank_mass.
+extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* hist, const int* lens, u32* sel, u32* sel_cnt,
+                                                                const u64* cand, u32* cand_cnt, int rerank) {
+    __shared__ int tb, above, dg, gt;
+    __shared__ u32 h256[256];
+    int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    int seg = b * D.n_sel + s;
+    int len = lens[b];
+    int m = (int)cand_cnt[seg];
+    int need = 0;
+    u64 mask = 0, val = 0;
+    int start = 56;
+    bool active;
+    if (!rerank) {
+        active = len > D.budget;
+        if (active) {
+            find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
+            need = D.budget - above;
+            mask = (u64)0xfff << 52;
+            val = (u64)tb << 52;
+            start = 44;
+        }
+    } else {
+        active = true;
+        need = min(D.budget, m);
+    }
+    const u64* cs = cand + (size_t)seg * D.l_max;
+    u32* out = sel + (size_t)seg * D.budget;
+    if (active && need > 0) {
+        if (need < m) {
+            for (int shift = start; shift > -8; shift -= 8) {
+                int sh = shift < 0 ? 0 : shift;
+                for (int i = tid; i < 256; i += blockDim.x) h256[i] = 0;
+                __syncthreads();
+                for (int i = tid; i < m; i += blockDim.x) {
+                    u64 key = cs[i];
+                    if ((key & mask) == val) atomicAdd(&h256[(key >> sh) & 255], 1u);
+                }
+                __syncthreads();
+                if (tid < 32) find_digit(h256, need, &dg, &gt);
+                __syncthreads();
+                need -= gt;
+                val = (val & ~((u64)255 << sh)) | ((u64)dg << sh);
+                mask |= (u64)255 << sh;
+                __syncthreads();
+            }
+        } else {
+            val = 0; // need == m: every candidate is kept
+        }
+        for (int base = 0; base < m; base += blockDim.x) {
+            int i = base + tid;
+            u64 key = i < m ? cs[i] : 0;
+            bool keep = i < m && key >= val;
+            int p = warp_append(&sel_cnt[seg], keep);
+            if (p >= 0) out[p] = skey_token(key);
+        }
+    }
+    __syncthreads();
+    if (!rerank) {
+        u32* hg = hist + (size_t)seg * NBIN;
+        for (int i = tid; i < NBIN; i += blockDim.x) hg[i] = 0;
+    }
+    if (tid == 0) { cand_cnt[seg] = 0; sel_cnt[seg] = 0; }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exact scores of `nr` rows for the q heads of one selection: out[h·stride + i] = q_s[h]·k_{rows[i]}.
+// A row's K is d/8 16-byte chunks (chunk c = FC group c/2, half c%2); d/8 lanes take one row,
+// a warp takes 32/(d/8) rows at once, four such steps in flight.
+template <class T>
+__device__ __forceinline__ void row_scores(const u16* kb, int l_max, int d, int hps, float (*q_s)[128], const u32* rows, int nr,
+                                           float* out, int stride) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int lpr = d >> 3, rpw = 32 / lpr;
+    int c = lane % lpr, rsub = lane / lpr, g = c >> 1, half = c & 1;
+    float qr[MAXH][8];
+#pragma unroll
+    for (int h = 0; h < MAXH; ++h)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) qr[h][e] = h < hps ? q_s[h][c * 8 + e] : 0.f;
+    int step = nw * rpw;
+    for (int base = w * rpw; base < nr; base += 4 * step) {
+        uint4 u[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int i = base + j * step + rsub;
+            u[j] = make_uint4(0, 0, 0, 0);
+            if (i < nr) u[j] = *(const uint4*)(kb + ((size_t)g * l_max + rows[i]) * GE + half * 8);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int i = base + j * step + rsub;
+            float f[8];
+            unpack8<T>(u[j], f);
+#pragma unroll
+            for (int h = 0; h < MAXH; ++h) {
+                if (h < hps) {
+                    float acc = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc += qr[h][e] * f[e];
+                    for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                    if (c == 0 && i < nr) out[h * stride + i] = acc;
+                }
+            }
+        }
+    }
+}
+
+// q of one selection's heads into shared memory, slot order, times `mul`.
+__device__ __forceinline__ void load_q_slots(const Dims& D, const float* q, const int* fos, int b, int h0, float mul,
+                                             float (*q_s)[128]) {
+    for (int i = threadIdx.x; i < D.hps * D.d; i += blockDim.x) {
+        int h = i / D.d, j = i % D.d;
+        int slot = j >> 1, c = j & 1;
+        q_s[h][j] = mul * q[((size_t)b * D.n_q + h0 + h) * D.d + 2 * fos[slot] + c];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Re-rank: raw exact scores (no scale, as the CPU's group mass) of the C candidates per head.
+// grid (ceil(C/RR_ROWS), n_sel, batch), block 128. rr (batch·n_sel, hps, C).
+#define RR_ROWS 256
+template <class T>
+__device__ void rerank_scores_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* lens, const u32* selc,
+                                   int C, float* rr) {
+    __shared__ float q_s[MAXH][128];
+    __shared__ u32 rows[RR_ROWS];
+    int s = blockIdx.y, b = blockIdx.z;
+    int seg = b * D.n_sel + s;
+    int n_c = min(C, lens[b]);
+    int r0 = blockIdx.x * RR_ROWS;
+    int nr = min(RR_ROWS, n_c - r0);
+    if (nr <= 0) return;
+    int h0 = s * D.hps, kvh = kv_of_sel(D, s);
+    load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, 1.f, q_s);
+    for (int i = threadIdx.x; i < nr; i += blockDim.x) rows[i] = selc[(size_t)seg * C + r0 + i];
+    __syncthreads();
+    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.n_grp * D.l_max * GE;
+    row_scores<T>(kb, D.l_max, D.d, D.hps, q_s, rows, nr, rr + (size_t)seg * D.hps * C + r0, C);
+}
+
+__device__ float block_reduce(float x, bool is_max) {
+    __shared__ float red[32];
+    __shared__ float res;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        float y = __shfl_xor_sync(0xffffffffu, x, o);
+        x = is_max ? fmaxf(x, y) : x + y;
+    }
+    if (lane == 0) red[w] = x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float r = red[0];
+        for (int i = 1; i < nw; ++i) r = is_max ? fmaxf(r, red[i]) : r + red[i];
+        res = r;
+    }
+    __syncthreads();
+    float r = res;
+    __syncthreads();
+    return r;
+}
+
+// Group mass Σ_h softmax_h(raw scores) over the candidates, forced rows +∞, as selection keys.
+// With len ≤ C there was no re-rank on the CPU: the keys are the (forced) FC scores.
+// grid (n_sel, batch), block 256.
+extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int* lens, const u32* selc, int C, const float* rr,
+                                                              const float* scores, float* mass, u64* cand, u32* cand_cnt) {
+    int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
+    int seg = b * D.n_sel + s;
+    int len = lens[b];
+    int n_c = min(C, len);
+    const u32* sc_rows = selc + (size_t)seg * C;
+    u64* cs = cand + (size_t)seg * D.l_max;
+    float* ms = mass + (size_t)seg * C;
+    if (len <= C) {
+        const float* sc = scores + (size_t)seg * D.l_max;
+        for (int i = tid; i < n_c; i += blockDim.x) { u32 t = sc_rows[i]; cs[i] = skey(sc[t], t); }
+    } else {
+        for (int i = tid; i < n_c; i += blockDim.x) ms[i] = 0.f;
+        __syncthreads();
+        for (int h = 0; h < D.hps; ++h) {
+            const float* r = rr + ((size_t)seg * D.hps + h) * C;
+            float mx = NEG_INF;
+            for (int i = tid; i < n_c; i += blockDim.x) mx = fmaxf(mx, r[i]);
+            mx = block_reduce(mx, true);
+            float sum = 0.f;
+            for (int i = tid; i < n_c; i += blockDim.x) sum += expf(r[i] - mx);
+            sum = block_reduce(sum, false);
+            float inv = 1.f / sum;
+            for (int i = tid; i < n_c; i += blockDim.x) ms[i] += expf(r[i] - mx) * inv;
+        }
+        int rec = min(D.recent, len);
+        for (int i = tid; i < n_c; i += blockDim.x) {
+            u32 t = sc_rows[i];
+            float m = ((int)t < D.sinks || (int)t >= len - rec) ? POS_INF : ms[i];
+            cs[i] = skey(m, t);
+        }
+    }
+    if (tid == 0) cand_cnt[seg] = (u32)n_c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4/5. FAC and dense flash-decode: exact softmax attention of a selection's q heads over its
+// rows (sel != null: the first min(B, len) selected rows; sel == null: rows 0..len), split
+// over blocks of rows_per_split rows; each block writes an unnormalized partial (o, m, l).
+// grid (n_split, n_sel, batch), block FAC_THREADS. po (seg, n_split, hps, d), pml (seg, n_split, hps, 2).
+#define FAC_THREADS 128
+template <class T>
+__device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
+                         int rows_per_split, int n_split, float* po, float* pml) {
+    __shared__ float q_s[MAXH][128];
+    __shared__ float sc[MAXH][FAC_MAX_ROWS];
+    __shared__ u32 rows[FAC_MAX_ROWS];
+    __shared__ float o_s[MAXH][128];
+    int sp = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int seg = b * D.n_sel + s;
+    int len = lens[b];
+    int n_rows = sel ? min(D.budget, len) : len;
+    int r0 = sp * rows_per_split;
+    int nr = min(rows_per_split, n_rows - r0);
+    int hps = D.hps;
+    float* pm = pml + ((size_t)seg * n_split + sp) * hps * 2;
+    float* o_out = po + ((size_t)seg * n_split + sp) * hps * D.d;
+    if (nr <= 0) {
+        for (int i = tid; i < hps * D.d; i += blockDim.x) o_out[i] = 0.f;
+        for (int h = tid; h < hps; h += blockDim.x) { pm[2 * h] = NEG_INF; pm[2 * h + 1] = 0.f; }
+        return;
+    }
+    int h0 = s * hps, kvh = kv_of_sel(D, s);
+    load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
+    for (int i = tid; i < nr; i += blockDim.x) rows[i] = sel ? sel[(size_t)seg * D.budget + r0 + i] : (u32)(r0 + i);
+    for (int i = tid; i < MAXH * 128; i += blockDim.x) (&o_s[0][0])[i] = 0.f;
+    __syncthreads();
+    size_t bk = (size_t)b * D.n_kv + kvh;
+    row_scores<T>(k + bk * D.n_grp * D.l_max * GE, D.l_max, D.d, hps, q_s, rows, nr, &sc[0][0], FAC_MAX_ROWS);
+    __syncthreads();
+    // Partial softmax per head: one warp per head.
+    int lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
+    for (int h = w; h < hps; h += nw) {
+        float mx = NEG_INF;
+        for (int i = lane; i < nr; i += 32) mx = fmaxf(mx, sc[h][i]);
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float sum = 0.f;
+        for (int i = lane; i < nr; i += 32) { float p = __expf(sc[h][i] - mx); sc[h][i] = p; sum += p; }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) { pm[2 * h] = mx; pm[2 * h + 1] = sum; }
+    }
+    __syncthreads();
+    // P·V: d/8 threads per row (16 bytes each), the block's row groups interleaved.
+    int lpr = D.d >> 3, nrg = blockDim.x / lpr;
+    int c = tid % lpr, rg = tid / lpr;
+    const u16* vb = v + bk * D.l_max * D.d + c * 8;
+    float acc[MAXH][8];
+#pragma unroll
+    for (int h = 0; h < MAXH; ++h)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
+    for (int i0 = rg; i0 < nr; i0 += 4 * nrg) {
+        uint4 u[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int i = i0 + j * nrg;
+            u[j] = make_uint4(0, 0, 0, 0);
+            if (i < nr) u[j] = *(const uint4*)(vb + (size_t)rows[i] * D.d);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int i = i0 + j * nrg;
+            if (i < nr) {
+                float f[8];
+                unpack8<T>(u[j], f);
+#pragma unroll
+                for (int h = 0; h < MAXH; ++h) {
+                    if (h < hps) {
+                        float p = sc[h][i];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[h][e] += p * f[e];
+                    }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < MAXH; ++h)
+        if (h < hps)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) atomicAdd(&o_s[h][c * 8 + e], acc[h][e]);
+    __syncthreads();
+    for (int i = tid; i < hps * D.d; i += blockDim.x) o_out[i] = o_s[i / D.d][i % D.d];
+}
+
+// Merges the partials of every split: out (batch, n_q, d) f32. grid (n_sel, batch), block hps·d.
+extern "C" __global__ void fac_combine(Dims D, int n_split, const float* po, const float* pml, float* out) {
+    int s = blockIdx.x, b = blockIdx.y;
+    int seg = b * D.n_sel + s;
+    int h = threadIdx.x / D.d, j = threadIdx.x % D.d;
+    if (h >= D.hps) return;
+    const float* pm = pml + (size_t)seg * n_split * D.hps * 2;
+    float M = NEG_INF;
+    for (int sp = 0; sp < n_split; ++sp) M = fmaxf(M, pm[(sp * D.hps + h) * 2]);
+    float L = 0.f, O = 0.f;
+    for (int sp = 0; sp < n_split; ++sp) {
+        float m = pm[(sp * D.hps + h) * 2];
+        if (m == NEG_INF) continue;
+        float e = __expf(m - M);
+        L += e * pm[(sp * D.hps + h) * 2 + 1];
+        O += e * po[(((size_t)seg * n_split + sp) * D.hps + h) * D.d + j];
+    }
+    out[((size_t)b * D.n_q + s * D.hps + h) * D.d + j] = O / L;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Benchmark helper: uniform values in (-amp, amp) from a hash of (seed, index).
+__device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
+    u64 x = i * 0x9E3779B97F4A7C15ull + (u64)seed * 0xD1B54A32D192ED03ull;
+    x ^= x >> 31; x *= 0x7fb5d329728ea185ull; x ^= x >> 27; x *= 0x81dadef4bc2dd44dull; x ^= x >> 33;
+    return (float)(x >> 40) * (1.0f / 16777216.0f) * 2.f - 1.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// extern "C" entry points, `<op>_<dtype>`.
+#define DEFINE_TYPED(NAME, TY)                                                                                           \
+    extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
+                                             const int* slot_of_fc) {                                                    \
+        append_impl<TY>(D, k, v, k_new, v_new, pos, slot_of_fc);                                                         \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_##NAME(Dims D, const u16* k, const float* q,             \
+                                                                         const int* fc_of_slot, const int* pool,          \
+                                                                         const int* lens, float* scores, u32* hist) {     \
+        tip_impl<TY>(D, k, q, fc_of_slot, pool, lens, scores, hist);                                                     \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(128) rerank_scores_##NAME(Dims D, const u16* k, const float* q,           \
+                                                                           const int* fc_of_slot, const int* lens,        \
+                                                                           const u32* selc, int C, float* rr) {           \
+        rerank_scores_impl<TY>(D, k, q, fc_of_slot, lens, selc, C, rr);                                                  \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FAC_THREADS) fac_##NAME(Dims D, const u16* k, const u16* v, const float* q, \
+                                                                         const int* fc_of_slot, const int* lens,          \
+                                                                         const u32* sel, int rows_per_split, int n_split, \
+                                                                         float* po, float* pml) {                         \
+        fac_impl<TY>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml);                               \
+    }                                                                                                                    \
+    extern "C" __global__ void fill_random_##NAME(u16* x, u64 n, u32 seed, float amp) {                                  \
+        for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)                \
+            x[i] = TY::store(amp * hash_unit(i, seed));                                                                  \
+    }
+
+DEFINE_TYPED(f16, F16)
+DEFINE_TYPED(bf16, BF16)
+
+extern "C" __global__ void fill_random_f32(float* x, u64 n, u32 seed, float amp) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) x[i] = amp * hash_unit(i, seed);
+}

@@ -1,0 +1,137 @@
+//! The GPU KV cache and its append op.
+//!
+//! Layout, per (sequence, KV head), `l_max` tokens:
+//! - K `(n_grp, l_max, FCG, 2)`: FC groups of the rotated K, FCs in slot order. Slot `s` holds FC
+//!   `fc_of_slot[kv][s]`; put the calibrated pool first so TIP streams `ceil(P/8)` contiguous
+//!   groups, and FAC reads a token's full K as `d/16` aligned 32-byte sectors.
+//! - V `(l_max, d)` in the model's dim order.
+use cudarc::driver::CudaSlice;
+
+use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE};
+
+pub struct GpuKvCache {
+    pub dtype: Dtype,
+    pub batch: usize,
+    pub n_kv: usize,
+    pub d: usize,
+    pub l_max: usize,
+    /// `(batch, n_kv, n_grp, l_max, GE)` storage bits.
+    pub k: CudaSlice<u16>,
+    /// `(batch, n_kv, l_max, d)` storage bits.
+    pub v: CudaSlice<u16>,
+    /// `(n_kv, n_fc)`: FC stored in each slot, and its inverse.
+    pub fc_of_slot: CudaSlice<i32>,
+    pub slot_of_fc: CudaSlice<i32>,
+    /// Host copy of `fc_of_slot`.
+    pub order: Vec<Vec<usize>>,
+}
+
+impl GpuKvCache {
+    /// A zeroed cache. `order[kv]` lists the FCs of KV head `kv` in slot order (a permutation of
+    /// `0..d/2`, pool first); None keeps the natural order.
+    pub fn new(
+        gpu: &Gpu,
+        dtype: Dtype,
+        batch: usize,
+        n_kv: usize,
+        d: usize,
+        l_max: usize,
+        order: Option<Vec<Vec<usize>>>,
+    ) -> Result<Self, GpuError> {
+        if d != 64 && d != 128 {
+            return Err(GpuError::Shape(format!("head dim {d}: the kernels take 64 or 128")));
+        }
+        let n_fc = d / 2;
+        let order = order.unwrap_or_else(|| vec![(0..n_fc).collect(); n_kv]);
+        let mut fos = Vec::with_capacity(n_kv * n_fc);
+        let mut sof = vec![0i32; n_kv * n_fc];
+        for (kv, o) in order.iter().enumerate() {
+            let mut seen = vec![false; n_fc];
+            if o.len() != n_fc || o.iter().any(|&f| f >= n_fc || std::mem::replace(&mut seen[f], true)) {
+                return Err(GpuError::Shape(format!("FC order of KV head {kv} is not a permutation of 0..{n_fc}")));
+            }
+            for (s, &f) in o.iter().enumerate() {
+                fos.push(f as i32);
+                sof[kv * n_fc + f] = s as i32;
+            }
+        }
+        let st = &gpu.stream;
+        let elems = batch * n_kv * l_max * d;
+        Ok(Self {
+            dtype,
+            batch,
+            n_kv,
+            d,
+            l_max,
+            k: st.alloc_zeros(elems)?,
+            v: st.alloc_zeros(elems)?,
+            fc_of_slot: st.clone_htod(&fos)?,
+            slot_of_fc: st.clone_htod(&sof)?,
+            order,
+        })
+    }
+
+    pub fn n_fc(&self) -> usize {
+        self.d / 2
+    }
+
+    pub fn n_grp(&self) -> usize {
+        self.d / 2 / FCG
+    }
+
+    /// Dims with the cache's shape filled in.
+    pub fn dims(&self, n_q: usize) -> Dims {
+        Dims {
+            batch: self.batch as i32,
+            n_q: n_q as i32,
+            n_kv: self.n_kv as i32,
+            d: self.d as i32,
+            n_fc: self.n_fc() as i32,
+            n_grp: self.n_grp() as i32,
+            l_max: self.l_max as i32,
+            scale: 1.0 / (self.d as f32).sqrt(),
+            ..Default::default()
+        }
+    }
+
+    /// Writes tokens `0..len` of (sequence `b`, KV head `kv`) from host rows: `k` `(len, d)` rotated,
+    /// FC-pair order; `v` `(len, d)`. (Prefill and tests; decode uses [`append`].)
+    pub fn write_host(&mut self, gpu: &Gpu, b: usize, kv: usize, k: &[f32], v: &[f32]) -> Result<(), GpuError> {
+        let (d, l) = (self.d, self.l_max);
+        let len = k.len() / d;
+        if len > l || v.len() != k.len() {
+            return Err(GpuError::Shape(format!("{len} tokens do not fit l_max {l}")));
+        }
+        let mut kr = vec![0u16; self.n_grp() * l * GE];
+        for t in 0..len {
+            for (s, &f) in self.order[kv].iter().enumerate() {
+                let (g, e) = (s / FCG, (s % FCG) * 2);
+                let o = (g * l + t) * GE + e;
+                kr[o] = self.dtype.encode(k[t * d + 2 * f]);
+                kr[o + 1] = self.dtype.encode(k[t * d + 2 * f + 1]);
+            }
+        }
+        let vr: Vec<u16> = v.iter().map(|&x| self.dtype.encode(x)).collect();
+        let base = (b * self.n_kv + kv) * l * d;
+        gpu.stream.memcpy_htod(&kr, &mut self.k.slice_mut(base..base + l * d))?;
+        gpu.stream.memcpy_htod(&vr, &mut self.v.slice_mut(base..base + len * d))?;
+        Ok(())
+    }
+}
+
+/// Op 1: writes one new token per sequence at `pos[b]`: `k_new`, `v_new` `(batch, n_kv, d)` f32
+/// (K rotated, FC-pair order). Sequences with `pos` outside `0..l_max` are skipped.
+pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: &CudaSlice<f32>, pos: &CudaSlice<i32>) -> Result<(), GpuError> {
+    let n = cache.batch * cache.n_kv * cache.d;
+    if k_new.len() < n || v_new.len() < n || pos.len() < cache.batch {
+        return Err(GpuError::Shape("append: k_new/v_new need (batch, n_kv, d), pos (batch,)".into()));
+    }
+    let dims = cache.dims(cache.n_kv);
+    let f = gpu.f.typed(cache.dtype, TypedOp::Append);
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(&dims).arg(&mut cache.k).arg(&mut cache.v).arg(k_new).arg(v_new).arg(pos).arg(&cache.slot_of_fc);
+    // SAFETY: grid (n_kv, batch) × d threads; each writes one element of token pos[b] < l_max of
+    // its (b, kv) region, bounds checked in the kernel; inputs hold (batch, n_kv, d) (checked above).
+    unsafe { l.launch(cfg((cache.n_kv, cache.batch, 1), cache.d)) }?;
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! CUDA path of the FASA ops (feature `cuda`): the device context, the run-time compiled module
+//! and one launcher per op (`append`, `tip`, `select`, `rerank`, `fac`), plus `decode`, which
+//! chains them into one decode step. The CPU twins are in `crate::cpu`.
+//!
+//! Nothing here needs nvcc: `src/cuda/*.cu` is compiled by NVRTC at first use for the device's
+//! own architecture (sm_90 on the H200, sm_87 on Orin) and the PTX is cached on disk, keyed by
+//! source hash, architecture and NVRTC version. Without a driver, NVRTC or a GPU, [`Gpu::new`]
+//! returns [`GpuError`] before cudarc is touched (cudarc panics when its libraries are absent);
+//! [`Gpu::try_default`] logs that once and callers take the CPU path.
+pub mod append;
+pub mod decode;
+pub mod fac;
+pub mod rerank;
+pub mod select;
+pub mod tip;
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+pub use append::GpuKvCache;
+pub use decode::{DecodeConfig, FasaDecoder};
+
+/// FCs per K group: a token's FCs `8g..8g+8` are one 32-byte sector (`FCG` in common.cuh).
+pub const FCG: usize = 8;
+/// Elements per (token, group).
+pub const GE: usize = 2 * FCG;
+/// Histogram bins of the TIP scores (`NBIN` in common.cuh).
+pub const NBIN: usize = 4096;
+/// Most q heads sharing one selection, most rows of one FAC block.
+pub const MAX_HPS: usize = 8;
+pub const FAC_MAX_ROWS: usize = 512;
+pub(crate) const TIP_TOK: usize = 512;
+pub(crate) const FILT_TOK: usize = 2048;
+pub(crate) const RR_ROWS: usize = 256;
+
+/// The CUDA sources, concatenated for NVRTC (which has no include path here).
+const SOURCE: &str = concat!("#define FASA_NVRTC\n", include_str!("../cuda/common.cuh"), "\n", include_str!("../cuda/fasa.cu"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no CUDA driver library (libcuda) found: install the NVIDIA driver or use the CPU path")]
+    NoDriver,
+    #[error("no NVRTC library (libnvrtc) found: install the CUDA runtime compiler (cuda-nvrtc) or add its folder to LD_LIBRARY_PATH")]
+    NoNvrtc,
+    #[error("no CUDA device found")]
+    NoDevice,
+    #[error("CUDA driver call failed: {0}")]
+    Driver(#[from] DriverError),
+    #[error("NVRTC could not compile the FASA kernels for {arch}: {log}")]
+    Compile { arch: String, log: String },
+    #[error("unsupported shape: {0}")]
+    Shape(String),
+}
+
+/// Storage type of the GPU cache (accumulation is always f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+
+    /// f32 → storage bits (round to nearest even), as the kernels store.
+    pub fn encode(self, x: f32) -> u16 {
+        match self {
+            Dtype::F16 => half::f16::from_f32(x).to_bits(),
+            Dtype::Bf16 => half::bf16::from_f32(x).to_bits(),
+        }
+    }
+
+    pub fn decode(self, b: u16) -> f32 {
+        match self {
+            Dtype::F16 => half::f16::from_bits(b).to_f32(),
+            Dtype::Bf16 => half::bf16::from_bits(b).to_f32(),
+        }
+    }
+}
+
+/// Shapes passed by value to every kernel (`struct Dims` in fasa.cu; keep the two in step).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Dims {
+    pub batch: i32,
+    pub n_q: i32,
+    pub n_kv: i32,
+    pub d: i32,
+    pub n_fc: i32,
+    pub n_grp: i32,
+    pub l_max: i32,
+    /// q heads per selection (the GQA group, or 1 for per-q-head selection).
+    pub hps: i32,
+    /// selections per sequence (`n_q / hps`).
+    pub n_sel: i32,
+    /// rows kept per selection.
+    pub budget: i32,
+    /// FC pool size P and FCs chosen per step k.
+    pub pool: i32,
+    pub k: i32,
+    pub sinks: i32,
+    pub recent: i32,
+    pub scale: f32,
+}
+
+// SAFETY: `Dims` is `repr(C)` plain old data, laid out as the kernels' `struct Dims`.
+unsafe impl DeviceRepr for Dims {}
+
+/// Every kernel of the module, looked up once.
+pub(crate) struct Funcs {
+    pub select_filter: CudaFunction,
+    pub select_refine: CudaFunction,
+    pub rerank_mass: CudaFunction,
+    pub fac_combine: CudaFunction,
+    pub fill_random_f32: CudaFunction,
+    /// Per dtype: append, tip, rerank_scores, fac, fill_random.
+    pub typed: [[CudaFunction; 5]; 2],
+}
+
+impl Funcs {
+    pub fn typed(&self, dt: Dtype, op: TypedOp) -> &CudaFunction {
+        &self.typed[dt as usize][op as usize]
+    }
+}
+
+#[derive(Clone, Copy)]
+pub(crate) enum TypedOp {
+    Append = 0,
+    Tip = 1,
+    RerankScores = 2,
+    Fac = 3,
+    Fill = 4,
+}
+
+/// One device: context, stream, the compiled module.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    /// Compute capability (major, minor).
+    pub arch: (i32, i32),
+    pub sm_count: usize,
+    #[allow(dead_code)]
+    module: Arc<CudaModule>,
+    pub(crate) f: Funcs,
+}
+
+/// Whether the driver and NVRTC libraries can be loaded (checked before any cudarc call).
+pub fn libraries_present() -> Result<(), GpuError> {
+    // SAFETY: these only try to dlopen the libraries; no CUDA call is made.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(GpuError::NoDriver);
+    }
+    // SAFETY: as above.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(GpuError::NoNvrtc);
+    }
+    Ok(())
+}
+
+/// NVRTC's version (major, minor); needs [`libraries_present`].
+pub fn nvrtc_version() -> (i32, i32) {
+    let (mut a, mut b) = (0, 0);
+    // SAFETY: writes two ints; the library is loaded (checked by the caller).
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut a, &mut b) };
+    (a, b)
+}
+
+/// Compiles the FASA kernels to PTX for `compute_<arch>` (cached on disk; see module docs).
+pub fn compile_ptx(arch: (i32, i32)) -> Result<String, GpuError> {
+    let arch_s = format!("compute_{}{}", arch.0, arch.1);
+    let ver = nvrtc_version();
+    let mut h = DefaultHasher::new();
+    SOURCE.hash(&mut h);
+    let key = format!("fasa-{:016x}-{}-nvrtc{}.{}.ptx", h.finish(), arch_s, ver.0, ver.1);
+    let dir = ptx_cache_dir();
+    if let Some(d) = &dir {
+        if let Ok(s) = std::fs::read_to_string(d.join(&key)) {
+            return Ok(s);
+        }
+    }
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch_s}"), "-std=c++17".into(), "-lineinfo".into()],
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| GpuError::Compile {
+        arch: arch_s.clone(),
+        log: match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        },
+    })?;
+    let src = ptx.to_src();
+    if let Some(d) = &dir {
+        // A cache that cannot be written costs a recompile next time, nothing else.
+        let _ = std::fs::create_dir_all(d).and_then(|_| {
+            let tmp = d.join(format!("{key}.{}", std::process::id()));
+            std::fs::write(&tmp, &src)?;
+            std::fs::rename(&tmp, d.join(&key))
+        });
+    }
+    Ok(src)
+}
+
+/// `$FASA_PTX_CACHE`, else `$XDG_CACHE_HOME/fasa/ptx`, else `~/.cache/fasa/ptx`.
+fn ptx_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FASA_PTX_CACHE") {
+        return Some(p.into());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("fasa").join("ptx"))
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and compiles (or loads cached) kernels for its architecture.
+    pub fn new(ordinal: usize) -> Result<Arc<Gpu>, GpuError> {
+        libraries_present()?;
+        match CudaContext::device_count() {
+            Ok(n) if n as usize > ordinal => {}
+            _ => return Err(GpuError::NoDevice),
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream, ordered launches: the per-buffer event tracking is not needed and would
+        // get in the way of graph capture.
+        // SAFETY: called before any allocation or launch on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let arch = ctx.compute_capability()?;
+        let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let ptx = compile_ptx(arch)?;
+        let module = ctx.load_module(Ptx::from_src(ptx))?;
+        let get = |n: &str| module.load_function(n);
+        let typed = |dt: Dtype| -> Result<[CudaFunction; 5], DriverError> {
+            let s = dt.suffix();
+            Ok([
+                get(&format!("append_{s}"))?,
+                get(&format!("tip_{s}"))?,
+                get(&format!("rerank_scores_{s}"))?,
+                get(&format!("fac_{s}"))?,
+                get(&format!("fill_random_{s}"))?,
+            ])
+        };
+        let f = Funcs {
+            select_filter: get("select_filter")?,
+            select_refine: get("select_refine")?,
+            rerank_mass: get("rerank_mass")?,
+            fac_combine: get("fac_combine")?,
+            fill_random_f32: get("fill_random_f32")?,
+            typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
+        };
+        let stream = ctx.default_stream();
+        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f }))
+    }
+
+    /// Device 0, or None (logged once) when there is no usable GPU: callers run the CPU path.
+    pub fn try_default() -> Option<Arc<Gpu>> {
+        static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
+        GPU.get_or_init(|| match Gpu::new(0) {
+            Ok(g) => {
+                log::info!("fasa-kernels: CUDA device 0, sm_{}{}, {} SMs", g.arch.0, g.arch.1, g.sm_count);
+                Some(g)
+            }
+            Err(e) => {
+                log::warn!("fasa-kernels: no GPU path ({e}); using the CPU kernels");
+                None
+            }
+        })
+        .clone()
+    }
+
+    /// Fills `x` with uniform values in (-amp, amp) from a hash of (seed, index) (benchmarks).
+    pub fn fill_random(&self, x: &mut cudarc::driver::CudaSlice<u16>, dt: Dtype, seed: u32, amp: f32) -> Result<(), GpuError> {
+        let n = x.len() as u64;
+        let f = self.f.typed(dt, TypedOp::Fill);
+        let mut b = self.stream.launch_builder(f);
+        b.arg(x).arg(&n).arg(&seed).arg(&amp);
+        // SAFETY: the kernel writes x[0..n) only, n = x.len().
+        unsafe { b.launch(LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }?;
+        Ok(())
+    }
+
+    pub fn fill_random_f32(&self, x: &mut cudarc::driver::CudaSlice<f32>, seed: u32, amp: f32) -> Result<(), GpuError> {
+        let n = x.len() as u64;
+        let mut b = self.stream.launch_builder(&self.f.fill_random_f32);
+        b.arg(x).arg(&n).arg(&seed).arg(&amp);
+        // SAFETY: the kernel writes x[0..n) only, n = x.len().
+        unsafe { b.launch(LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }?;
+        Ok(())
+    }
+}
+
+pub(crate) fn cfg(grid: (usize, usize, usize), block: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32), block_dim: (block as u32, 1, 1), shared_mem_bytes: 0 }
+}
