@@ -5,6 +5,7 @@
 //! (`cargo build --release -p fasad -p fasactl` first; `$CARGO_TARGET_DIR` is honoured).
 use std::ffi::OsStr;
 use std::fs::File;
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -192,6 +193,56 @@ impl Fasad {
 }
 
 impl Drop for Fasad {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `fasactl generate --json` running in the background, and the job path it printed first.
+pub struct Background {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    /// The job's object path.
+    pub job: String,
+}
+
+impl Background {
+    /// Starts `fasactl generate --json` and returns once the job has produced text.
+    pub fn start(bus: &TestBus, question: &str) -> Background {
+        let mut child = bus
+            .command(binary("fasactl"))
+            .args(["generate", "--json", "--max-tokens", "2000", question])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fasactl");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(first["event"], "job", "{first}");
+        let job = first["job"].as_str().unwrap().to_string();
+        let mut bg = Background { child, lines, job };
+        // Wait for text, so the job is past its prefill.
+        let chunk: serde_json::Value = serde_json::from_str(&bg.lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(chunk["event"], "chunk", "{chunk}");
+        bg
+    }
+
+    /// Sends a signal (`INT`, `KILL`, …) to fasactl.
+    pub fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for fasactl to exit; returns its status and the JSON lines it printed since start.
+    pub fn wait(&mut self) -> (std::process::ExitStatus, Vec<serde_json::Value>) {
+        let rest: Vec<serde_json::Value> = self.lines.by_ref().map(|l| serde_json::from_str(&l.unwrap()).unwrap()).collect();
+        let status = wait_timeout(&mut self.child, Duration::from_secs(10)).expect("fasactl did not exit");
+        (status, rest)
+    }
+}
+
+impl Drop for Background {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -1,2 +1,127 @@
-//! Benchmark harness entry point.
-fn main() {}
+//! fasa-bench: `fidelity` (teacher-forced KL/top-1/ppl/recall/mass/bytes and passkey, each
+//! attention setting against dense) and `calibrate` (write a dominant-FC profile).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fasa_bench::fidelity::{self, FidelityOptions, Setting};
+use fasa_bench::report::{self, RunInfo};
+use fasa_engine::calibrate::{self, CalibrateOptions};
+
+#[derive(Parser)]
+#[command(name = "fasa-bench", about = "FASA benchmark harnesses")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fidelity of attention settings vs dense: KL, top-1, ppl, recall, mass, bytes, passkey.
+    Fidelity {
+        /// Context lengths (tokens).
+        #[arg(long, value_delimiter = ',', default_value = "2048,4096,8192")]
+        context: Vec<usize>,
+        /// Token budgets B.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        budget: Vec<usize>,
+        /// Settings `MODE[:k=8,pool=16,sinks=4,recent=32,rerank=4x,group=1,dense=1]`, `;`-separated.
+        #[arg(long, value_delimiter = ';', default_value = "fasa;fasa-paper;oracle;streaming;quest;random-fc")]
+        modes: Vec<String>,
+        /// Teacher-forced decode steps per context.
+        #[arg(long, default_value_t = 256)]
+        eval_tokens: usize,
+        /// Evaluation text files (default: licence texts disjoint from the calibration ones).
+        #[arg(long)]
+        text: Vec<PathBuf>,
+        /// Calibration profile (made and saved there when missing).
+        #[arg(long, default_value = "bench/fidelity/profile.json")]
+        profile: PathBuf,
+        /// Passkey prompt lengths; empty to skip.
+        #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192")]
+        passkey: Vec<usize>,
+        /// Passkey prompts per depth (depths 10/50/90%).
+        #[arg(long, default_value_t = 2)]
+        keys: usize,
+        /// Output folder for the JSON and plots.
+        #[arg(long, default_value = "bench/fidelity")]
+        out: PathBuf,
+        /// JSON file name inside --out.
+        #[arg(long, default_value = "results.json")]
+        json: String,
+        /// Markdown file and the section of it to (re)write.
+        #[arg(long, default_value = "bench/FIDELITY.md")]
+        md: PathBuf,
+        #[arg(long, default_value = "results")]
+        section: String,
+        #[arg(long)]
+        no_plots: bool,
+        /// CI-sized run: 1k context, T = 32, fasa/oracle/streaming at B = 256 and 1024.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Calibrate the dominant FCs and write the profile.
+    Calibrate {
+        /// Calibration text files (default: /usr/share/common-licenses Apache-2.0, MPL-2.0).
+        #[arg(long)]
+        text: Vec<PathBuf>,
+        #[arg(long, default_value = "bench/fidelity/profile.json")]
+        output: PathBuf,
+        /// Tokens used per text.
+        #[arg(long, default_value_t = 896)]
+        tokens: usize,
+        /// Record every n-th decode step.
+        #[arg(long, default_value_t = 8)]
+        stride: usize,
+    },
+}
+
+fn read_texts(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
+    files.iter().map(|f| Ok((f.display().to_string(), std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?))).collect()
+}
+
+fn main() -> Result<()> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let t0 = Instant::now();
+    match Cli::parse().cmd {
+        Cmd::Fidelity { context, budget, modes, eval_tokens, text, profile, passkey, keys, out, json, md, section, no_plots, quick } => {
+            let mut opts = if quick { FidelityOptions::quick() } else { FidelityOptions::full() };
+            if !quick {
+                opts.contexts = context;
+                opts.budgets = budget;
+                opts.settings = modes.iter().map(|m| Setting::new(m.trim())).collect();
+                opts.eval_tokens = eval_tokens;
+                opts.passkey.lengths = passkey;
+                opts.passkey.keys_per_depth = keys;
+            }
+            opts.verbose = true;
+            opts.texts = read_texts(&text)?;
+            opts.profile = Some(profile);
+            for s in &opts.settings {
+                s.config(256).map_err(anyhow::Error::msg)?;
+            }
+            let max = opts.contexts.iter().chain(&opts.passkey.lengths).copied().max().unwrap_or(1024) + 32;
+            let mut model = fidelity::load_model(max).context("loading the model (run scripts/setup)")?;
+            let res = fidelity::run(&mut model, &opts)?;
+            let info = RunInfo::now(command, t0.elapsed().as_secs_f64());
+            report::write_all(&res, &info, &out, &json, &md, &section, no_plots)?;
+            eprintln!("wrote {} and section {section} of {}", out.join(&json).display(), md.display());
+        }
+        Cmd::Calibrate { text, output, tokens, stride } => {
+            let mut model = fidelity::load_model(tokens + 8)?;
+            let texts = if text.is_empty() { calibrate::default_calibration_texts() } else { read_texts(&text)? };
+            let opts = CalibrateOptions { max_tokens: tokens, stride, ..Default::default() };
+            let mut last = -1.0;
+            let p = calibrate::calibrate(&mut model, &texts, &opts, &mut |f| {
+                if f - last >= 0.1 {
+                    last = f;
+                    eprintln!("calibrating: {:.0}%", f * 100.0);
+                }
+            })?;
+            p.save(&output)?;
+            eprintln!("{} queries per head, ranked at K = {}, in {:.1} s → {}", p.queries, p.ca_k, t0.elapsed().as_secs_f64(), output.display());
+        }
+    }
+    Ok(())
+}

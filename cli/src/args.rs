@@ -74,6 +74,12 @@ pub struct SamplingArgs {
     /// Stop before this string (repeatable).
     #[arg(long, value_name = "STR")]
     pub stop: Vec<String>,
+    /// Attention mode (dense, fasa, fasa-paper, oracle, streaming, quest, random-fc) [default: fasad's].
+    #[arg(long, value_name = "MODE")]
+    pub attention: Option<String>,
+    /// Tokens attended per step by the sparse modes.
+    #[arg(long, value_name = "TOKENS")]
+    pub budget: Option<u32>,
     /// A system message before the conversation (chat template only).
     #[arg(long, value_name = "TEXT")]
     pub system_prompt: Option<String>,
@@ -88,6 +94,9 @@ impl SamplingArgs {
             top_p: self.top_p,
             seed: self.seed,
             stop: self.stop.clone(),
+            attention: self.attention.clone(),
+            budget: self.budget,
+            ..Default::default()
         }
     }
 }

@@ -30,7 +30,7 @@ pub enum ServiceError {
 
 pub fn run(config: Config) -> Result<(), ServiceError> {
     systemd::notify(&format!("STATUS=loading {}", config.model.display()));
-    log::info!(model = config.model.display().to_string(); "loading {}", config.model.display());
+    log::info!("loading {}", config.model.display());
     let mut options = LoadOptions::new(&config.model, &config.ort_library);
     options.max_sequences = config.max_sequences;
     options.max_context = config.max_context;
@@ -92,9 +92,9 @@ async fn serve(config: Config, info: ModelInfo, worker: Worker) -> Result<(), Se
 
     systemd::notify(&format!("READY=1\nSTATUS=serving {} on the {bus_name} bus", info.config.name));
     log::info!(
-        model = info.path.display().to_string(), bus = bus_name;
+        model = info.config.name.as_str();
         "serving {} ({} layers, {} sequences x {} tokens) as {} on the {bus_name} bus",
-        info.config.name, info.config.n_layers, info.max_sequences, info.max_context, fasa_dbus::BUS_NAME
+        info.path.display(), info.config.n_layers, info.max_sequences, info.max_context, fasa_dbus::BUS_NAME
     );
 
     let mut term = signal(SignalKind::terminate()).map_err(|source| ServiceError::Start { what: "the SIGTERM handler", source })?;

@@ -10,14 +10,22 @@ use zbus::zvariant::{Array, OwnedValue, Value};
 use crate::Error;
 
 /// Every option `Generate`/`Complete` accept, with its type and range.
-pub const OPTION_NAMES: [(&str, &str); 6] = [
+pub const OPTION_NAMES: [(&str, &str); 11] = [
     ("max_tokens", "u: most tokens to generate, 1 or more (default: the service's)"),
     ("temperature", "d: 0 = greedy (default), up to 100"),
     ("top_k", "u: keep the k most likely tokens, 0 = off (default)"),
     ("top_p", "d: nucleus mass in (0, 1], 1 = off (default)"),
     ("seed", "t: sampling seed (default 0)"),
     ("stop", "as: stop before any of these strings (up to 16, each 1-256 bytes)"),
+    ("attention", "s: attention mode, e.g. dense, fasa, oracle, streaming, quest (default: the service's)"),
+    ("budget", "u: tokens attended per step by the sparse modes, 1 or more"),
+    ("chunks", "u: dominant frequency chunks per head for the FASA modes, 1 or more"),
+    ("sinks", "u: first tokens always attended"),
+    ("recent", "u: most recent tokens always attended"),
 ];
+
+/// Largest value of the attention knobs (`budget`, `chunks`, `sinks`, `recent`).
+pub const MAX_ATTENTION_KNOB: u64 = 1 << 24;
 
 pub const MAX_TOKENS_LIMIT: u64 = 1 << 20;
 pub const MAX_TEMPERATURE: f64 = 100.0;
@@ -34,6 +42,12 @@ pub struct GenerateOptions {
     pub top_p: Option<f64>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Attention overrides; the service checks the mode's name against the modes it has.
+    pub attention: Option<String>,
+    pub budget: Option<u32>,
+    pub chunks: Option<u32>,
+    pub sinks: Option<u32>,
+    pub recent: Option<u32>,
 }
 
 impl GenerateOptions {
@@ -82,6 +96,25 @@ impl GenerateOptions {
                     opts.seed = Some(v as u64);
                 }
                 "stop" => opts.stop = strings(key, value)?,
+                "attention" => match value {
+                    Value::Str(mode) if !mode.is_empty() && mode.len() <= 32 => opts.attention = Some(mode.to_string()),
+                    Value::Str(_) => return Err(bad(key, "must name a mode (1-32 bytes)".into())),
+                    other => return Err(type_error(key, "a string", other)),
+                },
+                "budget" | "chunks" | "sinks" | "recent" => {
+                    let v = integer(key, value)?;
+                    let min = if matches!(key.as_str(), "budget" | "chunks") { 1 } else { 0 };
+                    if !(min..=MAX_ATTENTION_KNOB as i128).contains(&v) {
+                        return Err(bad(key, format!("must be between {min} and {MAX_ATTENTION_KNOB}, got {v}")));
+                    }
+                    let slot = match key.as_str() {
+                        "budget" => &mut opts.budget,
+                        "chunks" => &mut opts.chunks,
+                        "sinks" => &mut opts.sinks,
+                        _ => &mut opts.recent,
+                    };
+                    *slot = Some(v as u32);
+                }
                 other => {
                     let known: Vec<&str> = OPTION_NAMES.iter().map(|(n, _)| *n).collect();
                     return Err(Error::InvalidArgument(format!(
@@ -123,6 +156,14 @@ impl GenerateOptions {
         }
         if !self.stop.is_empty() {
             d.insert("stop", Value::Array(Array::from(self.stop.clone())));
+        }
+        if let Some(v) = &self.attention {
+            d.insert("attention", Value::from(v.clone()));
+        }
+        for (key, v) in [("budget", self.budget), ("chunks", self.chunks), ("sinks", self.sinks), ("recent", self.recent)] {
+            if let Some(v) = v {
+                d.insert(key, Value::U32(v));
+            }
         }
         d
     }
@@ -213,6 +254,11 @@ mod tests {
             top_p: Some(0.9),
             seed: Some(u64::MAX),
             stop: vec!["\n\n".into(), "END".into()],
+            attention: Some("fasa".into()),
+            budget: Some(256),
+            chunks: Some(8),
+            sinks: Some(0),
+            recent: Some(32),
         };
         let sent: HashMap<String, OwnedValue> = opts
             .to_dict()
@@ -250,6 +296,10 @@ mod tests {
         assert!(err(vec![("top_p", Value::F64(1.5))]).contains("top_p"));
         assert!(err(vec![("seed", Value::I64(-1))]).contains("seed"));
         assert!(err(vec![("stop", Value::U32(3))]).contains("array of strings"));
+        assert!(err(vec![("attention", Value::U32(3))]).contains("must be a string"));
+        assert!(err(vec![("attention", Value::from(""))]).contains("attention"));
+        assert!(err(vec![("budget", Value::U32(0))]).contains("budget"));
+        assert!(err(vec![("recent", Value::I64(-1))]).contains("recent"));
         assert!(err(vec![("stop", Value::from(""))]).contains("1 to 256 bytes"));
         let many: Vec<String> = (0..17).map(|i| i.to_string()).collect();
         assert!(err(vec![("stop", Value::Array(Array::from(many)))]).contains("at most 16"));

@@ -4,6 +4,7 @@
 //! Reading order: `gguf` (file) → `config` (shapes) → `tokenizer`/`chat` → `graph` (ONNX model)
 //! → `attention` (operator + KV cache) → `model` (Model + Sequence) → `sampler`/`detok`.
 pub mod attention;
+pub mod calibrate;
 pub mod catalog;
 pub mod config;
 pub mod error;

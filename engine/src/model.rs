@@ -100,9 +100,12 @@ impl Model {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
-        let session = Session::builder(env)?
-            .with_intra_threads(threads)
-            .map_err(ort::Error::from)?
+        let mut builder = Session::builder(env)?.with_intra_threads(threads).map_err(ort::Error::from)?;
+        // Per-node timings for performance work: ORT writes `<prefix>_<date>.json`.
+        if let Some(prefix) = std::env::var_os("FASA_ORT_PROFILE") {
+            builder = builder.with_profiling(prefix).map_err(ort::Error::from)?;
+        }
+        let session = builder
             .with_operators(domain)
             .map_err(ort::Error::from)?
             .commit_from_memory(&graph.onnx)?;
@@ -242,6 +245,18 @@ impl Model {
         if let Some(mut s) = self.pool.lock(slot) {
             s.state.config = c.clone();
             s.state.measure = measure;
+        }
+    }
+
+    /// Installs (or removes) a contextual-agreement recorder on `slot`; returns the previous one.
+    pub fn set_recorder(&self, slot: usize, r: Option<crate::attention::CaRecorder>) -> Option<crate::attention::CaRecorder> {
+        self.pool.lock(slot).and_then(|mut s| std::mem::replace(&mut s.state.recorder, r))
+    }
+
+    /// Resets the attention counters of `slot`.
+    pub fn reset_stats(&self, slot: usize) {
+        if let Some(mut s) = self.pool.lock(slot) {
+            s.state.stats = AttnStats::default();
         }
     }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use fasa_dbus::{job_path, Error, GenerateOptions};
-use fasa_engine::{GenerateRequest, Message, ModelInfo, Prompt, SamplingParams};
+use fasa_engine::{AttnOverrides, GenerateRequest, Message, ModelInfo, Mode, Prompt, SamplingParams};
 use zbus::message::Header;
 use zbus::names::OwnedUniqueName;
 use zbus::object_server::ObjectServer;
@@ -50,7 +50,7 @@ impl Manager {
             },
             max_tokens: opts.max_tokens.unwrap_or(self.shared.default_max_tokens) as usize,
             stop: opts.stop,
-            attention: Default::default(),
+            attention: attention_overrides(&opts)?,
         };
 
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -77,6 +77,27 @@ impl Manager {
     }
 }
 
+/// The engine's attention overrides from the caller's options.
+fn attention_overrides(opts: &GenerateOptions) -> Result<AttnOverrides, Error> {
+    let mode = match &opts.attention {
+        None => None,
+        Some(name) => Some(Mode::parse(name).ok_or_else(|| {
+            let shown: String = name.chars().flat_map(char::escape_debug).collect();
+            let modes: Vec<&str> = Mode::ALL.iter().map(|m| m.as_str()).collect();
+            Error::InvalidArgument(format!("unknown attention mode '{shown}'; modes: {}", modes.join(", ")))
+        })?),
+    };
+    let knob = |v: Option<u32>| v.map(|v| v as usize);
+    Ok(AttnOverrides {
+        mode,
+        budget: knob(opts.budget),
+        chunks: knob(opts.chunks),
+        sinks: knob(opts.sinks),
+        recent: knob(opts.recent),
+        ..Default::default()
+    })
+}
+
 fn check_prompt_size(bytes: usize) -> Result<(), Error> {
     if bytes > MAX_PROMPT_BYTES {
         return Err(Error::ContextTooLong(format!(
@@ -90,8 +111,9 @@ fn check_prompt_size(bytes: usize) -> Result<(), Error> {
 impl Manager {
     /// Starts a chat job. `messages` are (role, content) pairs, role one of system, user,
     /// assistant, rendered with the model's chat template. `options`: max_tokens (u),
-    /// temperature (d), top_k (u), top_p (d), seed (t), stop (as). Returns the job's path;
-    /// subscribe to its Chunk and Finished signals before calling.
+    /// temperature (d), top_k (u), top_p (d), seed (t), stop (as), attention (s: mode),
+    /// budget, chunks, sinks, recent (u). Returns the job's path; subscribe to its Chunk and
+    /// Finished signals before calling.
     #[zbus(out_args("job"))]
     async fn generate(
         &self,

@@ -27,19 +27,22 @@ impl CacheShape {
     pub fn n_fc(&self) -> usize {
         self.head_dim / 2
     }
-    /// f32 elements of one K page, one V page and one page of Quest bounds.
+    /// f32 elements of one page: K planes, K rows, V rows and Quest bounds.
     fn page_elems(&self) -> usize {
-        2 * PAGE * self.head_dim + PAGE / QUEST_PAGE * 2 * self.head_dim
+        3 * PAGE * self.head_dim + PAGE / QUEST_PAGE * 2 * self.head_dim
     }
-    /// Bytes one cached token costs over all layers and heads (K and V, f32).
+    /// Bytes one cached token costs over all layers and heads: K planes, K rows, V (f32) and
+    /// its share of the Quest bounds.
     pub fn bytes_per_token(&self) -> usize {
-        self.n_layers * self.n_kv_heads * 2 * self.head_dim * 4
+        self.n_layers * self.n_kv_heads * self.page_elems() * 4 / PAGE
     }
 }
 
 #[derive(Default)]
 struct HeadPages {
     k: Vec<Box<[f32]>>,
+    /// K rows `(PAGE, d)` in FC-pair order, for focused and dense attention.
+    kr: Vec<Box<[f32]>>,
     v: Vec<Box<[f32]>>,
     /// Quest bounds per page: `(PAGE/16, 2, d)`, elementwise min then max of rotated K in FC-pair
     /// order, over each 16-token Quest page.
@@ -55,6 +58,25 @@ pub struct SlotState {
     pub measure: bool,
     /// Records contextual agreement at every decode step (calibration).
     pub recorder: Option<CaRecorder>,
+}
+
+fn slices(v: &[Box<[f32]>]) -> Vec<&[f32]> {
+    v.iter().map(|p| &p[..]).collect()
+}
+
+/// Page slices of one (layer, KV head); `view()` borrows them as a kernel `HeadView`.
+pub struct Pages<'a> {
+    k: Vec<&'a [f32]>,
+    kr: Vec<&'a [f32]>,
+    v: Vec<&'a [f32]>,
+    len: usize,
+    n_fc: usize,
+}
+
+impl Pages<'_> {
+    pub fn view(&self) -> HeadView<'_> {
+        HeadView { k_pages: &self.k, kr_pages: &self.kr, v_pages: &self.v, page: PAGE, n_fc: self.n_fc, len: self.len }
+    }
 }
 
 /// The cache of one sequence.
@@ -92,12 +114,14 @@ impl SeqCache {
             let hp = &mut self.heads[layer * self.shape.n_kv_heads + h];
             while hp.k.len() > pages {
                 hp.k.pop();
+                hp.kr.pop();
                 hp.v.pop();
                 hp.bounds.pop();
                 delta -= (self.shape.page_elems() * 4) as isize;
             }
             while hp.k.len() < pages {
                 hp.k.push(vec![0.0; n_fc * PAGE * 2].into_boxed_slice());
+                hp.kr.push(vec![0.0; PAGE * d].into_boxed_slice());
                 hp.v.push(vec![0.0; PAGE * d].into_boxed_slice());
                 hp.bounds.push(vec![0.0; PAGE / QUEST_PAGE * 2 * d].into_boxed_slice());
                 delta += (self.shape.page_elems() * 4) as isize;
@@ -118,6 +142,7 @@ impl SeqCache {
             kp[(f * PAGE + i) * 2 + 1] = k_fc[2 * f + 1];
         }
         hp.v[p][i * d..(i + 1) * d].copy_from_slice(v);
+        hp.kr[p][i * d..(i + 1) * d].copy_from_slice(k_fc);
         let b = &mut hp.bounds[p][(i / QUEST_PAGE) * 2 * d..(i / QUEST_PAGE + 1) * 2 * d];
         let (lo, hi) = b.split_at_mut(d);
         if i % QUEST_PAGE == 0 {
@@ -137,13 +162,24 @@ impl SeqCache {
     }
 
     /// Page slices of (layer, kv head) for building a `HeadView`.
-    pub fn pages(&self, layer: usize, head: usize) -> (Vec<&[f32]>, Vec<&[f32]>) {
+    pub fn pages(&self, layer: usize, head: usize) -> Pages<'_> {
         let hp = &self.heads[layer * self.shape.n_kv_heads + head];
-        (hp.k.iter().map(|p| &p[..]).collect(), hp.v.iter().map(|p| &p[..]).collect())
+        Pages { k: slices(&hp.k), kr: slices(&hp.kr), v: slices(&hp.v), len: self.lens[layer], n_fc: self.shape.n_fc() }
     }
 
-    pub fn view<'a>(&self, layer: usize, k: &'a [&'a [f32]], v: &'a [&'a [f32]]) -> HeadView<'a> {
-        HeadView { k_pages: k, v_pages: v, page: PAGE, n_fc: self.shape.n_fc(), len: self.lens[layer] }
+    /// Copies the pages and lengths of `other` (not its state) into `self`; returns the page
+    /// bytes allocated minus freed.
+    fn copy_from(&mut self, other: &SeqCache) -> isize {
+        let before = self.heads.iter().map(|h| h.k.len()).sum::<usize>();
+        for (dst, src) in self.heads.iter_mut().zip(&other.heads) {
+            dst.k = src.k.clone();
+            dst.kr = src.kr.clone();
+            dst.v = src.v.clone();
+            dst.bounds = src.bounds.clone();
+        }
+        self.lens.clone_from(&other.lens);
+        let after = self.heads.iter().map(|h| h.k.len()).sum::<usize>();
+        (after as isize - before as isize) * (self.shape.page_elems() * 4) as isize
     }
 
     fn clear(&mut self) -> usize {
@@ -216,6 +252,22 @@ impl CachePool {
         self.slots.get(slot).map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Copies slot `from`'s cached tokens into slot `to` (which must differ): a shared prefix
+    /// computed once, decoded several ways (the fidelity harness).
+    pub fn copy_slot(&self, from: usize, to: usize) -> bool {
+        if from == to {
+            return false;
+        }
+        let (Some(src), Some(mut dst)) = (self.slots.get(from), self.slots.get(to).map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))) else {
+            return false;
+        };
+        let src = src.lock().unwrap_or_else(|e| e.into_inner());
+        let delta = dst.copy_from(&src);
+        drop(dst);
+        self.account(delta);
+        true
+    }
+
     pub(crate) fn account(&self, delta: isize) {
         if delta >= 0 {
             self.bytes.fetch_add(delta as usize, Ordering::Relaxed);
@@ -279,7 +331,6 @@ mod tests {
         assert!(c.resize(0, 0, 3 * PAGE) > 0);
         assert!(c.resize(0, PAGE, 0) < 0);
         assert_eq!(c.len(0), PAGE);
-        let (k, _) = c.pages(0, 0);
-        assert_eq!(k.len(), 1);
+        assert_eq!(c.pages(0, 0).view().k_pages.len(), 1);
     }
 }

@@ -146,7 +146,9 @@ mod tests {
         }
         let v = vec![0f32; page * 4];
         let (kr, vr) = ([&k[..]], [&v[..]]);
-        let view = HeadView { k_pages: &kr, v_pages: &vr, page, n_fc: 2, len: n };
+        let rows = vec![0f32; page * 4];
+        let krr = [&rows[..]];
+        let view = HeadView { k_pages: &kr, kr_pages: &krr, v_pages: &vr, page, n_fc: 2, len: n };
         let q = [1.0, 0.0, 1.0, 0.0];
         let mut r = CaRecorder::new(vec![4, 8, 32], 1, 1, 1, 2);
         r.observe(0, 0, &[0], &[&q], &view, n);

@@ -7,11 +7,11 @@
 //! slot's pages, and attends causally. Kernels keep no per-run state: the cache pool is shared.
 use std::sync::Arc;
 
-use fasa_kernels::cpu::{attend_dense, attend_rows, Rope};
+use fasa_kernels::cpu::{attend_dense_group, attend_rows, attend_rows_group, Rope};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
-use super::cache::CachePool;
+use super::cache::{CachePool, Pages};
 use super::config::Mode;
 use super::sparse::{head_mass, select, union_len, GroupCtx, Selection, ELEM};
 use super::stats::AttnStats;
@@ -160,22 +160,20 @@ impl Kernel for FasaKernel {
         let mut stats = AttnStats::default();
         {
             let c = &*cache;
-            let views: Vec<(Vec<&[f32]>, Vec<&[f32]>)> = (0..hkv).map(|kh| c.pages(layer, kh)).collect();
+            let pages: Vec<Pages> = (0..hkv).map(|kh| c.pages(layer, kh)).collect();
             let bounds: Vec<Vec<&[f32]>> = if sparse { (0..hkv).map(|kh| c.bounds(layer, kh)).collect() } else { vec![] };
             if !sparse {
-                // One task per (token, query head); token i sees positions 0..=pos+i.
-                ctx.par_for(s * h, 0, |task| {
-                    let (i, qh) = (task / h, task % h);
-                    let (k, v) = &views[qh / group];
-                    let view = c.view(layer, k, v);
-                    let n = pos + i + 1;
-                    let mut scores = vec![0f32; n];
-                    let q = &q_fc[(i * h + qh) * d..(i * h + qh + 1) * d];
-                    let mut o = vec![0f32; d];
-                    attend_dense(&view, q, n, scale, &mut o, &mut scores);
+                // One task per (token, KV group): token i sees positions 0..=pos+i; the group's
+                // query heads share each K/V row read.
+                ctx.par_for(s * hkv, 0, |task| {
+                    let (i, g) = (task / hkv, task % hkv);
+                    let view = pages[g].view();
+                    let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[(i * h + qh) * d..(i * h + qh + 1) * d]).collect();
+                    let mut o = vec![0f32; group * d];
+                    attend_dense_group(&view, &qs, pos + i + 1, scale, &mut o);
                     // V (and so the output) was never permuted: `o` is in the model's dim order.
-                    // SAFETY: each task writes only its own (i, qh) row of `out`, sized S·H·d.
-                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add((i * h + qh) * d), d) };
+                    // SAFETY: each task writes only its own token's rows of its group's heads.
+                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add((i * h + g * group) * d), group * d) };
                 })?;
                 if s == 1 {
                     stats.dense_layer_steps = 1;
@@ -187,8 +185,7 @@ impl Kernel for FasaKernel {
                 let profile = self.pool.profile();
                 let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
                 ctx.par_for(hkv, 0, |g| {
-                    let (k, v) = &views[g];
-                    let gctx = GroupCtx { view: c.view(layer, k, v), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile };
+                    let gctx = GroupCtx { view: pages[g].view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile };
                     let heads: Vec<usize> = (g * group..(g + 1) * group).collect();
                     let qs: Vec<&[f32]> = heads.iter().map(|&qh| &q_fc[qh * d..(qh + 1) * d]).collect();
                     let sels: Vec<Selection> = if cfg.per_group {
@@ -202,15 +199,19 @@ impl Kernel for FasaKernel {
                     let union_rows = union_len(&rows);
                     st.rows = union_rows as u64;
                     st.bytes_read = (n_all * 2 * union_len(&fcs) + union_rows * 2 * d) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>();
-                    let mut scores = vec![0f32; cfg.budget.max(1).min(n_all)];
-                    for (i, (&qh, q)) in heads.iter().zip(&qs).enumerate() {
-                        let sel = &sels[if cfg.per_group { 0 } else { i }];
-                        scores.resize(sel.rows.len(), 0.0);
-                        let mut o = vec![0f32; d];
-                        attend_rows(&gctx.view, q, &sel.rows, scale, &mut o, &mut scores);
-                        // SAFETY: each group writes only the rows of its own query heads.
-                        unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add(qh * d), d) };
-                        if measure {
+                    let mut o = vec![0f32; group * d];
+                    if cfg.per_group {
+                        attend_rows_group(&gctx.view, &qs, &sels[0].rows, scale, &mut o);
+                    } else {
+                        for (i, q) in qs.iter().enumerate() {
+                            attend_rows(&gctx.view, q, &sels[i].rows, scale, &mut o[i * d..(i + 1) * d]);
+                        }
+                    }
+                    // SAFETY: each group writes only the rows of its own query heads.
+                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add(g * group * d), group * d) };
+                    if measure {
+                        for (i, q) in qs.iter().enumerate() {
+                            let sel = &sels[if cfg.per_group { 0 } else { i }];
                             let mass = head_mass(&gctx.view, q, n_all, scale);
                             st.mass_sum += sel.rows.iter().map(|&t| mass[t as usize] as f64).sum::<f64>();
                             let mut oracle = Vec::new();
@@ -227,10 +228,10 @@ impl Kernel for FasaKernel {
                 }
             }
             if let (Some(rec), 1) = (recorder.as_mut(), s) {
-                for (g, (k, v)) in views.iter().enumerate() {
+                for (g, p) in pages.iter().enumerate() {
                     let heads: Vec<usize> = (g * group..(g + 1) * group).collect();
                     let qs: Vec<&[f32]> = heads.iter().map(|&qh| &q_fc[qh * d..(qh + 1) * d]).collect();
-                    rec.observe(layer, g, &heads, &qs, &c.view(layer, k, v), n_all);
+                    rec.observe(layer, g, &heads, &qs, &p.view(), n_all);
                 }
             }
         }

@@ -41,14 +41,12 @@ fn group_mass(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>) ->
     let m = rows.map_or(n, |r| r.len());
     let mut total = vec![0f32; m];
     let mut s = vec![0f32; n];
-    let mut k = vec![0f32; d];
     for q in qs {
         match rows {
             None => fc_scores(view, q, &all, n, &mut s, false),
             Some(r) => {
                 for (i, &t) in r.iter().enumerate() {
-                    view.k_pairs(t as usize, &mut k);
-                    s[i] = q.iter().zip(&k).map(|(a, b)| a * b).sum();
+                    s[i] = q.iter().zip(view.k_row(t as usize)).map(|(a, b)| a * b).sum();
                 }
             }
         }
@@ -243,7 +241,13 @@ mod tests {
         let k: Vec<&[f32]> = f.k.iter().map(|p| p.as_slice()).collect();
         let v: Vec<&[f32]> = f.v.iter().map(|p| p.as_slice()).collect();
         let b: Vec<&[f32]> = f.bounds.iter().map(|p| p.as_slice()).collect();
-        let view = HeadView { k_pages: &k, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
+        // K rows in FC-pair order: FC 1's first element is t.
+        let mut kr = vec![vec![0f32; 64 * f.d]];
+        for t in 0..f.n {
+            kr[0][t * f.d + 2] = t as f32;
+        }
+        let krr: Vec<&[f32]> = kr.iter().map(|p| p.as_slice()).collect();
+        let view = HeadView { k_pages: &k, kr_pages: &krr, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
         let c = GroupCtx { view, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof };
         select(&c, &[0], &[q]).rows
     }

@@ -8,6 +8,6 @@ pub mod attention;
 pub mod rope;
 pub mod select;
 
-pub use attention::{attend_dense, attend_rows, fc_scores, softmax_in_place, HeadView};
+pub use attention::{attend_dense, attend_dense_group, attend_rows, attend_rows_group, fc_scores, softmax_in_place, HeadView};
 pub use rope::Rope;
 pub use select::{choose_fcs, force_rows, quest_score, top_b};

@@ -174,39 +174,9 @@ __device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out
     __syncthreads();
 }
 
-// grid (ceil(l_max/FILT_TOK), n_sel, batch), block 256.
-#define FILT_TOK 2048
-extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const float* scores, const u32* hist, const int* lens,
-                                                                u32* sel, u32* sel_cnt, u64* cand, u32* cand_cnt) {
-    __shared__ int tb, above;
-    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
-    int seg = b * D.n_sel + s;
-    int len = lens[b];
-    int t0 = blockIdx.x * FILT_TOK;
-    if (t0 >= len) return;
-    u32* out = sel + (size_t)seg * D.budget;
-    int t1 = min(t0 + FILT_TOK, len);
-    if (len <= D.budget) {
-        for (int t = t0 + tid; t < t1; t += blockDim.x) out[t] = (u32)t;
-        return;
-    }
-    find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
-    const float* sc = scores + (size_t)seg * D.l_max;
-    u64* cs = cand + (size_t)seg * D.l_max;
-    for (int base = t0; base < t1; base += blockDim.x) {
-        int t = base + tid;
-        bool valid = t < t1;
-        u32 key = okey(valid ? sc[t] : 0.f);
-        int bin = (int)(key >> BIN_SHIFT);
-        int p = warp_append(&sel_cnt[seg], valid && bin > tb);
-        if (p >= 0) out[p] = (u32)t;
-        int c = warp_append(&cand_cnt[seg], valid && bin == tb);
-        if (c >= 0) cs[c] = ((u64)key << 32) | (u64)(0xffffffffu - (u32)t);
-    }
-}
-
-// Warp 0: digit dg (descending) where count(digits > dg) < need ≤ count(digits ≥ dg).
-__device__ void find_digit(const u32* h256, int need, int* dg_out, int* gt_out) {
+// Warp 0: digit dg (descending) where count(digits > dg) < need ≤ count(digits ≥ dg), the count
+// above it, and the count in it.
+__device__ void find_digit(const u32* h256, int need, int* dg_out, int* gt_out, int* in_out) {
     int lane = threadIdx.x & 31;
     int hi = 256 - 8 * lane; // digits [hi-8, hi)
     u32 sum = 0;
@@ -221,22 +191,25 @@ __device__ void find_digit(const u32* h256, int need, int* dg_out, int* gt_out) 
         u32 cum = excl;
         for (int i = 1; i <= 8; ++i) {
             u32 h = h256[hi - i];
-            if (cum + h >= (u32)need) { *dg_out = hi - i; *gt_out = (int)cum; break; }
+            if (cum + h >= (u32)need) { *dg_out = hi - i; *gt_out = (int)cum; *in_out = (int)h; break; }
             cum += h;
         }
     }
 }
 
-// grid (n_sel, batch), block 256. rerank = 0: after select_filter (need = B − kept so far);
-// rerank = 1: keep the top min(B, m) of the m candidate keys written by rerank_mass.
-extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* hist, const int* lens, u32* sel, u32* sel_cnt,
-                                                                const u64* cand, u32* cand_cnt, int rerank) {
-    __shared__ int tb, above, dg, gt;
+#define CAND_SMEM 4096
+// Block-wide (256 threads) completion of one selection's rows. rerank = 0: after the filter has
+// kept every row above the threshold bin (sel_cnt of them), keep the B − sel_cnt best candidates
+// of that bin; rerank = 1: keep the top min(B, m) of the m candidate keys. Radix select over the
+// candidates' unique 64-bit keys, 8 bits a pass, stopping once the prefix holds exactly the rows
+// still needed. Then zeroes hist (rerank = 0), sel_cnt and cand_cnt for the next step.
+__device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, u32* sel, u32* sel_cnt, const u64* cand, u32* cand_cnt,
+                           int rerank) {
+    __shared__ int tb, above, dg, gt, in_dg;
     __shared__ u32 h256[256];
-    int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
-    int seg = b * D.n_sel + s;
-    int len = lens[b];
-    int m = (int)cand_cnt[seg];
+    __shared__ u64 cs_s[CAND_SMEM];
+    int tid = threadIdx.x;
+    int m = (int)__ldcg(&cand_cnt[seg]);
     int need = 0;
     u64 mask = 0, val = 0;
     int start = 56;
@@ -254,7 +227,11 @@ extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* his
         active = true;
         need = min(D.budget, m);
     }
-    const u64* cs = cand + (size_t)seg * D.l_max;
+    const u64* cg = cand + (size_t)seg * D.l_max;
+    bool in_smem = m <= CAND_SMEM;
+    if (in_smem)
+        for (int i = tid; i < m; i += blockDim.x) cs_s[i] = __ldcg(&cg[i]);
+    __syncthreads();
     u32* out = sel + (size_t)seg * D.budget;
     if (active && need > 0) {
         if (need < m) {
@@ -263,23 +240,26 @@ extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* his
                 for (int i = tid; i < 256; i += blockDim.x) h256[i] = 0;
                 __syncthreads();
                 for (int i = tid; i < m; i += blockDim.x) {
-                    u64 key = cs[i];
+                    u64 key = in_smem ? cs_s[i] : __ldcg(&cg[i]);
                     if ((key & mask) == val) atomicAdd(&h256[(key >> sh) & 255], 1u);
                 }
                 __syncthreads();
-                if (tid < 32) find_digit(h256, need, &dg, &gt);
+                if (tid < 32) find_digit(h256, need, &dg, &gt, &in_dg);
                 __syncthreads();
                 need -= gt;
                 val = (val & ~((u64)255 << sh)) | ((u64)dg << sh);
                 mask |= (u64)255 << sh;
+                bool done = in_dg == need; // every key with this prefix is kept
                 __syncthreads();
+                if (done) break;
             }
+            // Kept: keys above the prefix and those with it, i.e. ≥ val with its unknown bits zero.
         } else {
             val = 0; // need == m: every candidate is kept
         }
         for (int base = 0; base < m; base += blockDim.x) {
             int i = base + tid;
-            u64 key = i < m ? cs[i] : 0;
+            u64 key = i < m ? (in_smem ? cs_s[i] : __ldcg(&cg[i])) : 0;
             bool keep = i < m && key >= val;
             int p = warp_append(&sel_cnt[seg], keep);
             if (p >= 0) out[p] = skey_token(key);
@@ -291,6 +271,63 @@ extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* his
         for (int i = tid; i < NBIN; i += blockDim.x) hg[i] = 0;
     }
     if (tid == 0) { cand_cnt[seg] = 0; sel_cnt[seg] = 0; }
+}
+
+// True in the block that finishes last among `n` blocks of one selection (counter `done[seg]`,
+// reset by it); the other blocks' global writes are visible to it.
+__device__ bool last_block(u32* done, int seg, int n) {
+    __shared__ bool last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        u32 prev = atomicAdd(&done[seg], 1u);
+        last = prev == (u32)(n - 1);
+        if (last) done[seg] = 0;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+// Filter: rows above the threshold bin into sel, the bin's rows into cand; the last block of a
+// selection then completes it (refine_seg). grid (ceil(l_max/FILT_TOK), n_sel, batch), block 256.
+#define FILT_TOK 2048
+extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const float* scores, u32* hist, const int* lens,
+                                                                u32* sel, u32* sel_cnt, u64* cand, u32* cand_cnt, u32* done) {
+    __shared__ int tb, above;
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int seg = b * D.n_sel + s;
+    int len = lens[b];
+    int t0 = blockIdx.x * FILT_TOK;
+    if (t0 >= len) return;
+    u32* out = sel + (size_t)seg * D.budget;
+    int t1 = min(t0 + FILT_TOK, len);
+    if (len <= D.budget) {
+        for (int t = t0 + tid; t < t1; t += blockDim.x) out[t] = (u32)t;
+    } else {
+        find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
+        const float* sc = scores + (size_t)seg * D.l_max;
+        u64* cs = cand + (size_t)seg * D.l_max;
+        for (int base = t0; base < t1; base += blockDim.x) {
+            int t = base + tid;
+            bool valid = t < t1;
+            u32 key = okey(valid ? sc[t] : 0.f);
+            int bin = (int)(key >> BIN_SHIFT);
+            int p = warp_append(&sel_cnt[seg], valid && bin > tb);
+            if (p >= 0) out[p] = (u32)t;
+            int c = warp_append(&cand_cnt[seg], valid && bin == tb);
+            if (c >= 0) cs[c] = ((u64)key << 32) | (u64)(0xffffffffu - (u32)t);
+        }
+    }
+    if (last_block(done, seg, (len + FILT_TOK - 1) / FILT_TOK))
+        refine_seg(D, seg, len, hist, sel, sel_cnt, cand, cand_cnt, 0);
+}
+
+// refine_seg alone, one block per selection (grid (n_sel, batch), block 256).
+extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* hist, const int* lens, u32* sel, u32* sel_cnt,
+                                                                const u64* cand, u32* cand_cnt, int rerank) {
+    int s = blockIdx.x, b = blockIdx.y;
+    refine_seg(D, b * D.n_sel + s, lens[b], hist, sel, sel_cnt, cand, cand_cnt, rerank);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,11 +427,13 @@ __device__ float block_reduce(float x, bool is_max) {
     return r;
 }
 
-// Group mass Σ_h softmax_h(raw scores) over the candidates, forced rows +∞, as selection keys.
+// Group mass Σ_h softmax_h(raw scores) over the candidates, forced rows +∞, as selection keys;
+// then keeps the best B of them into sel (refine_seg, re-rank mode).
 // With len ≤ C there was no re-rank on the CPU: the keys are the (forced) FC scores.
 // grid (n_sel, batch), block 256.
 extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int* lens, const u32* selc, int C, const float* rr,
-                                                              const float* scores, float* mass, u64* cand, u32* cand_cnt) {
+                                                              const float* scores, float* mass, u64* cand, u32* cand_cnt,
+                                                              u32* sel, u32* sel_cnt) {
     int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     int seg = b * D.n_sel + s;
     int len = lens[b];
@@ -427,6 +466,8 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
         }
     }
     if (tid == 0) cand_cnt[seg] = (u32)n_c;
+    __syncthreads();
+    refine_seg(D, seg, len, nullptr, sel, sel_cnt, cand, cand_cnt, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -436,12 +477,14 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
 // grid (n_split, n_sel, batch), block FAC_THREADS. po (seg, n_split, hps, d), pml (seg, n_split, hps, 2).
 #define FAC_THREADS 128
 template <class T>
+__device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const u32* sel, int seg,
+                         int s, int b, int r0, int nr, float* pm, float* o_out);
+__device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out);
+
+// With `out`, the last block of a selection also merges its partials into out (no combine launch).
+template <class T>
 __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
-                         int rows_per_split, int n_split, float* po, float* pml) {
-    __shared__ float q_s[MAXH][128];
-    __shared__ float sc[MAXH][FAC_MAX_ROWS];
-    __shared__ u32 rows[FAC_MAX_ROWS];
-    __shared__ float o_s[MAXH][128];
+                         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
     int sp = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int seg = b * D.n_sel + s;
     int len = lens[b];
@@ -454,8 +497,21 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
     if (nr <= 0) {
         for (int i = tid; i < hps * D.d; i += blockDim.x) o_out[i] = 0.f;
         for (int h = tid; h < hps; h += blockDim.x) { pm[2 * h] = NEG_INF; pm[2 * h + 1] = 0.f; }
-        return;
+    } else {
+        fac_rows<T>(D, k, v, q, fc_of_slot, sel, seg, s, b, r0, nr, pm, o_out);
     }
+    if (out && last_block(done, seg, n_split)) combine_seg(D, seg, b, s, n_split, po, pml, out);
+}
+
+// The partial (o, m, l) of rows r0..r0+nr of one selection.
+template <class T>
+__device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const u32* sel, int seg,
+                         int s, int b, int r0, int nr, float* pm, float* o_out) {
+    __shared__ float q_s[MAXH][128];
+    __shared__ float sc[MAXH][FAC_MAX_ROWS];
+    __shared__ u32 rows[FAC_MAX_ROWS];
+    __shared__ float o_s[MAXH][128];
+    int tid = threadIdx.x, hps = D.hps;
     int h0 = s * hps, kvh = kv_of_sel(D, s);
     load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
     for (int i = tid; i < nr; i += blockDim.x) rows[i] = sel ? sel[(size_t)seg * D.budget + r0 + i] : (u32)(r0 + i);
@@ -519,24 +575,29 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
     for (int i = tid; i < hps * D.d; i += blockDim.x) o_out[i] = o_s[i / D.d][i % D.d];
 }
 
-// Merges the partials of every split: out (batch, n_q, d) f32. grid (n_sel, batch), block hps·d.
+// Merges the partials of every split of one selection into out (batch, n_q, d) f32.
+__device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out) {
+    const float* pm = pml + (size_t)seg * n_split * D.hps * 2;
+    for (int i = threadIdx.x; i < D.hps * D.d; i += blockDim.x) {
+        int h = i / D.d, j = i % D.d;
+        float M = NEG_INF;
+        for (int sp = 0; sp < n_split; ++sp) M = fmaxf(M, __ldcg(&pm[(sp * D.hps + h) * 2]));
+        float L = 0.f, O = 0.f;
+        for (int sp = 0; sp < n_split; ++sp) {
+            float m = __ldcg(&pm[(sp * D.hps + h) * 2]);
+            if (m == NEG_INF) continue;
+            float e = __expf(m - M);
+            L += e * __ldcg(&pm[(sp * D.hps + h) * 2 + 1]);
+            O += e * __ldcg(&po[(((size_t)seg * n_split + sp) * D.hps + h) * D.d + j]);
+        }
+        out[((size_t)b * D.n_q + s * D.hps + h) * D.d + j] = O / L;
+    }
+}
+
+// grid (n_sel, batch), block ≤ 1024 (hps·d is best).
 extern "C" __global__ void fac_combine(Dims D, int n_split, const float* po, const float* pml, float* out) {
     int s = blockIdx.x, b = blockIdx.y;
-    int seg = b * D.n_sel + s;
-    int h = threadIdx.x / D.d, j = threadIdx.x % D.d;
-    if (h >= D.hps) return;
-    const float* pm = pml + (size_t)seg * n_split * D.hps * 2;
-    float M = NEG_INF;
-    for (int sp = 0; sp < n_split; ++sp) M = fmaxf(M, pm[(sp * D.hps + h) * 2]);
-    float L = 0.f, O = 0.f;
-    for (int sp = 0; sp < n_split; ++sp) {
-        float m = pm[(sp * D.hps + h) * 2];
-        if (m == NEG_INF) continue;
-        float e = __expf(m - M);
-        L += e * pm[(sp * D.hps + h) * 2 + 1];
-        O += e * po[(((size_t)seg * n_split + sp) * D.hps + h) * D.d + j];
-    }
-    out[((size_t)b * D.n_q + s * D.hps + h) * D.d + j] = O / L;
+    combine_seg(D, b * D.n_sel + s, b, s, n_split, po, pml, out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -567,8 +628,8 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     extern "C" __global__ void __launch_bounds__(FAC_THREADS) fac_##NAME(Dims D, const u16* k, const u16* v, const float* q, \
                                                                          const int* fc_of_slot, const int* lens,          \
                                                                          const u32* sel, int rows_per_split, int n_split, \
-                                                                         float* po, float* pml) {                         \
-        fac_impl<TY>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml);                               \
+                                                                         float* po, float* pml, u32* done, float* out) {  \
+        fac_impl<TY>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);                    \
     }                                                                                                                    \
     extern "C" __global__ void fill_random_##NAME(u16* x, u64 n, u32 seed, float amp) {                                  \
         for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)                \

@@ -5,7 +5,7 @@
 //!   `fc_of_slot[kv][s]`; put the calibrated pool first so TIP streams `ceil(P/8)` contiguous
 //!   groups, and FAC reads a token's full K as `d/16` aligned 32-byte sectors.
 //! - V `(l_max, d)` in the model's dim order.
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE};
 

@@ -19,7 +19,7 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use append::GpuKvCache;
@@ -258,7 +258,7 @@ impl Gpu {
             fill_random_f32: get("fill_random_f32")?,
             typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
         };
-        let stream = ctx.default_stream();
+        let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
         Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f }))
     }
 

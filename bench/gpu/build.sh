@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Builds the GPU test and bench binaries HERE (no nvcc needed) and puts stripped copies in .dev/gpu/
+# (git-ignored), which bench/gpu/run.sh runs on the device: carry `.dev/gpu`.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+nice cargo test --release -p fasa-kernels --features cuda,gpu-tests --no-run 2>&1 | tee /tmp/fasa-gpu-build.log
+nice cargo build --release -p fasa-kernels --features cuda --example gpu_bench
+mkdir -p .dev/gpu
+t=$(grep -o 'tests/gpu.rs (target/release/deps/gpu-[0-9a-f]*)' /tmp/fasa-gpu-build.log | tail -1 | sed 's/.*(\(.*\))/\1/')
+objcopy --strip-debug "$t" .dev/gpu/gpu-tests
+objcopy --strip-debug target/release/examples/gpu_bench .dev/gpu/gpu_bench
+ls -la .dev/gpu

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the device, one call: correctness tests (every kernel vs its CPU twin), then the timings
+# (in-house dense, FASA-C paper and default modes, PyTorch SDPA, copy bandwidth) and the table.
+# Build first, here: bench/gpu/build.sh; then run with carry [".dev/gpu"]:
+#   bash bench/gpu/run.sh [--quick]
+# Results go to $OUT (tests.log, bench.csv, sdpa.csv, table.md, env.txt).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/fasa-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 FASA_PTX_CACHE=/tmp/fasa-ptx
+# NVRTC: the CUDA toolkit's, else the one in PyTorch's wheels.
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia/cu13/lib; do
+  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+done
+{ date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv; nvcc --version | tail -2; ls /usr/local/cuda/lib64/libnvrtc* 2>&1 | head -3; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+chmod +x .dev/gpu/*
+timeout 300 .dev/gpu/gpu-tests --include-ignored --test-threads=1 2>&1 | tee "$OUT/tests.log"
+echo "tests exit ${PIPESTATUS[0]}"
+timeout 420 .dev/gpu/gpu_bench "$@" "$OUT/bench.csv" 2>&1 | tail -n +1
+timeout 300 python3 bench/gpu/sdpa.py "$@" "$OUT/sdpa.csv"
+python3 bench/gpu/table.py "$OUT/bench.csv" "$OUT/sdpa.csv" | tee "$OUT/table.md"

@@ -1,0 +1,36 @@
+"""Merges gpu_bench.csv (in-house dense, FASA-C modes) and sdpa.csv into the markdown table of
+bench/RESULTS.md. Usage: python3 bench/gpu/table.py bench.csv sdpa.csv"""
+import csv
+import sys
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(l for l in f if not l.startswith("#")))
+
+
+def main():
+    ours, sdpa = rows(sys.argv[1]), rows(sys.argv[2])
+    sd = {(r["model"], r["batch"], r["L"]): r for r in sdpa}
+    for p in sys.argv[1:3]:
+        for l in open(p):
+            if l.startswith("#"):
+                print(l.strip("# \n") + "  ")
+    print()
+    print("| model | batch | L | B | k/P | mode | µs/layer | SDPA µs | × vs SDPA | byte limit × | TB/s | of copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in ours:
+        s = sd.get((r["model"], r["batch"], r["L"]))
+        s_us = float(s["us_per_layer"]) if s else float("nan")
+        us = float(r["us_per_layer"])
+        print(f"| {r['model']} | {r['batch']} | {r['L']} | {r['B']} | {r['k']}/{r['P']} | {r['mode']} | {us:.1f} | {s_us:.1f} | "
+              f"{s_us / us:.2f} | {float(r['byte_limit']):.2f} | {float(r['TBps']):.2f} | {float(r['frac_copy']):.0%} |")
+    print()
+    print("| model | batch | L | SDPA µs/layer | SDPA TB/s | of copy bw |")
+    print("|---|---|---|---|---|---|")
+    for s in sdpa:
+        print(f"| {s['model']} | {s['batch']} | {s['L']} | {float(s['us_per_layer']):.1f} | {float(s['TBps']):.2f} | {float(s['frac_copy']):.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+//! Speed of the engine on this machine: prefill and decode tokens/s at given depths, per
+//! attention mode, with the process's peak RSS. One JSON line per (depth, mode) on stdout.
+//!
+//! `speed --depth 0,2048,8000 --modes dense,fasa --prefill 512 --decode 128 [--threads N]`
+//! mirrors `llama-bench -p 512 -n 128 -d <depth>`: prefill 512 tokens on top of `depth` cached
+//! tokens, and decode 128 tokens on top of `depth` cached tokens.
+use std::time::Instant;
+
+use fasa_engine::{paths, AttnConfig, AttnOverrides, LoadOptions, Mode, Model};
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn list(name: &str, default: &str) -> Vec<String> {
+    arg(name).unwrap_or_else(|| default.into()).split(',').map(str::to_string).collect()
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Prefills `n` tokens at `pos` in chunks of 512 (the engine's own chunking).
+fn feed(model: &mut Model, toks: &[u32], pos: usize, slot: usize) -> anyhow::Result<()> {
+    for (i, c) in toks.chunks(512).enumerate() {
+        model.forward(c, pos + i * 512, slot)?;
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let depths: Vec<usize> = list("--depth", "0,2048,8000").iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+    let modes: Vec<Mode> = list("--modes", "dense,fasa").iter().map(|m| Mode::parse(m).ok_or_else(|| anyhow::anyhow!("unknown mode {m}"))).collect::<Result<_, _>>()?;
+    let n_prefill: usize = arg("--prefill").map_or(Ok(512), |s| s.parse())?;
+    let n_decode: usize = arg("--decode").map_or(Ok(128), |s| s.parse())?;
+    let mut opts = LoadOptions::new(paths::default_model(), paths::default_ort_library());
+    opts.threads = arg("--threads").map_or(Ok(0), |s| s.parse())?;
+    opts.max_sequences = 1;
+    let mut model = Model::load(&opts)?;
+    let ctx = model.info().max_context;
+    // Deterministic, varied text-like token ids (no special tokens).
+    let toks: Vec<u32> = (0..ctx as u32).map(|i| 200 + (i * 7919) % 40000).collect();
+    for &depth in &depths {
+        if depth + n_prefill.max(n_decode) > ctx {
+            anyhow::bail!("depth {depth} + tokens exceed the context {ctx}");
+        }
+        for &mode in &modes {
+            let cfg = AttnOverrides { mode: Some(mode), ..Default::default() }.resolve(model.default_attention());
+            let lease = model.pool().acquire().expect("a free slot");
+            let slot = lease.slot();
+            model.configure_slot(slot, &AttnConfig { mode: Mode::Dense, ..cfg.clone() }, false);
+            feed(&mut model, &toks[..depth], 0, slot)?;
+            // Prefill: n_prefill tokens on top of depth (prefill is dense in every mode).
+            let t = Instant::now();
+            feed(&mut model, &toks[depth..depth + n_prefill], depth, slot)?;
+            let prefill_s = t.elapsed().as_secs_f64();
+            drop(lease);
+            let lease = model.pool().acquire().expect("a free slot");
+            let slot = lease.slot();
+            model.configure_slot(slot, &AttnConfig { mode: Mode::Dense, ..cfg.clone() }, false);
+            feed(&mut model, &toks[..depth.max(1)], 0, slot)?;
+            model.configure_slot(slot, &cfg, false);
+            let t = Instant::now();
+            for i in 0..n_decode {
+                let p = depth.max(1) + i;
+                model.forward(&toks[p..p + 1], p, slot)?;
+            }
+            let decode_s = t.elapsed().as_secs_f64();
+            let st = model.slot_stats(slot);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "depth": depth, "mode": mode.as_str(), "budget": cfg.budget, "chunks": cfg.chunks,
+                    "prefill_tokens": n_prefill, "prefill_tok_s": n_prefill as f64 / prefill_s,
+                    "decode_tokens": n_decode, "decode_tok_s": n_decode as f64 / decode_s,
+                    "kv_read_fraction": st.read_fraction(), "peak_rss_mib": peak_rss_kib() as f64 / 1024.0,
+                })
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,172 @@
+//! One decode step of FASA attention on the GPU, chaining the ops:
+//! TIP(+histogram) → select (filter; its last block per selection refines) [→ re-rank: exact
+//! scores; mass + refine] → FAC (its last block per selection combines): 3 launches (5 with a
+//! re-rank); or dense flash-decode over the same cache. Every grid depends on the shapes only
+//! (not on the lengths), so a step can be captured once in a CUDA graph and replayed.
+use cudarc::driver::{CudaGraph, CudaSlice};
+
+use super::{fac, rerank, select, tip, Dims, Gpu, GpuError, GpuKvCache, NBIN};
+
+/// The operator's mode, as `AttnConfig` on the CPU (engine): every knob of the default `fasa`
+/// mode and of the paper's recipe.
+#[derive(Debug, Clone)]
+pub struct DecodeConfig {
+    /// Query heads (a multiple of the cache's KV heads, at most 8 per KV head).
+    pub n_q: usize,
+    /// One token set per KV group (q heads summed) rather than per q head.
+    pub per_group: bool,
+    /// Rows kept B.
+    pub budget: usize,
+    /// FCs scored per step k.
+    pub chunks: usize,
+    /// Calibrated pool per selection (n_kv lists when per_group, else n_q), FC ids, best first;
+    /// the first `P` are the pool. `P == k` is the paper's fixed set.
+    pub pools: Vec<Vec<usize>>,
+    /// Pool size P (≥ k).
+    pub pool: usize,
+    pub sinks: usize,
+    pub recent: usize,
+    /// Candidates C picked by FC score before exact scores pick B; 0 (or ≤ B) = no re-rank.
+    pub rerank: usize,
+}
+
+/// Workspace and plan of one decoder (one layer's shape; reusable across layers of that shape).
+pub struct FasaDecoder {
+    pub cfg: DecodeConfig,
+    dims: Dims,
+    dense_dims: Dims,
+    pool: CudaSlice<i32>,
+    /// `(batch·n_sel, l_max)` TIP scores.
+    pub scores: CudaSlice<f32>,
+    hist: CudaSlice<u32>,
+    /// `(batch·n_sel, B)` rows kept by the last step.
+    pub sel: CudaSlice<u32>,
+    selc: CudaSlice<u32>,
+    sel_cnt: CudaSlice<u32>,
+    cand: CudaSlice<u64>,
+    cand_cnt: CudaSlice<u32>,
+    /// Per-selection block counters of the fused filter→refine and FAC→combine.
+    done_sel: CudaSlice<u32>,
+    done_fac: CudaSlice<u32>,
+    rr: CudaSlice<f32>,
+    mass: CudaSlice<f32>,
+    po: CudaSlice<f32>,
+    pml: CudaSlice<f32>,
+    fac_split: (usize, usize),
+    dense_split: (usize, usize),
+}
+
+impl FasaDecoder {
+    pub fn new(gpu: &Gpu, cache: &GpuKvCache, cfg: DecodeConfig) -> Result<Self, GpuError> {
+        let group = cfg.n_q / cache.n_kv.max(1);
+        if cfg.n_q == 0 || cfg.n_q % cache.n_kv != 0 || group > super::MAX_HPS {
+            return Err(GpuError::Shape(format!("{} q heads over {} KV heads: need a group of 1..=8", cfg.n_q, cache.n_kv)));
+        }
+        let hps = if cfg.per_group { group } else { 1 };
+        let n_sel = cfg.n_q / hps;
+        let p = cfg.pool.max(cfg.chunks).min(cache.n_fc());
+        if cfg.pools.len() != n_sel || cfg.pools.iter().any(|l| l.len() < p) || p > 64 || cfg.budget == 0 {
+            return Err(GpuError::Shape(format!("need {n_sel} FC pools of ≥ {p} FCs and a budget ≥ 1")));
+        }
+        // Pool FC ids → slots of the selection's KV head.
+        let mut pool = Vec::with_capacity(n_sel * p);
+        for (s, l) in cfg.pools.iter().enumerate() {
+            let kv = s * hps / group;
+            for &f in &l[..p] {
+                let slot = cache.order[kv].iter().position(|&x| x == f).ok_or_else(|| GpuError::Shape(format!("FC {f} out of range")))?;
+                pool.push(slot as i32);
+            }
+        }
+        let rerank = if cfg.rerank > cfg.budget { cfg.rerank.min(cache.l_max) } else { 0 };
+        let mut dims = cache.dims(cfg.n_q);
+        dims.hps = hps as i32;
+        dims.n_sel = n_sel as i32;
+        dims.budget = cfg.budget as i32;
+        dims.pool = p as i32;
+        dims.k = cfg.chunks.min(p) as i32;
+        dims.sinks = cfg.sinks as i32;
+        dims.recent = cfg.recent as i32;
+        let mut dense_dims = cache.dims(cfg.n_q);
+        dense_dims.hps = group as i32;
+        dense_dims.n_sel = cache.n_kv as i32;
+        dense_dims.budget = cache.l_max as i32;
+        let segs = cache.batch * n_sel;
+        let fac_split = fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count);
+        let dense_split = fac::split(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count);
+        let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
+        let st = &gpu.stream;
+        let c = rerank.max(1);
+        Ok(Self {
+            pool: st.clone_htod(&pool)?,
+            scores: st.alloc_zeros(segs * cache.l_max)?,
+            hist: st.alloc_zeros(segs * NBIN)?,
+            sel: st.alloc_zeros(segs * cfg.budget)?,
+            selc: st.alloc_zeros(segs * c)?,
+            sel_cnt: st.alloc_zeros(segs)?,
+            cand: st.alloc_zeros(segs * cache.l_max)?,
+            cand_cnt: st.alloc_zeros(segs)?,
+            done_sel: st.alloc_zeros(segs)?,
+            done_fac: st.alloc_zeros(segs.max(cache.batch * cache.n_kv))?,
+            rr: st.alloc_zeros(segs * hps * c)?,
+            mass: st.alloc_zeros(segs * c)?,
+            po: st.alloc_zeros(part * cache.d)?,
+            pml: st.alloc_zeros(part * 2)?,
+            fac_split,
+            dense_split,
+            cfg: DecodeConfig { rerank, ..cfg },
+            dims,
+            dense_dims,
+        })
+    }
+
+    pub fn dims(&self) -> &Dims {
+        &self.dims
+    }
+
+    /// Stage 1 only: scores and `sel` (the first `min(B, len)` rows of each selection).
+    pub fn select(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
+        let dt = cache.dtype;
+        let c = self.cfg.rerank;
+        let mut d1 = self.dims;
+        if c > 0 {
+            d1.budget = c as i32;
+        }
+        tip::launch(gpu, dt, &d1, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist)?;
+        let first = if c > 0 { &mut self.selc } else { &mut self.sel };
+        select::filter(gpu, &d1, &self.scores, &mut self.hist, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel)?;
+        if c > 0 {
+            rerank::scores(gpu, dt, &self.dims, &cache.k, q, &cache.fc_of_slot, lens, &self.selc, c, &mut self.rr)?;
+            rerank::mass(
+                gpu, &self.dims, lens, &self.selc, c, &self.rr, &self.scores, &mut self.mass, &mut self.cand, &mut self.cand_cnt, &mut self.sel,
+                &mut self.sel_cnt,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One FASA step: `q (batch, n_q, d)` f32 rotated, FC-pair order → `out (batch, n_q, d)` f32.
+    pub fn step(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        self.select(gpu, cache, q, lens)?;
+        let (rps, ns) = self.fac_split;
+        let fused = Some((&mut self.done_fac, &mut *out));
+        fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused)?;
+        Ok(())
+    }
+
+    /// Dense attention over the same cache (every row, every q head of a KV group together).
+    pub fn dense(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        let (rps, ns) = self.dense_split;
+        // Many splits: a separate combine launch merges them in parallel.
+        fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None)?;
+        fac::combine(gpu, &self.dense_dims, ns, &self.po, &self.pml, out)
+    }
+}
+
+/// Captures the launches `f` makes on `gpu.stream` into a graph (replay with `.launch()`).
+pub fn capture(gpu: &Gpu, f: impl FnOnce() -> Result<(), GpuError>) -> Result<CudaGraph, GpuError> {
+    gpu.stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+    let r = f();
+    let g = gpu.stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
+    r?;
+    g.ok_or_else(|| GpuError::Shape("graph capture recorded nothing".into()))
+}

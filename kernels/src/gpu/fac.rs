@@ -1,0 +1,83 @@
+//! Ops 4 and 5, FAC and dense flash-decode: exact attention (full dims) of every q head of a
+//! selection over its rows, the K/V rows read once for all those heads. Rows are split over
+//! blocks (`rows_per_split` each, fused softmax per block) and `combine` merges the partials.
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FAC_MAX_ROWS};
+
+/// Rows per block and blocks per selection for `n_rows` rows and `n_seg` selections: about four
+/// blocks per multiprocessor, 64..=512 rows each.
+pub fn split(n_rows: usize, n_seg: usize, sm_count: usize) -> (usize, usize) {
+    let want = (4 * sm_count).div_ceil(n_seg.max(1)).max(1);
+    let rows = n_rows.div_ceil(want).next_multiple_of(32).clamp(64, FAC_MAX_ROWS);
+    (rows, n_rows.div_ceil(rows).max(1))
+}
+
+/// Partials `po (batch·n_sel, n_split, hps, d)`, `pml (batch·n_sel, n_split, hps, 2)`. With
+/// `sel`, the rows are its first `min(budget, len)` entries; without, rows `0..len` (dense).
+/// With `fused = Some((done, out))` the last block of each selection also merges its partials
+/// into `out (batch, n_q, d)` (`done (batch·n_sel,)` zero on entry and on return), so no
+/// [`combine`] launch is needed: worth it when `n_split` is small.
+#[allow(clippy::too_many_arguments)]
+pub fn partials(
+    gpu: &Gpu,
+    dt: Dtype,
+    dims: &Dims,
+    k: &CudaSlice<u16>,
+    v: &CudaSlice<u16>,
+    q: &CudaSlice<f32>,
+    fc_of_slot: &CudaSlice<i32>,
+    lens: &CudaSlice<i32>,
+    sel: Option<&CudaSlice<u32>>,
+    rows_per_split: usize,
+    n_split: usize,
+    po: &mut CudaSlice<f32>,
+    pml: &mut CudaSlice<f32>,
+    fused: Option<(&mut CudaSlice<u32>, &mut CudaSlice<f32>)>,
+) -> Result<(), GpuError> {
+    let segs = (dims.batch * dims.n_sel) as usize;
+    if let Some((done, out)) = &fused {
+        if done.len() < segs || out.len() < (dims.batch * dims.n_q * dims.d) as usize {
+            return Err(GpuError::Shape("fac: done needs (batch·n_sel,), out (batch, n_q, d)".into()));
+        }
+    }
+    let hps = dims.hps as usize;
+    if rows_per_split == 0 || rows_per_split > FAC_MAX_ROWS || hps > super::MAX_HPS
+        || po.len() < segs * n_split * hps * dims.d as usize
+        || pml.len() < segs * n_split * hps * 2
+        || sel.is_some_and(|s| s.len() < segs * dims.budget as usize)
+    {
+        return Err(GpuError::Shape(format!("fac: buffers or split do not fit {dims:?}")));
+    }
+    let (rps, ns) = (rows_per_split as i32, n_split as i32);
+    let null = 0u64;
+    let f = gpu.f.typed(dt, TypedOp::Fac);
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(dims).arg(k).arg(v).arg(q).arg(fc_of_slot).arg(lens);
+    match sel {
+        Some(s) => l.arg(s),
+        None => l.arg(&null),
+    };
+    l.arg(&rps).arg(&ns).arg(po).arg(pml);
+    match fused {
+        Some((done, out)) => l.arg(done).arg(out),
+        None => l.arg(&null).arg(&null),
+    };
+    // SAFETY: sizes checked; rows are < len ≤ l_max (sel holds rows written by select), each block
+    // writes its own partial slot; a null `sel` is the kernel's dense mode.
+    unsafe { l.launch(cfg((n_split, dims.n_sel as usize, dims.batch as usize), 128)) }?;
+    Ok(())
+}
+
+/// `out (batch, n_q, d)` f32, V's dim order.
+pub fn combine(gpu: &Gpu, dims: &Dims, n_split: usize, po: &CudaSlice<f32>, pml: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+    if out.len() < (dims.batch * dims.n_q * dims.d) as usize {
+        return Err(GpuError::Shape("fac::combine: out needs (batch, n_q, d)".into()));
+    }
+    let ns = n_split as i32;
+    let mut l = gpu.stream.launch_builder(&gpu.f.fac_combine);
+    l.arg(dims).arg(&ns).arg(po).arg(pml).arg(out);
+    // SAFETY: one block per selection, hps·d ≤ 1024 threads, each writes one output element.
+    unsafe { l.launch(cfg((dims.n_sel as usize, dims.batch as usize, 1), (dims.hps * dims.d) as usize)) }?;
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Op 3, top-B selection over the TIP scores without a sort: the histogram of the scores' top 12
+//! key bits gives the bin holding the B-th largest; `filter` keeps every score above that bin and
+//! collects the bin's scores as candidates; `refine` radix-selects the missing ones among the
+//! candidates by unique 64-bit keys (score, then lower index), so the kept set equals
+//! `cpu::top_b` (ties → lower index). Sequences with `len ≤ B` keep every row.
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{cfg, Dims, Gpu, GpuError, FILT_TOK};
+
+/// `sel (batch·n_sel, budget)`: rows kept (unordered; the first `min(budget, len)` are valid).
+/// `sel_cnt`, `cand_cnt`, `done` `(batch·n_sel,)` and `hist` must be zero on entry, and are zero
+/// again on return: the last block of each selection completes it (as [`refine`]) and resets
+/// them. `cand (batch·n_sel, l_max)` is scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn filter(
+    gpu: &Gpu,
+    dims: &Dims,
+    scores: &CudaSlice<f32>,
+    hist: &mut CudaSlice<u32>,
+    lens: &CudaSlice<i32>,
+    sel: &mut CudaSlice<u32>,
+    sel_cnt: &mut CudaSlice<u32>,
+    cand: &mut CudaSlice<u64>,
+    cand_cnt: &mut CudaSlice<u32>,
+    done: &mut CudaSlice<u32>,
+) -> Result<(), GpuError> {
+    check(dims, sel, cand)?;
+    if done.len() < (dims.batch * dims.n_sel) as usize {
+        return Err(GpuError::Shape("select::filter: done needs (batch·n_sel,)".into()));
+    }
+    let mut l = gpu.stream.launch_builder(&gpu.f.select_filter);
+    l.arg(dims).arg(scores).arg(hist).arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(done);
+    let grid = ((dims.l_max as usize).div_ceil(FILT_TOK), dims.n_sel as usize, dims.batch as usize);
+    // SAFETY: sizes checked; fewer than `budget` rows lie above the threshold bin, so sel writes
+    // stay inside each selection's `budget` rows, and candidates inside its `l_max` slots.
+    unsafe { l.launch(cfg(grid, 256)) }?;
+    Ok(())
+}
+
+/// The completion step alone (already done by [`filter`]'s last blocks): completes `sel` and
+/// zeroes `hist`, `sel_cnt`, `cand_cnt`. With `rerank`, keeps the top `min(budget, m)` of `m`
+/// candidate keys in `cand` instead.
+#[allow(clippy::too_many_arguments)]
+pub fn refine(
+    gpu: &Gpu,
+    dims: &Dims,
+    hist: &mut CudaSlice<u32>,
+    lens: &CudaSlice<i32>,
+    sel: &mut CudaSlice<u32>,
+    sel_cnt: &mut CudaSlice<u32>,
+    cand: &CudaSlice<u64>,
+    cand_cnt: &mut CudaSlice<u32>,
+    rerank: bool,
+) -> Result<(), GpuError> {
+    check(dims, sel, cand)?;
+    let mode = rerank as i32;
+    let mut l = gpu.stream.launch_builder(&gpu.f.select_refine);
+    l.arg(dims).arg(hist).arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(&mode);
+    // SAFETY: sizes checked; one block per selection touches only that selection's rows.
+    unsafe { l.launch(cfg((dims.n_sel as usize, dims.batch as usize, 1), 256)) }?;
+    Ok(())
+}
+
+fn check(d: &Dims, sel: &CudaSlice<u32>, cand: &CudaSlice<u64>) -> Result<(), GpuError> {
+    let segs = (d.batch * d.n_sel) as usize;
+    if d.budget < 1 || sel.len() < segs * d.budget as usize || cand.len() < segs * d.l_max as usize {
+        return Err(GpuError::Shape(format!("select: buffers too small for {d:?}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,493 @@
+//! Every GPU op against its CPU twin on fresh random inputs (the seed is printed), outputs
+//! poisoned before each run. Needs an NVIDIA GPU: these tests are ignored unless the
+//! `gpu-tests` feature is on (bench/gpu/run.sh runs them on the device).
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use fasa_kernels::cpu::{attend_dense, attend_rows, choose_fcs, fc_scores, force_rows, softmax_in_place, top_b, HeadView};
+use fasa_kernels::gpu::{append::append, decode::capture, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const NEEDS_GPU: &str = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device";
+
+fn gpu() -> Arc<Gpu> {
+    Gpu::new(0).unwrap_or_else(|e| panic!("gpu-tests requested but no GPU path: {e}"))
+}
+
+fn rng() -> StdRng {
+    let seed = std::env::var("FASA_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("seed {seed} (FASA_TEST_SEED to repeat)");
+    StdRng::seed_from_u64(seed)
+}
+
+/// ‖a − b‖ / ‖b‖.
+fn nerr(a: &[f32], b: &[f32]) -> f64 {
+    let (mut n, mut d) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        n += (*x as f64 - *y as f64).powi(2);
+        d += (*y as f64).powi(2);
+    }
+    if a.iter().any(|x| x.is_nan()) {
+        return f64::INFINITY;
+    }
+    (n / d.max(1e-30)).sqrt()
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    dt: Dtype,
+    n_q: usize,
+    n_kv: usize,
+    d: usize,
+    lens: Vec<usize>,
+    l_max: usize,
+    budget: usize,
+    k: usize,
+    pool: usize,
+    sinks: usize,
+    recent: usize,
+    rerank: usize,
+    per_group: bool,
+}
+
+/// Host copy of one case's data, values already rounded to the storage type.
+struct Data {
+    /// `[b][kv]`: K `(len, d)` FC-pair order, V `(len, d)`.
+    k: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+    /// `(batch, n_q, d)`.
+    q: Vec<f32>,
+    /// `[b][kv]`: `(n_fc, len, 2)` planes for the CPU view.
+    planes: Vec<Vec<Vec<f32>>>,
+    /// Per KV head, the FC order in the GPU cache (pool first).
+    order: Vec<Vec<usize>>,
+    /// Per selection, FC ids best first.
+    pools: Vec<Vec<usize>>,
+}
+
+fn make_data(c: &Case, r: &mut StdRng) -> Data {
+    let (d, n_fc) = (c.d, c.d / 2);
+    let round = |x: f32| c.dt.decode(c.dt.encode(x));
+    let mut k = Vec::new();
+    let mut v = Vec::new();
+    let mut planes = Vec::new();
+    for &len in &c.lens {
+        let (mut kb, mut vb, mut pb) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..c.n_kv {
+            // Some FCs carry more energy than others, like real keys.
+            let amp: Vec<f32> = (0..n_fc).map(|_| r.random_range(0.2f32..2.0)).collect();
+            let kk: Vec<f32> = (0..len * d).map(|i| round(amp[(i % d) / 2] * r.random_range(-1.0f32..1.0))).collect();
+            let vv: Vec<f32> = (0..len * d).map(|_| round(r.random_range(-1.0f32..1.0))).collect();
+            let mut p = vec![0f32; n_fc * len * 2];
+            for t in 0..len {
+                for f in 0..n_fc {
+                    p[(f * len + t) * 2] = kk[t * d + 2 * f];
+                    p[(f * len + t) * 2 + 1] = kk[t * d + 2 * f + 1];
+                }
+            }
+            kb.push(kk);
+            vb.push(vv);
+            pb.push(p);
+        }
+        k.push(kb);
+        v.push(vb);
+        planes.push(pb);
+    }
+    let q: Vec<f32> = (0..c.lens.len() * c.n_q * d).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let group = c.n_q / c.n_kv;
+    let n_sel = if c.per_group { c.n_kv } else { c.n_q };
+    let pools: Vec<Vec<usize>> = (0..n_sel)
+        .map(|_| {
+            let mut p: Vec<usize> = (0..n_fc).collect();
+            p.shuffle(r);
+            p
+        })
+        .collect();
+    // The cache puts the pool of the KV head's first selection first (the engine's layout).
+    let order: Vec<Vec<usize>> = (0..c.n_kv)
+        .map(|kv| {
+            let s = if c.per_group { kv } else { kv * group };
+            pools[s].clone()
+        })
+        .collect();
+    Data { k, v, q, planes, order, pools }
+}
+
+fn view<'a>(planes: &'a [&'a [f32]], krows: &'a [&'a [f32]], vpages: &'a [&'a [f32]], len: usize, d: usize) -> HeadView<'a> {
+    HeadView { k_pages: planes, kr_pages: krows, v_pages: vpages, page: len.max(1), n_fc: d / 2, len }
+}
+
+fn qh(data: &Data, c: &Case, b: usize, h: usize) -> Vec<f32> {
+    data.q[(b * c.n_q + h) * c.d..(b * c.n_q + h + 1) * c.d].to_vec()
+}
+
+/// CPU pipeline of one selection (as the engine's `select`): FC scores (forced), and the rows.
+fn cpu_select(c: &Case, data: &Data, b: usize, s: usize) -> (Vec<f32>, Vec<u32>) {
+    let len = c.lens[b];
+    let group = c.n_q / c.n_kv;
+    let hps = if c.per_group { group } else { 1 };
+    let kv = s * hps / group;
+    let pl = [data.planes[b][kv].as_slice()];
+    let kr = [data.k[b][kv].as_slice()];
+    let vp = [data.v[b][kv].as_slice()];
+    let vw = view(&pl, &kr, &vp, len, c.d);
+    let qs: Vec<Vec<f32>> = (0..hps).map(|i| qh(data, c, b, s * hps + i)).collect();
+    let qr: Vec<&[f32]> = qs.iter().map(|x| x.as_slice()).collect();
+    let p = c.pool.max(c.k).min(c.d / 2);
+    let pool = &data.pools[s][..p];
+    let fcs = if p > c.k { choose_fcs(&qr, pool, c.k) } else { pool.to_vec() };
+    let mut sc = vec![0f32; len];
+    for (i, q) in qr.iter().enumerate() {
+        fc_scores(&vw, q, &fcs, len, &mut sc, i > 0);
+    }
+    force_rows(&mut sc, c.sinks, c.recent);
+    let mut rows = Vec::new();
+    if len <= c.budget {
+        rows.extend(0..len as u32);
+    } else if c.rerank > c.budget && c.rerank < len {
+        let mut cand = Vec::new();
+        top_b(&sc, c.rerank, &mut cand);
+        let mass = group_mass(&vw, &qr, &cand, c, len);
+        let mut pick = Vec::new();
+        top_b(&mass, c.budget, &mut pick);
+        rows.extend(pick.iter().map(|&i| cand[i as usize]));
+    } else {
+        top_b(&sc, c.budget, &mut rows);
+    }
+    (sc, rows)
+}
+
+/// The engine's re-rank key: Σ_h softmax_h(raw q·k) over the candidates, forced rows +∞.
+fn group_mass(vw: &HeadView, qs: &[&[f32]], cand: &[u32], c: &Case, len: usize) -> Vec<f32> {
+    let mut total = vec![0f32; cand.len()];
+    let mut kr = vec![0f32; c.d];
+    for q in qs {
+        let mut s: Vec<f32> = cand
+            .iter()
+            .map(|&t| {
+                vw.k_pairs(t as usize, &mut kr);
+                q.iter().zip(&kr).map(|(a, b)| a * b).sum()
+            })
+            .collect();
+        softmax_in_place(&mut s);
+        total.iter_mut().zip(&s).for_each(|(t, v)| *t += v);
+    }
+    for (m, &t) in total.iter_mut().zip(cand) {
+        if (t as usize) < c.sinks || (t as usize) >= len - c.recent.min(len) {
+            *m = f32::INFINITY;
+        }
+    }
+    total
+}
+
+struct Outcome {
+    score_err: f64,
+    exact_select: bool,
+    near_tie_diffs: usize,
+    fac_err: f64,
+    dense_err: f64,
+    graph_same: bool,
+}
+
+fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
+    let data = make_data(c, r);
+    let batch = c.lens.len();
+    let st = &g.stream;
+    let mut cache = GpuKvCache::new(g, c.dt, batch, c.n_kv, c.d, c.l_max, Some(data.order.clone()))?;
+    // Tokens 0..len-1 from the host, the last one through the append op.
+    let mut k_new = vec![0f32; batch * c.n_kv * c.d];
+    let mut v_new = vec![0f32; batch * c.n_kv * c.d];
+    let mut pos = vec![0i32; batch];
+    for b in 0..batch {
+        let len = c.lens[b];
+        pos[b] = len as i32 - 1;
+        for kv in 0..c.n_kv {
+            let n = (len - 1) * c.d;
+            cache.write_host(g, b, kv, &data.k[b][kv][..n], &data.v[b][kv][..n])?;
+            let o = (b * c.n_kv + kv) * c.d;
+            k_new[o..o + c.d].copy_from_slice(&data.k[b][kv][n..n + c.d]);
+            v_new[o..o + c.d].copy_from_slice(&data.v[b][kv][n..n + c.d]);
+        }
+    }
+    let (kd, vd, pd) = (st.clone_htod(&k_new)?, st.clone_htod(&v_new)?, st.clone_htod(&pos)?);
+    append(g, &mut cache, &kd, &vd, &pd)?;
+    let q = st.clone_htod(&data.q)?;
+    let lens_d = st.clone_htod(&c.lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?;
+    let cfg = DecodeConfig {
+        n_q: c.n_q,
+        per_group: c.per_group,
+        budget: c.budget,
+        chunks: c.k,
+        pools: data.pools.clone(),
+        pool: c.pool,
+        sinks: c.sinks,
+        recent: c.recent,
+        rerank: c.rerank,
+    };
+    let mut dec = FasaDecoder::new(g, &cache, cfg)?;
+    let n_out = batch * c.n_q * c.d;
+    let nan_out = vec![f32::NAN; n_out];
+    // Poison.
+    st.memcpy_htod(&vec![f32::NAN; dec.scores.len()], &mut dec.scores)?;
+    st.memcpy_htod(&vec![u32::MAX; dec.sel.len()], &mut dec.sel)?;
+    let mut out = st.clone_htod(&nan_out)?;
+    dec.step(g, &cache, &q, &lens_d, &mut out)?;
+    let out_h = st.clone_dtoh(&out)?;
+    let scores_h = st.clone_dtoh(&dec.scores)?;
+    let sel_h = st.clone_dtoh(&dec.sel)?;
+    // The same step captured in a graph and replayed gives the same output.
+    let mut out2 = st.clone_htod(&nan_out)?;
+    let graph = capture(g, || dec.step(g, &cache, &q, &lens_d, &mut out2))?;
+    graph.launch()?;
+    let out2_h = st.clone_dtoh(&out2)?;
+    // (row order inside `sel` varies with atomics, so sums may differ in the last bits)
+    let graph_same = nerr(&out2_h, &out_h) <= 1e-5;
+    // Dense.
+    let mut outd = st.clone_htod(&nan_out)?;
+    dec.dense(g, &cache, &q, &lens_d, &mut outd)?;
+    let outd_h = st.clone_dtoh(&outd)?;
+    st.synchronize()?;
+
+    let group = c.n_q / c.n_kv;
+    let hps = if c.per_group { group } else { 1 };
+    let n_sel = c.n_q / hps;
+    let scale = 1.0 / (c.d as f32).sqrt();
+    let (mut sg, mut sc_all) = (Vec::new(), Vec::new());
+    let (mut exact, mut near) = (true, 0usize);
+    let (mut fo, mut fr, mut dn, mut dr) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for b in 0..batch {
+        let len = c.lens[b];
+        for s in 0..n_sel {
+            let seg = b * n_sel + s;
+            let kv = s * hps / group;
+            let (cpu_sc, cpu_rows) = cpu_select(c, &data, b, s);
+            let gpu_sc = &scores_h[seg * c.l_max..seg * c.l_max + len];
+            if len > c.budget {
+                for (a, e) in gpu_sc.iter().zip(&cpu_sc) {
+                    assert_eq!(a.is_infinite(), e.is_infinite(), "forced rows differ (b {b}, sel {s})");
+                    if e.is_finite() {
+                        sg.push(*a);
+                        sc_all.push(*e);
+                    }
+                }
+            }
+            let n_rows = len.min(c.budget);
+            let mut rows: Vec<u32> = sel_h[seg * c.budget..seg * c.budget + n_rows].to_vec();
+            rows.sort_unstable();
+            let mut dedup = rows.clone();
+            dedup.dedup();
+            assert_eq!(dedup.len(), n_rows, "duplicate or missing rows (b {b}, sel {s}): {:?}", &rows[..rows.len().min(16)]);
+            assert!(rows.iter().all(|&t| (t as usize) < len), "row out of range");
+            // Exactness: the same scores through the CPU's top_b give the same set.
+            if len > c.budget && !(c.rerank > c.budget && c.rerank < len) {
+                let mut want = Vec::new();
+                top_b(gpu_sc, c.budget, &mut want);
+                if want != rows {
+                    exact = false;
+                    eprintln!("select differs from cpu::top_b on the GPU's own scores (b {b}, sel {s})");
+                }
+            }
+            // Re-rank on the GPU's own stage-1 scores: the same rows up to near-ties of the mass.
+            if c.rerank > c.budget && c.rerank < len {
+                let group = c.n_q / c.n_kv;
+                let kv = s * hps / group;
+                let pl = [data.planes[b][kv].as_slice()];
+                let kr = [data.k[b][kv].as_slice()];
+                let vp = [data.v[b][kv].as_slice()];
+                let vw = view(&pl, &kr, &vp, len, c.d);
+                let qs: Vec<Vec<f32>> = (0..hps).map(|i| qh(&data, c, b, s * hps + i)).collect();
+                let qr: Vec<&[f32]> = qs.iter().map(|x| x.as_slice()).collect();
+                let mut cand = Vec::new();
+                top_b(gpu_sc, c.rerank, &mut cand);
+                let mass = group_mass(&vw, &qr, &cand, c, len);
+                let mut pick = Vec::new();
+                top_b(&mass, c.budget, &mut pick);
+                let mut want: Vec<u32> = pick.iter().map(|&i| cand[i as usize]).collect();
+                want.sort_unstable();
+                if want != rows {
+                    let mut kept: Vec<f32> = pick.iter().map(|&i| mass[i as usize]).collect();
+                    kept.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    let thr = kept[0];
+                    let pos: std::collections::HashMap<u32, f32> = cand.iter().zip(&mass).map(|(&t, &m)| (t, m)).collect();
+                    let gs: std::collections::HashSet<u32> = rows.iter().copied().collect();
+                    let ws: std::collections::HashSet<u32> = want.iter().copied().collect();
+                    for t in gs.symmetric_difference(&ws) {
+                        let m = pos.get(t).copied().unwrap_or(f32::NAN);
+                        assert!((m - thr).abs() <= 1e-5 * thr.abs().max(1e-6), "re-rank differs beyond a near-tie: token {t} mass {m} thr {thr}");
+                        near += 1;
+                    }
+                }
+            }
+            // Against the full CPU pipeline: only near-ties may differ.
+            if rows != cpu_rows {
+                let mut ref_scores: Vec<f32> = cpu_rows.iter().map(|&t| cpu_sc[t as usize]).collect();
+                ref_scores.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                let thr = ref_scores.first().copied().unwrap_or(0.0);
+                let gs: std::collections::HashSet<u32> = rows.iter().copied().collect();
+                let cs: std::collections::HashSet<u32> = cpu_rows.iter().copied().collect();
+                for &t in gs.symmetric_difference(&cs) {
+                    let is_rr = c.rerank > c.budget && c.rerank < len;
+                    let close = (cpu_sc[t as usize] - thr).abs() <= 1e-4 * thr.abs().max(1.0);
+                    if !close && !is_rr {
+                        panic!("selection differs beyond a near-tie: token {t} score {} thr {thr} (b {b}, sel {s}, {c:?})", cpu_sc[t as usize]);
+                    }
+                    near += 1;
+                }
+            }
+            // FAC over the GPU's rows, dense over all, per q head.
+            let pl = [data.planes[b][kv].as_slice()];
+            let kr = [data.k[b][kv].as_slice()];
+            let vp = [data.v[b][kv].as_slice()];
+            let vw = view(&pl, &kr, &vp, len, c.d);
+            for i in 0..hps {
+                let h = s * hps + i;
+                let qv = qh(&data, c, b, h);
+                let mut o = vec![0f32; c.d];
+                attend_rows(&vw, &qv, &rows, scale, &mut o);
+                fr.extend_from_slice(&o);
+                fo.extend_from_slice(&out_h[(b * c.n_q + h) * c.d..(b * c.n_q + h + 1) * c.d]);
+                attend_dense(&vw, &qv, len, scale, &mut o);
+                dr.extend_from_slice(&o);
+                dn.extend_from_slice(&outd_h[(b * c.n_q + h) * c.d..(b * c.n_q + h + 1) * c.d]);
+            }
+        }
+    }
+    Ok(Outcome {
+        score_err: if sc_all.is_empty() { 0.0 } else { nerr(&sg, &sc_all) },
+        exact_select: exact,
+        near_tie_diffs: near,
+        fac_err: nerr(&fo, &fr),
+        dense_err: nerr(&dn, &dr),
+        graph_same,
+    })
+}
+
+fn check(c: Case, r: &mut StdRng) {
+    let g = gpu();
+    let o = run_case(&g, &c, r).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    let tol = match c.dt {
+        Dtype::F16 => 1e-3,
+        Dtype::Bf16 => 1e-3,
+    };
+    eprintln!(
+        "{:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {}: scores {:.2e}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}",
+        c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group,
+        o.score_err, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same
+    );
+    assert!(o.score_err <= 1e-4, "TIP scores vs cpu::fc_scores: {:.3e}", o.score_err);
+    assert!(o.exact_select, "select vs cpu::top_b");
+    assert!(o.fac_err <= tol, "FAC vs cpu::attend_rows: {:.3e}", o.fac_err);
+    assert!(o.dense_err <= tol, "dense vs cpu::attend_dense: {:.3e}", o.dense_err);
+    assert!(o.graph_same, "graph replay differs from direct launches");
+}
+
+fn base(dt: Dtype, d: usize, n_q: usize, n_kv: usize) -> Case {
+    Case {
+        dt,
+        n_q,
+        n_kv,
+        d,
+        lens: vec![3000, 1500, 200, 1],
+        l_max: 3072,
+        budget: 256,
+        k: d / 8,
+        pool: d / 8,
+        sinks: 0,
+        recent: 0,
+        rerank: 0,
+        per_group: true,
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn paper_mode_matches_cpu_f16() {
+    let mut r = rng();
+    for (d, n_q, n_kv) in [(128, 32, 8), (64, 9, 3), (128, 8, 8), (64, 16, 2)] {
+        check(base(Dtype::F16, d, n_q, n_kv), &mut r);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn default_mode_matches_cpu() {
+    let mut r = rng();
+    for (dt, d, n_q, n_kv) in [(Dtype::F16, 128, 32, 8), (Dtype::F16, 64, 9, 3), (Dtype::Bf16, 128, 28, 4), (Dtype::F16, 64, 14, 2)] {
+        let c = Case { pool: d / 4, sinks: 4, recent: 32, ..base(dt, d, n_q, n_kv) };
+        check(c, &mut r);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn per_head_selection_matches_cpu() {
+    let mut r = rng();
+    for (d, n_q, n_kv) in [(128, 32, 8), (64, 9, 3)] {
+        let c = Case { per_group: false, pool: d / 4, sinks: 4, recent: 16, ..base(Dtype::F16, d, n_q, n_kv) };
+        check(c, &mut r);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn rerank_matches_cpu() {
+    let mut r = rng();
+    for (d, n_q, n_kv) in [(128, 32, 8), (64, 9, 3)] {
+        // lens straddle C: 3000 > C (re-rank), 1500 in (B, C] (plain top-B), 200 ≤ B (all rows).
+        let c = Case { pool: d / 4, sinks: 4, recent: 32, rerank: 1024, lens: vec![3000, 1000, 200, 1], ..base(Dtype::F16, d, n_q, n_kv) };
+        check(c, &mut r);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn long_and_large_budget_matches_cpu() {
+    let mut r = rng();
+    let c = Case { lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, pool: 32, sinks: 4, recent: 32, ..base(Dtype::F16, 128, 32, 8) };
+    check(c, &mut r);
+    let c = Case { lens: vec![20000], l_max: 20000, budget: 1024, k: 16, pool: 16, ..base(Dtype::Bf16, 128, 32, 8) };
+    check(c, &mut r);
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn ties_pick_lower_rows() {
+    // Every K equal: all scores tie, top-B must be rows 0..B (cpu::top_b's rule).
+    let g = gpu();
+    let (d, n_kv, n_q, len, b) = (64, 1, 2, 2000, 100);
+    let mut cache = GpuKvCache::new(&g, Dtype::F16, 1, n_kv, d, len, None).unwrap();
+    let k = vec![0.5f32; len * d];
+    cache.write_host(&g, 0, 0, &k, &k).unwrap();
+    let q = g.stream.clone_htod(&vec![1.0f32; n_q * d]).unwrap();
+    let lens = g.stream.clone_htod(&[len as i32]).unwrap();
+    let cfg = DecodeConfig { n_q, per_group: true, budget: b, chunks: 4, pools: vec![(0..32).collect()], pool: 4, sinks: 0, recent: 0, rerank: 0 };
+    let mut dec = FasaDecoder::new(&g, &cache, cfg).unwrap();
+    dec.select(&g, &cache, &q, &lens).unwrap();
+    let mut rows = g.stream.clone_dtoh(&dec.sel).unwrap();
+    rows.sort_unstable();
+    assert_eq!(rows, (0..b as u32).collect::<Vec<_>>());
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn nvrtc_compiles_for_orin_and_hopper() {
+    // Needs only libnvrtc (no GPU): both targets compile.
+    fasa_kernels::gpu::libraries_present().ok();
+    for arch in [(8, 7), (9, 0)] {
+        fasa_kernels::gpu::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Runs everywhere: without a driver/NVRTC/GPU the GPU path is a typed error, never a panic.
+#[test]
+fn missing_gpu_is_an_error_not_a_panic() {
+    if let Err(e) = Gpu::new(0) {
+        assert!(matches!(e, GpuError::NoDriver | GpuError::NoNvrtc | GpuError::NoDevice), "{e}");
+    }
+    let _ = NEEDS_GPU;
+}
