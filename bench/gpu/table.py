@@ -17,19 +17,21 @@ def main():
             if l.startswith("#"):
                 print(l.strip("# \n") + "  ")
     print()
-    print("| model | batch | L | B | k/P | mode | µs/layer | SDPA µs | × vs SDPA | byte limit × | TB/s | of copy bw |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | batch | L | B | k/P | mode | µs/layer | TIP µs | TIP+select µs | SDPA µs | × vs SDPA | byte limit × | TB/s | of copy bw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ours:
         s = sd.get((r["model"], r["batch"], r["L"]))
         s_us = float(s["us_per_layer"]) if s else float("nan")
         us = float(r["us_per_layer"])
-        print(f"| {r['model']} | {r['batch']} | {r['L']} | {r['B']} | {r['k']}/{r['P']} | {r['mode']} | {us:.1f} | {s_us:.1f} | "
+        tip, selu = r.get("tip_us") or "", r.get("select_us") or ""
+        print(f"| {r['model']} | {r['batch']} | {r['L']} | {r['B']} | {r['k']}/{r['P']} | {r['mode']} | {us:.1f} | {tip} | {selu} | {s_us:.1f} | "
               f"{s_us / us:.2f} | {float(r['byte_limit']):.2f} | {float(r['TBps']):.2f} | {float(r['frac_copy']):.0%} |")
     print()
-    print("| model | batch | L | SDPA µs/layer | SDPA TB/s | of copy bw |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | L | SDPA µs/layer | SDPA TB/s | of copy bw | variant | other variant µs |")
+    print("|---|---|---|---|---|---|---|---|")
     for s in sdpa:
-        print(f"| {s['model']} | {s['batch']} | {s['L']} | {float(s['us_per_layer']):.1f} | {float(s['TBps']):.2f} | {float(s['frac_copy']):.0%} |")
+        print(f"| {s['model']} | {s['batch']} | {s['L']} | {float(s['us_per_layer']):.1f} | {float(s['TBps']):.2f} | "
+              f"{float(s['frac_copy']):.0%} | {s.get('variant', '')} | {s.get('other_us', '')} |")
 
 
 if __name__ == "__main__":

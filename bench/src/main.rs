@@ -57,6 +57,9 @@ enum Cmd {
         section: String,
         #[arg(long)]
         no_plots: bool,
+        /// Skip the passkey runs.
+        #[arg(long)]
+        no_passkey: bool,
         /// CI-sized run: 1k context, T = 32, fasa/oracle/streaming at B = 256 and 1024.
         #[arg(long)]
         quick: bool,
@@ -82,10 +85,11 @@ fn read_texts(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
 }
 
 fn main() -> Result<()> {
-    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    // As typed in a shell: arguments with `;` or spaces quoted.
+    let command = std::env::args().map(|a| if a.contains([';', ' ']) { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
     let t0 = Instant::now();
     match Cli::parse().cmd {
-        Cmd::Fidelity { context, budget, modes, eval_tokens, text, profile, passkey, keys, out, json, md, section, no_plots, quick } => {
+        Cmd::Fidelity { context, budget, modes, eval_tokens, text, profile, passkey, keys, out, json, md, section, no_plots, no_passkey, quick } => {
             let mut opts = if quick { FidelityOptions::quick() } else { FidelityOptions::full() };
             if !quick {
                 opts.contexts = context;
@@ -94,6 +98,9 @@ fn main() -> Result<()> {
                 opts.eval_tokens = eval_tokens;
                 opts.passkey.lengths = passkey;
                 opts.passkey.keys_per_depth = keys;
+            }
+            if no_passkey {
+                opts.passkey.lengths.clear();
             }
             opts.verbose = true;
             opts.texts = read_texts(&text)?;

@@ -100,7 +100,7 @@ pub enum Event {
 enum Command {
     Submit {
         id: JobId,
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
         /// The caller left max_tokens to the service: shorten it to what the context leaves.
         clamp_max_tokens: bool,
         reply: oneshot::Sender<Result<Admission, SubmitError>>,
@@ -120,7 +120,7 @@ impl WorkerHandle {
     /// Starts the job now, or queues it; refuses it when the request is invalid or the queue full.
     pub async fn submit(&self, id: JobId, request: GenerateRequest, clamp_max_tokens: bool) -> Result<Admission, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Command::Submit { id, request, clamp_max_tokens, reply }).map_err(|_| SubmitError::Stopped)?;
+        self.tx.send(Command::Submit { id, request: Box::new(request), clamp_max_tokens, reply }).map_err(|_| SubmitError::Stopped)?;
         answer.await.map_err(|_| SubmitError::Stopped)?
     }
 
@@ -255,7 +255,7 @@ impl<E: Engine> State<E> {
                 };
                 match cmd {
                     Command::Submit { id, request, clamp_max_tokens, reply } => {
-                        let admitted = self.submit(Waiting { id, request, clamp_max_tokens });
+                        let admitted = self.submit(Waiting { id, request: *request, clamp_max_tokens });
                         let _ = reply.send(admitted);
                     }
                     Command::Cancel { id, done } => {

@@ -28,6 +28,8 @@ pub enum ServiceError {
     WorkerDied(String),
 }
 
+// Returned once, at exit: its size does not matter.
+#[allow(clippy::result_large_err)]
 pub fn run(config: Config) -> Result<(), ServiceError> {
     systemd::notify(&format!("STATUS=loading {}", config.model.display()));
     log::info!("loading {}", config.model.display());

@@ -42,12 +42,9 @@ impl JobSignals {
         };
         let rule = MatchRule::builder()
             .msg_type(MessageType::Signal)
-            .sender(service.clone())
-            .map_err(zbus::Error::from)?
-            .interface(JOB_INTERFACE)
-            .map_err(zbus::Error::from)?
-            .path_namespace(JOB_PATH_PREFIX)
-            .map_err(zbus::Error::from)?
+            .sender(service.clone())?
+            .interface(JOB_INTERFACE)?
+            .path_namespace(JOB_PATH_PREFIX)?
             .build();
         let stream = MessageStream::for_match_rule(rule, conn, Some(4096)).await?;
         Ok(JobSignals { stream, service })

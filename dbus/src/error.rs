@@ -71,7 +71,6 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zbus::DBusError as _;
 
     #[test]
     fn names_carry_the_prefix() {

@@ -51,6 +51,9 @@ pub trait Job {
     /// The text generated so far; only the job's creator may call it.
     fn get_text(&self) -> Result<String, Error>;
 
+    /// A socket to read the job's text from (so far, then as it comes; EOF at the end).
+    fn open_stream(&self) -> Result<zbus::zvariant::OwnedFd, Error>;
+
     /// Text made final by the model (unicast to the creator).
     #[zbus(signal)]
     fn chunk(&self, text: String) -> zbus::Result<()>;

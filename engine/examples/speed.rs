@@ -5,7 +5,9 @@ use fasa_engine::{paths, LoadOptions, Model};
 
 fn main() {
     let ctx: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(512);
-    let mut model = Model::load(&LoadOptions::new(paths::default_model(), paths::default_ort_library())).unwrap();
+    let mut opts = LoadOptions::new(paths::default_model(), paths::default_ort_library());
+    opts.threads = std::env::var("FASA_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut model = Model::load(&opts).unwrap();
     let lease = model.pool().acquire().unwrap();
     let toks: Vec<u32> = (0..ctx as u32).map(|i| 100 + i % 1000).collect();
     let t = Instant::now();

@@ -179,7 +179,10 @@ pub fn calibrate(model: &mut Model, texts: &[(String, String)], opts: &Calibrate
 /// it, else the smallest measured); ties keep the lower FC first.
 pub fn profile_from(rec: &CaRecorder, c: &crate::ModelConfig, model_sha256: &str, ca_k: usize, sources: Vec<Source>) -> Profile {
     let nk = rec.k_values.len();
-    let counted = |ki: usize| (0..rec.n_layers).all(|l| rec.count[l * nk + ki] > 0);
+    // A K counts once every layer saw at least a quarter of the queries the best-counted K saw
+    // (a K near half the context is reached only by the last few steps: too few to rank by).
+    let most = rec.count.iter().copied().max().unwrap_or(0);
+    let counted = |ki: usize| (0..rec.n_layers).all(|l| rec.count[l * nk + ki] > 0 && rec.count[l * nk + ki] * 4 >= most);
     let measured: Vec<usize> = (0..nk).filter(|&ki| counted(ki)).collect();
     let rank_ki = measured
         .iter()

@@ -41,17 +41,21 @@ fn time_graph(gpu: &Gpu, g: &cudarc::driver::CudaGraph, reps: usize) -> f64 {
     t[t.len() / 2]
 }
 
-fn copy_bandwidth(gpu: &Gpu) -> f64 {
-    let n = 1usize << 31; // 2 GiB each way
+/// Device copy bandwidth (bytes read + written per second): through a copy kernel (the SM path
+/// attention uses) and through a memcpy node (copy engines), both in graphs.
+fn copy_bandwidth(gpu: &Gpu) -> (f64, f64) {
+    let n = 1usize << 32; // 4 GiB each way
     let a = gpu.stream.alloc_zeros::<u8>(n).unwrap();
     let mut b = gpu.stream.alloc_zeros::<u8>(n).unwrap();
+    let g = capture(gpu, || gpu.copy_kernel(&a, &mut b)).unwrap();
+    let kernel = 2.0 * n as f64 / (time_graph(gpu, &g, 10) * 1e-3);
     let g = capture(gpu, || {
         gpu.stream.memcpy_dtod(&a, &mut b)?;
         Ok(())
     })
     .unwrap();
-    let ms = time_graph(gpu, &g, 10);
-    2.0 * n as f64 / (ms * 1e-3) // bytes read + written per second
+    let memcpy = 2.0 * n as f64 / (time_graph(gpu, &g, 10) * 1e-3);
+    (kernel, memcpy)
 }
 
 fn main() {
@@ -60,9 +64,17 @@ fn main() {
     let out_path = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
     let gpu = Gpu::new(0).expect("a CUDA GPU");
     let l2 = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE).unwrap() as usize;
-    let bw = copy_bandwidth(&gpu);
-    let mut lines = vec![format!("# device sm_{}{} {} SMs, L2 {} MiB; copy bandwidth (read+write) {:.3} TB/s", gpu.arch.0, gpu.arch.1, gpu.sm_count, l2 >> 20, bw / 1e12)];
-    lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit".into());
+    let (bw, bw_memcpy) = copy_bandwidth(&gpu);
+    let mut lines = vec![format!(
+        "# device sm_{}{} {} SMs, L2 {} MiB; copy bandwidth (read+write): {:.3} TB/s by kernel, {:.3} TB/s by memcpy node",
+        gpu.arch.0,
+        gpu.arch.1,
+        gpu.sm_count,
+        l2 >> 20,
+        bw / 1e12,
+        bw_memcpy / 1e12
+    )];
+    lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us".into());
     println!("{}", lines.join("\n"));
 
     let mut shapes = Vec::new();
@@ -119,7 +131,7 @@ fn main() {
             let ms = time_graph(&gpu, &g, 20) / layers as f64;
             let dense_us = ms * 1e3;
             let tbps = dense_bytes / (ms * 1e-3) / 1e12;
-            let l = format!("{},{},{},{},{},{},dense_inhouse,{},{:.2},{},{:.3},{:.2},1.00,1.00", s.model, s.batch, s.len, s.budget, s.k, n_fc, layers, dense_us, dense_bytes, tbps, tbps * 1e12 / bw);
+            let l = format!("{},{},{},{},{},{},dense_inhouse,{},{:.2},{},{:.3},{:.2},1.00,1.00,,", s.model, s.batch, s.len, s.budget, s.k, n_fc, layers, dense_us, dense_bytes, tbps, tbps * 1e12 / bw);
             println!("{l}");
             lines.push(l);
             dense_us
@@ -135,6 +147,23 @@ fn main() {
             })
             .unwrap();
             let ms = time_graph(&gpu, &g, 20) / layers as f64;
+            // Stages: TIP alone, TIP + select; FAC is the rest.
+            let g = capture(&gpu, || {
+                for (d, c) in decs.iter_mut().zip(&caches) {
+                    d.tip_only(&gpu, c, &q, &lens)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            let tip_us = time_graph(&gpu, &g, 20) / layers as f64 * 1e3;
+            let g = capture(&gpu, || {
+                for (d, c) in decs.iter_mut().zip(&caches) {
+                    d.select(&gpu, c, &q, &lens)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+            let select_us = time_graph(&gpu, &g, 20) / layers as f64 * 1e3;
             // Bytes the method must read: the FC groups holding the pool's chosen FCs of every
             // token, plus full K and V of B rows (scores and histograms not counted).
             let groups_read = (p.div_ceil(8)).min(n_fc / 8) as f64;
@@ -143,8 +172,23 @@ fn main() {
             let bytes = tip + fac;
             let tbps = bytes / (ms * 1e-3) / 1e12;
             let l = format!(
-                "{},{},{},{},{},{},{},{},{:.2},{},{:.3},{:.2},{:.2},{:.2}",
-                s.model, s.batch, s.len, s.budget, s.k, p, name, layers, ms * 1e3, bytes, tbps, tbps * 1e12 / bw, dense_us / (ms * 1e3), dense_bytes / bytes
+                "{},{},{},{},{},{},{},{},{:.2},{},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2}",
+                s.model,
+                s.batch,
+                s.len,
+                s.budget,
+                s.k,
+                p,
+                name,
+                layers,
+                ms * 1e3,
+                bytes,
+                tbps,
+                tbps * 1e12 / bw,
+                dense_us / (ms * 1e3),
+                dense_bytes / bytes,
+                tip_us,
+                select_us
             );
             println!("{l}");
             lines.push(l);

@@ -266,7 +266,7 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
             let seg = b * n_sel + s;
             let kv = s * hps / group;
             let (cpu_sc, cpu_rows) = cpu_select(c, &data, b, s);
-            let gpu_sc = &scores_h[seg * c.l_max..seg * c.l_max + len];
+            let gpu_sc = &scores_h[seg * cache.l_max..seg * cache.l_max + len];
             if len > c.budget {
                 for (a, e) in gpu_sc.iter().zip(&cpu_sc) {
                     assert_eq!(a.is_infinite(), e.is_infinite(), "forced rows differ (b {b}, sel {s})");

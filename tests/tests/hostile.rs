@@ -26,7 +26,8 @@ impl Rng {
         self.next() % n
     }
     fn string(&mut self, max: usize) -> String {
-        const POOL: &[char] = &['a', 'Z', '_', ' ', '\n', '\u{0}', 'é', '😀', '\u{202e}', '\'', '"', '<', '%', '\\'];
+        // No NUL: D-Bus forbids it in strings, and the bus disconnects a client that sends one.
+        const POOL: &[char] = &['a', 'Z', '_', ' ', '\n', '\u{1}', 'é', '😀', '\u{202e}', '\'', '"', '<', '%', '\\'];
         let len = self.below(max as u64 + 1) as usize;
         (0..len).map(|_| POOL[self.below(POOL.len() as u64) as usize]).collect()
     }

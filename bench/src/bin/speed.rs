@@ -45,18 +45,20 @@ fn main() -> anyhow::Result<()> {
     // Deterministic, varied text-like token ids (no special tokens).
     let toks: Vec<u32> = (0..ctx as u32).map(|i| 200 + (i * 7919) % 40000).collect();
     for &depth in &depths {
-        if depth + n_prefill.max(n_decode) > ctx {
-            anyhow::bail!("depth {depth} + tokens exceed the context {ctx}");
+        if depth + n_decode > ctx {
+            anyhow::bail!("depth {depth} + {n_decode} decode tokens exceed the context {ctx}");
         }
+        // As llama-bench's `-p` at a depth, but inside the trained context.
+        let prefill_depth = depth.min(ctx - n_prefill);
         for &mode in &modes {
             let cfg = AttnOverrides { mode: Some(mode), ..Default::default() }.resolve(model.default_attention());
             let lease = model.pool().acquire().expect("a free slot");
             let slot = lease.slot();
             model.configure_slot(slot, &AttnConfig { mode: Mode::Dense, ..cfg.clone() }, false);
-            feed(&mut model, &toks[..depth], 0, slot)?;
-            // Prefill: n_prefill tokens on top of depth (prefill is dense in every mode).
+            feed(&mut model, &toks[..prefill_depth], 0, slot)?;
+            // Prefill: n_prefill tokens on top of the depth (prefill is dense in every mode).
             let t = Instant::now();
-            feed(&mut model, &toks[depth..depth + n_prefill], depth, slot)?;
+            feed(&mut model, &toks[prefill_depth..prefill_depth + n_prefill], prefill_depth, slot)?;
             let prefill_s = t.elapsed().as_secs_f64();
             drop(lease);
             let lease = model.pool().acquire().expect("a free slot");
@@ -74,7 +76,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "depth": depth, "mode": mode.as_str(), "budget": cfg.budget, "chunks": cfg.chunks,
+                    "depth": depth, "prefill_depth": prefill_depth, "mode": mode.as_str(), "budget": cfg.budget, "chunks": cfg.chunks,
                     "prefill_tokens": n_prefill, "prefill_tok_s": n_prefill as f64 / prefill_s,
                     "decode_tokens": n_decode, "decode_tok_s": n_decode as f64 / decode_s,
                     "kv_read_fraction": st.read_fraction(), "peak_rss_mib": peak_rss_kib() as f64 / 1024.0,

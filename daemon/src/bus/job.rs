@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fasa_dbus::{Error, FinishReason, JobState};
 use zbus::message::Header;
 use zbus::names::OwnedUniqueName;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use zbus::object_server::SignalEmitter;
+use zbus::zvariant::OwnedFd;
 
 use crate::scheduler::{JobId, WorkerHandle};
 
@@ -22,6 +25,19 @@ pub struct JobData {
     pub error: String,
     /// Everything generated so far (bounded by max_tokens).
     pub text: String,
+    /// The fd stream opened by `OpenStream`, if any: chunks go there as well.
+    pub stream: Option<UnboundedSender<String>>,
+}
+
+impl JobData {
+    /// Records a chunk and passes it to the fd stream. Under the same lock as `OpenStream`'s
+    /// snapshot, so a stream sees every chunk exactly once.
+    pub fn push_text(&mut self, text: &str) {
+        self.text.push_str(text);
+        if let Some(stream) = &self.stream {
+            let _ = stream.send(text.to_string());
+        }
+    }
 }
 
 impl Default for JobData {
@@ -34,6 +50,7 @@ impl Default for JobData {
             finish_reason: None,
             error: String::new(),
             text: String::new(),
+            stream: None,
         }
     }
 }
@@ -86,6 +103,37 @@ impl Job {
     async fn get_text(&self, #[zbus(header)] header: Header<'_>) -> Result<String, Error> {
         self.check_owner(&header, "read the text of")?;
         Ok(lock(&self.data).text.clone())
+    }
+
+    /// A socket to read the job's text from, as UTF-8 bytes: what was generated so far, then
+    /// each chunk as it comes; end of file when the job ends. A pull-free path for bulk
+    /// streaming (the Finished signal and properties still say how it ended).
+    #[zbus(out_args("fd"))]
+    async fn open_stream(&self, #[zbus(header)] header: Header<'_>) -> Result<OwnedFd, Error> {
+        self.check_owner(&header, "stream")?;
+        let failed = |e: std::io::Error| Error::Failed(format!("cannot open a stream: {e}"));
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(failed)?;
+        theirs.shutdown(std::net::Shutdown::Write).map_err(failed)?;
+        ours.set_nonblocking(true).map_err(failed)?;
+        let mut ours = tokio::net::UnixStream::from_std(ours).map_err(failed)?;
+        let (tx, mut chunks) = unbounded_channel::<String>();
+        {
+            let mut data = self.data();
+            let _ = tx.send(data.text.clone());
+            if !data.state.is_terminal() {
+                data.stream = Some(tx);
+            }
+        }
+        // Writes at the reader's pace; ends when the job does (the sender is dropped) or the
+        // reader closes its end.
+        tokio::spawn(async move {
+            while let Some(chunk) = chunks.recv().await {
+                if ours.write_all(chunk.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(OwnedFd::from(std::os::fd::OwnedFd::from(theirs)))
     }
 
     /// Text the model made final, in order (unicast to the creator).

@@ -40,6 +40,7 @@ impl Manager {
             .into();
         let opts = GenerateOptions::from_dict(options)?;
         let clamp_max_tokens = opts.max_tokens.is_none();
+        let attention = attention_overrides(&opts)?;
         let request = GenerateRequest {
             prompt,
             sampling: SamplingParams {
@@ -50,7 +51,7 @@ impl Manager {
             },
             max_tokens: opts.max_tokens.unwrap_or(self.shared.default_max_tokens) as usize,
             stop: opts.stop,
-            attention: attention_overrides(&opts)?,
+            attention,
         };
 
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);

@@ -189,7 +189,7 @@ async fn apply(conn: &Connection, shared: &Arc<Shared>, event: Event, on_load: &
                 let mut d = job::lock(&data);
                 d.tokens_generated = generated as u32;
                 d.tokens_per_second = tokens_per_second;
-                d.text.push_str(&text);
+                d.push_text(&text);
             }
             if !text.is_empty() && !gone {
                 Job::chunk(&unicast(conn, &path, &owner)?, &text).await?;
@@ -209,6 +209,8 @@ async fn apply(conn: &Connection, shared: &Arc<Shared>, event: Event, on_load: &
                 d.error = error.clone();
                 d.tokens_generated = generated as u32;
                 d.tokens_per_second = tokens_per_second;
+                // Closes the fd stream, once it has written what it holds.
+                d.stream = None;
             }
             log::info!(
                 job = id, caller = owner.as_str(), reason = reason.as_str(), tokens = generated,

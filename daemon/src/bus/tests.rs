@@ -309,3 +309,34 @@ async fn queued_jobs_run_in_turn() {
     assert_eq!((shapes["layers"], shapes["heads"], shapes["kv_heads"]), (30, 9, 3));
     assert_eq!(manager.model_name().await.unwrap(), "Fake");
 }
+
+#[tokio::test]
+async fn the_text_streams_through_an_fd() {
+    use std::io::Read;
+    let bus = TestBus::start();
+    let _service = serve(&bus, 2, 2, Duration::from_millis(5)).await;
+    let conn = client(&bus).await;
+    let other = client(&bus).await;
+    let words: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
+    let (job, mut signals) =
+        complete(&conn, &words.join(" "), GenerateOptions { max_tokens: Some(20), ..Default::default() }).await.unwrap();
+    // Open it while the job runs: the text so far comes first, then the rest, then EOF.
+    assert!(matches!(signals.next(&job).await, Some(JobSignal::Chunk(_))));
+    let fd = job_proxy(&conn, &job).await.open_stream().await.unwrap();
+    assert!(matches!(job_proxy(&other, &job).await.open_stream().await, Err(Error::NotPermitted(_))));
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        std::fs::File::from(std::os::fd::OwnedFd::from(fd)).read_to_string(&mut text).unwrap();
+        text
+    });
+    let (signalled, reason, _) = collect(&mut signals, &job).await;
+    let streamed = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+    assert_eq!(reason, "length");
+    assert_eq!(streamed, words[..20].iter().map(|w| format!("{w} ")).collect::<String>());
+    assert!(streamed.ends_with(&signalled));
+    // Opened after the end: the whole text, then EOF.
+    let fd = job_proxy(&conn, &job).await.open_stream().await.unwrap();
+    let mut again = String::new();
+    std::fs::File::from(std::os::fd::OwnedFd::from(fd)).read_to_string(&mut again).unwrap();
+    assert_eq!(again, streamed);
+}

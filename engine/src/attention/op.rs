@@ -7,7 +7,7 @@
 //! slot's pages, and attends causally. Kernels keep no per-run state: the cache pool is shared.
 use std::sync::Arc;
 
-use fasa_kernels::cpu::{attend_dense_group, attend_rows, attend_rows_group, Rope};
+use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, Rope};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
@@ -19,6 +19,9 @@ use crate::RopeLayout;
 
 pub const OP_DOMAIN: &str = "dev.fasa";
 pub const OP_NAME: &str = "FasaAttention";
+
+/// New tokens per prefill attention task: bounds the score tile to `64·group × context` floats.
+const PREFILL_TILE: usize = 64;
 
 /// The operator as registered with a session; every kernel shares its pool.
 pub struct FasaAttentionOp {
@@ -162,19 +165,38 @@ impl Kernel for FasaKernel {
             let c = &*cache;
             let pages: Vec<Pages> = (0..hkv).map(|kh| c.pages(layer, kh)).collect();
             let bounds: Vec<Vec<&[f32]>> = if sparse { (0..hkv).map(|kh| c.bounds(layer, kh)).collect() } else { vec![] };
-            if !sparse {
-                // One task per (token, KV group): token i sees positions 0..=pos+i; the group's
-                // query heads share each K/V row read.
-                ctx.par_for(s * hkv, 0, |task| {
-                    let (i, g) = (task / hkv, task % hkv);
+            if !sparse && s == 1 {
+                // Decode: one task per KV group; its query heads share each K/V row read.
+                ctx.par_for(hkv, 0, |g| {
                     let view = pages[g].view();
-                    let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[(i * h + qh) * d..(i * h + qh + 1) * d]).collect();
+                    let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect();
                     let mut o = vec![0f32; group * d];
-                    attend_dense_group(&view, &qs, pos + i + 1, scale, &mut o);
+                    attend_dense_group(&view, &qs, pos + 1, scale, &mut o);
                     // V (and so the output) was never permuted: `o` is in the model's dim order.
-                    // SAFETY: each task writes only its own token's rows of its group's heads.
-                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add((i * h + g * group) * d), group * d) };
+                    // SAFETY: each task writes only its own group's heads.
+                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add(g * group * d), group * d) };
                 })?;
+            }
+            if !sparse && s > 1 {
+                // Prefill: tiles of PREFILL_TILE tokens per KV group, as matrix products.
+                let tiles = s.div_ceil(PREFILL_TILE);
+                ctx.par_for(hkv * tiles, 0, |task| {
+                    let (g, tile) = (task % hkv, task / hkv);
+                    let (i0, i1) = (tile * PREFILL_TILE, ((tile + 1) * PREFILL_TILE).min(s));
+                    // (tokens, group heads, d) of this tile, contiguous.
+                    let mut qs = Vec::with_capacity((i1 - i0) * group * d);
+                    for i in i0..i1 {
+                        qs.extend_from_slice(&q_fc[(i * h + g * group) * d..(i * h + (g + 1) * group) * d]);
+                    }
+                    let mut o = vec![0f32; qs.len()];
+                    attend_causal_group(&pages[g].view(), &qs, group, i1 - i0, pos + i0, scale, &mut o);
+                    for (j, i) in (i0..i1).enumerate() {
+                        // SAFETY: each task writes only its tiles' tokens × its group's heads.
+                        unsafe { std::ptr::copy_nonoverlapping(o.as_ptr().add(j * group * d), out_ptr.get().add((i * h + g * group) * d), group * d) };
+                    }
+                })?;
+            }
+            if !sparse {
                 if s == 1 {
                     stats.dense_layer_steps = 1;
                     stats.bytes_dense = (hkv * n_all * 2 * d) as u64 * ELEM;

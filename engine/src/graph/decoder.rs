@@ -9,7 +9,7 @@ use super::builder::{Attr, GraphBuilder};
 use super::proto::dtype;
 use std::collections::HashMap;
 
-use super::quant::{concat_rows, decompose, q8_0_unsigned, Decomposed, BLOCK};
+use super::quant::{concat_rows, decompose, gather_u8, Decomposed};
 use crate::attention::{OP_DOMAIN, OP_NAME};
 use crate::gguf::{GgmlType, GgufFile};
 use crate::{EngineError, ModelConfig, Result, RopeLayout};
@@ -45,13 +45,18 @@ fn vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
 struct Ctx<'a> {
     g: GraphBuilder,
     f: &'a GgufFile,
-    /// `BlockSum` output already computed per input tensor name.
+    /// `BlockSum` output already computed per `<input>.b<block>`.
     block_sums: HashMap<String, String>,
+    /// `MatMulNBits` accuracy level: 0 = f32 activations (exact), 4 = int8 activations.
+    accuracy_level: i64,
+    /// Performance experiments only (wrong results): leave out the Q4_1 correction term.
+    skip_correction: bool,
 }
 
 impl Ctx<'_> {
-    /// `out = input · [W_0; W_1; …]ᵀ` (weights stacked along N): one `MatMulNBits` when every
-    /// part converts exactly with the same bits, else an f32 `MatMul`.
+    /// `out = input · [W_0; W_1; …]ᵀ` (weights stacked along N): one `MatMulNBits` group when
+    /// every part converts exactly to planes of the same block and count; else each part on its
+    /// own (planes, or an f32 `MatMul` for types with no plane form) joined by a `Concat`.
     fn linear(&mut self, names: &[String], input: &str, out: &str) -> Result<usize> {
         let mut parts = Vec::new();
         let mut k_all = None;
@@ -60,25 +65,31 @@ impl Ctx<'_> {
             if *k_all.get_or_insert(k) != k {
                 return Err(bad(self.f, format!("{n}: input width {k} differs from its siblings")));
             }
-            parts.push((n, rows, ty, bytes));
+            parts.push((rows, ty, bytes));
         }
         let k = k_all.unwrap_or(0);
-        let n_total: usize = parts.iter().map(|p| p.1).sum();
-        let dec: Option<Vec<Decomposed>> = parts.iter().map(|(_, rows, ty, bytes)| decompose(*ty, bytes, *rows, k)).collect();
+        let n_total: usize = parts.iter().map(|p| p.0).sum();
+        let dec: Option<Vec<Decomposed>> = parts.iter().map(|&(rows, ty, bytes)| decompose(ty, bytes, rows, k)).collect();
         if let Some(w) = dec.as_deref().and_then(concat_rows) {
             self.matmul_planes(out, &w, input);
+        } else if names.len() > 1 {
+            // Mixed forms (e.g. a Q6_K V next to Q5_0 Q and K): (S, n_i) each, joined on N.
+            let mut outs = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let o = format!("{out}.part{i}");
+                self.linear(std::slice::from_ref(name), input, &o)?;
+                outs.push(o);
+            }
+            let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+            self.g.node("Concat", "", out, &refs, &[out], vec![("axis", Attr::Int(-1))]);
         } else {
-            // f32 fallback: W stacked (N, K) → transposed (K, N) for MatMul(A, B).
+            // f32 fallback: W (N, K) → transposed (K, N) for MatMul(A, B).
+            let w = self.f.dequantize(&names[0]).map_err(|e| bad(self.f, e.to_string()))?;
             let mut wt = vec![0f32; k * n_total];
-            let mut row0 = 0;
-            for (name, rows, _, _) in &parts {
-                let w = self.f.dequantize(name).map_err(|e| bad(self.f, e.to_string()))?;
-                for r in 0..*rows {
-                    for c in 0..k {
-                        wt[c * n_total + row0 + r] = w[r * k + c];
-                    }
+            for r in 0..n_total {
+                for c in 0..k {
+                    wt[c * n_total + r] = w[r * k + c];
                 }
-                row0 += rows;
             }
             let wn = self.g.init_f32(&format!("{out}.w"), &[k, n_total], &wt);
             self.g.node("MatMul", "", out, &[input, &wn], &[out], vec![]);
@@ -88,24 +99,24 @@ impl Ctx<'_> {
 
     /// `out = Σ_p MatMulNBits(input, plane_p) + BlockSum(input) · corrᵀ` (see `quant`).
     fn matmul_planes(&mut self, out: &str, w: &Decomposed, input: &str) {
-        let nb = w.k / BLOCK;
+        let nb = w.k / w.block;
         let mut terms = Vec::new();
         for (p, plane) in w.planes.iter().enumerate() {
-            let b = self.g.init_u8(&format!("{out}.p{p}.q"), &[w.n, nb, 16], plane.packed.clone());
+            let b = self.g.init_u8(&format!("{out}.p{p}.q"), &[w.n, nb, w.block / 2], plane.packed.clone());
             let s = self.g.init_f32(&format!("{out}.p{p}.scales"), &[w.n * nb], &plane.scales);
             let y = format!("{out}.p{p}");
             let attrs = vec![
                 ("K", Attr::Int(w.k as i64)),
                 ("N", Attr::Int(w.n as i64)),
                 ("bits", Attr::Int(4)),
-                ("block_size", Attr::Int(BLOCK as i64)),
-                ("accuracy_level", Attr::Int(0)),
+                ("block_size", Attr::Int(w.block as i64)),
+                ("accuracy_level", Attr::Int(self.accuracy_level)),
             ];
             self.g.node("MatMulNBits", "com.microsoft", &y, &[input, &b, &s], &[&y], attrs);
             terms.push(y);
         }
-        if let Some(corr) = &w.correction {
-            // corrᵀ: (K/32, N) for MatMul((S, K/32), ·).
+        if let Some(corr) = w.correction.as_ref().filter(|_| !self.skip_correction) {
+            // corrᵀ: (K/B, N) for MatMul((S, K/B), ·).
             let mut t = vec![0f32; nb * w.n];
             for r in 0..w.n {
                 for b in 0..nb {
@@ -113,7 +124,7 @@ impl Ctx<'_> {
                 }
             }
             let c = self.g.init_f32(&format!("{out}.corr"), &[nb, w.n], &t);
-            let sums = self.block_sum(input, nb);
+            let sums = self.block_sum(input, w.block, nb);
             let y = format!("{out}.c");
             self.g.node("MatMul", "", &y, &[&sums, &c], &[&y], vec![]);
             terms.push(y);
@@ -130,40 +141,49 @@ impl Ctx<'_> {
         }
     }
 
-    /// `(S, K)` → `(S, K/32)` sums of each block of 32 inputs.
-    fn block_sum(&mut self, input: &str, nb: usize) -> String {
-        if let Some(s) = self.block_sums.get(input) {
+    /// `(S, K)` → `(S, K/B)` sums of each block of `block` inputs.
+    fn block_sum(&mut self, input: &str, block: usize, nb: usize) -> String {
+        let key = format!("{input}.b{block}");
+        if let Some(s) = self.block_sums.get(&key) {
             return s.clone();
         }
-        let shape = self.g.init_i64(&format!("{input}.bs_shape"), &[3], &[-1, nb as i64, BLOCK as i64]);
-        let axes = self.g.init_i64(&format!("{input}.bs_axes"), &[1], &[2]);
-        let (r, s) = (format!("{input}.blocks"), format!("{input}.bsum"));
+        let shape = self.g.init_i64(&format!("{key}.bs_shape"), &[3], &[-1, nb as i64, block as i64]);
+        let axes = self.g.init_i64(&format!("{key}.bs_axes"), &[1], &[2]);
+        let (r, s) = (format!("{key}.blocks"), format!("{key}.bsum"));
         self.g.node("Reshape", "", &r, &[input, &shape], &[&r], vec![]);
         self.g.node("ReduceSum", "", &s, &[&r, &axes], &[&s], vec![("keepdims", Attr::Int(0))]);
-        self.block_sums.insert(input.to_string(), s.clone());
+        self.block_sums.insert(key, s.clone());
         s
     }
 }
 
 pub fn build_decoder(f: &GgufFile, c: &ModelConfig) -> Result<DecoderGraph> {
     let (d_model, d) = (c.hidden, c.head_dim);
-    let mut x = Ctx { g: GraphBuilder::new("fasa-decoder"), f, block_sums: HashMap::new() };
+    let env_flag = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<i64>().ok());
+    let mut x = Ctx {
+        g: GraphBuilder::new("fasa-decoder"),
+        f,
+        block_sums: HashMap::new(),
+        accuracy_level: env_flag("FASA_ACCURACY_LEVEL").unwrap_or(0),
+        skip_correction: env_flag("FASA_EXPERIMENT_NO_CORRECTION") == Some(1),
+    };
     x.g.input("input_ids", dtype::INT64, &[None]);
     x.g.input("position", dtype::INT64, &[Some(1)]);
     x.g.input("slot", dtype::INT64, &[Some(1)]);
     x.g.output("logits", dtype::FLOAT, &[Some(1), Some(c.vocab_size as i64)]);
     let eps = Attr::Float(c.rms_eps);
 
-    // Token embedding (V, D): 8-bit gather where the file is Q8_0, else an f32 table.
+    // Token embedding (V, D): an exact 8-bit gather where the type allows (Q8_0, Q4_0, Q5_0,
+    // Q6_K), else an f32 table.
     let (vocab, emb_k, emb_ty, emb_bytes) = weight(f, "token_embd.weight")?;
     if emb_k != d_model || vocab != c.vocab_size {
         return Err(bad(f, format!("token_embd.weight is ({vocab}, {emb_k}), expected ({}, {d_model})", c.vocab_size)));
     }
-    match (emb_ty == GgmlType::Q8_0).then(|| q8_0_unsigned(emb_bytes, vocab, d_model)).flatten() {
-        Some((q, s)) => {
+    match gather_u8(emb_ty, emb_bytes, vocab, d_model) {
+        Some((q, s, block)) => {
             let q = x.g.init_u8("embed.q", &[vocab, d_model], q);
-            let s = x.g.init_f32("embed.scales", &[vocab, d_model / 32], &s);
-            let attrs = vec![("gather_axis", Attr::Int(0)), ("quantize_axis", Attr::Int(1)), ("block_size", Attr::Int(32)), ("bits", Attr::Int(8))];
+            let s = x.g.init_f32("embed.scales", &[vocab, d_model / block], &s);
+            let attrs = vec![("gather_axis", Attr::Int(0)), ("quantize_axis", Attr::Int(1)), ("block_size", Attr::Int(block as i64)), ("bits", Attr::Int(8))];
             x.g.node("GatherBlockQuantized", "com.microsoft", "embed", &[&q, "input_ids", &s], &["x0"], attrs);
         }
         None => {

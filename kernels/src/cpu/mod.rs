@@ -5,9 +5,11 @@
 //! pair of FC `f` for every token of the page, so scoring with a subset of FCs streams only those
 //! planes. A V page is `(page, d)` in the model's dim order.
 pub mod attention;
+pub mod prefill;
 pub mod rope;
 pub mod select;
 
 pub use attention::{attend_dense, attend_dense_group, attend_rows, attend_rows_group, fc_scores, softmax_in_place, HeadView};
+pub use prefill::attend_causal_group;
 pub use rope::Rope;
 pub use select::{choose_fcs, force_rows, quest_score, top_b};

@@ -13,6 +13,7 @@ typedef unsigned long long u64;
 // `n_fc/8` aligned sectors instead of `n_fc` scattered 4-byte pieces.
 #define FCG 8          // FCs per group
 #define GE 16          // elements per (token, group) = 32 bytes
+#define KT 64          // tokens per K tile: (n_grp, KT, GE) per tile, so dense reads are contiguous
 #define MAXH 8         // most query heads sharing one selection (GQA group ≤ 8)
 #define MAXG 8         // most FC groups per head (d ≤ 128)
 #define NBIN 4096      // histogram bins of TIP scores: top 12 bits of the ordered key

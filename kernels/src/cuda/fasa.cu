@@ -3,7 +3,8 @@
 // benchmarks. Launchers: kernels/src/gpu/*.rs. CPU twins: kernels/src/cpu/*.rs.
 //
 // Buffers (element counts; T = 16-bit storage, f16 or bf16; accumulation in f32):
-//   k      (batch, n_kv, n_grp, l_max, GE)  FC groups of rotated K, slot order (see fc_of_slot)
+//   k      (batch, n_kv, l_max/KT, n_grp, KT, GE)  rotated K in tiles of KT tokens; in a tile,
+//          FC group g of all its tokens is contiguous (KT·32 bytes); FCs in slot order (fc_of_slot)
 //   v      (batch, n_kv, l_max, d)          V rows, model dim order
 //   q      (batch, n_q, d) f32              rotated queries, FC-pair order (2f, 2f+1 = FC f)
 //   fc_of_slot (n_kv, n_fc) i32             FC stored in slot s of a KV head (slot_of_fc: inverse)
@@ -31,6 +32,20 @@ struct Dims {
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
 
+// Element offset of (token t, FC group g) inside one (sequence, KV head) K region.
+__device__ __forceinline__ size_t k_off(int t, int g, int n_grp) {
+    return (((size_t)(t / KT) * n_grp + g) * KT + (t % KT)) * GE;
+}
+
+// 16-byte asynchronous global → shared copy (sm_80+), completion by group.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    u32 a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 // ---------------------------------------------------------------------------------------------
 // 1. Append: the new token's rotated K (FC order) into its FC-group slots, V into its row.
 // grid (n_kv, batch), block d.
@@ -45,7 +60,7 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
     int f = j >> 1, c = j & 1;
     int slot = slot_of_fc[kvh * D.n_fc + f];
     int g = slot / FCG, e = (slot % FCG) * 2 + c;
-    k[((bk * D.n_grp + g) * D.l_max + p) * GE + e] = T::store(k_new[bk * D.d + j]);
+    k[bk * D.l_max * D.d + k_off(p, g, D.n_grp) + e] = T::store(k_new[bk * D.d + j]);
     v[(bk * D.l_max + p) * D.d + j] = T::store(v_new[bk * D.d + j]);
 }
 
@@ -55,7 +70,8 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
 // from the pool by Σ_h ‖q_{h,f}‖ (ties → earlier in the pool), exactly as cpu::choose_fcs.
 // grid (ceil(l_max/TIP_TOK), n_sel, batch), block TIP_THREADS.
 #define TIP_THREADS 256
-#define TIP_TOK 512
+#define TIP_TPT 4 // tokens per thread, loads in flight together
+#define TIP_TOK (TIP_THREADS * TIP_TPT)
 template <class T>
 __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool,
                          const int* lens, float* scores, u32* hist) {
@@ -103,36 +119,48 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
     }
     __syncthreads();
     u32 gmask = gmask_s;
-    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.n_grp * D.l_max * GE;
+    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.l_max * D.d;
     int seg = b * D.n_sel + s;
     float* sc = scores + (size_t)seg * D.l_max;
-    int t1 = min(t0 + TIP_TOK, len);
-    for (int t = t0 + tid; t < t1; t += blockDim.x) {
-        uint4 raw[MAXG][2];
+    float acc[TIP_TPT];
 #pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if ((gmask >> g) & 1u) {
-                const uint4* p = (const uint4*)(kb + ((size_t)g * D.l_max + t) * GE);
-                raw[g][0] = p[0];
-                raw[g][1] = p[1];
+    for (int j = 0; j < TIP_TPT; ++j) acc[j] = 0.f;
+    for (u32 gm = gmask; gm; gm &= gm - 1) {
+        int g = __ffs(gm) - 1;
+        uint4 raw[TIP_TPT][2];
+#pragma unroll
+        for (int j = 0; j < TIP_TPT; ++j) {
+            int t = t0 + j * TIP_THREADS + tid;
+            raw[j][0] = raw[j][1] = make_uint4(0, 0, 0, 0);
+            if (t < len) {
+                const uint4* p = (const uint4*)(kb + k_off(t, g, D.n_grp));
+                raw[j][0] = p[0];
+                raw[j][1] = p[1];
             }
         }
-        float acc = 0.f;
+        float qg[GE];
 #pragma unroll
-        for (int g = 0; g < MAXG; ++g) {
-            if ((gmask >> g) & 1u) {
-                float f[8];
-                unpack8<T>(raw[g][0], f);
+        for (int e = 0; e < GE; ++e) qg[e] = qeff[g * GE + e];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc += qeff[g * GE + e] * f[e];
-                unpack8<T>(raw[g][1], f);
+        for (int j = 0; j < TIP_TPT; ++j) {
+            float f[8];
+            unpack8<T>(raw[j][0], f);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc += qeff[g * GE + 8 + e] * f[e];
-            }
+            for (int e = 0; e < 8; ++e) acc[j] += qg[e] * f[e];
+            unpack8<T>(raw[j][1], f);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[j] += qg[8 + e] * f[e];
         }
-        if (t < D.sinks || t >= len - D.recent) acc = POS_INF;
-        sc[t] = acc;
-        atomicAdd(&sh_hist[okey(acc) >> BIN_SHIFT], 1u);
+    }
+#pragma unroll
+    for (int j = 0; j < TIP_TPT; ++j) {
+        int t = t0 + j * TIP_THREADS + tid;
+        if (t < len) {
+            float a = acc[j];
+            if (t < D.sinks || t >= len - D.recent) a = POS_INF;
+            sc[t] = a;
+            atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
+        }
     }
     __syncthreads();
     u32* hg = hist + (size_t)seg * NBIN;
@@ -144,6 +172,34 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
 // 3. Top-B selection: the histogram gives the bin tb holding the B-th largest score; every
 // score above tb is kept (filter), the scores inside tb are candidates, and a radix select over
 // their unique 64-bit keys (score, then lower index) keeps exactly the missing ones (refine).
+
+// Exclusive prefix sum of x over the block (any multiple of 32 threads); *total gets the sum.
+__device__ u32 block_excl_scan(u32 x, u32* total) {
+    __shared__ u32 ws[32];
+    __shared__ u32 tot;
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    u32 incl = x;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 y = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += y;
+    }
+    if (lane == 31) ws[w] = incl;
+    __syncthreads();
+    if (w == 0) {
+        u32 v = lane < nw ? ws[lane] : 0, vi = v;
+        for (int o = 1; o < 32; o <<= 1) {
+            u32 y = __shfl_up_sync(0xffffffffu, vi, o);
+            if (lane >= o) vi += y;
+        }
+        if (lane < nw) ws[lane] = vi - v;
+        if (lane == 31) tot = vi;
+    }
+    __syncthreads();
+    u32 r = ws[w] + incl - x;
+    *total = tot;
+    __syncthreads();
+    return r;
+}
 
 // Block-wide (256 threads): bin tb with count(bins > tb) < B ≤ count(bins ≥ tb), and that count.
 __device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out) {
@@ -207,7 +263,7 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, u32* sel,
                            int rerank) {
     __shared__ int tb, above, dg, gt, in_dg;
     __shared__ u32 h256[256];
-    __shared__ u64 cs_s[CAND_SMEM];
+    __shared__ __align__(16) u64 cs_s[CAND_SMEM];
     int tid = threadIdx.x;
     int m = (int)__ldcg(&cand_cnt[seg]);
     int need = 0;
@@ -229,8 +285,13 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, u32* sel,
     }
     const u64* cg = cand + (size_t)seg * D.l_max;
     bool in_smem = m <= CAND_SMEM;
-    if (in_smem)
-        for (int i = tid; i < m; i += blockDim.x) cs_s[i] = __ldcg(&cg[i]);
+    if (in_smem) {
+        // All copies in flight at once (one memory latency, not m/256 of them).
+        for (int i = 2 * tid; i + 1 < m; i += 2 * blockDim.x) cp_async16(&cs_s[i], &cg[i]);
+        cp_async_commit();
+        if ((m & 1) && tid == 0) cs_s[m - 1] = __ldcg(&cg[m - 1]);
+        cp_async_wait<0>();
+    }
     __syncthreads();
     u32* out = sel + (size_t)seg * D.budget;
     if (active && need > 0) {
@@ -257,12 +318,17 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, u32* sel,
         } else {
             val = 0; // need == m: every candidate is kept
         }
-        for (int base = 0; base < m; base += blockDim.x) {
-            int i = base + tid;
-            u64 key = i < m ? (in_smem ? cs_s[i] : __ldcg(&cg[i])) : 0;
-            bool keep = i < m && key >= val;
-            int p = warp_append(&sel_cnt[seg], keep);
-            if (p >= 0) out[p] = skey_token(key);
+        // Each thread keeps from its own run of candidates; one scan gives the write positions
+        // after the rows the filter already wrote (none in re-rank mode).
+        int per = (m + blockDim.x - 1) / blockDim.x;
+        int i0 = min(m, tid * per), i1 = min(m, i0 + per);
+        u32 nk = 0;
+        for (int i = i0; i < i1; ++i) nk += (in_smem ? cs_s[i] : __ldcg(&cg[i])) >= val;
+        u32 total;
+        u32 pos = (rerank ? 0u : (u32)above) + block_excl_scan(nk, &total);
+        for (int i = i0; i < i1; ++i) {
+            u64 key = in_smem ? cs_s[i] : __ldcg(&cg[i]);
+            if (key >= val) out[pos++] = skey_token(key);
         }
     }
     __syncthreads();
@@ -290,11 +356,15 @@ __device__ bool last_block(u32* done, int seg, int n) {
 }
 
 // Filter: rows above the threshold bin into sel, the bin's rows into cand; the last block of a
-// selection then completes it (refine_seg). grid (ceil(l_max/FILT_TOK), n_sel, batch), block 256.
-#define FILT_TOK 2048
+// selection then completes it (refine_seg). Each thread loads its FILT_TPT scores at once, and one
+// block scan + one atomic per block give the write positions.
+// grid (ceil(l_max/FILT_TOK), n_sel, batch), block 256.
+#define FILT_TPT 8
+#define FILT_TOK (256 * FILT_TPT)
 extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const float* scores, u32* hist, const int* lens,
                                                                 u32* sel, u32* sel_cnt, u64* cand, u32* cand_cnt, u32* done) {
     __shared__ int tb, above;
+    __shared__ u32 base_a, base_c;
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int seg = b * D.n_sel + s;
     int len = lens[b];
@@ -307,16 +377,38 @@ extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const fl
     } else {
         find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
         const float* sc = scores + (size_t)seg * D.l_max;
+        u32 key[FILT_TPT];
+#pragma unroll
+        for (int j = 0; j < FILT_TPT; ++j) {
+            int t = t0 + j * 256 + tid;
+            key[j] = t < t1 ? okey(sc[t]) : 0u;
+        }
+        u32 na = 0, nc = 0;
+#pragma unroll
+        for (int j = 0; j < FILT_TPT; ++j) {
+            int t = t0 + j * 256 + tid;
+            int bin = (int)(key[j] >> BIN_SHIFT);
+            na += t < t1 && bin > tb;
+            nc += t < t1 && bin == tb;
+        }
+        u32 ta, tc;
+        u32 pa = block_excl_scan(na, &ta);
+        u32 pc = block_excl_scan(nc, &tc);
+        if (tid == 0) {
+            base_a = ta ? atomicAdd(&sel_cnt[seg], ta) : 0u;
+            base_c = tc ? atomicAdd(&cand_cnt[seg], tc) : 0u;
+        }
+        __syncthreads();
+        pa += base_a;
+        pc += base_c;
         u64* cs = cand + (size_t)seg * D.l_max;
-        for (int base = t0; base < t1; base += blockDim.x) {
-            int t = base + tid;
-            bool valid = t < t1;
-            u32 key = okey(valid ? sc[t] : 0.f);
-            int bin = (int)(key >> BIN_SHIFT);
-            int p = warp_append(&sel_cnt[seg], valid && bin > tb);
-            if (p >= 0) out[p] = (u32)t;
-            int c = warp_append(&cand_cnt[seg], valid && bin == tb);
-            if (c >= 0) cs[c] = ((u64)key << 32) | (u64)(0xffffffffu - (u32)t);
+#pragma unroll
+        for (int j = 0; j < FILT_TPT; ++j) {
+            int t = t0 + j * 256 + tid;
+            if (t >= t1) continue;
+            int bin = (int)(key[j] >> BIN_SHIFT);
+            if (bin > tb) out[pa++] = (u32)t;
+            else if (bin == tb) cs[pc++] = ((u64)key[j] << 32) | (u64)(0xffffffffu - (u32)t);
         }
     }
     if (last_block(done, seg, (len + FILT_TOK - 1) / FILT_TOK))
@@ -352,7 +444,7 @@ __device__ __forceinline__ void row_scores(const u16* kb, int l_max, int d, int 
         for (int j = 0; j < 4; ++j) {
             int i = base + j * step + rsub;
             u[j] = make_uint4(0, 0, 0, 0);
-            if (i < nr) u[j] = *(const uint4*)(kb + ((size_t)g * l_max + rows[i]) * GE + half * 8);
+            if (i < nr) u[j] = *(const uint4*)(kb + k_off(rows[i], g, d >> 4) + half * 8);
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -402,7 +494,7 @@ __device__ void rerank_scores_impl(Dims D, const u16* k, const float* q, const i
     load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, 1.f, q_s);
     for (int i = threadIdx.x; i < nr; i += blockDim.x) rows[i] = selc[(size_t)seg * C + r0 + i];
     __syncthreads();
-    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.n_grp * D.l_max * GE;
+    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.l_max * D.d;
     row_scores<T>(kb, D.l_max, D.d, D.hps, q_s, rows, nr, rr + (size_t)seg * D.hps * C + r0, C);
 }
 
@@ -503,76 +595,132 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
     if (out && last_block(done, seg, n_split)) combine_seg(D, seg, b, s, n_split, po, pml, out);
 }
 
-// The partial (o, m, l) of rows r0..r0+nr of one selection.
+// The partial (o, m, l) of rows r0..r0+nr of one selection: rows in chunks of FAC_CH, K and V of
+// the next chunk copied to shared memory (cp.async) while the current one is used; online
+// softmax over the chunks.
+#define FAC_CH 32
 template <class T>
 __device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const u32* sel, int seg,
                          int s, int b, int r0, int nr, float* pm, float* o_out) {
-    __shared__ float q_s[MAXH][128];
-    __shared__ float sc[MAXH][FAC_MAX_ROWS];
+    __shared__ __align__(16) float q_s[MAXH][128];
+    __shared__ __align__(16) u16 ks[2][FAC_CH][128];
+    __shared__ __align__(16) u16 vs[2][FAC_CH][128];
+    __shared__ float p_s[MAXH][FAC_CH];
     __shared__ u32 rows[FAC_MAX_ROWS];
     __shared__ float o_s[MAXH][128];
-    int tid = threadIdx.x, hps = D.hps;
+    __shared__ float m_s[MAXH], l_s[MAXH], alpha_s[MAXH];
+    int tid = threadIdx.x, hps = D.hps, d = D.d;
     int h0 = s * hps, kvh = kv_of_sel(D, s);
     load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
     for (int i = tid; i < nr; i += blockDim.x) rows[i] = sel ? sel[(size_t)seg * D.budget + r0 + i] : (u32)(r0 + i);
     for (int i = tid; i < MAXH * 128; i += blockDim.x) (&o_s[0][0])[i] = 0.f;
+    if (tid < MAXH) { m_s[tid] = NEG_INF; l_s[tid] = 0.f; }
     __syncthreads();
     size_t bk = (size_t)b * D.n_kv + kvh;
-    row_scores<T>(k + bk * D.n_grp * D.l_max * GE, D.l_max, D.d, hps, q_s, rows, nr, &sc[0][0], FAC_MAX_ROWS);
-    __syncthreads();
-    // Partial softmax per head: one warp per head.
+    const u16* kb = k + bk * D.l_max * d;
+    const u16* vb = v + bk * D.l_max * d;
+    int lpr = d >> 3;         // 16-byte pieces per row
+    int n_grp = d >> 4;
+    int n_ch = (nr + FAC_CH - 1) / FAC_CH;
+    // Issue the copies of chunk ci into stage st.
+    auto issue = [&](int ci, int st) {
+        int base = ci * FAC_CH, cnt = min(FAC_CH, nr - base);
+        for (int x = tid; x < cnt * lpr; x += blockDim.x) {
+            int i = x / lpr, c = x % lpr;
+            u32 t = rows[base + i];
+            cp_async16(&ks[st][i][c * 8], kb + k_off(t, c >> 1, n_grp) + (c & 1) * 8);
+            cp_async16(&vs[st][i][c * 8], vb + (size_t)t * d + c * 8);
+        }
+        cp_async_commit();
+    };
+    // Scores: d/8 lanes per row (16 bytes each), reduced by shuffles.
     int lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
-    for (int h = w; h < hps; h += nw) {
-        float mx = NEG_INF;
-        for (int i = lane; i < nr; i += 32) mx = fmaxf(mx, sc[h][i]);
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        float sum = 0.f;
-        for (int i = lane; i < nr; i += 32) { float p = __expf(sc[h][i] - mx); sc[h][i] = p; sum += p; }
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) { pm[2 * h] = mx; pm[2 * h + 1] = sum; }
-    }
-    __syncthreads();
-    // P·V: d/8 threads per row (16 bytes each), the block's row groups interleaved.
-    int lpr = D.d >> 3, nrg = blockDim.x / lpr;
-    int c = tid % lpr, rg = tid / lpr;
-    const u16* vb = v + bk * D.l_max * D.d + c * 8;
+    int c = lane % lpr, rsub = lane / lpr, rpw = 32 / lpr;
+    // P·V: thread (row group rg, piece cv) accumulates 8 dims of every head.
+    int cv = tid % lpr, rg = tid / lpr, nrg = blockDim.x / lpr;
     float acc[MAXH][8];
 #pragma unroll
     for (int h = 0; h < MAXH; ++h)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
-    for (int i0 = rg; i0 < nr; i0 += 4 * nrg) {
-        uint4 u[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            int i = i0 + j * nrg;
-            u[j] = make_uint4(0, 0, 0, 0);
-            if (i < nr) u[j] = *(const uint4*)(vb + (size_t)rows[i] * D.d);
+    issue(0, 0);
+    for (int ci = 0; ci < n_ch; ++ci) {
+        int st = ci & 1;
+        if (ci + 1 < n_ch) {
+            issue(ci + 1, st ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
+        __syncthreads();
+        int cnt = min(FAC_CH, nr - ci * FAC_CH);
+        for (int i0 = w * rpw; i0 < FAC_CH; i0 += nw * rpw) {
+            int i = i0 + rsub;
+            float f[8];
+            uint4 u = *(const uint4*)&ks[st][i][c * 8];
+            unpack8<T>(u, f);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            int i = i0 + j * nrg;
-            if (i < nr) {
-                float f[8];
-                unpack8<T>(u[j], f);
-#pragma unroll
-                for (int h = 0; h < MAXH; ++h) {
-                    if (h < hps) {
-                        float p = sc[h][i];
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) acc[h][e] += p * f[e];
-                    }
+            for (int h = 0; h < MAXH; ++h) {
+                if (h < hps) {
+                    // q from shared memory (lanes of one piece broadcast): keeps registers for acc.
+                    float4 qa = *(const float4*)&q_s[h][c * 8], qb = *(const float4*)&q_s[h][c * 8 + 4];
+                    float a = qa.x * f[0] + qa.y * f[1] + qa.z * f[2] + qa.w * f[3] + qb.x * f[4] + qb.y * f[5] + qb.z * f[6] + qb.w * f[7];
+                    for (int o = lpr >> 1; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+                    if (c == 0) p_s[h][i] = i < cnt ? a : NEG_INF;
                 }
             }
         }
+        __syncthreads();
+        // Online softmax, one warp per head, one lane per row of the chunk.
+        for (int h = w; h < hps; h += nw) {
+            float x = p_s[h][lane];
+            float mx = x;
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            float m_old = m_s[h];
+            float m_new = fmaxf(m_old, mx);
+            float p = lane < cnt ? __expf(x - m_new) : 0.f;
+            float sum = p;
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            p_s[h][lane] = p;
+            if (lane == 0) {
+                float al = m_old == NEG_INF ? 0.f : __expf(m_old - m_new);
+                alpha_s[h] = al;
+                l_s[h] = l_s[h] * al + sum;
+                m_s[h] = m_new;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int h = 0; h < MAXH; ++h) {
+            if (h < hps) {
+                float al = alpha_s[h];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[h][e] *= al;
+            }
+        }
+        for (int i = rg; i < cnt; i += nrg) {
+            float f[8];
+            uint4 u = *(const uint4*)&vs[st][i][cv * 8];
+            unpack8<T>(u, f);
+#pragma unroll
+            for (int h = 0; h < MAXH; ++h) {
+                if (h < hps) {
+                    float p = p_s[h][i];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[h][e] += p * f[e];
+                }
+            }
+        }
+        __syncthreads(); // stage st is refilled next iteration
     }
 #pragma unroll
     for (int h = 0; h < MAXH; ++h)
         if (h < hps)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) atomicAdd(&o_s[h][c * 8 + e], acc[h][e]);
+            for (int e = 0; e < 8; ++e) atomicAdd(&o_s[h][cv * 8 + e], acc[h][e]);
     __syncthreads();
-    for (int i = tid; i < hps * D.d; i += blockDim.x) o_out[i] = o_s[i / D.d][i % D.d];
+    for (int i = tid; i < hps * d; i += blockDim.x) o_out[i] = o_s[i / d][i % d];
+    for (int h = tid; h < hps; h += blockDim.x) { pm[2 * h] = m_s[h]; pm[2 * h + 1] = l_s[h]; }
 }
 
 // Merges the partials of every split of one selection into out (batch, n_q, d) f32.
@@ -641,4 +789,15 @@ DEFINE_TYPED(bf16, BF16)
 
 extern "C" __global__ void fill_random_f32(float* x, u64 n, u32 seed, float amp) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) x[i] = amp * hash_unit(i, seed);
+}
+
+// Benchmark helper: the device copy bandwidth through the SMs (4 independent 16-byte loads a thread).
+extern "C" __global__ void copy_u4(const uint4* a, uint4* b, u64 n) {
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n; i += 4 * stride) {
+        uint4 x0 = a[i], x1 = a[i + stride], x2 = a[i + 2 * stride], x3 = a[i + 3 * stride];
+        b[i] = x0; b[i + stride] = x1; b[i + 2 * stride] = x2; b[i + 3 * stride] = x3;
+    }
+    for (; i < n; i += stride) b[i] = a[i];
 }

@@ -1,13 +1,18 @@
 //! The GPU KV cache and its append op.
 //!
-//! Layout, per (sequence, KV head), `l_max` tokens:
-//! - K `(n_grp, l_max, FCG, 2)`: FC groups of the rotated K, FCs in slot order. Slot `s` holds FC
-//!   `fc_of_slot[kv][s]`; put the calibrated pool first so TIP streams `ceil(P/8)` contiguous
-//!   groups, and FAC reads a token's full K as `d/16` aligned 32-byte sectors.
+//! Layout, per (sequence, KV head), `l_max` tokens (a multiple of `KT` = 64):
+//! - K `(l_max/KT, n_grp, KT, FCG, 2)`: tiles of 64 tokens; inside a tile, FC group `g` (FCs
+//!   `8g..8g+8` in slot order, 32 bytes per token) of all its tokens is contiguous. Slot `s` holds
+//!   FC `fc_of_slot[kv][s]`: put the calibrated pool first, so TIP streams only the first
+//!   `ceil(P/8)` groups of each tile (2 KiB runs), FAC reads a token's full K as `d/16` aligned
+//!   32-byte sectors of one 16 KiB tile, and dense attention reads whole tiles.
 //! - V `(l_max, d)` in the model's dim order.
+//!
+//! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
+//! groups give TIP FC granularity of 8 and FAC whole sectors.)
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE};
+use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT};
 
 pub struct GpuKvCache {
     pub dtype: Dtype,
@@ -27,7 +32,7 @@ pub struct GpuKvCache {
 }
 
 impl GpuKvCache {
-    /// A zeroed cache. `order[kv]` lists the FCs of KV head `kv` in slot order (a permutation of
+    /// A zeroed cache of at least `l_max` tokens (rounded up to a multiple of 64). `order[kv]` lists the FCs of KV head `kv` in slot order (a permutation of
     /// `0..d/2`, pool first); None keeps the natural order.
     pub fn new(
         gpu: &Gpu,
@@ -42,6 +47,7 @@ impl GpuKvCache {
             return Err(GpuError::Shape(format!("head dim {d}: the kernels take 64 or 128")));
         }
         let n_fc = d / 2;
+        let l_max = l_max.next_multiple_of(KT);
         let order = order.unwrap_or_else(|| vec![(0..n_fc).collect(); n_kv]);
         let mut fos = Vec::with_capacity(n_kv * n_fc);
         let mut sof = vec![0i32; n_kv * n_fc];
@@ -102,11 +108,12 @@ impl GpuKvCache {
         if len > l || v.len() != k.len() {
             return Err(GpuError::Shape(format!("{len} tokens do not fit l_max {l}")));
         }
-        let mut kr = vec![0u16; self.n_grp() * l * GE];
+        let n_grp = self.n_grp();
+        let mut kr = vec![0u16; l * d];
         for t in 0..len {
             for (s, &f) in self.order[kv].iter().enumerate() {
                 let (g, e) = (s / FCG, (s % FCG) * 2);
-                let o = (g * l + t) * GE + e;
+                let o = ((t / KT * n_grp + g) * KT + t % KT) * GE + e;
                 kr[o] = self.dtype.encode(k[t * d + 2 * f]);
                 kr[o + 1] = self.dtype.encode(k[t * d + 2 * f + 1]);
             }

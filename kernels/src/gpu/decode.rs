@@ -144,6 +144,13 @@ impl FasaDecoder {
         Ok(())
     }
 
+    /// TIP alone, then the histogram zeroed again (stage timing in benchmarks).
+    pub fn tip_only(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
+        tip::launch(gpu, cache.dtype, &self.dims, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist)?;
+        gpu.stream.memset_zeros(&mut self.hist)?;
+        Ok(())
+    }
+
     /// One FASA step: `q (batch, n_q, d)` f32 rotated, FC-pair order → `out (batch, n_q, d)` f32.
     pub fn step(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         self.select(gpu, cache, q, lens)?;

@@ -29,12 +29,14 @@ pub use decode::{DecodeConfig, FasaDecoder};
 pub const FCG: usize = 8;
 /// Elements per (token, group).
 pub const GE: usize = 2 * FCG;
+/// Tokens per K tile (`KT` in common.cuh); cache capacities are multiples of it.
+pub const KT: usize = 64;
 /// Histogram bins of the TIP scores (`NBIN` in common.cuh).
 pub const NBIN: usize = 4096;
 /// Most q heads sharing one selection, most rows of one FAC block.
 pub const MAX_HPS: usize = 8;
 pub const FAC_MAX_ROWS: usize = 512;
-pub(crate) const TIP_TOK: usize = 512;
+pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
 pub(crate) const FILT_TOK: usize = 2048;
 pub(crate) const RR_ROWS: usize = 256;
 
@@ -123,6 +125,7 @@ pub(crate) struct Funcs {
     pub rerank_mass: CudaFunction,
     pub fac_combine: CudaFunction,
     pub fill_random_f32: CudaFunction,
+    pub copy_u4: CudaFunction,
     /// Per dtype: append, tip, rerank_scores, fac, fill_random.
     pub typed: [[CudaFunction; 5]; 2],
 }
@@ -256,6 +259,7 @@ impl Gpu {
             rerank_mass: get("rerank_mass")?,
             fac_combine: get("fac_combine")?,
             fill_random_f32: get("fill_random_f32")?,
+            copy_u4: get("copy_u4")?,
             typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
@@ -295,6 +299,19 @@ impl Gpu {
         b.arg(x).arg(&n).arg(&seed).arg(&amp);
         // SAFETY: the kernel writes x[0..n) only, n = x.len().
         unsafe { b.launch(LaunchConfig { grid_dim: (1024, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }?;
+        Ok(())
+    }
+}
+
+impl Gpu {
+    /// Copies `src` to `dst` with a plain 16-byte-per-thread kernel (the SM path, as attention
+    /// kernels read memory; a memcpy node in a graph goes through the copy engines instead).
+    pub fn copy_kernel(&self, src: &cudarc::driver::CudaSlice<u8>, dst: &mut cudarc::driver::CudaSlice<u8>) -> Result<(), GpuError> {
+        let n = (src.len().min(dst.len()) / 16) as u64;
+        let mut b = self.stream.launch_builder(&self.f.copy_u4);
+        b.arg(src).arg(dst).arg(&n);
+        // SAFETY: n 16-byte words fit both buffers (cudaMalloc'd, 256-byte aligned).
+        unsafe { b.launch(LaunchConfig { grid_dim: (self.sm_count as u32 * 8, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 }) }?;
         Ok(())
     }
 }
