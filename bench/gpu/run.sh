@@ -16,7 +16,7 @@ done
 { date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv; nvcc --version | tail -2; ls /usr/local/cuda/lib64/libnvrtc* 2>&1 | head -3; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 chmod +x .dev/gpu/*
-timeout 150 .dev/gpu/gpu-tests --include-ignored --test-threads=1 2>&1 | tee "$OUT/tests.log"
+timeout 150 .dev/gpu/gpu-tests --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log"
 echo "tests exit ${PIPESTATUS[0]}"
 timeout 240 .dev/gpu/gpu_bench "$@" "$OUT/bench.csv" 2>&1 | tail -n +1
 timeout 150 python3 bench/gpu/sdpa.py "$@" "$OUT/sdpa.csv"

@@ -273,6 +273,8 @@ pub(crate) fn pull_with(fetch: &dyn Fetch, model: &CatalogModel, models_dir: &Pa
     if let Err(e) = std::fs::remove_dir_all(&work) {
         log::warn!("cannot remove {}: {e}", work.display());
     }
+    let _ = std::fs::remove_dir(models_dir.join(".parts")); // only when no other pull uses it
+
     report(progress, PullStage::Done, 0, model.size, model.size);
     Ok(target)
 }

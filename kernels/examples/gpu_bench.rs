@@ -74,6 +74,7 @@ fn main() {
         bw / 1e12,
         bw_memcpy / 1e12
     )];
+    lines.push(format!("# resident blocks/SM (f16): tip, filter, fac = {:?}", gpu.occupancy(Dtype::F16).unwrap()));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us".into());
     println!("{}", lines.join("\n"));
 

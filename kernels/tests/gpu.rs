@@ -457,9 +457,16 @@ fn long_and_large_budget_matches_cpu() {
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
 fn ties_pick_lower_rows() {
-    // Every K equal: all scores tie, top-B must be rows 0..B (cpu::top_b's rule).
+    // Every K equal: all scores tie, top-B must be rows 0..B (cpu::top_b's rule). 6000 ties also
+    // overflow the shared-memory candidate buffer (4096) and take the global-memory path.
+    for len in [2000, 6000] {
+        ties_case(len);
+    }
+}
+
+fn ties_case(len: usize) {
     let g = gpu();
-    let (d, n_kv, n_q, len, b) = (64, 1, 2, 2000, 100);
+    let (d, n_kv, n_q, b) = (64, 1, 2, 100);
     let mut cache = GpuKvCache::new(&g, Dtype::F16, 1, n_kv, d, len, None).unwrap();
     let k = vec![0.5f32; len * d];
     cache.write_host(&g, 0, 0, &k, &k).unwrap();

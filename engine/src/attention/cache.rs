@@ -3,15 +3,22 @@
 //! K pages are `(n_fc, PAGE, 2)` (FC planes, rotated K), V pages `(PAGE, d)`; see
 //! `fasa_kernels::cpu` for why. Pages are allocated as a sequence grows and freed with its slot,
 //! so memory follows the tokens actually cached, not the context limit.
+//!
+//! Two variants (`KvVariant`, chosen at model load). FASA-C keeps every page in memory. FASA-M
+//! keeps in memory (the fast tier) only the planes of the `resident_fcs` best-ranked FCs of each
+//! KV head, `(R, PAGE, 2)` in rank order, plus a `RowCache` per (layer, KV head); K rows and V
+//! rows go to the slow tier (`SlowTier`, one file-backed page `(2, PAGE, d)` per cache page).
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use fasa_kernels::cpu::HeadView;
 
 use super::calib::CaRecorder;
-use super::config::{AttnConfig, QUEST_PAGE};
+use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
 use super::stats::AttnStats;
+use super::tier::{KvVariant, RowCache, SlowTier, GROW_PAGES};
 
 /// Tokens per page.
 pub const PAGE: usize = 64;
@@ -36,10 +43,39 @@ impl CacheShape {
     pub fn bytes_per_token(&self) -> usize {
         self.n_layers * self.n_kv_heads * self.page_elems() * 4 / PAGE
     }
+    /// f32 elements of one FASA-M fast-tier page: `(resident, PAGE, 2)` planes.
+    fn m_fast_elems(&self, resident: usize) -> usize {
+        resident * PAGE * 2
+    }
+    /// f32 elements of one FASA-M slow-tier page: K rows then V rows, `(2, PAGE, d)`.
+    fn m_slow_elems(&self) -> usize {
+        2 * PAGE * self.head_dim
+    }
+}
+
+/// Page bytes allocated (positive) or freed (negative), per tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierBytes {
+    pub fast: isize,
+    pub slow: isize,
+}
+
+impl TierBytes {
+    pub fn total(&self) -> isize {
+        self.fast + self.slow
+    }
+}
+
+/// The variant as a slot sees it.
+#[derive(Debug, Clone)]
+enum Tiering {
+    FasaC,
+    FasaM { resident: usize, row_cache_rows: usize, dir: PathBuf },
 }
 
 #[derive(Default)]
 struct HeadPages {
+    /// FASA-C: all FC planes `(n_fc, PAGE, 2)`; FASA-M: the resident ones `(R, PAGE, 2)`.
     k: Vec<Box<[f32]>>,
     /// K rows `(PAGE, d)` in FC-pair order, for focused and dense attention.
     kr: Vec<Box<[f32]>>,
@@ -47,6 +83,8 @@ struct HeadPages {
     /// Quest bounds per page: `(PAGE/16, 2, d)`, elementwise min then max of rotated K in FC-pair
     /// order, over each 16-token Quest page.
     bounds: Vec<Box<[f32]>>,
+    /// FASA-M: the slow-tier page slot of each cache page (`kr`, `v`, `bounds` stay empty).
+    slow: Vec<u32>,
 }
 
 /// Per-sequence attention settings and counters, read and updated by the operator.
@@ -71,28 +109,117 @@ pub struct Pages<'a> {
     v: Vec<&'a [f32]>,
     len: usize,
     n_fc: usize,
+    /// FCs in each K plane page: `n_fc` (FASA-C) or the resident count (FASA-M).
+    n_planes: usize,
 }
 
 impl Pages<'_> {
+    /// The whole head: K rows, V rows and, when all FCs are kept as planes, the planes. On FASA-M
+    /// the K rows and V rows are the slow tier's and `k_pages` is empty (see `plane_view`).
     pub fn view(&self) -> HeadView<'_> {
-        HeadView { k_pages: &self.k, kr_pages: &self.kr, v_pages: &self.v, page: PAGE, n_fc: self.n_fc, len: self.len }
+        let k: &[&[f32]] = if self.n_planes == self.n_fc { &self.k } else { &[] };
+        HeadView { k_pages: k, kr_pages: &self.kr, v_pages: &self.v, page: PAGE, n_fc: self.n_fc, len: self.len }
+    }
+
+    /// The FC planes kept in fast memory as a head of `n_planes` FCs (FASA-M: FC `j` of the view
+    /// is the slot's `j`-th resident FC, and queries must be compacted the same way); no rows.
+    pub fn plane_view(&self) -> HeadView<'_> {
+        HeadView { k_pages: &self.k, kr_pages: &[], v_pages: &[], page: PAGE, n_fc: self.n_planes, len: self.len }
     }
 }
 
 /// The cache of one sequence.
 pub struct SeqCache {
     shape: CacheShape,
+    tiering: Tiering,
     /// Tokens cached, per layer (layers are appended one after the other within a run).
     lens: Vec<usize>,
     /// `(layer, kv_head)` flattened.
     heads: Vec<HeadPages>,
+    /// FASA-M: per `(layer, kv_head)` the resident FCs, best first (recorded when the slot is
+    /// taken, from the profile then installed); plane `j` of a fast page holds FC `resident[j]`.
+    resident: Vec<Vec<usize>>,
+    /// FASA-M: the profile re-expressed over resident FCs (`Pages::plane_view` numbering).
+    compact: Option<Arc<Profile>>,
+    /// FASA-M: created at the first page.
+    slow: Option<SlowTier>,
+    /// FASA-M: per `(layer, kv_head)`.
+    rows: Vec<Mutex<RowCache>>,
     pub state: SlotState,
 }
 
 impl SeqCache {
     fn new(shape: CacheShape) -> Self {
+        Self::with_tiering(shape, Tiering::FasaC)
+    }
+
+    fn with_tiering(shape: CacheShape, tiering: Tiering) -> Self {
         let heads = (0..shape.n_layers * shape.n_kv_heads).map(|_| HeadPages::default()).collect();
-        Self { shape, lens: vec![0; shape.n_layers], heads, state: SlotState::default() }
+        let rows = match &tiering {
+            Tiering::FasaC => vec![],
+            Tiering::FasaM { row_cache_rows, .. } => (0..shape.n_layers * shape.n_kv_heads).map(|_| Mutex::new(RowCache::new(*row_cache_rows, shape.head_dim))).collect(),
+        };
+        Self { shape, tiering, lens: vec![0; shape.n_layers], heads, resident: vec![], compact: None, slow: None, rows, state: SlotState::default() }
+    }
+
+    /// True for a FASA-M slot.
+    pub fn is_tiered(&self) -> bool {
+        matches!(self.tiering, Tiering::FasaM { .. })
+    }
+
+    /// FASA-M: records the resident FCs of every KV head from `p` (the top `R` of its ranking).
+    fn take_resident(&mut self, p: &Profile) {
+        let Tiering::FasaM { resident: r, .. } = self.tiering else { return };
+        let hkv = self.shape.n_kv_heads;
+        self.resident = p.layers.iter().flat_map(|l| l.kv_heads.iter().map(|h| h.ranked_fcs[..r.min(h.ranked_fcs.len())].to_vec())).collect();
+        let mut c = p.clone();
+        c.head_dim = 2 * r;
+        for (li, l) in c.layers.iter_mut().enumerate() {
+            let group = l.q_heads.len() / hkv.max(1);
+            for (g, h) in l.kv_heads.iter_mut().enumerate() {
+                h.ranked_fcs = (0..self.resident[li * hkv + g].len()).collect();
+                h.ca.clear();
+                h.ca_by_k.clear();
+            }
+            for (qh, h) in l.q_heads.iter_mut().enumerate() {
+                let res = &self.resident[li * hkv + qh / group.max(1)];
+                h.ranked_fcs = h.ranked_fcs.iter().filter_map(|f| res.iter().position(|r| r == f)).collect();
+                h.ca.clear();
+                h.ca_by_k.clear();
+            }
+        }
+        self.compact = Some(Arc::new(c));
+    }
+
+    /// FASA-M: the resident FCs of (layer, kv head), best first.
+    pub fn resident(&self, layer: usize, head: usize) -> &[usize] {
+        self.resident.get(layer * self.shape.n_kv_heads + head).map_or(&[], |r| r.as_slice())
+    }
+
+    /// FASA-M: the profile over resident FCs, numbered as `Pages::plane_view` numbers them.
+    pub fn compact_profile(&self) -> Option<Arc<Profile>> {
+        self.compact.clone()
+    }
+
+    /// FASA-M: the row cache of (layer, kv head).
+    pub fn row_cache(&self, layer: usize, head: usize) -> Option<MutexGuard<'_, RowCache>> {
+        self.rows.get(layer * self.shape.n_kv_heads + head).map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// FASA-M: copies token `t`'s K row (FC-pair order) and V row of (layer, kv head) from the
+    /// slow tier into `k` and `v` (`(d,)` each).
+    pub fn load_row(&self, layer: usize, head: usize, t: u32, k: &mut [f32], v: &mut [f32]) {
+        let d = self.shape.head_dim;
+        let hp = &self.heads[layer * self.shape.n_kv_heads + head];
+        let (p, i) = (t as usize / PAGE, t as usize % PAGE);
+        let page = self.slow.as_ref().expect("FASA-M slot without a slow tier").page(hp.slow[p]);
+        k.copy_from_slice(&page[i * d..(i + 1) * d]);
+        v.copy_from_slice(&page[(PAGE + i) * d..(PAGE + i + 1) * d]);
+    }
+
+    /// Checks `c` against what this slot keeps (always fine on FASA-C); the message names the limit.
+    pub fn check_config(&self, c: &AttnConfig) -> Result<(), String> {
+        check_tiered(&self.tiering, &self.resident, self.shape, self.compact.as_deref(), c)
     }
 
     pub fn len(&self, layer: usize) -> usize {
@@ -104,31 +231,66 @@ impl SeqCache {
     }
 
     /// Sets `layer`'s length to `len` (≤ current: rewinds), then grows it to `len + extra`
-    /// tokens, allocating pages; returns the number of page bytes newly allocated.
-    pub(crate) fn resize(&mut self, layer: usize, len: usize, extra: usize) -> isize {
+    /// tokens, allocating pages; returns the page bytes newly allocated per tier. Fails only when
+    /// FASA-M's slow tier cannot grow its file.
+    pub(crate) fn resize(&mut self, layer: usize, len: usize, extra: usize) -> std::io::Result<TierBytes> {
         let n_fc = self.shape.n_fc();
         let d = self.shape.head_dim;
         let pages = (len + extra).div_ceil(PAGE);
-        let mut delta = 0isize;
-        for h in 0..self.shape.n_kv_heads {
-            let hp = &mut self.heads[layer * self.shape.n_kv_heads + h];
-            while hp.k.len() > pages {
-                hp.k.pop();
-                hp.kr.pop();
-                hp.v.pop();
-                hp.bounds.pop();
-                delta -= (self.shape.page_elems() * 4) as isize;
+        let mut delta = TierBytes::default();
+        let shape = self.shape;
+        match self.tiering.clone() {
+            Tiering::FasaC => {
+                let page_bytes = (shape.page_elems() * 4) as isize;
+                for h in 0..shape.n_kv_heads {
+                    let hp = &mut self.heads[layer * shape.n_kv_heads + h];
+                    while hp.k.len() > pages {
+                        hp.k.pop();
+                        hp.kr.pop();
+                        hp.v.pop();
+                        hp.bounds.pop();
+                        delta.fast -= page_bytes;
+                    }
+                    while hp.k.len() < pages {
+                        hp.k.push(vec![0.0; n_fc * PAGE * 2].into_boxed_slice());
+                        hp.kr.push(vec![0.0; PAGE * d].into_boxed_slice());
+                        hp.v.push(vec![0.0; PAGE * d].into_boxed_slice());
+                        hp.bounds.push(vec![0.0; PAGE / QUEST_PAGE * 2 * d].into_boxed_slice());
+                        delta.fast += page_bytes;
+                    }
+                }
             }
-            while hp.k.len() < pages {
-                hp.k.push(vec![0.0; n_fc * PAGE * 2].into_boxed_slice());
-                hp.kr.push(vec![0.0; PAGE * d].into_boxed_slice());
-                hp.v.push(vec![0.0; PAGE * d].into_boxed_slice());
-                hp.bounds.push(vec![0.0; PAGE / QUEST_PAGE * 2 * d].into_boxed_slice());
-                delta += (self.shape.page_elems() * 4) as isize;
+            Tiering::FasaM { resident, dir, .. } => {
+                let (fast_elems, slow_elems) = (shape.m_fast_elems(resident), shape.m_slow_elems());
+                if self.slow.is_none() && pages > 0 {
+                    self.slow = Some(SlowTier::create(&dir, slow_elems, GROW_PAGES)?);
+                }
+                for h in 0..shape.n_kv_heads {
+                    let hp = &mut self.heads[layer * shape.n_kv_heads + h];
+                    while hp.k.len() > pages {
+                        hp.k.pop();
+                        let p = hp.slow.pop().expect("one slow page per cache page");
+                        self.slow.as_mut().expect("slow tier").release(p);
+                        delta.fast -= (fast_elems * 4) as isize;
+                        delta.slow -= (slow_elems * 4) as isize;
+                    }
+                    while hp.k.len() < pages {
+                        let p = self.slow.as_mut().expect("slow tier").alloc()?;
+                        hp.slow.push(p);
+                        hp.k.push(vec![0.0; fast_elems].into_boxed_slice());
+                        delta.fast += (fast_elems * 4) as isize;
+                        delta.slow += (slow_elems * 4) as isize;
+                    }
+                }
+                if len < self.lens[layer] {
+                    for h in 0..shape.n_kv_heads {
+                        self.rows[layer * shape.n_kv_heads + h].get_mut().unwrap_or_else(|e| e.into_inner()).invalidate_from(len);
+                    }
+                }
             }
         }
         self.lens[layer] = len + extra;
-        delta
+        Ok(delta)
     }
 
     /// Writes token `t` of (layer, kv head): `k_fc` is `(n_fc, 2)` rotated pairs, `v` is `(d,)`.
@@ -137,6 +299,16 @@ impl SeqCache {
         let hp = &mut self.heads[layer * self.shape.n_kv_heads + head];
         let (p, i) = (t / PAGE, t % PAGE);
         let kp = &mut hp.k[p];
+        if let Tiering::FasaM { .. } = self.tiering {
+            for (j, &f) in self.resident[layer * self.shape.n_kv_heads + head].iter().enumerate() {
+                kp[(j * PAGE + i) * 2] = k_fc[2 * f];
+                kp[(j * PAGE + i) * 2 + 1] = k_fc[2 * f + 1];
+            }
+            let page = self.slow.as_mut().expect("slow tier").page_mut(hp.slow[p]);
+            page[i * d..(i + 1) * d].copy_from_slice(k_fc);
+            page[(PAGE + i) * d..(PAGE + i + 1) * d].copy_from_slice(v);
+            return;
+        }
         for f in 0..self.shape.n_fc() {
             kp[(f * PAGE + i) * 2] = k_fc[2 * f];
             kp[(f * PAGE + i) * 2 + 1] = k_fc[2 * f + 1];
@@ -161,36 +333,127 @@ impl SeqCache {
         self.heads[layer * self.shape.n_kv_heads + head].bounds.iter().map(|p| &p[..]).collect()
     }
 
-    /// Page slices of (layer, kv head) for building a `HeadView`.
+    /// Page slices of (layer, kv head) for building a `HeadView` (FASA-M: rows from the slow tier).
     pub fn pages(&self, layer: usize, head: usize) -> Pages<'_> {
         let hp = &self.heads[layer * self.shape.n_kv_heads + head];
-        Pages { k: slices(&hp.k), kr: slices(&hp.kr), v: slices(&hp.v), len: self.lens[layer], n_fc: self.shape.n_fc() }
+        let (n_fc, len) = (self.shape.n_fc(), self.lens[layer]);
+        match (&self.tiering, &self.slow) {
+            (Tiering::FasaM { .. }, slow) => {
+                let d = self.shape.head_dim;
+                let pages: Vec<&[f32]> = slow.as_ref().map_or(vec![], |s| hp.slow.iter().map(|&p| s.page(p)).collect());
+                let kr = pages.iter().map(|p| &p[..PAGE * d]).collect();
+                let v = pages.iter().map(|p| &p[PAGE * d..]).collect();
+                Pages { k: slices(&hp.k), kr, v, len, n_fc, n_planes: self.resident(layer, head).len() }
+            }
+            (Tiering::FasaC, _) => Pages { k: slices(&hp.k), kr: slices(&hp.kr), v: slices(&hp.v), len, n_fc, n_planes: n_fc },
+        }
     }
 
-    /// Copies the pages and lengths of `other` (not its state) into `self`; returns the page
-    /// bytes allocated minus freed.
-    fn copy_from(&mut self, other: &SeqCache) -> isize {
-        let before = self.heads.iter().map(|h| h.k.len()).sum::<usize>();
-        for (dst, src) in self.heads.iter_mut().zip(&other.heads) {
-            dst.k = src.k.clone();
-            dst.kr = src.kr.clone();
-            dst.v = src.v.clone();
-            dst.bounds = src.bounds.clone();
+    /// Page bytes held, per tier (FASA-M's row caches count as fast).
+    fn held(&self) -> TierBytes {
+        let pages = self.heads.iter().map(|h| h.k.len()).sum::<usize>();
+        match &self.tiering {
+            Tiering::FasaC => TierBytes { fast: (pages * self.shape.page_elems() * 4) as isize, slow: 0 },
+            Tiering::FasaM { resident, .. } => {
+                let rows: usize = self.rows.iter().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).bytes()).sum();
+                TierBytes { fast: (pages * self.shape.m_fast_elems(*resident) * 4 + rows) as isize, slow: (pages * self.shape.m_slow_elems() * 4) as isize }
+            }
+        }
+    }
+
+    /// Copies the pages and lengths of `other` (not its state; same variant) into `self`;
+    /// returns the page bytes allocated minus freed.
+    fn copy_from(&mut self, other: &SeqCache) -> std::io::Result<TierBytes> {
+        let before = self.held();
+        if let Tiering::FasaM { .. } = self.tiering {
+            // Same resident FCs as the source, so the copied planes mean the same FCs.
+            self.resident.clone_from(&other.resident);
+            self.compact.clone_from(&other.compact);
+            for r in &mut self.rows {
+                r.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
+            }
+            for layer in 0..self.shape.n_layers {
+                self.resize(layer, 0, other.lens[layer])?;
+            }
+            if let (Some(dst), Some(src)) = (self.slow.as_mut(), other.slow.as_ref()) {
+                for (dh, sh) in self.heads.iter_mut().zip(&other.heads) {
+                    dh.k = sh.k.clone();
+                    for (&dp, &sp) in dh.slow.iter().zip(&sh.slow) {
+                        dst.page_mut(dp).copy_from_slice(src.page(sp));
+                    }
+                }
+            }
+        } else {
+            for (dst, src) in self.heads.iter_mut().zip(&other.heads) {
+                dst.k = src.k.clone();
+                dst.kr = src.kr.clone();
+                dst.v = src.v.clone();
+                dst.bounds = src.bounds.clone();
+            }
         }
         self.lens.clone_from(&other.lens);
-        let after = self.heads.iter().map(|h| h.k.len()).sum::<usize>();
-        (after as isize - before as isize) * (self.shape.page_elems() * 4) as isize
+        let after = self.held();
+        Ok(TierBytes { fast: after.fast - before.fast, slow: after.slow - before.slow })
     }
 
-    fn clear(&mut self) -> usize {
-        let bytes = self.heads.iter().map(|h| h.k.len()).sum::<usize>() * self.shape.page_elems() * 4;
+    /// Frees every page (and FASA-M's file and row caches); returns the bytes freed.
+    fn clear(&mut self) -> TierBytes {
+        let bytes = self.held();
         for h in &mut self.heads {
             *h = HeadPages::default();
         }
+        for r in &mut self.rows {
+            r.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        self.slow = None;
+        self.resident.clear();
+        self.compact = None;
         self.lens.fill(0);
         self.state = SlotState::default();
         bytes
     }
+}
+
+/// FASA-M's limits on a request: stage 1 may score only resident planes, stage 2 holds at most
+/// `row_cache_rows` rows at once; modes that need every K plane (oracle, random-fc, Quest's
+/// bounds) or exact K of candidates (re-rank) are refused rather than read from the slow tier.
+fn check_tiered(t: &Tiering, resident: &[Vec<usize>], shape: CacheShape, profile: Option<&Profile>, c: &AttnConfig) -> Result<(), String> {
+    let Tiering::FasaM { resident: r, row_cache_rows, .. } = t else { return Ok(()) };
+    let fix = "or load the model with the FASA-C cache";
+    match c.mode {
+        Mode::Dense => return Ok(()),
+        Mode::Oracle | Mode::RandomFc | Mode::Quest => {
+            return Err(format!("mode {} needs K data the FASA-M cache keeps only in its slow tier; use fasa, fasa-paper, streaming or dense, {fix}", c.mode));
+        }
+        Mode::Streaming => {}
+        Mode::Fasa | Mode::FasaPaper => {
+            if c.pool > *r || c.chunks > *r {
+                return Err(format!("pool {} (chunks {}) exceeds the {r} FCs the FASA-M cache keeps resident per KV head; ask for pool and chunks of at most {r}, {fix}", c.pool, c.chunks));
+            }
+            if c.rerank != 0 {
+                return Err(format!("rerank needs exact K of {} candidates, which the FASA-M cache keeps only in its slow tier; set rerank to 0, {fix}", c.rerank));
+            }
+        }
+    }
+    if c.budget > *row_cache_rows {
+        return Err(format!("budget {} exceeds the FASA-M row cache of {row_cache_rows} rows per KV head; ask for a budget of at most {row_cache_rows}, {fix}", c.budget));
+    }
+    // Per-query-head selection ranks FCs per query head: its pool must be resident too.
+    if matches!(c.mode, Mode::Fasa | Mode::FasaPaper) && !c.per_group {
+        if let Some(p) = profile {
+            let hkv = shape.n_kv_heads;
+            for (li, l) in p.layers.iter().enumerate() {
+                let group = l.q_heads.len() / hkv.max(1);
+                for (qh, h) in l.q_heads.iter().enumerate() {
+                    let res = &resident[li * hkv + qh / group.max(1)];
+                    if let Some(f) = h.ranked_fcs.iter().take(c.pool).find(|f| !res.contains(f)) {
+                        return Err(format!("per-head selection of layer {li} query head {qh} ranks FC {f} in its top {}, but the FASA-M cache keeps only its KV head's best {r} FCs resident; use per_group, a smaller pool, {fix}", c.pool));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Slots shared by every sequence of one model (one ONNX Runtime session).

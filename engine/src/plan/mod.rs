@@ -385,7 +385,8 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
             (n >= 1).then_some((*r, context, n))
         });
         if let Some((r, _, n)) = chosen {
-            reasons.push(format!("accuracy: pool cut to P={} and B={} to keep the {context}-token context ({n} of {sessions} sessions)", r.pool, r.budget));
+            let b = if r.budget < b_full { format!(" and B from {b_full} to {}", r.budget) } else { String::new() };
+            reasons.push(format!("accuracy: pool cut from P={p_full} to P={}{b} to keep the {context}-token context ({n} of {sessions} sessions)", r.pool));
         }
     }
     // --- 4. Shorter context: the longest any layout gives for one session, most accurate on ties.
@@ -428,7 +429,10 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
     let ca_chunks_share = share(r.chunks, n_fc);
     match (ca_pool_share, ca_chunks_share) {
         (Some(p), Some(k)) => reasons.push(format!("FCs: pool P={} keeps {:.1}% of the CA of all {n_fc} FCs, k={} keeps {:.1}% (calibrated profile)", r.pool, 100.0 * p, r.chunks, 100.0 * k)),
-        _ => reasons.push(format!("FCs: k={} (n_fc/4, the paper's 16 of 64), pool P={} (2k, our default); no calibrated profile, so no pool FC is known to be free to drop", r.chunks, r.pool)),
+        _ => reasons.push(format!(
+            "FCs: k={} (default n_fc/4 = {k_full}, the paper's 16 of 64), pool P={} (default 2k = {p_full}); no calibrated profile, so no pool FC is known to be free to drop",
+            r.chunks, r.pool
+        )),
     }
     reasons.push(format!("budget: B={budget} tokens (context/16 clamped to {MIN_BUDGET}..{MAX_BUDGET})"));
 

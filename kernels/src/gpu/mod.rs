@@ -36,8 +36,12 @@ pub const NBIN: usize = 4096;
 /// Most q heads sharing one selection, most rows of one FAC block.
 pub const MAX_HPS: usize = 8;
 pub const FAC_MAX_ROWS: usize = 512;
+/// Most rows of one dense block (rows are implicit there).
+pub const DENSE_MAX_ROWS: usize = 4096;
+/// Dynamic shared memory of a FAC block: K and V of `FAC_NST` = 4 chunks of 32 rows (`FAC_SMEM`).
+pub const FAC_SMEM: usize = 2 * 4 * 32 * 128 * 2;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
-pub(crate) const FILT_TOK: usize = 2048;
+pub(crate) const FILT_TOK: usize = 4096; // 256 · FILT_TPT
 pub(crate) const RR_ROWS: usize = 256;
 
 /// The CUDA sources, concatenated for NVRTC (which has no include path here).
@@ -253,6 +257,15 @@ impl Gpu {
                 get(&format!("fill_random_{s}"))?,
             ])
         };
+        let typed_f16 = typed(Dtype::F16)?;
+        let typed_bf16 = typed(Dtype::Bf16)?;
+        for t in [&typed_f16, &typed_bf16] {
+            // FAC keeps 64 KiB of K/V chunks in flight per block (above the 48 KiB default).
+            t[TypedOp::Fac as usize].set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                FAC_SMEM as i32,
+            )?;
+        }
         let f = Funcs {
             select_filter: get("select_filter")?,
             select_refine: get("select_refine")?,
@@ -260,7 +273,7 @@ impl Gpu {
             fac_combine: get("fac_combine")?,
             fill_random_f32: get("fill_random_f32")?,
             copy_u4: get("copy_u4")?,
-            typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
+            typed: [typed_f16, typed_bf16],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
         Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f }))
@@ -304,6 +317,15 @@ impl Gpu {
 }
 
 impl Gpu {
+    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac) for `dt`.
+    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 3], GpuError> {
+        Ok([
+            self.f.typed(dt, TypedOp::Tip).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
+            self.f.select_filter.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
+            self.f.typed(dt, TypedOp::Fac).occupancy_max_active_blocks_per_multiprocessor(128, FAC_SMEM, None)?,
+        ])
+    }
+
     /// Copies `src` to `dst` with a plain 16-byte-per-thread kernel (the SM path, as attention
     /// kernels read memory; a memcpy node in a graph goes through the copy engines instead).
     pub fn copy_kernel(&self, src: &cudarc::driver::CudaSlice<u8>, dst: &mut cudarc::driver::CudaSlice<u8>) -> Result<(), GpuError> {
