@@ -80,7 +80,7 @@ fn main() {
 
     let mut shapes = Vec::new();
     let lens: &[usize] = if quick { &[32768] } else { &[8192, 32768, 131072] };
-    let batches: &[usize] = if quick { &[1, 16] } else { &[1, 16] };
+    let batches: &[usize] = &[1, 16];
     let budgets: &[usize] = if quick { &[1024] } else { &[1024, 256] };
     for &len in lens {
         for &batch in batches {

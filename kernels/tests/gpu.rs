@@ -1,7 +1,7 @@
 //! Every GPU op against its CPU twin on fresh random inputs (the seed is printed), outputs
 //! poisoned before each run. Needs an NVIDIA GPU: these tests are ignored unless the
 //! `gpu-tests` feature is on (bench/gpu/run.sh runs them on the device).
-#![cfg(feature = "cuda")]
+#![cfg(feature = "gpu")]
 
 use std::sync::Arc;
 
@@ -202,10 +202,9 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
     // Tokens 0..len-1 from the host, the last one through the append op.
     let mut k_new = vec![0f32; batch * c.n_kv * c.d];
     let mut v_new = vec![0f32; batch * c.n_kv * c.d];
-    let mut pos = vec![0i32; batch];
+    let pos: Vec<i32> = c.lens.iter().map(|&l| l as i32 - 1).collect();
     for b in 0..batch {
         let len = c.lens[b];
-        pos[b] = len as i32 - 1;
         for kv in 0..c.n_kv {
             let n = (len - 1) * c.d;
             cache.write_host(g, b, kv, &data.k[b][kv][..n], &data.v[b][kv][..n])?;

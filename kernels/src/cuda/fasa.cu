@@ -568,7 +568,6 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
 // over blocks of rows_per_split rows; each block writes an unnormalized partial (o, m, l).
 // grid (n_split, n_sel, batch), block FAC_THREADS. po (seg, n_split, hps, d), pml (seg, n_split, hps, 2).
 #define FAC_THREADS 128
-#define FAC_SMEM (2 * FAC_NST * FAC_CH * 128 * 2) // dynamic shared memory of a FAC block
 template <class T>
 __device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const u32* sel, int seg,
                          int s, int b, int r0, int nr, float* pm, float* o_out);
@@ -597,18 +596,15 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
 }
 
 // The partial (o, m, l) of rows r0..r0+nr of one selection: rows in chunks of FAC_CH, K and V of
-// the next FAC_NST − 1 chunks copied to shared memory (cp.async, dynamic shared memory of
-// FAC_SMEM bytes) while the current one is used, so each block keeps ~48 KiB of reads in flight;
-// online softmax over the chunks. Dense rows (sel == null) are r0 + i, any number of them.
+// the next chunk copied to shared memory (cp.async) while the current one is used; online
+// softmax over the chunks.
 #define FAC_CH 32
-#define FAC_NST 4
 template <class T>
 __device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const u32* sel, int seg,
                          int s, int b, int r0, int nr, float* pm, float* o_out) {
     __shared__ __align__(16) float q_s[MAXH][128];
-    extern __shared__ __align__(16) unsigned char fac_dyn[];
-    u16 (*ks)[FAC_CH][128] = (u16 (*)[FAC_CH][128])fac_dyn;
-    u16 (*vs)[FAC_CH][128] = (u16 (*)[FAC_CH][128])(fac_dyn + FAC_NST * FAC_CH * 128 * 2);
+    __shared__ __align__(16) u16 ks[2][FAC_CH][128];
+    __shared__ __align__(16) u16 vs[2][FAC_CH][128];
     __shared__ float p_s[MAXH][FAC_CH];
     __shared__ u32 rows[FAC_MAX_ROWS];
     __shared__ float o_s[MAXH][128];
@@ -616,8 +612,7 @@ __device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float*
     int tid = threadIdx.x, hps = D.hps, d = D.d;
     int h0 = s * hps, kvh = kv_of_sel(D, s);
     load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
-    if (sel)
-        for (int i = tid; i < nr; i += blockDim.x) rows[i] = sel[(size_t)seg * D.budget + r0 + i];
+    for (int i = tid; i < nr; i += blockDim.x) rows[i] = sel ? sel[(size_t)seg * D.budget + r0 + i] : (u32)(r0 + i);
     for (int i = tid; i < MAXH * 128; i += blockDim.x) (&o_s[0][0])[i] = 0.f;
     if (tid < MAXH) { m_s[tid] = NEG_INF; l_s[tid] = 0.f; }
     __syncthreads();
@@ -632,7 +627,7 @@ __device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float*
         int base = ci * FAC_CH, cnt = min(FAC_CH, nr - base);
         for (int x = tid; x < cnt * lpr; x += blockDim.x) {
             int i = x / lpr, c = x % lpr;
-            u32 t = sel ? rows[base + i] : (u32)(r0 + base + i);
+            u32 t = rows[base + i];
             cp_async16(&ks[st][i][c * 8], kb + k_off(t, c >> 1, n_grp) + (c & 1) * 8);
             cp_async16(&vs[st][i][c * 8], vb + (size_t)t * d + c * 8);
         }
@@ -648,17 +643,15 @@ __device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float*
     for (int h = 0; h < MAXH; ++h)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
-    // One commit group per chunk (empty past the end), so wait<NST-1> means "chunk ci is here".
-    for (int p = 0; p < FAC_NST - 1; ++p) {
-        if (p < n_ch) issue(p, p);
-        else cp_async_commit();
-    }
+    issue(0, 0);
     for (int ci = 0; ci < n_ch; ++ci) {
-        int st = ci % FAC_NST;
-        int nx = ci + FAC_NST - 1;
-        if (nx < n_ch) issue(nx, nx % FAC_NST); // refills the stage chunk ci-1 used
-        else cp_async_commit();
-        cp_async_wait<FAC_NST - 1>();
+        int st = ci & 1;
+        if (ci + 1 < n_ch) {
+            issue(ci + 1, st ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
         int cnt = min(FAC_CH, nr - ci * FAC_CH);
         for (int i0 = w * rpw; i0 < FAC_CH; i0 += nw * rpw) {
@@ -718,7 +711,7 @@ __device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float*
                 }
             }
         }
-        __syncthreads(); // stage st is refilled by a later iteration
+        __syncthreads(); // stage st is refilled next iteration
     }
 #pragma unroll
     for (int h = 0; h < MAXH; ++h)

@@ -91,8 +91,8 @@ impl FasaDecoder {
         dense_dims.n_sel = cache.n_kv as i32;
         dense_dims.budget = cache.l_max as i32;
         let segs = cache.batch * n_sel;
-        let fac_split = fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count, false);
-        let dense_split = fac::split(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count, true);
+        let fac_split = fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count);
+        let dense_split = fac::split(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count);
         let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
         let st = &gpu.stream;
         let c = rerank.max(1);

@@ -3,14 +3,13 @@
 //! blocks (`rows_per_split` each, fused softmax per block) and `combine` merges the partials.
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, DENSE_MAX_ROWS, FAC_MAX_ROWS, FAC_SMEM};
+use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FAC_MAX_ROWS};
 
 /// Rows per block and blocks per selection for `n_rows` rows and `n_seg` selections: about four
-/// blocks per multiprocessor, 64..=512 rows each (`dense`: up to 4096, fewer partials to merge).
-pub fn split(n_rows: usize, n_seg: usize, sm_count: usize, dense: bool) -> (usize, usize) {
+/// blocks per multiprocessor, 64..=512 rows each.
+pub fn split(n_rows: usize, n_seg: usize, sm_count: usize) -> (usize, usize) {
     let want = (4 * sm_count).div_ceil(n_seg.max(1)).max(1);
-    let max = if dense { DENSE_MAX_ROWS } else { FAC_MAX_ROWS };
-    let rows = n_rows.div_ceil(want).next_multiple_of(32).clamp(64, max);
+    let rows = n_rows.div_ceil(want).next_multiple_of(32).clamp(64, FAC_MAX_ROWS);
     (rows, n_rows.div_ceil(rows).max(1))
 }
 
@@ -43,8 +42,7 @@ pub fn partials(
         }
     }
     let hps = dims.hps as usize;
-    let max_rows = if sel.is_some() { FAC_MAX_ROWS } else { DENSE_MAX_ROWS };
-    if rows_per_split == 0 || rows_per_split > max_rows || hps > super::MAX_HPS
+    if rows_per_split == 0 || rows_per_split > FAC_MAX_ROWS || hps > super::MAX_HPS
         || po.len() < segs * n_split * hps * dims.d as usize
         || pml.len() < segs * n_split * hps * 2
         || sel.is_some_and(|s| s.len() < segs * dims.budget as usize)
@@ -65,11 +63,9 @@ pub fn partials(
         Some((done, out)) => l.arg(done).arg(out),
         None => l.arg(&null).arg(&null),
     };
-    let mut lc = cfg((n_split, dims.n_sel as usize, dims.batch as usize), 128);
-    lc.shared_mem_bytes = FAC_SMEM as u32; // the K/V chunk ring (attribute raised in Gpu::new)
     // SAFETY: sizes checked; rows are < len ≤ l_max (sel holds rows written by select), each block
     // writes its own partial slot; a null `sel` is the kernel's dense mode.
-    unsafe { l.launch(lc) }?;
+    unsafe { l.launch(cfg((n_split, dims.n_sel as usize, dims.batch as usize), 128)) }?;
     Ok(())
 }
 

@@ -36,10 +36,6 @@ pub const NBIN: usize = 4096;
 /// Most q heads sharing one selection, most rows of one FAC block.
 pub const MAX_HPS: usize = 8;
 pub const FAC_MAX_ROWS: usize = 512;
-/// Most rows of one dense block (rows are implicit there).
-pub const DENSE_MAX_ROWS: usize = 4096;
-/// Dynamic shared memory of a FAC block: K and V of `FAC_NST` = 4 chunks of 32 rows (`FAC_SMEM`).
-pub const FAC_SMEM: usize = 2 * 4 * 32 * 128 * 2;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
 pub(crate) const FILT_TOK: usize = 4096; // 256 · FILT_TPT
 pub(crate) const RR_ROWS: usize = 256;
@@ -257,15 +253,6 @@ impl Gpu {
                 get(&format!("fill_random_{s}"))?,
             ])
         };
-        let typed_f16 = typed(Dtype::F16)?;
-        let typed_bf16 = typed(Dtype::Bf16)?;
-        for t in [&typed_f16, &typed_bf16] {
-            // FAC keeps 64 KiB of K/V chunks in flight per block (above the 48 KiB default).
-            t[TypedOp::Fac as usize].set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                FAC_SMEM as i32,
-            )?;
-        }
         let f = Funcs {
             select_filter: get("select_filter")?,
             select_refine: get("select_refine")?,
@@ -273,7 +260,7 @@ impl Gpu {
             fac_combine: get("fac_combine")?,
             fill_random_f32: get("fill_random_f32")?,
             copy_u4: get("copy_u4")?,
-            typed: [typed_f16, typed_bf16],
+            typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
         Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f }))
@@ -322,7 +309,7 @@ impl Gpu {
         Ok([
             self.f.typed(dt, TypedOp::Tip).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
             self.f.select_filter.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
-            self.f.typed(dt, TypedOp::Fac).occupancy_max_active_blocks_per_multiprocessor(128, FAC_SMEM, None)?,
+            self.f.typed(dt, TypedOp::Fac).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
         ])
     }
 
