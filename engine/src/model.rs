@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ort::session::Session;
 use ort::value::Tensor;
 
-use crate::attention::{AttnConfig, AttnStats, CachePool, CacheShape, FasaAttentionOp, SlotLease, OP_DOMAIN};
+use crate::attention::{AttnConfig, AttnStats, CachePool, CacheShape, FasaAttentionOp, KvVariant, SlotLease, OP_DOMAIN};
 use crate::detok::TextStream;
 use crate::gguf::GgufFile;
 use crate::graph::build_decoder;
@@ -31,11 +31,13 @@ pub struct LoadOptions {
     pub max_context: usize,
     /// ONNX Runtime intra-op threads; 0 = all cores.
     pub threads: usize,
+    /// KV cache layout: FASA-C (all in memory, the default) or FASA-M (two tiers).
+    pub kv_variant: KvVariant,
 }
 
 impl LoadOptions {
     pub fn new(model_path: impl Into<PathBuf>, ort_library: impl Into<PathBuf>) -> Self {
-        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0 }
+        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0, kv_variant: KvVariant::FasaC }
     }
 }
 
@@ -94,7 +96,11 @@ impl Model {
             n => n.min(config.context_length),
         };
         let shape = CacheShape { n_layers: config.n_layers, n_kv_heads: config.n_kv_heads, head_dim: config.head_dim };
-        let pool = CachePool::new(shape, opts.max_sequences.max(1), max_context, crate::attention::Profile::heuristic(&config, &sha256));
+        let pool = CachePool::new(shape, opts.max_sequences.max(1), max_context, crate::attention::Profile::heuristic(&config, &sha256), opts.kv_variant);
+        // ORT registers custom-op domains in a process-wide table: two sessions created at once
+        // can collide ("domain is already exist"), so sessions are built one at a time.
+        static SESSION_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = SESSION_BUILD.lock().unwrap_or_else(|e| e.into_inner());
         let domain = ort::operator::OperatorDomain::new(OP_DOMAIN)?.add(FasaAttentionOp { pool: Arc::clone(&pool) })?;
         let threads = match opts.threads {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -110,7 +116,8 @@ impl Model {
             .map_err(ort::Error::from)?
             .commit_from_memory(&graph.onnx)?;
         let info = ModelInfo { path: opts.model_path.clone(), config, max_context, max_sequences: pool.n_slots(), weight_bytes: graph.weight_bytes, sha256 };
-        Ok(Self { info, default_attention: AttnConfig::default(), tokenizer, session, pool })
+        let default_attention = pool.fit_config(AttnConfig::default());
+        Ok(Self { info, default_attention, tokenizer, session, pool })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -150,6 +157,7 @@ impl Model {
         let attention = req.attention.resolve(&self.default_attention);
         let c = &self.info.config;
         attention.validate(c.n_fcs(), c.n_layers).map_err(EngineError::InvalidRequest)?;
+        self.pool.check_config(&attention).map_err(EngineError::InvalidRequest)?;
         let tokens = self.encode_prompt(&req.prompt)?;
         if tokens.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -235,6 +243,7 @@ impl Model {
     pub fn set_default_attention(&mut self, c: AttnConfig) -> Result<()> {
         let m = &self.info.config;
         c.validate(m.n_fcs(), m.n_layers).map_err(EngineError::InvalidRequest)?;
+        self.pool.check_config(&c).map_err(EngineError::InvalidRequest)?;
         self.default_attention = c;
         Ok(())
     }

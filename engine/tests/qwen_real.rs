@@ -25,7 +25,12 @@ fn load() -> Model {
     let t = Instant::now();
     let mut opts = LoadOptions::new(qwen_path(), ort);
     (opts.max_sequences, opts.max_context) = (1, 4096);
-    let model = Model::load(&opts).expect("load Qwen2.5-Coder-0.5B");
+    // ORT registers the operator's domain in a process-wide table: concurrent loads race.
+    static LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let model = {
+        let _one = LOAD.lock().unwrap_or_else(|e| e.into_inner());
+        Model::load(&opts).expect("load Qwen2.5-Coder-0.5B")
+    };
     let gguf = QWEN25_CODER_05B.size;
     let w = model.info().weight_bytes;
     eprintln!("loaded in {:.1}s: graph weights {:.1} MiB vs GGUF {:.1} MiB ({:.2}×)", t.elapsed().as_secs_f32(), w as f64 / 1048576.0, gguf as f64 / 1048576.0, w as f64 / gguf as f64);
@@ -61,16 +66,15 @@ fn qwen_logits_match_reference() {
         let e = rel_err(&got, want);
         eprintln!("prompt {i}: {} tokens, prefill {graph_s:.2}s, relative error {e:.2e}", tokens.len());
         assert!(e < 1e-3, "prompt {i}: prefill relative error {e}");
-        let mut pos = tokens.len();
         let mut next = fasa_engine::sampler::argmax(want);
         for step in 0..3 {
+            let pos = tokens.len() + step;
             let got = model.forward(&[next], pos, lease.slot()).unwrap();
             let want = reference.forward(&[next], pos);
             let e = rel_err(&got, &want);
             eprintln!("prompt {i} step {step}: token {:?}, relative error {e:.2e}", model.tokenizer().decode(&[next]).unwrap());
             assert!(e < 1e-3, "prompt {i} step {step}: decode relative error {e}");
             next = fasa_engine::sampler::argmax(&want);
-            pos += 1;
         }
     }
 }

@@ -2,9 +2,13 @@
 //!
 //! Inputs: `input_ids` i64 `(S,)`, `position` i64 `(1,)`, `slot` i64 `(1,)`.
 //! Output: `logits` f32 `(1, vocab)` of the last of the S tokens.
-//! Per layer: RMSNorm → fused QKV `MatMulNBits` (+bias) → `FasaAttention` → o-proj → residual
-//! fused into the next `SkipSimplifiedLayerNormalization` → SwiGLU FFN. Weights stay in their
-//! GGUF bits where an exact `MatMulNBits` form exists; others fall back to f32 `MatMul`.
+//! Per layer: RMSNorm → fused QKV `MatMulNBits` (+bias) → `FasaAttention` (RoPE on the model's
+//! true pairs: adjacent for `llama`, half-split `(i, i + d/2)` for `qwen2`) → o-proj → residual
+//! fused into the next `SkipSimplifiedLayerNormalization` → SwiGLU FFN (gate|up fused).
+//! Weights stay in their GGUF bits where an exact 4-bit-plane form exists (`quant`: Q4_0,
+//! Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K); projections whose parts differ in form run apart
+//! and are concatenated; other types fall back to an f32 `MatMul`. The token embedding is an
+//! exact 8-bit `GatherBlockQuantized` for Q8_0/Q4_0/Q5_0/Q6_K, else an f32 table.
 use super::builder::{Attr, GraphBuilder};
 use super::proto::dtype;
 use std::collections::HashMap;
@@ -54,10 +58,9 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    /// `out = input · [W_0; W_1; …]ᵀ` (weights stacked along N): one `MatMulNBits` group when
-    /// every part converts exactly to planes of the same block and count; else each part on its
-    /// own (planes, or an f32 `MatMul` for types with no plane form) joined by a `Concat`.
-    fn linear(&mut self, names: &[String], input: &str, out: &str) -> Result<usize> {
+    /// The weights `names` (same input width K) as one stacked plane form, when each converts
+    /// exactly and all share block and plane count; also K and each part's rows N_i.
+    fn stacked(&self, names: &[String]) -> Result<(usize, Vec<usize>, Option<Decomposed>)> {
         let mut parts = Vec::new();
         let mut k_all = None;
         for n in names {
@@ -68,9 +71,17 @@ impl Ctx<'_> {
             parts.push((rows, ty, bytes));
         }
         let k = k_all.unwrap_or(0);
-        let n_total: usize = parts.iter().map(|p| p.0).sum();
         let dec: Option<Vec<Decomposed>> = parts.iter().map(|&(rows, ty, bytes)| decompose(ty, bytes, rows, k)).collect();
-        if let Some(w) = dec.as_deref().and_then(concat_rows) {
+        Ok((k, parts.iter().map(|p| p.0).collect(), dec.as_deref().and_then(concat_rows)))
+    }
+
+    /// `out = input · [W_0; W_1; …]ᵀ` (weights stacked along N): one `MatMulNBits` group when
+    /// every part converts exactly to planes of the same block and count; else each part on its
+    /// own (planes, or an f32 `MatMul` for types with no plane form) joined by a `Concat`.
+    fn linear(&mut self, names: &[String], input: &str, out: &str) -> Result<usize> {
+        let (k, rows, stacked) = self.stacked(names)?;
+        let n_total: usize = rows.iter().sum();
+        if let Some(w) = stacked {
             self.matmul_planes(out, &w, input);
         } else if names.len() > 1 {
             // Mixed forms (e.g. a Q6_K V next to Q5_0 Q and K): (S, n_i) each, joined on N.
@@ -95,6 +106,28 @@ impl Ctx<'_> {
             self.g.node("MatMul", "", out, &[input, &wn], &[out], vec![]);
         }
         Ok(n_total)
+    }
+
+    /// `outs[i] = input · W_iᵀ` for weights of one input: a single stacked `MatMulNBits` group
+    /// then a `Split` when they stack (fewer, wider kernels: FFN gate|up), else one `linear` each.
+    fn linears(&mut self, names: &[String], input: &str, outs: &[String]) -> Result<()> {
+        let (_, rows, stacked) = self.stacked(names)?;
+        match stacked {
+            Some(w) => {
+                let joined = format!("{}.joined", outs[0]);
+                self.matmul_planes(&joined, &w, input);
+                let sizes: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                let split = self.g.init_i64(&format!("{joined}.split"), &[sizes.len()], &sizes);
+                let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+                self.g.node("Split", "", &format!("{joined}.split_node"), &[&joined, &split], &refs, vec![("axis", Attr::Int(-1))]);
+            }
+            None => {
+                for (name, out) in names.iter().zip(outs) {
+                    self.linear(std::slice::from_ref(name), input, out)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `out = Σ_p MatMulNBits(input, plane_p) + BlockSum(input) · corrᵀ` (see `quant`).
@@ -232,8 +265,7 @@ pub fn build_decoder(f: &GgufFile, c: &ModelConfig) -> Result<DecoderGraph> {
         let w = x.g.init_f32(&format!("l{l}.ffn_norm"), &[d_model], &vector(f, &p("ffn_norm.weight"), d_model)?);
         x.g.node("SkipSimplifiedLayerNormalization", "com.microsoft", &format!("l{l}.norm2"), &[&resid, &o, &w], &[&h2, "", "", &mid], vec![("epsilon", Attr::Float(c.rms_eps))]);
         let (gate, up, sg, act, prod, down) = (format!("l{l}.gate"), format!("l{l}.up"), format!("l{l}.sg"), format!("l{l}.act"), format!("l{l}.prod"), format!("l{l}.down"));
-        x.linear(&[p("ffn_gate.weight")], &h2, &gate)?;
-        x.linear(&[p("ffn_up.weight")], &h2, &up)?;
+        x.linears(&[p("ffn_gate.weight"), p("ffn_up.weight")], &h2, &[gate.clone(), up.clone()])?;
         x.g.node("Sigmoid", "", &sg, &[&gate], &[&sg], vec![]);
         x.g.node("Mul", "", &act, &[&gate, &sg], &[&act], vec![]);
         x.g.node("Mul", "", &prod, &[&act, &up], &[&prod], vec![]);

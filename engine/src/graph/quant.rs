@@ -122,9 +122,9 @@ fn block_planes(ty: GgmlType, blk: &[u8], o: &mut BlockPlanes) {
         GgmlType::Q4_0 | GgmlType::Q4_1 => {
             let d = f16_at(blk, 0);
             let qs = if ty == GgmlType::Q4_0 { &blk[2..18] } else { &blk[4..20] };
-            for j in 0..16 {
-                o.u[0][j] = qs[j] & 0x0f;
-                o.u[0][j + 16] = qs[j] >> 4;
+            for (j, &q) in qs.iter().enumerate() {
+                o.u[0][j] = q & 0x0f;
+                o.u[0][j + 16] = q >> 4;
             }
             o.scale[0][0] = d;
             o.corr[0] = if ty == GgmlType::Q4_1 { f16_at(blk, 2) + 8.0 * d } else { 0.0 };
@@ -136,9 +136,9 @@ fn block_planes(ty: GgmlType, blk: &[u8], o: &mut BlockPlanes) {
             let at = if ty == GgmlType::Q5_0 { 2 } else { 4 };
             let qh = u32::from_le_bytes([blk[at], blk[at + 1], blk[at + 2], blk[at + 3]]);
             let qs = &blk[at + 4..at + 20];
-            for j in 0..16 {
-                split5(o, j, (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4));
-                split5(o, j + 16, (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4));
+            for (j, &q) in qs.iter().enumerate() {
+                split5(o, j, (q & 0x0f) | ((((qh >> j) & 1) as u8) << 4));
+                split5(o, j + 16, (q >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4));
             }
             o.scale[0][0] = d;
             o.scale[1][0] = 8.0 * d;
