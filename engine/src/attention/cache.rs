@@ -139,7 +139,9 @@ pub struct SeqCache {
     /// FASA-M: per `(layer, kv_head)` the resident FCs, best first (recorded when the slot is
     /// taken, from the profile then installed); plane `j` of a fast page holds FC `resident[j]`.
     resident: Vec<Vec<usize>>,
-    /// FASA-M: the profile re-expressed over resident FCs (`Pages::plane_view` numbering).
+    /// FASA-M: the profile the resident FCs were taken from, and the same re-expressed over
+    /// resident FCs (`Pages::plane_view` numbering).
+    taken: Option<Arc<Profile>>,
     compact: Option<Arc<Profile>>,
     /// FASA-M: created at the first page.
     slow: Option<SlowTier>,
@@ -149,6 +151,7 @@ pub struct SeqCache {
 }
 
 impl SeqCache {
+    #[cfg(test)]
     fn new(shape: CacheShape) -> Self {
         Self::with_tiering(shape, Tiering::FasaC)
     }
@@ -159,7 +162,7 @@ impl SeqCache {
             Tiering::FasaC => vec![],
             Tiering::FasaM { row_cache_rows, .. } => (0..shape.n_layers * shape.n_kv_heads).map(|_| Mutex::new(RowCache::new(*row_cache_rows, shape.head_dim))).collect(),
         };
-        Self { shape, tiering, lens: vec![0; shape.n_layers], heads, resident: vec![], compact: None, slow: None, rows, state: SlotState::default() }
+        Self { shape, tiering, lens: vec![0; shape.n_layers], heads, resident: vec![], taken: None, compact: None, slow: None, rows, state: SlotState::default() }
     }
 
     /// True for a FASA-M slot.
@@ -168,11 +171,12 @@ impl SeqCache {
     }
 
     /// FASA-M: records the resident FCs of every KV head from `p` (the top `R` of its ranking).
-    fn take_resident(&mut self, p: &Profile) {
+    fn take_resident(&mut self, p: &Arc<Profile>) {
         let Tiering::FasaM { resident: r, .. } = self.tiering else { return };
+        self.taken = Some(Arc::clone(p));
         let hkv = self.shape.n_kv_heads;
         self.resident = p.layers.iter().flat_map(|l| l.kv_heads.iter().map(|h| h.ranked_fcs[..r.min(h.ranked_fcs.len())].to_vec())).collect();
-        let mut c = p.clone();
+        let mut c = Profile::clone(p);
         c.head_dim = 2 * r;
         for (li, l) in c.layers.iter_mut().enumerate() {
             let group = l.q_heads.len() / hkv.max(1);
@@ -219,7 +223,7 @@ impl SeqCache {
 
     /// Checks `c` against what this slot keeps (always fine on FASA-C); the message names the limit.
     pub fn check_config(&self, c: &AttnConfig) -> Result<(), String> {
-        check_tiered(&self.tiering, &self.resident, self.shape, self.compact.as_deref(), c)
+        check_tiered(&self.tiering, &self.resident, self.shape, self.taken.as_deref(), c)
     }
 
     pub fn len(&self, layer: usize) -> usize {
@@ -368,6 +372,7 @@ impl SeqCache {
         if let Tiering::FasaM { .. } = self.tiering {
             // Same resident FCs as the source, so the copied planes mean the same FCs.
             self.resident.clone_from(&other.resident);
+            self.taken.clone_from(&other.taken);
             self.compact.clone_from(&other.compact);
             for r in &mut self.rows {
                 r.get_mut().unwrap_or_else(|e| e.into_inner()).clear();
@@ -407,6 +412,7 @@ impl SeqCache {
         }
         self.slow = None;
         self.resident.clear();
+        self.taken = None;
         self.compact = None;
         self.lens.fill(0);
         self.state = SlotState::default();
@@ -459,27 +465,50 @@ fn check_tiered(t: &Tiering, resident: &[Vec<usize>], shape: CacheShape, profile
 /// Slots shared by every sequence of one model (one ONNX Runtime session).
 pub struct CachePool {
     shape: CacheShape,
+    variant: KvVariant,
     max_context: usize,
     slots: Vec<Mutex<SeqCache>>,
     free: Mutex<Vec<usize>>,
+    /// Bytes held in both tiers; `slow_bytes` of them in the slow tier.
     bytes: AtomicUsize,
+    slow_bytes: AtomicUsize,
     profile: std::sync::RwLock<Arc<Profile>>,
 }
 
 impl CachePool {
-    pub fn new(shape: CacheShape, n_slots: usize, max_context: usize, profile: Profile) -> Arc<Self> {
+    /// A pool of `n_slots` sequences of up to `max_context` tokens. FASA-M's slow tier files go to
+    /// `paths::cache_dir()/kv/` (created, and unlinked at once, when a slot first needs one);
+    /// `resident_fcs` is clamped to `1..=d/2`.
+    pub fn new(shape: CacheShape, n_slots: usize, max_context: usize, profile: Profile, variant: KvVariant) -> Arc<Self> {
+        Self::with_kv_dir(shape, n_slots, max_context, profile, variant, crate::paths::cache_dir().join("kv"))
+    }
+
+    /// As `new`, with the slow tier's files under `dir`.
+    pub fn with_kv_dir(shape: CacheShape, n_slots: usize, max_context: usize, profile: Profile, variant: KvVariant, dir: PathBuf) -> Arc<Self> {
+        let (variant, tiering) = match variant {
+            KvVariant::FasaC => (variant, Tiering::FasaC),
+            KvVariant::FasaM { resident_fcs, row_cache_rows } => {
+                let resident = resident_fcs.clamp(1, shape.n_fc().max(1));
+                (KvVariant::FasaM { resident_fcs: resident, row_cache_rows }, Tiering::FasaM { resident, row_cache_rows, dir })
+            }
+        };
         Arc::new(Self {
             shape,
+            variant,
             max_context,
-            slots: (0..n_slots).map(|_| Mutex::new(SeqCache::new(shape))).collect(),
+            slots: (0..n_slots).map(|_| Mutex::new(SeqCache::with_tiering(shape, tiering.clone()))).collect(),
             free: Mutex::new((0..n_slots).rev().collect()),
             bytes: AtomicUsize::new(0),
+            slow_bytes: AtomicUsize::new(0),
             profile: std::sync::RwLock::new(Arc::new(profile)),
         })
     }
 
     pub fn shape(&self) -> CacheShape {
         self.shape
+    }
+    pub fn variant(&self) -> KvVariant {
+        self.variant
     }
     pub fn max_context(&self) -> usize {
         self.max_context
@@ -490,12 +519,75 @@ impl CachePool {
     pub fn free_count(&self) -> usize {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
-    /// Bytes of pages currently allocated across all slots.
+    /// Bytes of pages currently allocated across all slots, both tiers (FASA-M's row caches
+    /// included).
     pub fn bytes_in_use(&self) -> usize {
         self.bytes.load(Ordering::Relaxed)
     }
+    /// `bytes_in_use` split as (fast tier, slow tier).
+    pub fn bytes_in_use_by_tier(&self) -> (usize, usize) {
+        let slow = self.slow_bytes.load(Ordering::Relaxed);
+        (self.bytes_in_use().saturating_sub(slow), slow)
+    }
 
-    /// The calibration profile the sparse modes rank FCs by.
+    /// Bytes one cached token costs over all layers and KV heads, as (fast tier, slow tier).
+    /// FASA-C: everything is fast (K planes, K rows, V, Quest bounds). FASA-M: fast = the
+    /// resident planes, slow = K rows + V rows; the row caches are a fixed cost per slot on top
+    /// (`row_cache_bytes_per_slot`), not per token.
+    pub fn bytes_per_token_by_tier(&self) -> (usize, usize) {
+        let s = self.shape;
+        let heads = s.n_layers * s.n_kv_heads;
+        match self.variant {
+            KvVariant::FasaC => (s.bytes_per_token(), 0),
+            KvVariant::FasaM { resident_fcs, .. } => (heads * s.m_fast_elems(resident_fcs) * 4 / PAGE, heads * s.m_slow_elems() * 4 / PAGE),
+        }
+    }
+
+    /// FASA-M: fast-tier bytes of one slot's full row caches (all layers and KV heads); 0 on FASA-C.
+    pub fn row_cache_bytes_per_slot(&self) -> usize {
+        match self.variant {
+            KvVariant::FasaC => 0,
+            KvVariant::FasaM { row_cache_rows, .. } => self.shape.n_layers * self.shape.n_kv_heads * RowCache::full_bytes(row_cache_rows, self.shape.head_dim),
+        }
+    }
+
+    /// Checks a request's attention settings against what this cache keeps (FASA-M: resident
+    /// FCs of the current profile, the row cache size, the modes it serves); the message says
+    /// what to change. Always fine on FASA-C.
+    pub fn check_config(&self, c: &AttnConfig) -> Result<(), String> {
+        let tiering = self.tiering_of_variant();
+        if let Tiering::FasaC = tiering {
+            return Ok(());
+        }
+        // What a slot acquired now would record.
+        let mut probe = SeqCache::with_tiering(self.shape, tiering);
+        probe.take_resident(&self.profile());
+        probe.check_config(c)
+    }
+
+    fn tiering_of_variant(&self) -> Tiering {
+        match self.variant {
+            KvVariant::FasaC => Tiering::FasaC,
+            KvVariant::FasaM { resident_fcs, row_cache_rows } => Tiering::FasaM { resident: resident_fcs, row_cache_rows, dir: PathBuf::new() },
+        }
+    }
+
+    /// `c` narrowed to what this cache serves (FASA-M: pool and chunks ≤ resident FCs, budget ≤
+    /// row cache rows, no re-rank); unchanged on FASA-C. For defaults, not for requests.
+    pub fn fit_config(&self, mut c: AttnConfig) -> AttnConfig {
+        if let KvVariant::FasaM { resident_fcs, row_cache_rows } = self.variant {
+            c.pool = c.pool.min(resident_fcs);
+            c.chunks = c.chunks.min(c.pool);
+            c.budget = c.budget.min(row_cache_rows);
+            c.sinks = c.sinks.min(c.budget);
+            c.recent = c.recent.min(c.budget - c.sinks);
+            c.rerank = 0;
+        }
+        c
+    }
+
+    /// The calibration profile the sparse modes rank FCs by (FASA-M slots keep the resident FCs
+    /// they took from the profile installed when they were acquired).
     pub fn profile(&self) -> Arc<Profile> {
         Arc::clone(&self.profile.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -507,6 +599,9 @@ impl CachePool {
     /// Takes a free slot; `None` when all are in use.
     pub fn acquire(self: &Arc<Self>) -> Option<SlotLease> {
         let slot = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        if let Some(mut c) = self.lock(slot) {
+            c.take_resident(&self.profile());
+        }
         Some(SlotLease { pool: Arc::clone(self), slot })
     }
 
@@ -516,7 +611,8 @@ impl CachePool {
     }
 
     /// Copies slot `from`'s cached tokens into slot `to` (which must differ): a shared prefix
-    /// computed once, decoded several ways (the fidelity harness).
+    /// computed once, decoded several ways (the fidelity harness). False when a slot is missing
+    /// or FASA-M's slow tier could not grow.
     pub fn copy_slot(&self, from: usize, to: usize) -> bool {
         if from == to {
             return false;
@@ -525,18 +621,30 @@ impl CachePool {
             return false;
         };
         let src = src.lock().unwrap_or_else(|e| e.into_inner());
-        let delta = dst.copy_from(&src);
+        let before = dst.held();
+        let res = dst.copy_from(&src);
+        let delta = match &res {
+            Ok(d) => *d,
+            Err(_) => {
+                let after = dst.held();
+                TierBytes { fast: after.fast - before.fast, slow: after.slow - before.slow }
+            }
+        };
         drop(dst);
         self.account(delta);
-        true
+        res.is_ok()
     }
 
-    pub(crate) fn account(&self, delta: isize) {
-        if delta >= 0 {
-            self.bytes.fetch_add(delta as usize, Ordering::Relaxed);
-        } else {
-            self.bytes.fetch_sub((-delta) as usize, Ordering::Relaxed);
-        }
+    pub(crate) fn account(&self, delta: TierBytes) {
+        let add = |a: &AtomicUsize, d: isize| {
+            if d >= 0 {
+                a.fetch_add(d as usize, Ordering::Relaxed);
+            } else {
+                a.fetch_sub((-d) as usize, Ordering::Relaxed);
+            }
+        };
+        add(&self.bytes, delta.total());
+        add(&self.slow_bytes, delta.slow);
     }
 }
 
@@ -556,7 +664,7 @@ impl Drop for SlotLease {
     fn drop(&mut self) {
         if let Some(mut c) = self.pool.lock(self.slot) {
             let freed = c.clear();
-            self.pool.account(-(freed as isize));
+            self.pool.account(TierBytes { fast: -freed.fast, slow: -freed.slow });
         }
         self.pool.free.lock().unwrap_or_else(|e| e.into_inner()).push(self.slot);
     }
@@ -566,20 +674,25 @@ impl Drop for SlotLease {
 mod tests {
     use super::*;
 
+    fn model_cfg(n_layers: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> crate::ModelConfig {
+        crate::ModelConfig { architecture: "llama".into(), name: "t".into(), n_layers, hidden: 8, n_heads, n_kv_heads, head_dim, ffn_hidden: 8, vocab_size: 8, context_length: 1024, rope_theta: 1e4, rms_eps: 1e-5, rope_layout: crate::RopeLayout::Adjacent, tied_embeddings: true, qkv_bias: false }
+    }
+
     #[test]
     fn slots_and_pages_are_returned() {
         let shape = CacheShape { n_layers: 2, n_kv_heads: 3, head_dim: 8 };
-        let cfg = crate::ModelConfig { architecture: "llama".into(), name: "t".into(), n_layers: 2, hidden: 8, n_heads: 3, n_kv_heads: 3, head_dim: 8, ffn_hidden: 8, vocab_size: 8, context_length: 1024, rope_theta: 1e4, rms_eps: 1e-5, rope_layout: crate::RopeLayout::Adjacent, tied_embeddings: true, qkv_bias: false };
-        let pool = CachePool::new(shape, 2, 1024, Profile::heuristic(&cfg, ""));
+        let cfg = model_cfg(2, 3, 3, 8);
+        let pool = CachePool::new(shape, 2, 1024, Profile::heuristic(&cfg, ""), KvVariant::FasaC);
         let a = pool.acquire().unwrap();
         let b = pool.acquire().unwrap();
         assert!(pool.acquire().is_none());
         {
             let mut c = pool.lock(a.slot()).unwrap();
-            let d = c.resize(0, 0, PAGE + 1);
+            let d = c.resize(0, 0, PAGE + 1).unwrap();
             pool.account(d);
         }
         assert_eq!(pool.bytes_in_use(), 2 * 3 * shape.page_elems() * 4);
+        assert_eq!(pool.bytes_in_use_by_tier(), (2 * 3 * shape.page_elems() * 4, 0));
         drop(a);
         assert_eq!(pool.bytes_in_use(), 0);
         assert_eq!(pool.free_count(), 1);
@@ -591,9 +704,151 @@ mod tests {
     fn rewind_frees_pages() {
         let shape = CacheShape { n_layers: 1, n_kv_heads: 1, head_dim: 4 };
         let mut c = SeqCache::new(shape);
-        assert!(c.resize(0, 0, 3 * PAGE) > 0);
-        assert!(c.resize(0, PAGE, 0) < 0);
+        assert!(c.resize(0, 0, 3 * PAGE).unwrap().total() > 0);
+        assert!(c.resize(0, PAGE, 0).unwrap().total() < 0);
         assert_eq!(c.len(0), PAGE);
         assert_eq!(c.pages(0, 0).view().k_pages.len(), 1);
+    }
+
+    /// A FASA-M pool over `dir`: 2 layers, 4 query / 2 KV heads, d = 8 (4 FCs), 2 resident FCs,
+    /// with KV head g of every layer ranking FCs `[3 - g, ...]` so the two heads keep different FCs.
+    fn tiered_pool(dir: &std::path::Path, rows: usize) -> Arc<CachePool> {
+        let shape = CacheShape { n_layers: 2, n_kv_heads: 2, head_dim: 8 };
+        let mut prof = Profile::heuristic(&model_cfg(2, 4, 2, 8), "");
+        for l in &mut prof.layers {
+            l.kv_heads[0].ranked_fcs = vec![3, 1, 2, 0];
+            l.kv_heads[1].ranked_fcs = vec![2, 0, 3, 1];
+            for qh in 0..4 {
+                l.q_heads[qh].ranked_fcs = l.kv_heads[qh / 2].ranked_fcs.clone();
+            }
+        }
+        let v = KvVariant::FasaM { resident_fcs: 2, row_cache_rows: rows };
+        CachePool::with_kv_dir(shape, 2, 1024, prof, v, dir.to_path_buf())
+    }
+
+    #[test]
+    fn fasa_m_keeps_resident_planes_fast_and_rows_in_the_slow_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = tiered_pool(dir.path(), 8);
+        let lease = pool.acquire().unwrap();
+        let n = PAGE + 5;
+        {
+            let mut c = pool.lock(lease.slot()).unwrap();
+            assert!(c.is_tiered());
+            assert_eq!((c.resident(1, 0), c.resident(1, 1)), (&[3, 1][..], &[2, 0][..]));
+            let d = c.resize(1, 0, n).unwrap();
+            pool.account(d);
+            // Token t, head h: K element j = 100·h + t + j/10, V = −(that).
+            for h in 0..2 {
+                for t in 0..n {
+                    let k: Vec<f32> = (0..8).map(|j| (100 * h + t) as f32 + j as f32 / 10.0).collect();
+                    let v: Vec<f32> = k.iter().map(|x| -x).collect();
+                    c.write(1, h, t, &k, &v);
+                }
+            }
+            let pages = c.pages(1, 1);
+            let full = pages.view();
+            assert!(full.k_pages.is_empty(), "no full-FC planes on FASA-M");
+            assert_eq!(full.k_row(PAGE + 2)[3], (100 + PAGE + 2) as f32 + 0.3);
+            assert_eq!(full.v_row(7)[0], -107.0);
+            // Plane 0 of head 1 is FC 2 (dims 4, 5); plane 1 is FC 0.
+            let planes = pages.plane_view();
+            assert_eq!(planes.n_fc, 2);
+            assert_eq!(planes.k_pages[1][2 * 2 + 1], (100 + PAGE + 2) as f32 + 0.5);
+            assert_eq!(planes.k_pages[1][(PAGE + 2) * 2], (100 + PAGE + 2) as f32);
+            // The row cache copies rows out of the slow tier.
+            let mut rc = c.row_cache(1, 1).unwrap();
+            let (slots, f) = rc.fetch(&[3, PAGE as u32 + 1], |t, k, v| c.load_row(1, 1, t, k, v)).unwrap();
+            assert_eq!((f.hits, f.moved), (0, 2));
+            assert_eq!(rc.k(slots[1])[1], (100 + PAGE + 1) as f32 + 0.1);
+            assert_eq!(rc.v(slots[0])[2], -(103.0 + 2.0 / 10.0));
+            // The operator accounts the row cache's storage when a fetch allocates it.
+            pool.account(TierBytes { fast: rc.bytes() as isize, slow: 0 });
+        }
+        // Fast: 2 heads × 2 pages × 2 planes + one row cache of 8 rows; slow: 2 heads × 2 pages
+        // × K and V rows.
+        let (fast, slow) = pool.bytes_in_use_by_tier();
+        assert_eq!(slow, 2 * 2 * 2 * PAGE * 8 * 4);
+        assert_eq!(fast, 2 * 2 * 2 * PAGE * 2 * 4 + 8 * 2 * 8 * 4);
+        // The rewound tail leaves the row cache; pages go back to the file's free list.
+        {
+            let mut c = pool.lock(lease.slot()).unwrap();
+            let d = c.resize(1, 2, 0).unwrap();
+            pool.account(d);
+            assert!(!c.row_cache(1, 1).unwrap().contains(3));
+        }
+        assert_eq!(pool.bytes_in_use_by_tier().1, 2 * 2 * PAGE * 8 * 4);
+        drop(lease);
+        assert_eq!(pool.bytes_in_use(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no slow-tier file left behind");
+    }
+
+    #[test]
+    fn fasa_m_copy_slot_copies_both_tiers() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = tiered_pool(dir.path(), 8);
+        let (a, b) = (pool.acquire().unwrap(), pool.acquire().unwrap());
+        {
+            let mut c = pool.lock(a.slot()).unwrap();
+            pool.account(c.resize(0, 0, 3).unwrap());
+            for t in 0..3 {
+                c.write(0, 1, t, &[t as f32; 8], &[-(t as f32); 8]);
+            }
+        }
+        assert!(pool.copy_slot(a.slot(), b.slot()));
+        let c = pool.lock(b.slot()).unwrap();
+        assert_eq!(c.len(0), 3);
+        assert_eq!(c.pages(0, 1).view().v_row(2), &[-2.0; 8]);
+        assert_eq!(c.pages(0, 1).plane_view().k_pages[0][2 * 2], 2.0);
+        drop(c);
+        assert_eq!(pool.bytes_in_use_by_tier().1, 2 * 2 * 2 * PAGE * 8 * 4);
+    }
+
+    #[test]
+    fn fasa_m_refuses_what_it_cannot_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = tiered_pool(dir.path(), 64);
+        let mut c = AttnConfig::fasa(64, 2);
+        (c.pool, c.recent) = (2, 16);
+        assert_eq!(pool.check_config(&c), Ok(()));
+        c.pool = 3;
+        assert!(pool.check_config(&c).unwrap_err().contains("at most 2"));
+        c.pool = 2;
+        c.budget = 65;
+        assert!(pool.check_config(&c).unwrap_err().contains("at most 64"));
+        for m in [Mode::Oracle, Mode::Quest, Mode::RandomFc] {
+            assert!(pool.check_config(&AttnConfig::baseline(m, 32, 2)).unwrap_err().contains(m.as_str()));
+        }
+        assert_eq!(pool.check_config(&AttnConfig::baseline(Mode::Streaming, 32, 2)), Ok(()));
+        assert_eq!(pool.check_config(&AttnConfig::dense()), Ok(()));
+        assert_eq!(pool.check_config(&AttnConfig::paper(32, 2)), Ok(()));
+        // A query head whose own ranking leaves its KV head's resident set.
+        let mut p = Profile::clone(&pool.profile());
+        p.layers[1].q_heads[3].ranked_fcs = vec![1, 2, 0, 3];
+        pool.set_profile(p);
+        assert!(pool.check_config(&AttnConfig::paper(32, 2)).unwrap_err().contains("query head 3"));
+        assert_eq!(pool.check_config(&AttnConfig { pool: 2, ..AttnConfig::fasa(32, 2) }), Ok(()), "per-group selection uses the KV head's ranking");
+        let fit = pool.fit_config(AttnConfig::default());
+        assert_eq!(pool.check_config(&fit), Ok(()));
+        // FASA-C serves everything.
+        let shape = CacheShape { n_layers: 2, n_kv_heads: 2, head_dim: 8 };
+        let c_pool = CachePool::new(shape, 1, 64, pool.profile().as_ref().clone(), KvVariant::FasaC);
+        assert_eq!(c_pool.check_config(&AttnConfig::baseline(Mode::Oracle, 32, 4)), Ok(()));
+    }
+
+    #[test]
+    fn fasa_m_fast_tier_is_at_most_a_sixth_of_dense_kv() {
+        // SmolLM2-135M: 30 layers, 3 KV heads, d = 64; 8 of 32 FCs resident, B = 256 rows.
+        let shape = CacheShape { n_layers: 30, n_kv_heads: 3, head_dim: 64 };
+        let prof = Profile::heuristic(&model_cfg(30, 9, 3, 64), "");
+        let m = CachePool::new(shape, 1, 8192, prof.clone(), KvVariant::FasaM { resident_fcs: 8, row_cache_rows: 256 });
+        let c = CachePool::new(shape, 1, 8192, prof, KvVariant::FasaC);
+        let dense = 30 * 3 * 2 * 64 * 4; // K and V once, f32
+        let (fast, slow) = m.bytes_per_token_by_tier();
+        assert_eq!((fast, slow), (30 * 3 * 8 * 2 * 4, dense));
+        assert!(6 * fast <= dense, "{fast} vs {dense}");
+        assert_eq!(c.bytes_per_token_by_tier(), (shape.bytes_per_token(), 0));
+        assert_eq!(m.row_cache_bytes_per_slot(), 30 * 3 * 256 * 2 * 64 * 4);
+        eprintln!("bytes/token: dense KV {dense}, FASA-C {:?}, FASA-M {:?} + row caches {} B/slot", c.bytes_per_token_by_tier(), (fast, slow), m.row_cache_bytes_per_slot());
     }
 }

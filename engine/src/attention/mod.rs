@@ -7,8 +7,10 @@ pub mod op;
 pub mod profile;
 pub mod sparse;
 pub mod stats;
+pub mod tier;
 
-pub use cache::{CachePool, CacheShape, SlotLease, SlotState, PAGE};
+pub use cache::{CachePool, CacheShape, SlotLease, SlotState, TierBytes, PAGE};
+pub use tier::KvVariant;
 pub use calib::CaRecorder;
 pub use config::{AttnConfig, Mode};
 pub use profile::Profile;

@@ -7,11 +7,11 @@
 //! slot's pages, and attends causally. Kernels keep no per-run state: the cache pool is shared.
 use std::sync::Arc;
 
-use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, Rope};
+use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, HeadView, Rope};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
-use super::cache::{CachePool, Pages};
+use super::cache::{CachePool, Pages, SeqCache, TierBytes};
 use super::config::Mode;
 use super::sparse::{head_mass, select, union_len, GroupCtx, Selection, ELEM};
 use super::stats::AttnStats;
@@ -114,7 +114,7 @@ impl Kernel for FasaKernel {
         if cache.len(self.layer) < pos {
             return Err(ort::Error::new(format!("FasaAttention: slot {slot} layer {} holds {} tokens, asked to continue at {pos}", self.layer, cache.len(self.layer))));
         }
-        let delta = cache.resize(self.layer, pos, s);
+        let delta = cache.resize(self.layer, pos, s).map_err(|e| ort::Error::new(format!("FasaAttention: the FASA-M slow tier under {} could not grow ({e}); free disk space there or lower the context", crate::paths::cache_dir().join("kv").display())))?;
         self.pool.account(delta);
 
         // q of the S tokens as rotated FC pairs: (S, H, n_fc, 2).
@@ -160,6 +160,22 @@ impl Kernel for FasaKernel {
         let measure = cache.state.measure;
         let mut recorder = cache.state.recorder.take();
         let sparse = s == 1 && cfg.mode != Mode::Dense && layer >= cfg.dense_layers && n_all > cfg.budget;
+        let tiered = cache.is_tiered();
+        if tiered && s == 1 {
+            // Refused before any work so the slot stays consistent (the tokens are written).
+            let refuse = if recorder.is_some() || (sparse && measure) {
+                Some("calibration and recall/mass measurement score every K plane, which the FASA-M cache keeps only in its slow tier; run them on a model loaded with the FASA-C cache".to_string())
+            } else if sparse && layer == cfg.dense_layers {
+                // Once per step (the first sparse layer runs first): the config is per slot.
+                cache.check_config(&cfg).err()
+            } else {
+                None
+            };
+            if let Some(e) = refuse {
+                cache.state.recorder = recorder;
+                return Err(ort::Error::new(format!("FasaAttention: {e}")));
+            }
+        }
         let mut stats = AttnStats::default();
         {
             let c = &*cache;
@@ -202,6 +218,27 @@ impl Kernel for FasaKernel {
                     stats.bytes_dense = (hkv * n_all * 2 * d) as u64 * ELEM;
                     stats.bytes_read = stats.bytes_dense;
                     stats.rows = (hkv * n_all) as u64;
+                }
+            } else if tiered {
+                let profile = c.compact_profile().ok_or_else(|| ort::Error::new("FasaAttention: FASA-M slot has no resident FCs (not acquired through the pool)"))?;
+                let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
+                let failed = std::sync::Mutex::new(None);
+                let pool = &self.pool;
+                ctx.par_for(hkv, 0, |g| {
+                    let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect();
+                    let mut o = vec![0f32; group * d];
+                    match sparse_group_tiered(c, pool, &pages[g], &profile, &cfg, layer, g, group, n_all, &qs, scale, &mut o) {
+                        Ok(st) => *per_group[g].lock().unwrap_or_else(|e| e.into_inner()) = st,
+                        Err(e) => *failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e),
+                    }
+                    // SAFETY: each group writes only the rows of its own query heads.
+                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add(g * group * d), group * d) };
+                })?;
+                if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                    return Err(ort::Error::new(format!("FasaAttention: {e}")));
+                }
+                for st in per_group {
+                    stats.merge(&st.into_inner().unwrap_or_else(|e| e.into_inner()));
                 }
             } else {
                 let profile = self.pool.profile();
@@ -261,4 +298,51 @@ impl Kernel for FasaKernel {
         cache.state.stats.merge(&stats);
         Ok(())
     }
+}
+
+/// FASA-M decode for KV group `g`: stage 1 over the resident planes (queries compacted to the
+/// resident FCs, profile renumbered the same way, so the selection equals FASA-C's), then stage 2
+/// over the selected rows in the row cache, moving only the misses from the slow tier. `o` is
+/// `(group, d)`; returns the group's counters.
+#[allow(clippy::too_many_arguments)]
+fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &super::profile::Profile, cfg: &super::config::AttnConfig, layer: usize, g: usize, group: usize, n_all: usize, qs: &[&[f32]], scale: f32, o: &mut [f32]) -> Result<AttnStats, String> {
+    let d = qs[0].len();
+    let resident = c.resident(layer, g);
+    // (heads, R, 2): each query's pairs of the resident FCs, in resident (rank) order.
+    let compact: Vec<Vec<f32>> = qs.iter().map(|q| resident.iter().flat_map(|&f| [q[2 * f], q[2 * f + 1]]).collect()).collect();
+    let qc: Vec<&[f32]> = compact.iter().map(|q| q.as_slice()).collect();
+    let gctx = GroupCtx { view: pages.plane_view(), bounds: &[], layer, kv_head: g, n: n_all, cfg, profile };
+    let heads: Vec<usize> = (g * group..(g + 1) * group).collect();
+    let sels: Vec<Selection> = if cfg.per_group {
+        vec![select(&gctx, &heads, &qc)]
+    } else {
+        heads.iter().zip(&qc).map(|(&qh, q)| select(&gctx, &[qh], &[q])).collect()
+    };
+    let mut st = AttnStats { sparse_layer_steps: 1, bytes_dense: (n_all * 2 * d) as u64 * ELEM, ..Default::default() };
+    let fcs: Vec<&[usize]> = sels.iter().map(|x| x.fcs.as_slice()).collect();
+    let rows: Vec<&[u32]> = sels.iter().map(|x| x.rows.as_slice()).collect();
+    let union_rows = union_len(&rows);
+    st.rows = union_rows as u64;
+    st.bytes_read = (n_all * 2 * union_len(&fcs) + union_rows * 2 * d) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>();
+    let mut rc = c.row_cache(layer, g).ok_or("FASA-M slot without row caches")?;
+    let before = rc.bytes();
+    for (i, sel) in sels.iter().enumerate() {
+        let (slots, f) = rc.fetch(&sel.rows, |t, k, v| c.load_row(layer, g, t, k, v)).map_err(|cap| format!("{} selected rows exceed the FASA-M row cache of {cap} rows; lower the budget", sel.rows.len()))?;
+        st.row_hits += f.hits as u64;
+        st.rows_moved += f.moved as u64;
+        st.bytes_moved += (f.moved * 2 * d) as u64 * ELEM;
+        // The selected rows as a view of one-row pages pointing into the row cache: stage 2
+        // reads the same K/V values in the same order as FASA-C's view of the whole cache.
+        let kr: Vec<&[f32]> = slots.iter().map(|&s| rc.k(s)).collect();
+        let vr: Vec<&[f32]> = slots.iter().map(|&s| rc.v(s)).collect();
+        let view = HeadView { k_pages: &[], kr_pages: &kr, v_pages: &vr, page: 1, n_fc: d / 2, len: slots.len() };
+        let local: Vec<u32> = (0..slots.len() as u32).collect();
+        if cfg.per_group {
+            attend_rows_group(&view, qs, &local, scale, o);
+        } else {
+            attend_rows(&view, qs[i], &local, scale, &mut o[i * d..(i + 1) * d]);
+        }
+    }
+    pool.account(TierBytes { fast: rc.bytes() as isize - before as isize, slow: 0 });
+    Ok(st)
 }

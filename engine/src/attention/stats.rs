@@ -20,6 +20,15 @@ pub struct AttnStats {
     pub recall_sum: f64,
     /// Σ softmax mass (full attention) of the selected rows over probes.
     pub mass_sum: f64,
+    /// FASA-M: selected rows copied from the slow tier into the row cache (misses).
+    #[serde(default)]
+    pub rows_moved: u64,
+    /// FASA-M: K+V bytes of those rows.
+    #[serde(default)]
+    pub bytes_moved: u64,
+    /// FASA-M: selected rows already in the row cache (kept from earlier steps).
+    #[serde(default)]
+    pub row_hits: u64,
 }
 
 impl AttnStats {
@@ -32,6 +41,18 @@ impl AttnStats {
         self.probes += o.probes;
         self.recall_sum += o.recall_sum;
         self.mass_sum += o.mass_sum;
+        self.rows_moved += o.rows_moved;
+        self.bytes_moved += o.bytes_moved;
+        self.row_hits += o.row_hits;
+    }
+    /// FASA-M: fraction of selected rows found in the row cache (1.0 when none were fetched).
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.row_hits + self.rows_moved;
+        if n == 0 {
+            1.0
+        } else {
+            self.row_hits as f64 / n as f64
+        }
     }
     /// Bytes read relative to dense (1.0 when nothing was sparse).
     pub fn read_fraction(&self) -> f64 {
