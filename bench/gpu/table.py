@@ -17,15 +17,15 @@ def main():
             if l.startswith("#"):
                 print(l.strip("# \n") + "  ")
     print()
-    print("| model | batch | L | B | k/P | mode | µs/layer | TIP µs | TIP+select µs | SDPA µs | × vs SDPA | byte limit × | TB/s | of copy bw |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | batch | L | B | k/P | mode | µs/layer | TIP µs | TIP+select µs | SDPA µs | × vs SDPA | byte limit × | TB/s | of copy bw | variant (all, µs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in ours:
         s = sd.get((r["model"], r["batch"], r["L"]))
         s_us = float(s["us_per_layer"]) if s else float("nan")
         us = float(r["us_per_layer"])
         tip, selu = r.get("tip_us") or "", r.get("select_us") or ""
         print(f"| {r['model']} | {r['batch']} | {r['L']} | {r['B']} | {r['k']}/{r['P']} | {r['mode']} | {us:.1f} | {tip} | {selu} | {s_us:.1f} | "
-              f"{s_us / us:.2f} | {float(r['byte_limit']):.2f} | {float(r['TBps']):.2f} | {float(r['frac_copy']):.0%} |")
+              f"{s_us / us:.2f} | {float(r['byte_limit']):.2f} | {float(r['TBps']):.2f} | {float(r['frac_copy']):.0%} | {r.get('variant') or ''} {('(' + r['variants_us'] + ')') if r.get('variants_us') else ''} |")
     print()
     print("| model | batch | L | SDPA µs/layer | SDPA TB/s | of copy bw | variant | other variant µs |")
     print("|---|---|---|---|---|---|---|---|")

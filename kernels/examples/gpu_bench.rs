@@ -75,7 +75,7 @@ fn main() {
         bw_memcpy / 1e12
     )];
     lines.push(format!("# resident blocks/SM (f16): tip, filter, fac = {:?}", gpu.occupancy(Dtype::F16).unwrap()));
-    lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us".into());
+    lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
     println!("{}", lines.join("\n"));
 
     let mut shapes = Vec::new();
@@ -132,7 +132,7 @@ fn main() {
             let ms = time_graph(&gpu, &g, 20) / layers as f64;
             let dense_us = ms * 1e3;
             let tbps = dense_bytes / (ms * 1e-3) / 1e12;
-            let l = format!("{},{},{},{},{},{},dense_inhouse,{},{:.2},{},{:.3},{:.2},1.00,1.00,,", s.model, s.batch, s.len, s.budget, s.k, n_fc, layers, dense_us, dense_bytes, tbps, tbps * 1e12 / bw);
+            let l = format!("{},{},{},{},{},{},dense_inhouse,{},{:.2},{},{:.3},{:.2},1.00,1.00,,,,", s.model, s.batch, s.len, s.budget, s.k, n_fc, layers, dense_us, dense_bytes, tbps, tbps * 1e12 / bw);
             println!("{l}");
             lines.push(l);
             dense_us
@@ -140,14 +140,41 @@ fn main() {
         for (name, p, sinks, recent) in modes {
             let cfg = DecodeConfig { n_q: s.n_q, per_group: true, budget: s.budget, chunks: s.k, pools: pools.clone(), pool: p, sinks, recent, rerank: 0 };
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
-            let g = capture(&gpu, || {
-                for (d, c) in decs.iter_mut().zip(&caches) {
-                    d.step(&gpu, c, &q, &lens, &mut out)?;
+            // Every code-path variant (threshold found by TIP's last block or by each filter
+            // block; combine fused into FAC's last block or launched apart), the fastest kept.
+            // TIP blocks of one chunk or of the automatic number (`tip::chunks`) are timed too.
+            let mut best = (f64::INFINITY, true, true, 1);
+            let mut all = Vec::new();
+            let auto = decs[0].tip_chunks;
+            let chunk_opts: Vec<usize> = if auto > 1 { vec![auto, 1] } else { vec![1] };
+            for &ch in &chunk_opts {
+                for (thr_in_tip, fused) in [(true, true), (true, false), (false, true), (false, false)] {
+                    for d in decs.iter_mut() {
+                        d.thr_in_tip = thr_in_tip;
+                        d.fused_combine = fused;
+                        d.tip_chunks = ch;
+                    }
+                    let g = capture(&gpu, || {
+                        for (d, c) in decs.iter_mut().zip(&caches) {
+                            d.step(&gpu, c, &q, &lens, &mut out)?;
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                    let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                    all.push(format!("{}{}{}:{:.1}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, ms * 1e3));
+                    if ms < best.0 {
+                        best = (ms, thr_in_tip, fused, ch);
+                    }
                 }
-                Ok(())
-            })
-            .unwrap();
-            let ms = time_graph(&gpu, &g, 20) / layers as f64;
+            }
+            let (ms, thr_in_tip, fused, ch) = best;
+            for d in decs.iter_mut() {
+                d.thr_in_tip = thr_in_tip;
+                d.fused_combine = fused;
+                d.tip_chunks = ch;
+            }
+            let variant = format!("{}{}{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch);
             // Stages: TIP alone, TIP + select; FAC is the rest.
             let g = capture(&gpu, || {
                 for (d, c) in decs.iter_mut().zip(&caches) {
@@ -173,7 +200,7 @@ fn main() {
             let bytes = tip + fac;
             let tbps = bytes / (ms * 1e-3) / 1e12;
             let l = format!(
-                "{},{},{},{},{},{},{},{},{:.2},{},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2}",
+                "{},{},{},{},{},{},{},{},{:.2},{},{:.3},{:.2},{:.2},{:.2},{:.2},{:.2},{},{}",
                 s.model,
                 s.batch,
                 s.len,
@@ -189,7 +216,9 @@ fn main() {
                 dense_us / (ms * 1e3),
                 dense_bytes / bytes,
                 tip_us,
-                select_us
+                select_us,
+                variant,
+                all.join(" ")
             );
             println!("{l}");
             lines.push(l);

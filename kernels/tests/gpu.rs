@@ -192,6 +192,7 @@ struct Outcome {
     fac_err: f64,
     dense_err: f64,
     graph_same: bool,
+    variants_same: bool,
 }
 
 fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
@@ -246,6 +247,24 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
     let out2_h = st.clone_dtoh(&out2)?;
     // (row order inside `sel` varies with atomics, so sums may differ in the last bits)
     let graph_same = nerr(&out2_h, &out_h) <= 1e-5;
+    // The other code paths (threshold found by every filter block, separate combine launch,
+    // several token chunks per TIP block), alone and together, give the same output; then back
+    // to the defaults.
+    let mut variants_same = true;
+    let chunks0 = dec.tip_chunks;
+    for (thr_in_tip, fused, chunks) in [(false, true, 1), (true, true, 2), (false, false, 3), (true, false, 3)] {
+        dec.thr_in_tip = thr_in_tip;
+        dec.fused_combine = fused;
+        dec.tip_chunks = chunks;
+        st.memcpy_htod(&vec![u32::MAX; dec.sel.len()], &mut dec.sel)?;
+        let mut o3 = st.clone_htod(&nan_out)?;
+        dec.step(g, &cache, &q, &lens_d, &mut o3)?;
+        let o3_h = st.clone_dtoh(&o3)?;
+        variants_same &= nerr(&o3_h, &out_h) <= 1e-5;
+    }
+    dec.thr_in_tip = true;
+    dec.fused_combine = false;
+    dec.tip_chunks = chunks0;
     // Dense.
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;
@@ -363,6 +382,7 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
         fac_err: nerr(&fo, &fr),
         dense_err: nerr(&dn, &dr),
         graph_same,
+        variants_same,
     })
 }
 
@@ -374,15 +394,16 @@ fn check(c: Case, r: &mut StdRng) {
         Dtype::Bf16 => 1e-3,
     };
     eprintln!(
-        "{:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {}: scores {:.2e}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}",
+        "{:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {}: scores {:.2e}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}",
         c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group,
-        o.score_err, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same
+        o.score_err, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same
     );
     assert!(o.score_err <= 1e-4, "TIP scores vs cpu::fc_scores: {:.3e}", o.score_err);
     assert!(o.exact_select, "select vs cpu::top_b");
     assert!(o.fac_err <= tol, "FAC vs cpu::attend_rows: {:.3e}", o.fac_err);
     assert!(o.dense_err <= tol, "dense vs cpu::attend_dense: {:.3e}", o.dense_err);
     assert!(o.graph_same, "graph replay differs from direct launches");
+    assert!(o.variants_same, "thr_in_tip / fused_combine variants differ from the default step");
 }
 
 fn base(dt: Dtype, d: usize, n_q: usize, n_kv: usize) -> Case {

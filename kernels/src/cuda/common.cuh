@@ -18,7 +18,7 @@ typedef unsigned long long u64;
 #define MAXG 8         // most FC groups per head (d ≤ 128)
 #define NBIN 4096      // histogram bins of TIP scores: top 12 bits of the ordered key
 #define BIN_SHIFT 20
-#define FAC_MAX_ROWS 512 // most rows one FAC block handles
+#define FAC_MAX_ROWS 1024 // most selected rows one FAC block handles (dense blocks: any number)
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 

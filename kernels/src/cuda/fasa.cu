@@ -11,6 +11,7 @@
 //   pool   (n_sel, P) i32                   calibrated FC pool of each selection, as slots
 //   lens   (batch,) i32                     tokens cached per sequence
 //   scores (batch·n_sel, l_max) f32         TIP scores; hist (batch·n_sel, NBIN) u32
+//   thr    (batch·n_sel, 2) i32             threshold bin and rows above it (TIP's last block)
 //   sel    (batch·n_sel, budget) u32        selected token rows (unordered)
 //   cand   (batch·n_sel, l_max) u64         candidates of the threshold bin (selection keys)
 // A "selection" is the set of q heads that share one token set: a KV group (hps = n_q/n_kv) or
@@ -68,20 +69,22 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
 // 2. TIP: s_t = Σ_{f chosen} (Σ_h q_{h,f}) · k_{t,f} over the chosen FCs only, forced rows +∞,
 // plus a histogram of the scores' top key bits for the selection. The k FCs are chosen per block
 // from the pool by Σ_h ‖q_{h,f}‖ (ties → earlier in the pool), exactly as cpu::choose_fcs.
-// grid (ceil(l_max/TIP_TOK), n_sel, batch), block TIP_THREADS.
+// grid (ceil(l_max/(TIP_TOK·nchunk)), n_sel, batch), block TIP_THREADS.
 #define TIP_THREADS 256
 #define TIP_TPT 4 // tokens per thread, loads in flight together
 #define TIP_TOK (TIP_THREADS * TIP_TPT)
+__device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out);
+__device__ bool last_block(u32* done, int seg, int n);
 template <class T>
 __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool,
-                         const int* lens, float* scores, u32* hist) {
+                         const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
     __shared__ u32 sh_hist[NBIN];
     __shared__ float qeff[MAXG * GE];
     __shared__ float w[64];
     __shared__ u32 gmask_s;
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int len = lens[b];
-    int t0 = blockIdx.x * TIP_TOK;
+    int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
     int h0 = s * D.hps, kvh = kv_of_sel(D, s);
     const int* fos = fc_of_slot + kvh * D.n_fc;
@@ -122,50 +125,63 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
     const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.l_max * D.d;
     int seg = b * D.n_sel + s;
     float* sc = scores + (size_t)seg * D.l_max;
-    float acc[TIP_TPT];
+    // nchunk chunks of TIP_TOK tokens per block: the prologue above (pool, q, FC choice) and the
+    // histogram flush below are paid once per nchunk·TIP_TOK tokens.
+    for (int ch = 0; ch < nchunk; ++ch) {
+        int tc = t0 + ch * TIP_TOK;
+        if (tc >= len) break;
+        float acc[TIP_TPT];
 #pragma unroll
-    for (int j = 0; j < TIP_TPT; ++j) acc[j] = 0.f;
-    for (u32 gm = gmask; gm; gm &= gm - 1) {
-        int g = __ffs(gm) - 1;
-        uint4 raw[TIP_TPT][2];
+        for (int j = 0; j < TIP_TPT; ++j) acc[j] = 0.f;
+        for (u32 gm = gmask; gm; gm &= gm - 1) {
+            int g = __ffs(gm) - 1;
+            uint4 raw[TIP_TPT][2];
 #pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j) {
-            int t = t0 + j * TIP_THREADS + tid;
-            raw[j][0] = raw[j][1] = make_uint4(0, 0, 0, 0);
-            if (t < len) {
-                const uint4* p = (const uint4*)(kb + k_off(t, g, D.n_grp));
-                raw[j][0] = p[0];
-                raw[j][1] = p[1];
+            for (int j = 0; j < TIP_TPT; ++j) {
+                int t = tc + j * TIP_THREADS + tid;
+                raw[j][0] = raw[j][1] = make_uint4(0, 0, 0, 0);
+                if (t < len) {
+                    const uint4* p = (const uint4*)(kb + k_off(t, g, D.n_grp));
+                    raw[j][0] = p[0];
+                    raw[j][1] = p[1];
+                }
+            }
+            float qg[GE];
+#pragma unroll
+            for (int e = 0; e < GE; ++e) qg[e] = qeff[g * GE + e];
+#pragma unroll
+            for (int j = 0; j < TIP_TPT; ++j) {
+                float f[8];
+                unpack8<T>(raw[j][0], f);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[j] += qg[e] * f[e];
+                unpack8<T>(raw[j][1], f);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[j] += qg[8 + e] * f[e];
             }
         }
-        float qg[GE];
-#pragma unroll
-        for (int e = 0; e < GE; ++e) qg[e] = qeff[g * GE + e];
 #pragma unroll
         for (int j = 0; j < TIP_TPT; ++j) {
-            float f[8];
-            unpack8<T>(raw[j][0], f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[j] += qg[e] * f[e];
-            unpack8<T>(raw[j][1], f);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc[j] += qg[8 + e] * f[e];
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < TIP_TPT; ++j) {
-        int t = t0 + j * TIP_THREADS + tid;
-        if (t < len) {
-            float a = acc[j];
-            if (t < D.sinks || t >= len - D.recent) a = POS_INF;
-            sc[t] = a;
-            atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
+            int t = tc + j * TIP_THREADS + tid;
+            if (t < len) {
+                float a = acc[j];
+                if (t < D.sinks || t >= len - D.recent) a = POS_INF;
+                sc[t] = a;
+                atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
+            }
         }
     }
     __syncthreads();
     u32* hg = hist + (size_t)seg * NBIN;
     for (int i = tid; i < NBIN; i += blockDim.x)
         if (sh_hist[i]) atomicAdd(&hg[i], sh_hist[i]);
+    // The selection's last block finds the threshold bin once (thr[seg] = (tb, above)), so the
+    // filter blocks and the refine step need not scan the histogram each.
+    if (done && last_block(done, seg, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk)) && len > D.budget) {
+        __shared__ int tb, above;
+        find_threshold(hg, D.budget, &tb, &above);
+        if (tid == 0) { thr[2 * seg] = tb; thr[2 * seg + 1] = above; }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -206,8 +222,15 @@ __device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out
     __shared__ u32 wsum[8];
     int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5;
     int hi = NBIN - 16 * tid; // this thread owns bins [hi-16, hi), walked from the top
+    u32 hv[16];               // loaded as 4 coalesced 16-byte pieces (L2: written by atomics)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        uint4 x = __ldcg((const uint4*)(hg + hi - 16) + i);
+        hv[4 * i] = x.x; hv[4 * i + 1] = x.y; hv[4 * i + 2] = x.z; hv[4 * i + 3] = x.w;
+    }
     u32 sum = 0;
-    for (int i = 1; i <= 16; ++i) sum += hg[hi - i];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) sum += hv[i];
     u32 incl = sum;
     for (int o = 1; o < 32; o <<= 1) {
         u32 x = __shfl_up_sync(0xffffffffu, incl, o);
@@ -221,9 +244,11 @@ __device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out
     u32 excl = incl - sum;
     if (excl < (u32)B && (u32)B <= incl) {
         u32 cum = excl;
+        bool found = false;
+#pragma unroll
         for (int i = 1; i <= 16; ++i) {
-            u32 h = hg[hi - i];
-            if (cum + h >= (u32)B) { *tb_out = hi - i; *above_out = (int)cum; break; }
+            u32 h = hv[16 - i];
+            if (!found && cum + h >= (u32)B) { *tb_out = hi - i; *above_out = (int)cum; found = true; }
             cum += h;
         }
     }
@@ -259,8 +284,8 @@ __device__ void find_digit(const u32* h256, int need, int* dg_out, int* gt_out, 
 // of that bin; rerank = 1: keep the top min(B, m) of the m candidate keys. Radix select over the
 // candidates' unique 64-bit keys, 8 bits a pass, stopping once the prefix holds exactly the rows
 // still needed. Then zeroes hist (rerank = 0), sel_cnt and cand_cnt for the next step.
-__device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, u32* sel, u32* sel_cnt, const u64* cand, u32* cand_cnt,
-                           int rerank) {
+__device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int* thr, u32* sel, u32* sel_cnt, const u64* cand,
+                           u32* cand_cnt, int rerank) {
     __shared__ int tb, above, dg, gt, in_dg;
     __shared__ u32 h256[256];
     __shared__ __align__(16) u64 cs_s[CAND_SMEM];
@@ -273,7 +298,12 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, u32* sel,
     if (!rerank) {
         active = len > D.budget;
         if (active) {
-            find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
+            if (thr) {
+                tb = __ldcg(&thr[2 * seg]);
+                above = __ldcg(&thr[2 * seg + 1]);
+            } else {
+                find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
+            }
             need = D.budget - above;
             mask = (u64)0xfff << 52;
             val = (u64)tb << 52;
@@ -361,9 +391,9 @@ __device__ bool last_block(u32* done, int seg, int n) {
 // grid (ceil(l_max/FILT_TOK), n_sel, batch), block 256.
 #define FILT_TPT 16
 #define FILT_TOK (256 * FILT_TPT)
-extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const float* scores, u32* hist, const int* lens,
-                                                                u32* sel, u32* sel_cnt, u64* cand, u32* cand_cnt, u32* done) {
-    __shared__ int tb, above;
+extern "C" __global__ void __launch_bounds__(256, 4) select_filter(Dims D, const float* scores, u32* hist, const int* thr,
+                                                                const int* lens, u32* sel, u32* sel_cnt, u64* cand, u32* cand_cnt,
+                                                                u32* done) {
     __shared__ u32 base_a, base_c;
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int seg = b * D.n_sel + s;
@@ -375,7 +405,15 @@ extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const fl
     if (len <= D.budget) {
         for (int t = t0 + tid; t < t1; t += blockDim.x) out[t] = (u32)t;
     } else {
-        find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
+        // The threshold bin: found once by TIP's last block (thr), else by each block here.
+        __shared__ int tb_s, above_s;
+        int tb;
+        if (thr) {
+            tb = thr[2 * seg];
+        } else {
+            find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb_s, &above_s);
+            tb = tb_s;
+        }
         const float* sc = scores + (size_t)seg * D.l_max;
         u32 key[FILT_TPT];
 #pragma unroll
@@ -412,14 +450,14 @@ extern "C" __global__ void __launch_bounds__(256) select_filter(Dims D, const fl
         }
     }
     if (last_block(done, seg, (len + FILT_TOK - 1) / FILT_TOK))
-        refine_seg(D, seg, len, hist, sel, sel_cnt, cand, cand_cnt, 0);
+        refine_seg(D, seg, len, hist, thr, sel, sel_cnt, cand, cand_cnt, 0);
 }
 
 // refine_seg alone, one block per selection (grid (n_sel, batch), block 256).
-extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* hist, const int* lens, u32* sel, u32* sel_cnt,
-                                                                const u64* cand, u32* cand_cnt, int rerank) {
+extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* hist, const int* thr, const int* lens, u32* sel,
+                                                                u32* sel_cnt, const u64* cand, u32* cand_cnt, int rerank) {
     int s = blockIdx.x, b = blockIdx.y;
-    refine_seg(D, b * D.n_sel + s, lens[b], hist, sel, sel_cnt, cand, cand_cnt, rerank);
+    refine_seg(D, b * D.n_sel + s, lens[b], hist, thr, sel, sel_cnt, cand, cand_cnt, rerank);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -457,7 +495,11 @@ __device__ __forceinline__ void row_scores(const u16* kb, int l_max, int d, int 
                     float acc = 0.f;
 #pragma unroll
                     for (int e = 0; e < 8; ++e) acc += qr[h][e] * f[e];
-                    for (int o = lpr >> 1; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+#pragma unroll
+                    for (int o = 8; o > 0; o >>= 1) { // unrolled; d = 64 drops the xor-8 step
+                        float y = __shfl_xor_sync(0xffffffffu, acc, o);
+                        acc += o < lpr ? y : 0.f;
+                    }
                     if (c == 0 && i < nr) out[h * stride + i] = acc;
                 }
             }
@@ -559,196 +601,263 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
     }
     if (tid == 0) cand_cnt[seg] = (u32)n_c;
     __syncthreads();
-    refine_seg(D, seg, len, nullptr, sel, sel_cnt, cand, cand_cnt, 1);
+    refine_seg(D, seg, len, nullptr, nullptr, sel, sel_cnt, cand, cand_cnt, 1);
 }
 
 // ---------------------------------------------------------------------------------------------
 // 4/5. FAC and dense flash-decode: exact softmax attention of a selection's q heads over its
-// rows (sel != null: the first min(B, len) selected rows; sel == null: rows 0..len), split
-// over blocks of rows_per_split rows; each block writes an unnormalized partial (o, m, l).
-// grid (n_split, n_sel, batch), block FAC_THREADS. po (seg, n_split, hps, d), pml (seg, n_split, hps, 2).
+// rows (sel != null: the first min(B, len) selected rows; sel == null: rows 0..len), split over
+// many blocks of rows_per_split rows (split-K); each block writes an unnormalized partial
+// (o, m, l) per head. grid (n_split, n_sel, batch), block FAC_THREADS.
+// po (seg, n_split, hps, d), pml (seg, n_split, hps, 2).
+//
+// No shared-memory staging and no barrier in the main loop: each warp streams its own rows
+// straight into registers (16-byte loads, d/8 lanes per row, FAC_U rows per lane issued together
+// before any is used) and keeps its own online softmax per head; the block merges its warps once
+// at the end. H = compile-time bound on the heads per selection (1, 2, 4, 8): registers scale
+// with it, so a GQA group of 4 does not pay for 8.
 #define FAC_THREADS 128
-template <class T>
-__device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const u32* sel, int seg,
-                         int s, int b, int r0, int nr, float* pm, float* o_out);
-__device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out);
+#define FAC_NW (FAC_THREADS / 32)
+#define FAC_U (H >= 8 ? 2 : 4)
+#define FAC_MINB(H) ((H) >= 8 ? 2 : (H) >= 4 ? 3 : 4)
 
-// With `out`, the last block of a selection also merges its partials into out (no combine launch).
-template <class T>
+__device__ __forceinline__ uint4 ld_stream(const u16* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out);
+__device__ bool last_block(u32* done, int seg, int n);
+
+template <class T, int H>
 __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                          int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
+    __shared__ __align__(16) float q_s[H][128];
+    __shared__ u32 rows_s[FAC_MAX_ROWS];
+    __shared__ float wm[FAC_NW][H], wl[FAC_NW][H];
+    __shared__ __align__(16) float wo[FAC_NW][H][128];
     int sp = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int seg = b * D.n_sel + s;
     int len = lens[b];
     int n_rows = sel ? min(D.budget, len) : len;
     int r0 = sp * rows_per_split;
     int nr = min(rows_per_split, n_rows - r0);
-    int hps = D.hps;
+    int hps = D.hps, d = D.d;
     float* pm = pml + ((size_t)seg * n_split + sp) * hps * 2;
-    float* o_out = po + ((size_t)seg * n_split + sp) * hps * D.d;
+    float* o_out = po + ((size_t)seg * n_split + sp) * hps * d;
     if (nr <= 0) {
-        for (int i = tid; i < hps * D.d; i += blockDim.x) o_out[i] = 0.f;
+        for (int i = tid; i < hps * d; i += blockDim.x) o_out[i] = 0.f;
         for (int h = tid; h < hps; h += blockDim.x) { pm[2 * h] = NEG_INF; pm[2 * h + 1] = 0.f; }
     } else {
-        fac_rows<T>(D, k, v, q, fc_of_slot, sel, seg, s, b, r0, nr, pm, o_out);
-    }
-    if (out && last_block(done, seg, n_split)) combine_seg(D, seg, b, s, n_split, po, pml, out);
-}
-
-// The partial (o, m, l) of rows r0..r0+nr of one selection: rows in chunks of FAC_CH, K and V of
-// the next chunk copied to shared memory (cp.async) while the current one is used; online
-// softmax over the chunks.
-#define FAC_CH 32
-template <class T>
-__device__ void fac_rows(const Dims& D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const u32* sel, int seg,
-                         int s, int b, int r0, int nr, float* pm, float* o_out) {
-    __shared__ __align__(16) float q_s[MAXH][128];
-    __shared__ __align__(16) u16 ks[2][FAC_CH][128];
-    __shared__ __align__(16) u16 vs[2][FAC_CH][128];
-    __shared__ float p_s[MAXH][FAC_CH];
-    __shared__ u32 rows[FAC_MAX_ROWS];
-    __shared__ float o_s[MAXH][128];
-    __shared__ float m_s[MAXH], l_s[MAXH], alpha_s[MAXH];
-    int tid = threadIdx.x, hps = D.hps, d = D.d;
-    int h0 = s * hps, kvh = kv_of_sel(D, s);
-    load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
-    for (int i = tid; i < nr; i += blockDim.x) rows[i] = sel ? sel[(size_t)seg * D.budget + r0 + i] : (u32)(r0 + i);
-    for (int i = tid; i < MAXH * 128; i += blockDim.x) (&o_s[0][0])[i] = 0.f;
-    if (tid < MAXH) { m_s[tid] = NEG_INF; l_s[tid] = 0.f; }
-    __syncthreads();
-    size_t bk = (size_t)b * D.n_kv + kvh;
-    const u16* kb = k + bk * D.l_max * d;
-    const u16* vb = v + bk * D.l_max * d;
-    int lpr = d >> 3;         // 16-byte pieces per row
-    int n_grp = d >> 4;
-    int n_ch = (nr + FAC_CH - 1) / FAC_CH;
-    // Issue the copies of chunk ci into stage st.
-    auto issue = [&](int ci, int st) {
-        int base = ci * FAC_CH, cnt = min(FAC_CH, nr - base);
-        for (int x = tid; x < cnt * lpr; x += blockDim.x) {
-            int i = x / lpr, c = x % lpr;
-            u32 t = rows[base + i];
-            cp_async16(&ks[st][i][c * 8], kb + k_off(t, c >> 1, n_grp) + (c & 1) * 8);
-            cp_async16(&vs[st][i][c * 8], vb + (size_t)t * d + c * 8);
-        }
-        cp_async_commit();
-    };
-    // Scores: d/8 lanes per row (16 bytes each), reduced by shuffles.
-    int lane = tid & 31, w = tid >> 5, nw = blockDim.x >> 5;
-    int c = lane % lpr, rsub = lane / lpr, rpw = 32 / lpr;
-    // P·V: thread (row group rg, piece cv) accumulates 8 dims of every head.
-    int cv = tid % lpr, rg = tid / lpr, nrg = blockDim.x / lpr;
-    float acc[MAXH][8];
-#pragma unroll
-    for (int h = 0; h < MAXH; ++h)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
-    issue(0, 0);
-    for (int ci = 0; ci < n_ch; ++ci) {
-        int st = ci & 1;
-        if (ci + 1 < n_ch) {
-            issue(ci + 1, st ^ 1);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+        int h0 = s * hps, kvh = kv_of_sel(D, s);
+        load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
+        if (sel)
+            for (int i = tid; i < nr; i += blockDim.x) rows_s[i] = sel[(size_t)seg * D.budget + r0 + i];
         __syncthreads();
-        int cnt = min(FAC_CH, nr - ci * FAC_CH);
-        for (int i0 = w * rpw; i0 < FAC_CH; i0 += nw * rpw) {
-            int i = i0 + rsub;
-            float f[8];
-            uint4 u = *(const uint4*)&ks[st][i][c * 8];
-            unpack8<T>(u, f);
+        size_t bk = (size_t)b * D.n_kv + kvh;
+        const u16* kb = k + bk * D.l_max * d;
+        const u16* vb = v + bk * D.l_max * d;
+        int lane = tid & 31, w = tid >> 5;
+        int lpr = d >> 3, rpw = 32 / lpr, n_grp = d >> 4;
+        int c = lane % lpr, rsub = lane / lpr;
+        size_t koff_c = (size_t)(c >> 1) * KT * GE + (c & 1) * 8; // piece c inside a token's tile column
+        float qr[H][8];
 #pragma unroll
-            for (int h = 0; h < MAXH; ++h) {
-                if (h < hps) {
-                    // q from shared memory (lanes of one piece broadcast): keeps registers for acc.
-                    float4 qa = *(const float4*)&q_s[h][c * 8], qb = *(const float4*)&q_s[h][c * 8 + 4];
-                    float a = qa.x * f[0] + qa.y * f[1] + qa.z * f[2] + qa.w * f[3] + qb.x * f[4] + qb.y * f[5] + qb.z * f[6] + qb.w * f[7];
-                    for (int o = lpr >> 1; o > 0; o >>= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
-                    if (c == 0) p_s[h][i] = i < cnt ? a : NEG_INF;
+        for (int h = 0; h < H; ++h)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) qr[h][e] = h < hps ? q_s[h][c * 8 + e] : 0.f;
+        float m[H], l[H], acc[H][8];
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+            m[h] = NEG_INF;
+            l[h] = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
+        }
+        int wrows = rpw * FAC_U; // rows of one warp iteration
+        for (int base = w * wrows; base < nr; base += FAC_NW * wrows) {
+            uint4 kr[FAC_U], vr[FAC_U];
+#pragma unroll
+            for (int j = 0; j < FAC_U; ++j) {
+                int i = base + j * rpw + rsub;
+                kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
+                if (i < nr) {
+                    u32 t = sel ? rows_s[i] : (u32)(r0 + i);
+                    kr[j] = ld_stream(kb + ((size_t)(t / KT) * n_grp * KT + (t % KT)) * GE + koff_c);
+                    vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
                 }
             }
-        }
-        __syncthreads();
-        // Online softmax, one warp per head, one lane per row of the chunk.
-        for (int h = w; h < hps; h += nw) {
-            float x = p_s[h][lane];
-            float mx = x;
-            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-            float m_old = m_s[h];
-            float m_new = fmaxf(m_old, mx);
-            float p = lane < cnt ? __expf(x - m_new) : 0.f;
-            float sum = p;
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            p_s[h][lane] = p;
-            if (lane == 0) {
-                float al = m_old == NEG_INF ? 0.f : __expf(m_old - m_new);
-                alpha_s[h] = al;
-                l_s[h] = l_s[h] * al + sum;
-                m_s[h] = m_new;
-            }
-        }
-        __syncthreads();
+            float sc[H][FAC_U];
 #pragma unroll
-        for (int h = 0; h < MAXH; ++h) {
-            if (h < hps) {
-                float al = alpha_s[h];
+            for (int j = 0; j < FAC_U; ++j) {
+                float f[8];
+                unpack8<T>(kr[j], f);
+                bool ok = base + j * rpw + rsub < nr;
+#pragma unroll
+                for (int h = 0; h < H; ++h) {
+                    float a = 0.f;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) a += qr[h][e] * f[e];
+                    // Fixed, unrolled butterfly (a run-time trip count made each dot's reduction a
+                    // serial loop: 16 dependent shuffle chains per iteration); with d = 64 the
+                    // xor-8 step would mix two rows, so its result is dropped.
+#pragma unroll
+                    for (int o = 8; o > 0; o >>= 1) {
+                        float y = __shfl_xor_sync(0xffffffffu, a, o);
+                        a += o < lpr ? y : 0.f;
+                    }
+                    sc[h][j] = ok ? a : NEG_INF;
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < H; ++h) {
+                float mx = sc[h][0];
+#pragma unroll
+                for (int j = 1; j < FAC_U; ++j) mx = fmaxf(mx, sc[h][j]);
+                float mn = fmaxf(m[h], mx);
+                float al = (m[h] == NEG_INF) ? 0.f : __expf(m[h] - mn);
+                l[h] *= al;
 #pragma unroll
                 for (int e = 0; e < 8; ++e) acc[h][e] *= al;
-            }
-        }
-        for (int i = rg; i < cnt; i += nrg) {
-            float f[8];
-            uint4 u = *(const uint4*)&vs[st][i][cv * 8];
-            unpack8<T>(u, f);
+                m[h] = mn;
 #pragma unroll
-            for (int h = 0; h < MAXH; ++h) {
-                if (h < hps) {
-                    float p = p_s[h][i];
+                for (int j = 0; j < FAC_U; ++j) sc[h][j] = (sc[h][j] == NEG_INF) ? 0.f : __expf(sc[h][j] - mn);
+            }
+#pragma unroll
+            for (int j = 0; j < FAC_U; ++j) {
+                float f[8];
+                unpack8<T>(vr[j], f);
+#pragma unroll
+                for (int h = 0; h < H; ++h) {
+                    float p = sc[h][j];
+                    l[h] += p;
 #pragma unroll
                     for (int e = 0; e < 8; ++e) acc[h][e] += p * f[e];
                 }
             }
         }
-        __syncthreads(); // stage st is refilled next iteration
+        // Merge the row groups of the warp (lanes c, c+lpr, ...: same dims, other rows).
+        for (int o = lpr; o < 32; o <<= 1) {
+#pragma unroll
+            for (int h = 0; h < H; ++h) {
+                float m2 = __shfl_xor_sync(0xffffffffu, m[h], o);
+                float l2 = __shfl_xor_sync(0xffffffffu, l[h], o);
+                float mn = fmaxf(m[h], m2);
+                float a1 = m[h] == NEG_INF ? 0.f : __expf(m[h] - mn);
+                float a2 = m2 == NEG_INF ? 0.f : __expf(m2 - mn);
+                l[h] = l[h] * a1 + l2 * a2;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    float x2 = __shfl_xor_sync(0xffffffffu, acc[h][e], o);
+                    acc[h][e] = acc[h][e] * a1 + x2 * a2;
+                }
+                m[h] = mn;
+            }
+        }
+        if (rsub == 0) {
+#pragma unroll
+            for (int h = 0; h < H; ++h) {
+                if (h < hps) {
+                    *(float4*)&wo[w][h][c * 8] = make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+                    *(float4*)&wo[w][h][c * 8 + 4] = make_float4(acc[h][4], acc[h][5], acc[h][6], acc[h][7]);
+                    if (c == 0) { wm[w][h] = m[h]; wl[w][h] = l[h]; }
+                }
+            }
+        }
+        __syncthreads();
+        // Merge the warps: partial of the block, relative to its own max.
+        for (int i = tid; i < hps * d; i += blockDim.x) {
+            int h = i / d, j = i % d;
+            float M = NEG_INF;
+#pragma unroll
+            for (int x = 0; x < FAC_NW; ++x) M = fmaxf(M, wm[x][h]);
+            float L = 0.f, O = 0.f;
+#pragma unroll
+            for (int x = 0; x < FAC_NW; ++x) {
+                float e = wm[x][h] == NEG_INF ? 0.f : __expf(wm[x][h] - M);
+                L += e * wl[x][h];
+                O += e * wo[x][h][j];
+            }
+            o_out[i] = O;
+            if (j == 0) { pm[2 * h] = M; pm[2 * h + 1] = L; }
+        }
     }
-#pragma unroll
-    for (int h = 0; h < MAXH; ++h)
-        if (h < hps)
-#pragma unroll
-            for (int e = 0; e < 8; ++e) atomicAdd(&o_s[h][cv * 8 + e], acc[h][e]);
-    __syncthreads();
-    for (int i = tid; i < hps * d; i += blockDim.x) o_out[i] = o_s[i / d][i % d];
-    for (int h = tid; h < hps; h += blockDim.x) { pm[2 * h] = m_s[h]; pm[2 * h + 1] = l_s[h]; }
+    if (out && last_block(done, seg, n_split)) combine_seg(D, seg, b, s, n_split, po, pml, out);
 }
 
-// Merges the partials of every split of one selection into out (batch, n_q, d) f32.
+// Merges the partials of every split of one selection into out (batch, n_q, d) f32; a block's
+// threads split the (head, dim) elements, each walks all splits with an online rescale (loads
+// independent, unrolled).
 __device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out) {
     const float* pm = pml + (size_t)seg * n_split * D.hps * 2;
     for (int i = threadIdx.x; i < D.hps * D.d; i += blockDim.x) {
         int h = i / D.d, j = i % D.d;
-        // Unrolled so that several splits' loads are in flight at once.
-        float M = NEG_INF;
-#pragma unroll 8
-        for (int sp = 0; sp < n_split; ++sp) M = fmaxf(M, __ldcg(&pm[(sp * D.hps + h) * 2]));
-        float L = 0.f, O = 0.f;
+        float M = NEG_INF, L = 0.f, O = 0.f;
 #pragma unroll 8
         for (int sp = 0; sp < n_split; ++sp) {
             float m = __ldcg(&pm[(sp * D.hps + h) * 2]);
+            float l = __ldcg(&pm[(sp * D.hps + h) * 2 + 1]);
+            float o = __ldcg(&po[(((size_t)seg * n_split + sp) * D.hps + h) * D.d + j]);
             if (m == NEG_INF) continue;
+            if (m > M) {
+                float a = M == NEG_INF ? 0.f : __expf(M - m);
+                L *= a;
+                O *= a;
+                M = m;
+            }
             float e = __expf(m - M);
-            L += e * __ldcg(&pm[(sp * D.hps + h) * 2 + 1]);
-            O += e * __ldcg(&po[(((size_t)seg * n_split + sp) * D.hps + h) * D.d + j]);
+            L += e * l;
+            O += e * o;
         }
         out[((size_t)b * D.n_q + s * D.hps + h) * D.d + j] = O / L;
     }
 }
 
-// grid (n_sel, batch), block ≤ 1024 (hps·d is best).
-extern "C" __global__ void fac_combine(Dims D, int n_split, const float* po, const float* pml, float* out) {
-    int s = blockIdx.x, b = blockIdx.y;
-    combine_seg(D, b * D.n_sel + s, b, s, n_split, po, pml, out);
+// Combine over many splits: grid (hps, n_sel, batch), block FAC_CMB (d·groups): each group of d
+// threads takes every groups-th split, then the groups merge through shared memory.
+#define FAC_CMB 512
+extern "C" __global__ void __launch_bounds__(FAC_CMB) fac_combine(Dims D, int n_split, const float* po, const float* pml, float* out) {
+    __shared__ float sm[FAC_CMB], sl[FAC_CMB], so[FAC_CMB];
+    int h = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int seg = b * D.n_sel + s, d = D.d;
+    int ng = blockDim.x / d, g = tid / d, j = tid % d;
+    const float* pm = pml + (size_t)seg * n_split * D.hps * 2;
+    float M = NEG_INF, L = 0.f, O = 0.f;
+    if (g < ng) {
+#pragma unroll 4
+        for (int sp = g; sp < n_split; sp += ng) {
+            float m = __ldcg(&pm[(sp * D.hps + h) * 2]);
+            float l = __ldcg(&pm[(sp * D.hps + h) * 2 + 1]);
+            float o = __ldcg(&po[(((size_t)seg * n_split + sp) * D.hps + h) * d + j]);
+            if (m == NEG_INF) continue;
+            if (m > M) {
+                float a = M == NEG_INF ? 0.f : __expf(M - m);
+                L *= a;
+                O *= a;
+                M = m;
+            }
+            float e = __expf(m - M);
+            L += e * l;
+            O += e * o;
+        }
+    }
+    sm[tid] = M; sl[tid] = L; so[tid] = O;
+    __syncthreads();
+    if (tid < d) {
+        float MM = NEG_INF;
+        for (int x = 0; x < ng; ++x) MM = fmaxf(MM, sm[x * d + tid]);
+        float LL = 0.f, OO = 0.f;
+        for (int x = 0; x < ng; ++x) {
+            float mx = sm[x * d + tid];
+            if (mx == NEG_INF) continue;
+            float e = __expf(mx - MM);
+            LL += e * sl[x * d + tid];
+            OO += e * so[x * d + tid];
+        }
+        out[((size_t)b * D.n_q + s * D.hps + h) * d + tid] = OO / LL;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -761,6 +870,12 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 
 // ---------------------------------------------------------------------------------------------
 // extern "C" entry points, `<op>_<dtype>`.
+#define FAC_ENTRY(NAME, TY, HH)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(FAC_THREADS, FAC_MINB(HH)) fac_h##HH##_##NAME(                                        \
+        Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
+        fac_impl<TY, HH>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);               \
+    }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
                                              const int* slot_of_fc) {                                                    \
@@ -768,20 +883,19 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_##NAME(Dims D, const u16* k, const float* q,             \
                                                                          const int* fc_of_slot, const int* pool,          \
-                                                                         const int* lens, float* scores, u32* hist) {     \
-        tip_impl<TY>(D, k, q, fc_of_slot, pool, lens, scores, hist);                                                     \
+                                                                         const int* lens, float* scores, u32* hist,       \
+                                                                         u32* done, int* thr, int nchunk) {               \
+        tip_impl<TY>(D, k, q, fc_of_slot, pool, lens, scores, hist, done, thr, nchunk);                                  \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(128) rerank_scores_##NAME(Dims D, const u16* k, const float* q,           \
                                                                            const int* fc_of_slot, const int* lens,        \
                                                                            const u32* selc, int C, float* rr) {           \
         rerank_scores_impl<TY>(D, k, q, fc_of_slot, lens, selc, C, rr);                                                  \
     }                                                                                                                    \
-    extern "C" __global__ void __launch_bounds__(FAC_THREADS) fac_##NAME(Dims D, const u16* k, const u16* v, const float* q, \
-                                                                         const int* fc_of_slot, const int* lens,          \
-                                                                         const u32* sel, int rows_per_split, int n_split, \
-                                                                         float* po, float* pml, u32* done, float* out) {  \
-        fac_impl<TY>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);                    \
-    }                                                                                                                    \
+    FAC_ENTRY(NAME, TY, 1)                                                                                              \
+    FAC_ENTRY(NAME, TY, 2)                                                                                              \
+    FAC_ENTRY(NAME, TY, 4)                                                                                              \
+    FAC_ENTRY(NAME, TY, 8)                                                                                              \
     extern "C" __global__ void fill_random_##NAME(u16* x, u64 n, u32 seed, float amp) {                                  \
         for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)                \
             x[i] = TY::store(amp * hash_unit(i, seed));                                                                  \

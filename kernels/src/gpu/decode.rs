@@ -1,7 +1,8 @@
 //! One decode step of FASA attention on the GPU, chaining the ops:
-//! TIP(+histogram) → select (filter; its last block per selection refines) [→ re-rank: exact
-//! scores; mass + refine] → FAC (its last block per selection combines): 3 launches (5 with a
-//! re-rank); or dense flash-decode over the same cache. Every grid depends on the shapes only
+//! TIP(+histogram; its last block per selection finds the select threshold) → select (filter;
+//! its last block per selection refines) [→ re-rank: exact scores; mass + refine] → FAC
+//! (split-K partials) → combine: 4 launches (6 with a re-rank); or dense flash-decode over the
+//! same cache. Every grid depends on the shapes only
 //! (not on the lengths), so a step can be captured once in a CUDA graph and replayed.
 use cudarc::driver::{CudaGraph, CudaSlice};
 
@@ -33,12 +34,23 @@ pub struct DecodeConfig {
 /// Workspace and plan of one decoder (one layer's shape; reusable across layers of that shape).
 pub struct FasaDecoder {
     pub cfg: DecodeConfig,
+    /// TIP's last block per selection finds the select threshold once (else every filter block
+    /// scans the histogram). Both are exact; which is faster depends on the shape.
+    pub thr_in_tip: bool,
+    /// FAC's last block per selection merges the partials (else, the default, a separate
+    /// combine launch).
+    pub fused_combine: bool,
+    /// Chunks of 1024 tokens per TIP block (`tip::chunks` by default).
+    pub tip_chunks: usize,
     dims: Dims,
     dense_dims: Dims,
     pool: CudaSlice<i32>,
     /// `(batch·n_sel, l_max)` TIP scores.
     pub scores: CudaSlice<f32>,
     hist: CudaSlice<u32>,
+    /// Threshold bin and rows above it per selection (TIP's last block → select), its counter.
+    thr: CudaSlice<i32>,
+    done_tip: CudaSlice<u32>,
     /// `(batch·n_sel, B)` rows kept by the last step.
     pub sel: CudaSlice<u32>,
     selc: CudaSlice<u32>,
@@ -92,7 +104,7 @@ impl FasaDecoder {
         dense_dims.budget = cache.l_max as i32;
         let segs = cache.batch * n_sel;
         let fac_split = fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count);
-        let dense_split = fac::split(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count);
+        let dense_split = fac::split_dense(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count);
         let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
         let st = &gpu.stream;
         let c = rerank.max(1);
@@ -100,6 +112,8 @@ impl FasaDecoder {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
             hist: st.alloc_zeros(segs * NBIN)?,
+            thr: st.alloc_zeros(segs * 2)?,
+            done_tip: st.alloc_zeros(segs)?,
             sel: st.alloc_zeros(segs * cfg.budget)?,
             selc: st.alloc_zeros(segs * c)?,
             sel_cnt: st.alloc_zeros(segs)?,
@@ -113,6 +127,11 @@ impl FasaDecoder {
             pml: st.alloc_zeros(part * 2)?,
             fac_split,
             dense_split,
+            thr_in_tip: true,
+            // Measured (bench/RESULTS.md, GPU run 5): the separate combine launch beats the fused
+            // last-block merge at every shape (77 → 34 µs at 8k, batch 1, B = 1024).
+            fused_combine: false,
+            tip_chunks: tip::chunks(cache.l_max, segs, gpu.sm_count),
             cfg: DecodeConfig { rerank, ..cfg },
             dims,
             dense_dims,
@@ -131,9 +150,11 @@ impl FasaDecoder {
         if c > 0 {
             d1.budget = c as i32;
         }
-        tip::launch(gpu, dt, &d1, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist)?;
+        let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
+        tip::launch(gpu, dt, &d1, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)?;
+        let thr = if self.thr_in_tip { Some(&self.thr) } else { None };
         let first = if c > 0 { &mut self.selc } else { &mut self.sel };
-        select::filter(gpu, &d1, &self.scores, &mut self.hist, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel)?;
+        select::filter(gpu, &d1, &self.scores, &mut self.hist, thr, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel)?;
         if c > 0 {
             rerank::scores(gpu, dt, &self.dims, &cache.k, q, &cache.fc_of_slot, lens, &self.selc, c, &mut self.rr)?;
             rerank::mass(
@@ -146,7 +167,8 @@ impl FasaDecoder {
 
     /// TIP alone, then the histogram zeroed again (stage timing in benchmarks).
     pub fn tip_only(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
-        tip::launch(gpu, cache.dtype, &self.dims, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist)?;
+        let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
+        tip::launch(gpu, cache.dtype, &self.dims, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)?;
         gpu.stream.memset_zeros(&mut self.hist)?;
         Ok(())
     }
@@ -155,9 +177,13 @@ impl FasaDecoder {
     pub fn step(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         self.select(gpu, cache, q, lens)?;
         let (rps, ns) = self.fac_split;
-        let fused = Some((&mut self.done_fac, &mut *out));
-        fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused)?;
-        Ok(())
+        if self.fused_combine {
+            let fused = Some((&mut self.done_fac, &mut *out));
+            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused)
+        } else {
+            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, None)?;
+            fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out)
+        }
     }
 
     /// Dense attention over the same cache (every row, every q head of a KV group together).

@@ -3,13 +3,22 @@
 //! blocks (`rows_per_split` each, fused softmax per block) and `combine` merges the partials.
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FAC_MAX_ROWS};
+use super::{cfg, Dims, Dtype, Gpu, GpuError, FAC_MAX_ROWS};
 
-/// Rows per block and blocks per selection for `n_rows` rows and `n_seg` selections: about four
-/// blocks per multiprocessor, 64..=512 rows each.
+/// Rows per block and blocks per selection of FAC over `n_rows` selected rows and `n_seg`
+/// selections (split-K): about 8 blocks per multiprocessor (3 are resident for a group of 4, so
+/// several waves keep the tail short), 32..=FAC_MAX_ROWS rows each.
 pub fn split(n_rows: usize, n_seg: usize, sm_count: usize) -> (usize, usize) {
-    let want = (4 * sm_count).div_ceil(n_seg.max(1)).max(1);
-    let rows = n_rows.div_ceil(want).next_multiple_of(32).clamp(64, FAC_MAX_ROWS);
+    let want = (8 * sm_count).div_ceil(n_seg.max(1)).max(1);
+    let rows = n_rows.div_ceil(want).next_multiple_of(32).clamp(32, FAC_MAX_ROWS);
+    (rows, n_rows.div_ceil(rows).max(1))
+}
+
+/// The same for dense attention (rows `0..len`): about 16 blocks per multiprocessor, at least 256
+/// rows each (so the partials stay under ~3 % of the K/V bytes), no upper bound.
+pub fn split_dense(n_rows: usize, n_seg: usize, sm_count: usize) -> (usize, usize) {
+    let want = (16 * sm_count).div_ceil(n_seg.max(1)).max(1);
+    let rows = n_rows.div_ceil(want).next_multiple_of(64).max(256);
     (rows, n_rows.div_ceil(rows).max(1))
 }
 
@@ -17,7 +26,8 @@ pub fn split(n_rows: usize, n_seg: usize, sm_count: usize) -> (usize, usize) {
 /// `sel`, the rows are its first `min(budget, len)` entries; without, rows `0..len` (dense).
 /// With `fused = Some((done, out))` the last block of each selection also merges its partials
 /// into `out (batch, n_q, d)` (`done (batch·n_sel,)` zero on entry and on return), so no
-/// [`combine`] launch is needed: worth it when `n_split` is small.
+/// [`combine`] launch is needed (measured slower at every bench shape: its merge is a serial tail
+/// of dependent loads; bench/RESULTS.md, GPU run 5).
 #[allow(clippy::too_many_arguments)]
 pub fn partials(
     gpu: &Gpu,
@@ -42,7 +52,7 @@ pub fn partials(
         }
     }
     let hps = dims.hps as usize;
-    if rows_per_split == 0 || rows_per_split > FAC_MAX_ROWS || hps > super::MAX_HPS
+    if rows_per_split == 0 || (sel.is_some() && rows_per_split > FAC_MAX_ROWS) || hps > super::MAX_HPS
         || po.len() < segs * n_split * hps * dims.d as usize
         || pml.len() < segs * n_split * hps * 2
         || sel.is_some_and(|s| s.len() < segs * dims.budget as usize)
@@ -51,7 +61,7 @@ pub fn partials(
     }
     let (rps, ns) = (rows_per_split as i32, n_split as i32);
     let null = 0u64;
-    let f = gpu.f.typed(dt, TypedOp::Fac);
+    let f = gpu.f.fac(dt, hps);
     let mut l = gpu.stream.launch_builder(f);
     l.arg(dims).arg(k).arg(v).arg(q).arg(fc_of_slot).arg(lens);
     match sel {
@@ -77,7 +87,11 @@ pub fn combine(gpu: &Gpu, dims: &Dims, n_split: usize, po: &CudaSlice<f32>, pml:
     let ns = n_split as i32;
     let mut l = gpu.stream.launch_builder(&gpu.f.fac_combine);
     l.arg(dims).arg(&ns).arg(po).arg(pml).arg(out);
-    // SAFETY: one block per selection, hps·d ≤ 1024 threads, each writes one output element.
-    unsafe { l.launch(cfg((dims.n_sel as usize, dims.batch as usize, 1), (dims.hps * dims.d) as usize)) }?;
+    if dims.d > 128 {
+        return Err(GpuError::Shape("fac::combine: d ≤ 128".into()));
+    }
+    // SAFETY: one block per (head, selection, sequence) of 512 threads (≥ 4 groups of d ≤ 128);
+    // each block writes the d outputs of its head.
+    unsafe { l.launch(cfg((dims.hps as usize, dims.n_sel as usize, dims.batch as usize), 512)) }?;
     Ok(())
 }

@@ -35,7 +35,8 @@ pub const KT: usize = 64;
 pub const NBIN: usize = 4096;
 /// Most q heads sharing one selection, most rows of one FAC block.
 pub const MAX_HPS: usize = 8;
-pub const FAC_MAX_ROWS: usize = 512;
+/// Most selected rows one FAC block handles (`FAC_MAX_ROWS`; dense blocks take any number).
+pub const FAC_MAX_ROWS: usize = 1024;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
 pub(crate) const FILT_TOK: usize = 4096; // 256 · FILT_TPT
 pub(crate) const RR_ROWS: usize = 256;
@@ -126,13 +127,26 @@ pub(crate) struct Funcs {
     pub fac_combine: CudaFunction,
     pub fill_random_f32: CudaFunction,
     pub copy_u4: CudaFunction,
-    /// Per dtype: append, tip, rerank_scores, fac, fill_random.
-    pub typed: [[CudaFunction; 5]; 2],
+    /// Per dtype: append, tip, rerank_scores, fill_random.
+    pub typed: [[CudaFunction; 4]; 2],
+    /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
+    pub fac: [[CudaFunction; 4]; 2],
 }
 
 impl Funcs {
     pub fn typed(&self, dt: Dtype, op: TypedOp) -> &CudaFunction {
         &self.typed[dt as usize][op as usize]
+    }
+
+    /// The FAC kernel compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8).
+    pub fn fac(&self, dt: Dtype, hps: usize) -> &CudaFunction {
+        let i = match hps {
+            0 | 1 => 0,
+            2 => 1,
+            3 | 4 => 2,
+            _ => 3,
+        };
+        &self.fac[dt as usize][i]
     }
 }
 
@@ -141,8 +155,7 @@ pub(crate) enum TypedOp {
     Append = 0,
     Tip = 1,
     RerankScores = 2,
-    Fac = 3,
-    Fill = 4,
+    Fill = 3,
 }
 
 /// One device: context, stream, the compiled module.
@@ -243,15 +256,13 @@ impl Gpu {
         let ptx = compile_ptx(arch)?;
         let module = ctx.load_module(Ptx::from_src(ptx))?;
         let get = |n: &str| module.load_function(n);
-        let typed = |dt: Dtype| -> Result<[CudaFunction; 5], DriverError> {
+        let typed = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
             let s = dt.suffix();
-            Ok([
-                get(&format!("append_{s}"))?,
-                get(&format!("tip_{s}"))?,
-                get(&format!("rerank_scores_{s}"))?,
-                get(&format!("fac_{s}"))?,
-                get(&format!("fill_random_{s}"))?,
-            ])
+            Ok([get(&format!("append_{s}"))?, get(&format!("tip_{s}"))?, get(&format!("rerank_scores_{s}"))?, get(&format!("fill_random_{s}"))?])
+        };
+        let fac = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
+            let s = dt.suffix();
+            Ok([get(&format!("fac_h1_{s}"))?, get(&format!("fac_h2_{s}"))?, get(&format!("fac_h4_{s}"))?, get(&format!("fac_h8_{s}"))?])
         };
         let f = Funcs {
             select_filter: get("select_filter")?,
@@ -261,6 +272,7 @@ impl Gpu {
             fill_random_f32: get("fill_random_f32")?,
             copy_u4: get("copy_u4")?,
             typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
+            fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
         Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f }))
@@ -304,12 +316,12 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac) for `dt`.
+    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac for a group of 4) for `dt`.
     pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 3], GpuError> {
         Ok([
             self.f.typed(dt, TypedOp::Tip).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
             self.f.select_filter.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
-            self.f.typed(dt, TypedOp::Fac).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
+            self.f.fac(dt, 4).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
         ])
     }
 

@@ -8,7 +8,8 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 use super::{cfg, Dims, Gpu, GpuError, FILT_TOK};
 
 /// `sel (batch·n_sel, budget)`: rows kept (unordered; the first `min(budget, len)` are valid).
-/// `sel_cnt`, `cand_cnt`, `done` `(batch·n_sel,)` and `hist` must be zero on entry, and are zero
+/// `thr (batch·n_sel, 2)`: the threshold bin found by the TIP launch (`tip::launch` with `thr`)
+/// on the same `dims.budget`; `None`: each block finds it from the histogram. `sel_cnt`, `cand_cnt`, `done` `(batch·n_sel,)` and `hist` must be zero on entry, and are zero
 /// again on return: the last block of each selection completes it (as [`refine`]) and resets
 /// them. `cand (batch·n_sel, l_max)` is scratch.
 #[allow(clippy::too_many_arguments)]
@@ -17,6 +18,7 @@ pub fn filter(
     dims: &Dims,
     scores: &CudaSlice<f32>,
     hist: &mut CudaSlice<u32>,
+    thr: Option<&CudaSlice<i32>>,
     lens: &CudaSlice<i32>,
     sel: &mut CudaSlice<u32>,
     sel_cnt: &mut CudaSlice<u32>,
@@ -29,7 +31,13 @@ pub fn filter(
         return Err(GpuError::Shape("select::filter: done needs (batch·n_sel,)".into()));
     }
     let mut l = gpu.stream.launch_builder(&gpu.f.select_filter);
-    l.arg(dims).arg(scores).arg(hist).arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(done);
+    let null = 0u64;
+    l.arg(dims).arg(scores).arg(hist);
+    match thr {
+        Some(t) => l.arg(t),
+        None => l.arg(&null),
+    };
+    l.arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(done);
     let grid = ((dims.l_max as usize).div_ceil(FILT_TOK), dims.n_sel as usize, dims.batch as usize);
     // SAFETY: sizes checked; fewer than `budget` rows lie above the threshold bin, so sel writes
     // stay inside each selection's `budget` rows, and candidates inside its `l_max` slots.
@@ -45,6 +53,7 @@ pub fn refine(
     gpu: &Gpu,
     dims: &Dims,
     hist: &mut CudaSlice<u32>,
+    thr: Option<&CudaSlice<i32>>,
     lens: &CudaSlice<i32>,
     sel: &mut CudaSlice<u32>,
     sel_cnt: &mut CudaSlice<u32>,
@@ -55,7 +64,13 @@ pub fn refine(
     check(dims, sel, cand)?;
     let mode = rerank as i32;
     let mut l = gpu.stream.launch_builder(&gpu.f.select_refine);
-    l.arg(dims).arg(hist).arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(&mode);
+    let null = 0u64;
+    l.arg(dims).arg(hist);
+    match thr {
+        Some(t) => l.arg(t),
+        None => l.arg(&null),
+    };
+    l.arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(&mode);
     // SAFETY: sizes checked; one block per selection touches only that selection's rows.
     unsafe { l.launch(cfg((dims.n_sel as usize, dims.batch as usize, 1), 256)) }?;
     Ok(())
