@@ -24,7 +24,7 @@ python3 bench/gpu/table.py "$OUT/bench.csv" "$OUT/sdpa.csv" | tee "$OUT/table.md
 # Optional (FASA_NCU=1): hardware counters of the first launches of dense FAC, TIP, filter, FAC.
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ "${FASA_NCU:-0}" = 1 ] && [ -n "$NCU" ]; then
-  timeout 75 "$NCU" --clock-control none -k 'regex:^(fac_h4_f16|tip_f16|select_filter)$' -c 4 --section SpeedOfLight --section Occupancy \
+  timeout 75 "$NCU" --clock-control none -k 'regex:^(fac_h4_f16|facl_h4_f16|tip_f16|select_filter)$' -c 4 --section SpeedOfLight --section Occupancy \
     .dev/gpu/gpu_bench --quick /tmp/ncu-bench.csv > "$OUT/ncu.txt" 2>&1
   grep -E '^  [a-z_]+16|select_filter|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Block Limit' "$OUT/ncu.txt" | head -60
 fi

@@ -74,7 +74,7 @@ fn main() {
         bw / 1e12,
         bw_memcpy / 1e12
     )];
-    lines.push(format!("# resident blocks/SM (f16): tip, filter, fac = {:?}", gpu.occupancy(Dtype::F16).unwrap()));
+    lines.push(format!("# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4) = {:?}", gpu.occupancy(Dtype::F16).unwrap()));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
     println!("{}", lines.join("\n"));
 
@@ -122,17 +122,34 @@ fn main() {
         let dense_us = {
             let cfg = DecodeConfig { n_q: s.n_q, per_group: true, budget: s.budget, chunks: s.k, pools: pools.clone(), pool: s.k, sinks: 0, recent: 0, rerank: 0 };
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
-            let g = capture(&gpu, || {
-                for (d, c) in decs.iter_mut().zip(&caches) {
-                    d.dense(&gpu, c, &q, &lens, &mut out)?;
+            // Both FAC kernel variants (n = registers-for-q, l = lean), the faster kept.
+            let mut best = (f64::INFINITY, false);
+            let mut all = Vec::new();
+            for lean in [false, true] {
+                for d in decs.iter_mut() {
+                    d.dense_lean = lean;
                 }
-                Ok(())
-            })
-            .unwrap();
-            let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                let g = capture(&gpu, || {
+                    for (d, c) in decs.iter_mut().zip(&caches) {
+                        d.dense(&gpu, c, &q, &lens, &mut out)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                all.push(format!("{}:{:.1}", if lean { "l" } else { "n" }, ms * 1e3));
+                if ms < best.0 {
+                    best = (ms, lean);
+                }
+            }
+            let ms = best.0;
             let dense_us = ms * 1e3;
             let tbps = dense_bytes / (ms * 1e-3) / 1e12;
-            let l = format!("{},{},{},{},{},{},dense_inhouse,{},{:.2},{},{:.3},{:.2},1.00,1.00,,,,", s.model, s.batch, s.len, s.budget, s.k, n_fc, layers, dense_us, dense_bytes, tbps, tbps * 1e12 / bw);
+            let l = format!(
+                "{},{},{},{},{},{},dense_inhouse,{},{:.2},{},{:.3},{:.2},1.00,1.00,,,{},{}",
+                s.model, s.batch, s.len, s.budget, s.k, n_fc, layers, dense_us, dense_bytes, tbps, tbps * 1e12 / bw,
+                if best.1 { "l" } else { "n" }, all.join(" ")
+            );
             println!("{l}");
             lines.push(l);
             dense_us
@@ -143,16 +160,18 @@ fn main() {
             // Every code-path variant (threshold found by TIP's last block or by each filter
             // block; combine fused into FAC's last block or launched apart), the fastest kept.
             // TIP blocks of one chunk or of the automatic number (`tip::chunks`) are timed too.
-            let mut best = (f64::INFINITY, true, true, 1);
+            // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
+            let mut best = (f64::INFINITY, true, false, 1, false);
             let mut all = Vec::new();
             let auto = decs[0].tip_chunks;
             let chunk_opts: Vec<usize> = if auto > 1 { vec![auto, 1] } else { vec![1] };
             for &ch in &chunk_opts {
-                for (thr_in_tip, fused) in [(true, true), (true, false), (false, true), (false, false)] {
+                for (thr_in_tip, fused, lean) in [(true, false, false), (true, false, true), (false, false, false), (false, false, true)] {
                     for d in decs.iter_mut() {
                         d.thr_in_tip = thr_in_tip;
                         d.fused_combine = fused;
                         d.tip_chunks = ch;
+                        d.fac_lean = lean;
                     }
                     let g = capture(&gpu, || {
                         for (d, c) in decs.iter_mut().zip(&caches) {
@@ -162,19 +181,20 @@ fn main() {
                     })
                     .unwrap();
                     let ms = time_graph(&gpu, &g, 20) / layers as f64;
-                    all.push(format!("{}{}{}:{:.1}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, ms * 1e3));
+                    all.push(format!("{}{}{}{}:{:.1}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" }, ms * 1e3));
                     if ms < best.0 {
-                        best = (ms, thr_in_tip, fused, ch);
+                        best = (ms, thr_in_tip, fused, ch, lean);
                     }
                 }
             }
-            let (ms, thr_in_tip, fused, ch) = best;
+            let (ms, thr_in_tip, fused, ch, lean) = best;
             for d in decs.iter_mut() {
                 d.thr_in_tip = thr_in_tip;
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
+                d.fac_lean = lean;
             }
-            let variant = format!("{}{}{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch);
+            let variant = format!("{}{}{}{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" });
             // Stages: TIP alone, TIP + select; FAC is the rest.
             let g = capture(&gpu, || {
                 for (d, c) in decs.iter_mut().zip(&caches) {

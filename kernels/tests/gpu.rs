@@ -252,10 +252,14 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
     // to the defaults.
     let mut variants_same = true;
     let chunks0 = dec.tip_chunks;
-    for (thr_in_tip, fused, chunks) in [(false, true, 1), (true, true, 2), (false, false, 3), (true, false, 3)] {
+    let lean0 = dec.fac_lean;
+    for (thr_in_tip, fused, chunks, lean) in
+        [(false, true, 1, lean0), (true, true, 2, lean0), (false, false, 3, lean0), (true, false, 3, lean0), (true, false, chunks0, !lean0), (false, true, 2, !lean0)]
+    {
         dec.thr_in_tip = thr_in_tip;
         dec.fused_combine = fused;
         dec.tip_chunks = chunks;
+        dec.fac_lean = lean;
         st.memcpy_htod(&vec![u32::MAX; dec.sel.len()], &mut dec.sel)?;
         let mut o3 = st.clone_htod(&nan_out)?;
         dec.step(g, &cache, &q, &lens_d, &mut o3)?;
@@ -265,10 +269,16 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
     dec.thr_in_tip = true;
     dec.fused_combine = false;
     dec.tip_chunks = chunks0;
-    // Dense.
+    dec.fac_lean = lean0;
+    // Dense (the other FAC kernel variant must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;
     let outd_h = st.clone_dtoh(&outd)?;
+    dec.dense_lean = !dec.dense_lean;
+    let mut outd2 = st.clone_htod(&nan_out)?;
+    dec.dense(g, &cache, &q, &lens_d, &mut outd2)?;
+    dec.dense_lean = !dec.dense_lean;
+    variants_same &= nerr(&st.clone_dtoh(&outd2)?, &outd_h) <= 1e-5;
     st.synchronize()?;
 
     let group = c.n_q / c.n_kv;

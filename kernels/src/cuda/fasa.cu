@@ -620,6 +620,19 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
 #define FAC_NW (FAC_THREADS / 32)
 #define FAC_U (H >= 8 ? 2 : 4)
 #define FAC_MINB(H) ((H) >= 8 ? 2 : (H) >= 4 ? 3 : 4)
+// Lean variant (`facl_h*`): q read from shared memory at each use instead of held in 8·H
+// registers per lane, so more blocks fit per multiprocessor (run 6).
+#define FACL_U(H) ((H) >= 8 ? 2 : 4)
+#define FACL_MINB(H) ((H) >= 8 ? 3 : (H) >= 4 ? 4 : (H) >= 2 ? 5 : 6)
+
+// Four floats from shared memory; volatile so the compiler does not hoist q out of the row loop
+// back into registers (the point of the lean variant).
+__device__ __forceinline__ float4 lds4(const float* p) {
+    float4 r;
+    u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ld.shared.v4.f32 {%0,%1,%2,%3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "r"(a));
+    return r;
+}
 
 __device__ __forceinline__ uint4 ld_stream(const u16* p) {
     uint4 r;
@@ -631,7 +644,7 @@ __device__ __forceinline__ uint4 ld_stream(const u16* p) {
 __device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out);
 __device__ bool last_block(u32* done, int seg, int n);
 
-template <class T, int H>
+template <class T, int H, int U = FAC_U, bool QS = false>
 __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                          int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
     __shared__ __align__(16) float q_s[H][128];
@@ -653,6 +666,9 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
     } else {
         int h0 = s * hps, kvh = kv_of_sel(D, s);
         load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
+        if (QS) // heads past hps and dims past d read as zeros
+            for (int i = tid; i < H * 128; i += blockDim.x)
+                if (i / 128 >= hps || i % 128 >= d) q_s[i / 128][i % 128] = 0.f;
         if (sel)
             for (int i = tid; i < nr; i += blockDim.x) rows_s[i] = sel[(size_t)seg * D.budget + r0 + i];
         __syncthreads();
@@ -663,11 +679,12 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
         int lpr = d >> 3, rpw = 32 / lpr, n_grp = d >> 4;
         int c = lane % lpr, rsub = lane / lpr;
         size_t koff_c = (size_t)(c >> 1) * KT * GE + (c & 1) * 8; // piece c inside a token's tile column
-        float qr[H][8];
+        float qr[QS ? 1 : H][8];
+        if (!QS)
 #pragma unroll
-        for (int h = 0; h < H; ++h)
+            for (int h = 0; h < (QS ? 1 : H); ++h)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) qr[h][e] = h < hps ? q_s[h][c * 8 + e] : 0.f;
+                for (int e = 0; e < 8; ++e) qr[h][e] = h < hps ? q_s[h][c * 8 + e] : 0.f;
         float m[H], l[H], acc[H][8];
 #pragma unroll
         for (int h = 0; h < H; ++h) {
@@ -676,11 +693,11 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
         }
-        int wrows = rpw * FAC_U; // rows of one warp iteration
+        int wrows = rpw * U; // rows of one warp iteration
         for (int base = w * wrows; base < nr; base += FAC_NW * wrows) {
-            uint4 kr[FAC_U], vr[FAC_U];
+            uint4 kr[U], vr[U];
 #pragma unroll
-            for (int j = 0; j < FAC_U; ++j) {
+            for (int j = 0; j < U; ++j) {
                 int i = base + j * rpw + rsub;
                 kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
                 if (i < nr) {
@@ -689,17 +706,23 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                     vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
                 }
             }
-            float sc[H][FAC_U];
+            float sc[H][U];
 #pragma unroll
-            for (int j = 0; j < FAC_U; ++j) {
+            for (int j = 0; j < U; ++j) {
                 float f[8];
                 unpack8<T>(kr[j], f);
                 bool ok = base + j * rpw + rsub < nr;
 #pragma unroll
                 for (int h = 0; h < H; ++h) {
                     float a = 0.f;
+                    if (QS) {
+                        float4 qa = lds4(&q_s[h][c * 8]), qb = lds4(&q_s[h][c * 8 + 4]);
+                        a += qa.x * f[0]; a += qa.y * f[1]; a += qa.z * f[2]; a += qa.w * f[3];
+                        a += qb.x * f[4]; a += qb.y * f[5]; a += qb.z * f[6]; a += qb.w * f[7];
+                    } else {
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) a += qr[h][e] * f[e];
+                        for (int e = 0; e < 8; ++e) a += qr[QS ? 0 : h][e] * f[e];
+                    }
                     // Fixed, unrolled butterfly (a run-time trip count made each dot's reduction a
                     // serial loop: 16 dependent shuffle chains per iteration); with d = 64 the
                     // xor-8 step would mix two rows, so its result is dropped.
@@ -715,7 +738,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
             for (int h = 0; h < H; ++h) {
                 float mx = sc[h][0];
 #pragma unroll
-                for (int j = 1; j < FAC_U; ++j) mx = fmaxf(mx, sc[h][j]);
+                for (int j = 1; j < U; ++j) mx = fmaxf(mx, sc[h][j]);
                 float mn = fmaxf(m[h], mx);
                 float al = (m[h] == NEG_INF) ? 0.f : __expf(m[h] - mn);
                 l[h] *= al;
@@ -723,10 +746,10 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                 for (int e = 0; e < 8; ++e) acc[h][e] *= al;
                 m[h] = mn;
 #pragma unroll
-                for (int j = 0; j < FAC_U; ++j) sc[h][j] = (sc[h][j] == NEG_INF) ? 0.f : __expf(sc[h][j] - mn);
+                for (int j = 0; j < U; ++j) sc[h][j] = (sc[h][j] == NEG_INF) ? 0.f : __expf(sc[h][j] - mn);
             }
 #pragma unroll
-            for (int j = 0; j < FAC_U; ++j) {
+            for (int j = 0; j < U; ++j) {
                 float f[8];
                 unpack8<T>(vr[j], f);
 #pragma unroll
@@ -875,6 +898,11 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
         fac_impl<TY, HH>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);               \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(FAC_THREADS, FACL_MINB(HH)) facl_h##HH##_##NAME(                         \
+        Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
+        fac_impl<TY, HH, FACL_U(HH), true>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out); \
     }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \

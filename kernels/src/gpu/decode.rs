@@ -42,6 +42,14 @@ pub struct FasaDecoder {
     pub fused_combine: bool,
     /// Chunks of 1024 tokens per TIP block (`tip::chunks` by default).
     pub tip_chunks: usize,
+    /// FAC over the selected rows with the lean kernels (`facl_h*`: q re-read from shared memory,
+    /// 4 instead of 3 blocks per SM for a group of 4). Default: on from 64 selections per step
+    /// (GPU run 6: −3.5 to −12 µs at batch 16 of Llama-3-8B shapes, +0.2 to +0.5 µs at batch 1
+    /// and at SmolLM2 batch 16 = 48 selections).
+    pub fac_lean: bool,
+    /// Dense attention with the lean kernels. Default: on from 2^18 cached rows (batch · KV heads ·
+    /// l_max) per step (run 6: 82.8 → 76.7 µs at 32k batch 1; slower at 8k batch 1).
+    pub dense_lean: bool,
     dims: Dims,
     dense_dims: Dims,
     pool: CudaSlice<i32>,
@@ -132,6 +140,8 @@ impl FasaDecoder {
             // last-block merge at every shape (77 → 34 µs at 8k, batch 1, B = 1024).
             fused_combine: false,
             tip_chunks: tip::chunks(cache.l_max, segs, gpu.sm_count),
+            fac_lean: segs >= 64,
+            dense_lean: cache.batch * cache.n_kv * cache.l_max >= 1 << 18,
             cfg: DecodeConfig { rerank, ..cfg },
             dims,
             dense_dims,
@@ -179,9 +189,9 @@ impl FasaDecoder {
         let (rps, ns) = self.fac_split;
         if self.fused_combine {
             let fused = Some((&mut self.done_fac, &mut *out));
-            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused)
+            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused, self.fac_lean)
         } else {
-            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, None)?;
+            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, None, self.fac_lean)?;
             fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out)
         }
     }
@@ -190,7 +200,7 @@ impl FasaDecoder {
     pub fn dense(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         let (rps, ns) = self.dense_split;
         // Many splits: a separate combine launch merges them in parallel.
-        fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None)?;
+        fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None, self.dense_lean)?;
         fac::combine(gpu, &self.dense_dims, ns, &self.po, &self.pml, out)
     }
 }

@@ -44,6 +44,7 @@ pub fn partials(
     po: &mut CudaSlice<f32>,
     pml: &mut CudaSlice<f32>,
     fused: Option<(&mut CudaSlice<u32>, &mut CudaSlice<f32>)>,
+    lean: bool,
 ) -> Result<(), GpuError> {
     let segs = (dims.batch * dims.n_sel) as usize;
     if let Some((done, out)) = &fused {
@@ -61,7 +62,7 @@ pub fn partials(
     }
     let (rps, ns) = (rows_per_split as i32, n_split as i32);
     let null = 0u64;
-    let f = gpu.f.fac(dt, hps);
+    let f = gpu.f.fac(dt, hps, lean);
     let mut l = gpu.stream.launch_builder(f);
     l.arg(dims).arg(k).arg(v).arg(q).arg(fc_of_slot).arg(lens);
     match sel {

@@ -131,6 +131,8 @@ pub(crate) struct Funcs {
     pub typed: [[CudaFunction; 4]; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
+    /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
+    pub facl: [[CudaFunction; 4]; 2],
 }
 
 impl Funcs {
@@ -139,14 +141,15 @@ impl Funcs {
     }
 
     /// The FAC kernel compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8).
-    pub fn fac(&self, dt: Dtype, hps: usize) -> &CudaFunction {
+    /// `lean` picks the `facl_h*` kernels.
+    pub fn fac(&self, dt: Dtype, hps: usize, lean: bool) -> &CudaFunction {
         let i = match hps {
             0 | 1 => 0,
             2 => 1,
             3 | 4 => 2,
             _ => 3,
         };
-        &self.fac[dt as usize][i]
+        if lean { &self.facl[dt as usize][i] } else { &self.fac[dt as usize][i] }
     }
 }
 
@@ -264,6 +267,10 @@ impl Gpu {
             let s = dt.suffix();
             Ok([get(&format!("fac_h1_{s}"))?, get(&format!("fac_h2_{s}"))?, get(&format!("fac_h4_{s}"))?, get(&format!("fac_h8_{s}"))?])
         };
+        let facl = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
+            let s = dt.suffix();
+            Ok([get(&format!("facl_h1_{s}"))?, get(&format!("facl_h2_{s}"))?, get(&format!("facl_h4_{s}"))?, get(&format!("facl_h8_{s}"))?])
+        };
         let f = Funcs {
             select_filter: get("select_filter")?,
             select_refine: get("select_refine")?,
@@ -273,6 +280,7 @@ impl Gpu {
             copy_u4: get("copy_u4")?,
             typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
+            facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
         Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f }))
@@ -316,12 +324,13 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac for a group of 4) for `dt`.
-    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 3], GpuError> {
+    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for a group of 4) for `dt`.
+    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 4], GpuError> {
         Ok([
             self.f.typed(dt, TypedOp::Tip).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
             self.f.select_filter.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
-            self.f.fac(dt, 4).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
+            self.f.fac(dt, 4, false).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
+            self.f.fac(dt, 4, true).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
         ])
     }
 
