@@ -102,6 +102,8 @@ impl TestBus {
         let mut cmd = Command::new(program);
         cmd.env("DBUS_SESSION_BUS_ADDRESS", &self.address)
             .env("DBUS_SYSTEM_BUS_ADDRESS", format!("unix:path={}", self.dir.path().join("no-system-bus").display()))
+            // fasad's state folder (calibration profiles) lives and dies with the bus.
+            .env("STATE_DIRECTORY", self.dir.path().join("state"))
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
             .env_remove("JOURNAL_STREAM")
@@ -139,9 +141,18 @@ pub struct Fasad {
 }
 
 impl Fasad {
-    /// Starts `fasad --session ARGS` and waits for its `READY=1` (sent once the name is owned).
-    /// Panics with fasad's stderr when it exits first.
+    /// Starts `fasad --session --no-calibrate-on-load ARGS` (calibrating takes tens of seconds)
+    /// and waits for its `READY=1`. Panics with fasad's stderr when it exits first.
     pub fn start(bus: &TestBus, args: &[&str]) -> Fasad {
+        let mut all = vec!["--no-calibrate-on-load"];
+        all.extend_from_slice(args);
+        Fasad::start_as_configured(bus, &all)
+    }
+
+    /// Starts `fasad --session ARGS` (calibrating on load unless ARGS say otherwise) and waits
+    /// for its `READY=1` (sent once the name is owned). Panics with fasad's stderr when it exits
+    /// first.
+    pub fn start_as_configured(bus: &TestBus, args: &[&str]) -> Fasad {
         let notify_path = bus.dir().join(format!("notify-{}", unique()));
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
         notify.set_read_timeout(Some(Duration::from_millis(100))).unwrap();

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
     name = "fasactl",
     version,
     about = "Talk to fasad, the FASA inference daemon, over D-Bus",
-    after_help = "Exit codes: 0 ok, 1 fasad answered with an error, 2 usage, 3 fasad not reachable, 130 interrupted."
+    after_help = "Exit codes: 0 ok, 1 fasad answered with an error (or a task failed), 2 usage, 3 fasad not reachable, 4 no memory plan fits, 130 interrupted."
 )]
 pub struct Cli {
     /// Use the session bus.
@@ -36,6 +36,63 @@ pub enum Command {
         #[arg(value_name = "JOB")]
         job: String,
     },
+    /// Calibrate the loaded model's dominant frequency chunks (a daemon task with a progress bar);
+    /// the profile is saved in fasad's state folder and applied.
+    Calibrate {
+        /// A text file fasad can read (repeatable) [default: the system's licence texts].
+        #[arg(long = "text", value_name = "FILE")]
+        texts: Vec<std::path::PathBuf>,
+        /// Also write the profile here (a path fasad can write).
+        #[arg(long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// Tokens of each text used (smaller is faster, less precise).
+        #[arg(long, value_name = "N")]
+        max_tokens: Option<u32>,
+        /// Tokens prefilled before the first measured step.
+        #[arg(long, value_name = "N")]
+        prefix: Option<u32>,
+    },
+    /// Print the memory plan for the loaded model's shapes (live headroom, or --headroom).
+    Plan {
+        /// KV-cache headroom to plan for, e.g. 512MiB or 2G [default: the live reading].
+        #[arg(long, value_name = "SIZE")]
+        headroom: Option<String>,
+        /// Tokens per sequence.
+        #[arg(long, value_name = "N")]
+        context: Option<u32>,
+        /// Sequences at once.
+        #[arg(long, value_name = "N")]
+        sessions: Option<u32>,
+        /// The plan as JSON (with a `variant` field).
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the models fasad knows, or pull one by name.
+    Models {
+        #[command(subcommand)]
+        action: Option<ModelsAction>,
+    },
+    /// Load a model by name or path in place of the current one.
+    Load {
+        #[arg(value_name = "NAME|PATH")]
+        model: String,
+    },
+    /// Unload the model (jobs are refused until the next load).
+    Unload,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsAction {
+    /// List the models (default).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Install a catalog model, with a progress bar.
+    Pull {
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +103,9 @@ pub struct GenerateArgs {
     /// Print one JSON object per line (events "job", "chunk", "finished") instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Load this model first (a name or path) unless it is the one loaded.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub model: Option<String>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
     /// The question or prompt (several words are joined with spaces).

@@ -15,6 +15,9 @@ use crate::Failure;
 pub async fn generate(conn: Connection, args: GenerateArgs) -> Result<(), Failure> {
     let text = args.text.join(" ");
     let format = if args.json { Format::Json } else { Format::Text };
+    if let Some(model) = &args.model {
+        crate::manage::ensure_loaded(&conn, model).await?;
+    }
     let mut session = Session::new(conn).await?;
     let options = args.sampling.options();
     if args.raw {
@@ -100,6 +103,8 @@ pub async fn status(conn: Connection, bus: Bus, json_out: bool) -> Result<(), Fa
     let (active, queued, free, max_queued) =
         (m.active_jobs().await?, m.queued_jobs().await?, m.free_slots().await?, m.max_queued_jobs().await?);
     let version = m.version().await?;
+    let (mode, budget, chunks, profile) = (m.attention_mode().await?, m.token_budget().await?, m.dominant_chunks().await?, m.profile_state().await?);
+    let (variant, headroom, max_context, max_sessions) = (m.variant().await?, m.memory_headroom().await?, m.max_context().await?, m.max_sessions().await?);
     if json_out {
         return emit(json!({
             "bus": bus.as_str(),
@@ -111,6 +116,9 @@ pub async fn status(conn: Connection, bus: Bus, json_out: bool) -> Result<(), Fa
             "queued_jobs": queued,
             "max_queued_jobs": max_queued,
             "free_slots": free,
+            "attention": {"mode": mode, "budget": budget, "chunks": chunks},
+            "profile": profile,
+            "plan": {"variant": variant, "kv_headroom": headroom, "max_context": max_context, "max_sessions": max_sessions},
         }));
     }
     let s = |k: &str| shapes.get(k).map(|v| v.to_string()).unwrap_or_else(|| "?".into());
@@ -128,6 +136,8 @@ pub async fn status(conn: Connection, bus: Bus, json_out: bool) -> Result<(), Fa
         s("context")
     );
     println!("cache:    {} sequences x {} tokens", s("max_sequences"), s("max_context"));
+    println!("attention: {mode} by default (budget {budget} tokens, {chunks} chunks per head); profile {profile}");
+    println!("plan:     {variant}, {max_sessions} sessions x {max_context} tokens, {:.1} MiB KV headroom", headroom as f64 / (1u64 << 20) as f64);
     println!("jobs:     {active} active, {queued} queued (at most {max_queued}), {free} free slots");
     println!("fasad:    {version} on the {} bus", bus.as_str());
     // Shapes this fasactl does not know yet.

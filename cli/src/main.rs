@@ -1,10 +1,12 @@
 //! fasactl: the command-line client of fasad, over the fasa-dbus proxies.
 //!
-//! Exit codes scripts can rely on: 0 ok, 1 fasad answered with an error (or the job failed),
-//! 2 usage, 3 fasad not reachable, 130 interrupted by Ctrl-C (the job is cancelled).
+//! Exit codes scripts can rely on: 0 ok, 1 fasad answered with an error (or the job or task
+//! failed), 2 usage, 3 fasad not reachable, 4 no memory plan fits, 130 interrupted by Ctrl-C
+//! (the job or task is cancelled).
 mod args;
 mod commands;
 mod connect;
+mod manage;
 mod stream;
 
 use std::process::ExitCode;
@@ -71,12 +73,21 @@ async fn run(command: Command, choice: Option<Bus>) -> Result<(), Failure> {
         Command::Chat(sampling) => commands::chat(conn, sampling).await,
         Command::Status { json } => commands::status(conn, bus, json).await,
         Command::Cancel { job } => commands::cancel(conn, &job).await,
+        Command::Calibrate { texts, output, max_tokens, prefix } => manage::calibrate(conn, texts, output, max_tokens, prefix).await,
+        Command::Plan { headroom, context, sessions, json } => manage::plan(conn, headroom, context, sessions, json).await,
+        Command::Models { action } => manage::models(conn, action).await,
+        Command::Load { model } => manage::load(conn, &model).await,
+        Command::Unload => manage::unload(conn).await,
     }
 }
 
 fn report(failure: Failure, choice: Option<Bus>) -> ExitCode {
     match failure {
         Failure::Daemon(e) if e.is_service_unknown() => report(Failure::NotRunning(choice), choice),
+        Failure::Daemon(e @ fasa_dbus::Error::DoesNotFit(_)) => {
+            eprintln!("fasactl: {} (DoesNotFit)", e.message());
+            ExitCode::from(4)
+        }
         Failure::Daemon(e) => {
             match e.dbus_name() {
                 Some(name) => eprintln!("fasactl: {} ({})", e.message(), name.rsplit('.').next().unwrap_or(&name)),

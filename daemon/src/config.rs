@@ -46,6 +46,22 @@ pub struct Args {
     /// Seconds a finished job stays on the bus for its caller to read [default: 60].
     #[arg(long, value_name = "SECONDS")]
     pub job_linger: Option<u64>,
+    /// Do not calibrate the model in the background when it has no saved profile.
+    #[arg(long)]
+    pub no_calibrate_on_load: bool,
+    /// Tokens of each text the calibration on first load uses (fewer: faster, less precise)
+    /// [default: 896].
+    #[arg(long, value_name = "N")]
+    pub calibrate_max_tokens: Option<usize>,
+    /// KV-cache headroom to plan with instead of the live reading (MemAvailable and the
+    /// cgroup limit), e.g. 512MiB: for testing, and for operators who want a cap. Weights and
+    /// workspace are accounted apart.
+    #[arg(long, value_name = "SIZE")]
+    pub headroom: Option<String>,
+    /// Unload the model after this many seconds without jobs (reloaded on the next request);
+    /// 0 = never [default: 0].
+    #[arg(long, value_name = "SECONDS")]
+    pub keep_alive: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,6 +93,10 @@ struct FileConfig {
     threads: Option<usize>,
     default_max_tokens: Option<u32>,
     job_linger_secs: Option<u64>,
+    calibrate_on_load: Option<bool>,
+    calibrate_max_tokens: Option<usize>,
+    headroom: Option<String>,
+    keep_alive_s: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,6 +110,12 @@ pub struct Config {
     pub threads: usize,
     pub default_max_tokens: u32,
     pub job_linger: Duration,
+    pub calibrate_on_load: bool,
+    pub calibrate_max_tokens: usize,
+    /// `--headroom` in bytes.
+    pub headroom: Option<u64>,
+    /// `None`: keep the model loaded.
+    pub keep_alive: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +124,8 @@ pub enum ConfigError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("configuration file {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("headroom {0}: flag --headroom or key `headroom`")]
+    Headroom(String),
     #[error("{what} must be between {min} and {max}, got {got} (flag --{flag} or key `{key}`)")]
     OutOfRange { what: &'static str, flag: &'static str, key: &'static str, min: u64, max: u64, got: u64 },
 }
@@ -136,13 +164,25 @@ impl Config {
             threads: args.threads.or(file.threads).unwrap_or(0),
             default_max_tokens: args.default_max_tokens.or(file.default_max_tokens).unwrap_or(256),
             job_linger: Duration::from_secs(args.job_linger.or(file.job_linger_secs).unwrap_or(60)),
+            calibrate_on_load: !args.no_calibrate_on_load && file.calibrate_on_load.unwrap_or(true),
+            calibrate_max_tokens: args.calibrate_max_tokens.or(file.calibrate_max_tokens).unwrap_or(896),
+            headroom: match args.headroom.clone().or(file.headroom) {
+                Some(s) => Some(fasa_engine::headroom::parse_size(&s).map_err(|e| ConfigError::Headroom(e.to_string()))?),
+                None => None,
+            },
+            keep_alive: match args.keep_alive.or(file.keep_alive_s).unwrap_or(0) {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
         };
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let checks: [(&str, &str, &str, u64, u64, u64); 6] = [
+        let checks: [(&str, &str, &str, u64, u64, u64); 8] = [
+            ("calibration tokens", "calibrate-max-tokens", "calibrate_max_tokens", 64, 1 << 20, self.calibrate_max_tokens as u64),
+            ("the keep-alive", "keep-alive", "keep_alive_s", 0, 86_400 * 365, self.keep_alive.map_or(0, |d| d.as_secs())),
             ("sequences", "max-sequences", "max_sequences", 1, 256, self.max_sequences as u64),
             ("the queue length", "max-queue", "max_queue", 0, 4096, self.max_queue as u64),
             ("the context", "max-context", "max_context", 0, 1 << 24, self.max_context as u64),
@@ -202,5 +242,9 @@ mod tests {
         let e = Config::merge(&args(&["--max-sequences", "0"]), FileConfig::default()).unwrap_err().to_string();
         assert!(e.contains("--max-sequences") && e.contains("got 0"), "{e}");
         assert!(Args::try_parse_from(["fasad", "--session", "--system"]).is_err());
+        let e = Config::merge(&args(&["--headroom", "lots"]), FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("--headroom") && e.contains("lots"), "{e}");
+        let c = Config::merge(&args(&["--headroom", "1.5GiB", "--no-calibrate-on-load", "--keep-alive", "5"]), FileConfig::default()).unwrap();
+        assert_eq!((c.headroom, c.calibrate_on_load, c.keep_alive), (Some(3 << 29), false, Some(Duration::from_secs(5))));
     }
 }

@@ -1,13 +1,20 @@
 //! fasad: serves a small LLM over D-Bus as `dev.fasa.Fasa1` (see fasa-dbus for the API).
 //!
-//! Reading order: `config` (flags and file) → `service` (life cycle) → `scheduler` (the worker
-//! thread that owns the model) → `bus` (manager and job objects, signals) → `systemd`, `logging`.
+//! Reading order: `config` (flags and file) → `service` (life cycle) → `memory` (the plan) →
+//! `models` (loading, profiles, the models folder) → `scheduler` (the worker thread that owns the
+//! model) → `bus` (manager, job and task objects, signals, authorization) → `calibration` →
+//! `systemd`, `logging`.
 mod bus;
+mod calibration;
 mod config;
 mod logging;
+mod memory;
+mod models;
 mod scheduler;
 mod service;
 mod systemd;
+#[cfg(test)]
+mod testing;
 
 use std::process::ExitCode;
 

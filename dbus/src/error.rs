@@ -19,6 +19,8 @@ pub enum Error {
     ModelNotLoaded(String),
     /// The job was cancelled.
     Cancelled(String),
+    /// No memory plan fits the request (or any request): the message says what would.
+    DoesNotFit(String),
     /// The caller may not do this (e.g. touch another caller's job).
     NotPermitted(String),
     /// Anything else that went wrong in the service.
@@ -45,6 +47,7 @@ impl Error {
             | Error::ModelNotLoaded(m)
             | Error::Cancelled(m)
             | Error::NotPermitted(m)
+            | Error::DoesNotFit(m)
             | Error::Failed(m) => m.clone(),
         }
     }

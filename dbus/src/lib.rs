@@ -14,10 +14,10 @@ pub use client::{JobSignal, JobSignals};
 pub use error::{Error, Result};
 pub use names::*;
 pub use options::{GenerateOptions, OPTION_NAMES};
-pub use proxy::{JobProxy, ManagerProxy};
+pub use proxy::{JobProxy, ManagerProxy, TaskProxy};
 pub use types::{FinishReason, JobState, SHAPE_KEYS};
 
-/// The introspection data of `dev.fasa.Fasa1.Manager` and `dev.fasa.Fasa1.Job`, as fasad serves it.
+/// The introspection data of `dev.fasa.Fasa1.Manager`, `.Job` and `.Task`, as fasad serves it.
 pub const INTROSPECTION_XML: &str = include_str!("../interfaces/dev.fasa.Fasa1.xml");
 
 /// The `<interface name="…">…</interface>` elements of an introspection document whose name
@@ -50,9 +50,10 @@ mod tests {
     #[test]
     fn checked_in_xml_has_both_interfaces() {
         let elements = interface_elements(INTROSPECTION_XML, "dev.fasa.Fasa1.");
-        assert_eq!(elements.len(), 2, "{elements:#?}");
+        assert_eq!(elements.len(), 3, "{elements:#?}");
         assert!(elements[0].starts_with(&format!("<interface name=\"{JOB_INTERFACE}\"")));
         assert!(elements[1].starts_with(&format!("<interface name=\"{MANAGER_INTERFACE}\"")));
+        assert!(elements[2].starts_with(&format!("<interface name=\"{TASK_INTERFACE}\"")));
     }
 
     #[test]

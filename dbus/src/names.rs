@@ -18,3 +18,15 @@ pub const ERROR_PREFIX: &str = "dev.fasa.Fasa1.Error";
 pub fn job_path(id: u64) -> String {
     format!("{JOB_PATH_PREFIX}/{id}")
 }
+
+/// Task objects (calibration, model pulls) live at `TASK_PATH_PREFIX/<n>`.
+pub const TASK_PATH_PREFIX: &str = "/dev/fasa/Fasa1/Task";
+pub const TASK_INTERFACE: &str = "dev.fasa.Fasa1.Task";
+/// The polkit action that loading, unloading, pulling models and calibrating need on the
+/// system bus (root needs none).
+pub const MANAGE_MODELS_ACTION: &str = "dev.fasa.Fasa1.manage-models";
+
+/// Object path of task `id`.
+pub fn task_path(id: u64) -> String {
+    format!("{TASK_PATH_PREFIX}/{id}")
+}

@@ -169,6 +169,29 @@ impl GenerateOptions {
     }
 }
 
+/// An unsigned option of any D-Bus integer type within `range` (for the other methods' `a{sv}`).
+pub fn unsigned(key: &str, value: &Value<'_>, range: std::ops::RangeInclusive<u64>) -> Result<u64, Error> {
+    let v = integer(key, value)?;
+    if !(*range.start() as i128..=*range.end() as i128).contains(&v) {
+        return Err(bad(key, format!("must be between {} and {}, got {v}", range.start(), range.end())));
+    }
+    Ok(v as u64)
+}
+
+/// A non-empty string option.
+pub fn text(key: &str, value: &Value<'_>) -> Result<String, Error> {
+    match value {
+        Value::Str(s) if !s.is_empty() => Ok(s.to_string()),
+        Value::Str(_) => Err(bad(key, "must not be empty".into())),
+        other => Err(type_error(key, "a string", other)),
+    }
+}
+
+/// The error for an option a method does not take; `known` lists those it does.
+pub fn unknown(key: &str, known: &str) -> Error {
+    Error::InvalidArgument(format!("unknown option '{}'; known options: {known}", printable(key)))
+}
+
 fn bad(key: &str, what: String) -> Error {
     Error::InvalidArgument(format!("option '{key}' {what}"))
 }

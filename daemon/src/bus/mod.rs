@@ -1,8 +1,10 @@
 //! fasad on the bus: the connection (name, ObjectManager at `/`, the manager), the event pump
 //! that turns the worker's events into job properties and unicast signals, and the watch on
 //! callers leaving the bus, whose jobs are cancelled and removed.
+pub mod auth;
 pub mod job;
 pub mod manager;
+pub mod task;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
@@ -19,6 +21,8 @@ use zbus::zvariant::OwnedObjectPath;
 use zbus::Connection;
 
 use crate::config::BusKind;
+use crate::memory::{Ask, HeadroomReader};
+use crate::models::{LoadSpec, ModelStatus, ProfileState};
 use crate::scheduler::{Event, JobId, Load, Outcome, SubmitError, WorkerHandle};
 use job::{Job, SharedJobData};
 use manager::Manager;
@@ -36,6 +40,33 @@ pub struct Shared {
     pub next_id: AtomicU64,
     jobs: Mutex<HashMap<JobId, JobEntry>>,
     load: Mutex<Load>,
+    pub settings: Settings,
+    /// The loaded model; `None` while unloaded.
+    model: Mutex<Option<ModelStatus>>,
+    /// How the current (or last) model was loaded: its shapes plan `Plan()` calls, and
+    /// calibration loads a second instance from it.
+    pub spec: Mutex<Option<LoadSpec>>,
+    /// The live plan (or why nothing fits).
+    pub plan: Mutex<Option<Result<fasa_engine::plan::Plan, fasa_engine::plan::PlanError>>>,
+    /// A calibration is running.
+    pub calibrating: std::sync::atomic::AtomicBool,
+}
+
+/// What the bus side needs to know of the configuration.
+pub struct Settings {
+    pub bus: BusKind,
+    pub models_dir: std::path::PathBuf,
+    pub headroom: HeadroomReader,
+    /// What the owner asked for (the plan may give less).
+    pub ask: Ask,
+}
+
+impl Settings {
+    #[cfg(test)]
+    /// For tests: session bus, live headroom, 4 × trained context asked.
+    pub fn session() -> Self {
+        Settings { bus: BusKind::Session, models_dir: fasa_engine::paths::models_dir(), headroom: HeadroomReader::new(None), ask: Ask { context: 0, sessions: 4 } }
+    }
 }
 
 pub struct JobEntry {
@@ -47,7 +78,7 @@ pub struct JobEntry {
 }
 
 impl Shared {
-    pub fn new(worker: WorkerHandle, default_max_tokens: u32, max_queue: usize, linger: Duration) -> Self {
+    pub fn new(worker: WorkerHandle, default_max_tokens: u32, max_queue: usize, linger: Duration, settings: Settings) -> Self {
         Shared {
             worker,
             default_max_tokens,
@@ -56,7 +87,35 @@ impl Shared {
             next_id: AtomicU64::new(1),
             jobs: Mutex::new(HashMap::new()),
             load: Mutex::new(Load::default()),
+            settings,
+            model: Mutex::new(None),
+            spec: Mutex::new(None),
+            plan: Mutex::new(None),
+            calibrating: Default::default(),
         }
+    }
+
+    pub fn model(&self) -> Option<ModelStatus> {
+        self.model.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_model(&self, m: Option<ModelStatus>) {
+        *self.model.lock().unwrap_or_else(|e| e.into_inner()) = m;
+    }
+
+    /// Marks the loaded model's profile state.
+    pub fn set_profile_state(&self, state: ProfileState) {
+        if let Some(m) = self.model.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            m.profile = state;
+        }
+    }
+
+    pub fn spec(&self) -> Option<LoadSpec> {
+        self.spec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn plan(&self) -> Option<Result<fasa_engine::plan::Plan, fasa_engine::plan::PlanError>> {
+        self.plan.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn jobs(&self) -> MutexGuard<'_, HashMap<JobId, JobEntry>> {
@@ -88,6 +147,9 @@ pub fn submit_error(e: SubmitError) -> Error {
         SubmitError::Engine(e) => engine_error(&e),
         e @ SubmitError::QueueFull { .. } => Error::Busy(e.to_string()),
         e @ SubmitError::Stopped => Error::Failed(e.to_string()),
+        e @ SubmitError::NoModel => Error::ModelNotLoaded(e.to_string()),
+        SubmitError::DoesNotFit(m) => Error::DoesNotFit(m),
+        SubmitError::Busy(m) => Error::Busy(m),
     }
 }
 
@@ -171,6 +233,24 @@ async fn apply(conn: &Connection, shared: &Arc<Shared>, event: Event, on_load: &
                 manager.free_slots_changed(emitter).await?;
             }
         }
+        Event::Model(status) => {
+            if let Some(s) = &status {
+                let mut spec = shared.spec.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(spec) = spec.as_mut() {
+                    spec.options.model_path = s.info.path.clone();
+                }
+            }
+            let calibrating = shared.calibrating.load(std::sync::atomic::Ordering::SeqCst);
+            shared.set_model(status.map(|s| {
+                let mut s = *s;
+                // A reload (keep-alive) during a calibration: the calibration still runs.
+                if calibrating && s.profile == ProfileState::Uncalibrated {
+                    s.profile = ProfileState::Calibrating;
+                }
+                s
+            }));
+            manager_changed(conn).await?;
+        }
         Event::Started { id, prompt_tokens } => {
             let Some((path, data, _, _)) = entry(shared, id) else { return Ok(()) };
             {
@@ -212,8 +292,14 @@ async fn apply(conn: &Connection, shared: &Arc<Shared>, event: Event, on_load: &
                 // Closes the fd stream, once it has written what it holds.
                 d.stream = None;
             }
+            // Under systemd these become journal fields JOB=, MODEL=, TOKENS_PER_SECOND=, VARIANT=.
+            let model = shared.model().map(|m| m.info.config.name).unwrap_or_default();
+            let variant = match shared.plan() {
+                Some(Ok(p)) => p.variant.as_str(),
+                _ => "none",
+            };
             log::info!(
-                job = id, caller = owner.as_str(), reason = reason.as_str(), tokens = generated,
+                job = id, model = model.as_str(), variant = variant, caller = owner.as_str(), reason = reason.as_str(), tokens = generated,
                 tokens_per_second = (tokens_per_second * 10.0).round() / 10.0;
                 "job {id} {reason}{}{error}", if error.is_empty() { "" } else { ": " }
             );
@@ -236,6 +322,25 @@ async fn apply(conn: &Connection, shared: &Arc<Shared>, event: Event, on_load: &
             }
         }
     }
+    Ok(())
+}
+
+/// Signals PropertiesChanged for every changing Manager property that depends on the model or the plan.
+pub async fn manager_changed(conn: &Connection) -> zbus::Result<()> {
+    let iface = conn.object_server().interface::<_, Manager>(MANAGER_PATH).await?;
+    let m = iface.get().await;
+    let e = iface.signal_emitter();
+    m.model_changed(e).await?;
+    m.model_name_changed(e).await?;
+    m.shapes_changed(e).await?;
+    m.attention_mode_changed(e).await?;
+    m.token_budget_changed(e).await?;
+    m.dominant_chunks_changed(e).await?;
+    m.profile_state_changed(e).await?;
+    m.variant_changed(e).await?;
+    m.memory_headroom_changed(e).await?;
+    m.max_context_changed(e).await?;
+    m.max_sessions_changed(e).await?;
     Ok(())
 }
 

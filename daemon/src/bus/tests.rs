@@ -1,13 +1,12 @@
-//! The bus layer against a private dbus-daemon, with the fake engine: no model needed. Clients
-//! are zbus connections in this process; tests/ drives the real binaries.
+//! The bus layer against a private dbus-daemon, with the real default model and ONNX Runtime
+//! (crate::testing lends one model to one test at a time). Clients are zbus connections in
+//! this process; tests/ drives the real binaries.
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fasa_dbus::{Error, GenerateOptions, JobProxy, JobSignal, JobSignals, ManagerProxy};
-use fasa_engine::{ModelConfig, ModelInfo, RopeLayout};
+use fasa_dbus::{Error, GenerateOptions, JobProxy, JobSignal, JobSignals, ManagerProxy, TaskProxy};
+use fasa_engine::attention::CachePool;
 use fasa_tests::TestBus;
 use zbus::object_server::Interface;
 use zbus::zvariant::{OwnedObjectPath, Value};
@@ -15,59 +14,56 @@ use zbus::Connection;
 
 use super::job::Job;
 use super::manager::Manager;
-use super::Shared;
-use crate::scheduler::{self, fake::FakeEngine, Worker};
+use super::task::{Task, TaskData};
+use super::{Settings, Shared};
+use crate::scheduler::{self, Limits, Worker, WorkerConfig};
+use crate::testing::{self, TestModel};
 
-fn fake_info() -> ModelInfo {
-    ModelInfo {
-        path: PathBuf::from("/models/fake.gguf"),
-        config: ModelConfig {
-            architecture: "llama".into(),
-            name: "Fake".into(),
-            n_layers: 30,
-            hidden: 576,
-            n_heads: 9,
-            n_kv_heads: 3,
-            head_dim: 64,
-            ffn_hidden: 1536,
-            vocab_size: 49152,
-            context_length: 8192,
-            rope_theta: 100000.0,
-            rms_eps: 1e-5,
-            rope_layout: RopeLayout::Adjacent,
-            tied_embeddings: true,
-            qkv_bias: false,
-        },
-        max_context: 64,
-        max_sequences: 2,
-        weight_bytes: 0,
-        sha256: String::new(),
-    }
-}
+/// Greedy, long: still running when a test cancels it or leaves.
+const LONG: u32 = 2000;
 
 struct Service {
     _conn: Connection,
-    used: Arc<AtomicUsize>,
-    _bus_name_owner: tokio::task::JoinHandle<()>,
+    pool: Arc<CachePool>,
+    shared: Arc<Shared>,
+    worker: Option<scheduler::WorkerHandle>,
+    thread: Option<std::thread::JoinHandle<Option<fasa_engine::Model>>>,
+    lease: TestModel,
+    _watcher: tokio::task::JoinHandle<()>,
 }
 
-/// fasad's bus side on `bus`, over a fake engine with `slots` slots and a queue of `queue`.
-async fn serve(bus: &TestBus, slots: usize, queue: usize, step: Duration) -> Service {
-    let engine = FakeEngine::new(slots, step);
-    let used = engine.used.clone();
-    let Worker { handle, events, .. } = scheduler::spawn(engine, queue).unwrap();
-    let shared = Arc::new(Shared::new(handle, 8, queue, Duration::from_secs(60)));
-    let manager = Manager { shared: shared.clone(), info: fake_info() };
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Hand the model back for the next test.
+        if let (Some(w), Some(t)) = (self.worker.take(), self.thread.take()) {
+            w.shutdown();
+            self.lease.put(t.join().ok().flatten());
+        }
+    }
+}
+
+/// fasad's bus side on `bus`, over the real model with `sessions` sessions and a queue of `queue`.
+async fn serve(bus: &TestBus, sessions: usize, queue: usize) -> Service {
+    let mut lease = testing::lease();
+    let loaded = lease.take();
+    let pool = loaded.status.pool.clone();
+    let status = loaded.status.clone();
+    let config = WorkerConfig { max_queue: queue, limits: Limits::slots(sessions), keep_alive: None, reload: None };
+    let Worker { handle, events, thread } = scheduler::spawn(Some(loaded), config).unwrap();
+    let shared = Arc::new(Shared::new(handle.clone(), 8, queue, Duration::from_secs(60), Settings::session()));
+    shared.set_model(Some(status));
+    *shared.spec.lock().unwrap() = Some(testing::spec());
+    let manager = Manager { shared: shared.clone() };
     let builder = zbus::connection::Builder::address(bus.address.as_str()).unwrap();
     let conn = super::serve(builder, "test", "", manager).await.unwrap();
     tokio::spawn(super::pump(conn.clone(), shared.clone(), events, |_| {}));
     let watcher = tokio::spawn({
-        let conn = conn.clone();
+        let (conn, shared) = (conn.clone(), shared.clone());
         async move {
             super::watch_callers(conn, shared).await.unwrap();
         }
     });
-    Service { _conn: conn, used, _bus_name_owner: watcher }
+    Service { _conn: conn, pool, shared, worker: Some(handle), thread: Some(thread), lease, _watcher: watcher }
 }
 
 async fn client(bus: &TestBus) -> Connection {
@@ -116,15 +112,8 @@ async fn free_slots_become(conn: &Connection, want: u32, within: Duration) -> Du
 #[test]
 fn introspection_matches_checked_in_xml() {
     let mut xml = String::from("<node>\n");
-    let manager = Manager {
-        shared: Arc::new(Shared::new(
-            scheduler::spawn(FakeEngine::new(1, Duration::ZERO), 0).unwrap().handle,
-            8,
-            0,
-            Duration::ZERO,
-        )),
-        info: fake_info(),
-    };
+    let worker = scheduler::spawn(None, WorkerConfig { max_queue: 0, limits: Limits::slots(1), keep_alive: None, reload: None }).unwrap();
+    let manager = Manager { shared: Arc::new(Shared::new(worker.handle.clone(), 8, 0, Duration::ZERO, Settings::session())) };
     manager.introspect_to_writer(&mut xml, 2);
     let job = Job {
         id: 1,
@@ -133,6 +122,14 @@ fn introspection_matches_checked_in_xml() {
         worker: manager.shared.worker.clone(),
     };
     job.introspect_to_writer(&mut xml, 2);
+    let task = Task {
+        id: 2,
+        kind: "calibrate",
+        owner: None,
+        data: Arc::new(std::sync::Mutex::new(TaskData { state: fasa_dbus::JobState::Running, progress: 0.0, result: String::new(), error: String::new() })),
+        cancel: Default::default(),
+    };
+    task.introspect_to_writer(&mut xml, 2);
     xml.push_str("</node>\n");
     let checked_in = concat!(env!("CARGO_MANIFEST_DIR"), "/../dbus/interfaces/dev.fasa.Fasa1.xml");
     if std::env::var_os("FASA_BLESS").is_some() {
@@ -150,26 +147,31 @@ fn introspection_matches_checked_in_xml() {
     );
 }
 
+fn max(n: u32) -> GenerateOptions {
+    GenerateOptions { max_tokens: Some(n), ..Default::default() }
+}
+
 #[tokio::test]
 async fn chunks_go_to_the_caller_only() {
     let bus = TestBus::start();
-    let _service = serve(&bus, 2, 2, Duration::from_millis(1)).await;
+    let _service = serve(&bus, 2, 2).await;
     let alice = client(&bus).await;
     // Mallory listens to every Job signal she may see.
     let mallory = client(&bus).await;
     let mut spy = JobSignals::subscribe(&mallory).await.unwrap();
 
-    let (job, mut signals) = complete(&alice, "the capital is Paris", GenerateOptions::default()).await.unwrap();
+    let (job, mut signals) = complete(&alice, "The capital of France is", max(6)).await.unwrap();
     assert!(job.as_str().starts_with("/dev/fasa/Fasa1/Job/"), "{job}");
     let (text, reason, error) = collect(&mut signals, &job).await;
-    assert_eq!((text.as_str(), reason.as_str(), error.as_str()), ("the capital is Paris ", "eos", ""));
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!((reason.as_str(), error.as_str()), ("length", ""));
 
     let proxy = job_proxy(&alice, &job).await;
     assert_eq!(proxy.state().await.unwrap(), "finished");
-    assert_eq!(proxy.prompt_tokens().await.unwrap(), 4);
-    assert_eq!(proxy.tokens_generated().await.unwrap(), 5);
-    assert_eq!(proxy.finish_reason().await.unwrap(), "eos");
-    assert_eq!(proxy.get_text().await.unwrap(), "the capital is Paris ");
+    assert!(proxy.prompt_tokens().await.unwrap() > 3);
+    assert_eq!(proxy.tokens_generated().await.unwrap(), 6);
+    assert_eq!(proxy.finish_reason().await.unwrap(), "length");
+    assert_eq!(proxy.get_text().await.unwrap(), text);
 
     // Mallory saw nothing, may not read the text, and may not cancel.
     assert!(tokio::time::timeout(Duration::from_millis(200), spy.next(&job)).await.is_err());
@@ -183,7 +185,8 @@ async fn chunks_go_to_the_caller_only() {
 #[tokio::test]
 async fn bad_calls_get_typed_errors() {
     let bus = TestBus::start();
-    let service = serve(&bus, 1, 0, Duration::from_millis(1)).await;
+    let service = serve(&bus, 1, 0).await;
+    let start_free = service.pool.free_count();
     let conn = client(&bus).await;
     let manager = ManagerProxy::new(&conn).await.unwrap();
     let mut bogus = HashMap::new();
@@ -198,11 +201,10 @@ async fn bad_calls_get_typed_errors() {
     assert!(matches!(manager.generate(&[], &HashMap::new()).await, Err(Error::InvalidArgument(_))));
     assert!(matches!(manager.generate(&[("robot", "hi")], &HashMap::new()).await, Err(Error::InvalidArgument(m)) if m.contains("robot")));
     assert!(matches!(manager.complete("", &HashMap::new()).await, Err(Error::InvalidArgument(_))));
-    assert!(matches!(manager.complete("invalid", &HashMap::new()).await, Err(Error::InvalidArgument(_))));
-    let huge = "x ".repeat(100);
-    let mut max = HashMap::new();
-    max.insert("max_tokens", Value::U32(10));
-    assert!(matches!(manager.complete(&huge, &max).await, Err(Error::ContextTooLong(_))));
+    let chunks = GenerateOptions { attention: Some("fasa".into()), chunks: Some(1000), ..Default::default() };
+    assert!(matches!(manager.complete("hi", &options(chunks)).await, Err(Error::InvalidArgument(m)) if m.contains("chunks")));
+    let huge = "word ".repeat(2 * testing::CONTEXT);
+    assert!(matches!(manager.complete(&huge, &options(max(10))).await, Err(Error::ContextTooLong(_))));
     let oversized = "x".repeat(super::manager::MAX_PROMPT_BYTES + 1);
     assert!(matches!(manager.complete(&oversized, &HashMap::new()).await, Err(Error::ContextTooLong(_))));
     // A wrong signature is refused by zbus itself.
@@ -210,16 +212,21 @@ async fn bad_calls_get_typed_errors() {
         .call_method(Some(fasa_dbus::BUS_NAME), fasa_dbus::MANAGER_PATH, Some(fasa_dbus::MANAGER_INTERFACE), "Complete", &(42u32,))
         .await;
     assert!(reply.is_err());
+    // Calibrate and Plan check their options too.
+    let mut odd = HashMap::new();
+    odd.insert("colour", Value::from("red"));
+    assert!(matches!(manager.calibrate(&[], &odd).await, Err(Error::InvalidArgument(m)) if m.contains("colour")));
+    assert!(matches!(manager.calibrate(&["/nonexistent/text"], &HashMap::new()).await, Err(Error::InvalidArgument(m)) if m.contains("/nonexistent/text")));
+    assert!(matches!(manager.plan(&odd).await, Err(Error::InvalidArgument(_))));
 
-    // One slot, no queue: the second job is Busy.
-    let long = "w ".repeat(40);
-    let (job, _signals) = complete(&conn, &long, GenerateOptions { max_tokens: Some(20), ..Default::default() }).await.unwrap();
-    let busy = complete(&conn, "a b", GenerateOptions::default()).await.err().unwrap();
+    // One session, no queue: the second job is Busy.
+    let (job, _signals) = complete(&conn, "Once upon a time", max(LONG)).await.unwrap();
+    let busy = complete(&conn, "The capital of France is", GenerateOptions::default()).await.err().unwrap();
     assert!(matches!(busy, Error::Busy(_)), "{busy:?}");
     job_proxy(&conn, &job).await.cancel().await.unwrap();
     // Refused jobs left nothing behind; the service still serves.
-    let (job, mut signals) = complete(&conn, "still here", GenerateOptions::default()).await.unwrap();
-    assert_eq!(collect(&mut signals, &job).await.0, "still here ");
+    let (job, mut signals) = complete(&conn, "The capital of France is", max(4)).await.unwrap();
+    assert!(collect(&mut signals, &job).await.0.contains("Paris"));
     let objects = zbus::fdo::ObjectManagerProxy::builder(&conn)
         .destination(fasa_dbus::BUS_NAME)
         .unwrap()
@@ -235,16 +242,16 @@ async fn bad_calls_get_typed_errors() {
     let jobs = objects.keys().filter(|p| p.as_str().starts_with(&prefix)).count();
     assert_eq!(jobs, 2, "{:?}", objects.keys().collect::<Vec<_>>());
     assert!(objects.contains_key(&OwnedObjectPath::try_from(fasa_dbus::MANAGER_PATH).unwrap()));
-    assert_eq!(service.used.load(Ordering::SeqCst), 0);
+    assert_eq!(service.pool.free_count(), start_free);
 }
 
 #[tokio::test]
 async fn cancel_frees_the_slot_quickly() {
     let bus = TestBus::start();
-    let service = serve(&bus, 2, 2, Duration::from_millis(20)).await;
+    let service = serve(&bus, 2, 2).await;
+    let start_free = service.pool.free_count();
     let conn = client(&bus).await;
-    let long = "w ".repeat(50);
-    let (job, mut signals) = complete(&conn, &long, GenerateOptions { max_tokens: Some(10), ..Default::default() }).await.unwrap();
+    let (job, mut signals) = complete(&conn, "Once upon a time", max(LONG)).await.unwrap();
     // Let it run a little.
     assert!(matches!(signals.next(&job).await, Some(JobSignal::Chunk(_))));
     let proxy = job_proxy(&conn, &job).await;
@@ -254,7 +261,7 @@ async fn cancel_frees_the_slot_quickly() {
     let (_, reason, _) = collect(&mut signals, &job).await;
     assert_eq!(reason, "cancelled");
     assert!(cancelled < Duration::from_millis(100), "Cancel() took {cancelled:?}");
-    assert_eq!(service.used.load(Ordering::SeqCst), 0);
+    assert_eq!(service.pool.free_count(), start_free);
     free_slots_become(&conn, 2, Duration::from_millis(100)).await;
     assert_eq!(proxy.state().await.unwrap(), "cancelled");
 }
@@ -262,18 +269,18 @@ async fn cancel_frees_the_slot_quickly() {
 #[tokio::test]
 async fn a_caller_leaving_cancels_its_jobs() {
     let bus = TestBus::start();
-    let service = serve(&bus, 2, 2, Duration::from_millis(20)).await;
+    let service = serve(&bus, 2, 2).await;
+    let start_free = service.pool.free_count();
     let watcher = client(&bus).await;
     let leaver = client(&bus).await;
-    let long = "w ".repeat(50);
-    let (job, mut signals) = complete(&leaver, &long, GenerateOptions { max_tokens: Some(10), ..Default::default() }).await.unwrap();
+    let (job, mut signals) = complete(&leaver, "Once upon a time", max(LONG)).await.unwrap();
     assert!(matches!(signals.next(&job).await, Some(JobSignal::Chunk(_))));
     free_slots_become(&watcher, 1, Duration::from_secs(1)).await;
     drop(signals);
     leaver.graceful_shutdown().await;
     let took = free_slots_become(&watcher, 2, Duration::from_millis(500)).await;
     assert!(took < Duration::from_millis(100), "slot freed after {took:?}");
-    assert_eq!(service.used.load(Ordering::SeqCst), 0);
+    assert_eq!(service.pool.free_count(), start_free);
     // And the job is gone from the bus.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let introspect = zbus::fdo::IntrospectableProxy::builder(&watcher)
@@ -288,38 +295,145 @@ async fn a_caller_leaving_cancels_its_jobs() {
         .await
         .unwrap();
     assert!(!introspect.contains("<node name=\"1\""), "{introspect}");
-    drop(service);
 }
 
 #[tokio::test]
-async fn queued_jobs_run_in_turn() {
+async fn queued_jobs_run_in_turn_and_the_manager_shows_the_model() {
     let bus = TestBus::start();
-    let _service = serve(&bus, 1, 4, Duration::from_millis(1)).await;
+    let _service = serve(&bus, 1, 4).await;
     let conn = client(&bus).await;
     let mut jobs = vec![];
-    for i in 0..4 {
-        jobs.push(complete(&conn, &format!("job {i} says hello"), GenerateOptions::default()).await.unwrap());
+    for _ in 0..3 {
+        jobs.push(complete(&conn, "The capital of France is", max(4)).await.unwrap());
     }
     let manager = ManagerProxy::new(&conn).await.unwrap();
     assert_eq!(manager.max_queued_jobs().await.unwrap(), 4);
-    for (i, (job, signals)) in jobs.iter_mut().enumerate() {
-        assert_eq!(collect(signals, job).await.0, format!("job {i} says hello "));
+    let mut answers = vec![];
+    for (job, signals) in jobs.iter_mut() {
+        answers.push(collect(signals, job).await.0);
     }
+    assert!(answers.iter().all(|a| a == &answers[0] && a.contains("Paris")), "{answers:?}");
     let shapes = manager.shapes().await.unwrap();
     assert_eq!((shapes["layers"], shapes["heads"], shapes["kv_heads"]), (30, 9, 3));
-    assert_eq!(manager.model_name().await.unwrap(), "Fake");
+    let name = manager.model_name().await.unwrap();
+    assert!(name.to_lowercase().contains("smollm2"), "{name}");
+    assert_eq!(manager.profile_state().await.unwrap(), "uncalibrated");
+    assert_eq!(manager.attention_mode().await.unwrap(), "fasa");
+    assert_eq!((manager.token_budget().await.unwrap(), manager.dominant_chunks().await.unwrap()), (256, 8));
+    // The plan for the loaded model's shapes, at a headroom given.
+    let mut o = HashMap::new();
+    o.insert("headroom", Value::from("100MiB"));
+    o.insert("sessions", Value::U32(1));
+    o.insert("context", Value::U32(4096));
+    let plan: serde_json::Value = serde_json::from_str(&manager.plan(&o).await.unwrap()).unwrap();
+    assert_eq!(plan["variant"], "dense", "{plan}");
+    assert!(plan["max_context"].as_u64().unwrap() < 4096, "{plan}");
+    o.insert("headroom", Value::U64(1000));
+    assert!(matches!(manager.plan(&o).await, Err(Error::DoesNotFit(m)) if m.contains("smallest plan")));
+    // The models fasad knows.
+    let models = manager.list_models().await.unwrap();
+    assert!(models.iter().any(|(name, _, license, _, size)| name == "smollm2-135m" && license == "Apache-2.0" && *size == 98_362_432), "{models:?}");
+}
+
+#[tokio::test]
+async fn unload_then_load_by_name() {
+    let bus = TestBus::start();
+    let _service = serve(&bus, 1, 1).await;
+    let conn = client(&bus).await;
+    let manager = ManagerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await.unwrap();
+    manager.unload_model().await.unwrap();
+    assert_eq!(manager.model().await.unwrap(), "");
+    let e = complete(&conn, "The capital of France is", max(2)).await.err().unwrap();
+    assert!(matches!(e, Error::ModelNotLoaded(_)), "{e:?}");
+    assert!(matches!(manager.unload_model().await, Err(Error::ModelNotLoaded(_))));
+    assert!(matches!(manager.load_model("no-such-model").await, Err(Error::InvalidArgument(m)) if m.contains("smollm2-135m")));
+    let path = fasa_engine::paths::default_model();
+    manager.load_model(&path.display().to_string()).await.unwrap();
+    assert_eq!(manager.model().await.unwrap(), path.display().to_string());
+    let (job, mut signals) = complete(&conn, "The capital of France is", max(4)).await.unwrap();
+    assert!(collect(&mut signals, &job).await.0.contains("Paris"));
+}
+
+#[tokio::test]
+async fn calibration_is_a_task_with_progress() {
+    let bus = TestBus::start();
+    let service = serve(&bus, 1, 1).await;
+    let state = tempfile::tempdir().unwrap();
+    service.shared.spec.lock().unwrap().as_mut().unwrap().state_dir = state.path().to_path_buf();
+    let conn = client(&bus).await;
+    let manager = ManagerProxy::builder(&conn).cache_properties(zbus::proxy::CacheProperties::No).build().await.unwrap();
+    // Finished goes to the caller only.
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface(fasa_dbus::TASK_INTERFACE)
+        .unwrap()
+        .member("Finished")
+        .unwrap()
+        .build();
+    let mut finished = zbus::MessageStream::for_match_rule(rule.clone(), &conn, Some(16)).await.unwrap();
+    let spy = client(&bus).await;
+    let mut spied = zbus::MessageStream::for_match_rule(rule, &spy, Some(16)).await.unwrap();
+    let copy = state.path().join("copy.json");
+    let mut o = HashMap::new();
+    o.insert("max_tokens", Value::U32(160));
+    o.insert("prefix", Value::U32(96));
+    o.insert("stride", Value::U32(8));
+    o.insert("output", Value::from(copy.display().to_string()));
+    let path = manager.calibrate(&[], &o).await.unwrap();
+    assert!(path.as_str().starts_with(fasa_dbus::TASK_PATH_PREFIX), "{path}");
+    // A second one while the first runs is Busy.
+    assert!(matches!(manager.calibrate(&[], &o).await, Err(Error::Busy(_))));
+    assert_eq!(manager.profile_state().await.unwrap(), "calibrating");
+    let task = TaskProxy::builder(&conn).path(path.clone()).unwrap().cache_properties(zbus::proxy::CacheProperties::No).build().await.unwrap();
+    assert_eq!(task.kind().await.unwrap(), "calibrate");
+    let t = Instant::now();
+    while task.state().await.unwrap() == "running" {
+        assert!(t.elapsed() < Duration::from_secs(120), "calibration did not end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(task.state().await.unwrap(), "finished", "{}", task.error().await.unwrap());
+    assert_eq!(task.progress().await.unwrap(), 1.0);
+    let saved = task.result().await.unwrap();
+    let sha = service.shared.model().unwrap().info.sha256;
+    assert!(saved.ends_with(&format!("profiles/{sha}.json")), "{saved}");
+    {
+        use futures_util::StreamExt;
+        let msg = tokio::time::timeout(Duration::from_secs(5), finished.next()).await.expect("no Finished").unwrap().unwrap();
+        let (state, result, error): (String, String, String) = msg.body().deserialize().unwrap();
+        assert_eq!((state.as_str(), result.as_str(), error.as_str()), ("finished", saved.as_str(), ""));
+        assert!(tokio::time::timeout(Duration::from_millis(200), spied.next()).await.is_err(), "another peer saw Finished");
+    }
+    let profile = fasa_engine::attention::Profile::load(std::path::Path::new(&saved)).unwrap();
+    assert!(!profile.uncalibrated);
+    assert!(copy.exists());
+    assert_eq!(manager.profile_state().await.unwrap(), "calibrated");
+    assert!(!service.pool.profile().uncalibrated, "the profile was not applied to the serving model");
+
+    // Cancelled: only by its caller; the saved profile stays.
+    let other = client(&bus).await;
+    let path = manager.calibrate(&[], &HashMap::new()).await.unwrap();
+    let theirs = TaskProxy::builder(&other).path(path.clone()).unwrap().build().await.unwrap();
+    assert!(matches!(theirs.cancel().await, Err(Error::NotPermitted(_))));
+    let task = TaskProxy::builder(&conn).path(path).unwrap().cache_properties(zbus::proxy::CacheProperties::No).build().await.unwrap();
+    task.cancel().await.unwrap();
+    let t = Instant::now();
+    while task.state().await.unwrap() == "running" {
+        assert!(t.elapsed() < Duration::from_secs(30), "the calibration was not cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(task.state().await.unwrap(), "cancelled");
+    assert_eq!(manager.profile_state().await.unwrap(), "calibrated");
+    assert!(std::path::Path::new(&saved).exists());
 }
 
 #[tokio::test]
 async fn the_text_streams_through_an_fd() {
     use std::io::Read;
     let bus = TestBus::start();
-    let _service = serve(&bus, 2, 2, Duration::from_millis(5)).await;
+    let _service = serve(&bus, 2, 2).await;
     let conn = client(&bus).await;
     let other = client(&bus).await;
-    let words: Vec<String> = (0..40).map(|i| format!("w{i}")).collect();
-    let (job, mut signals) =
-        complete(&conn, &words.join(" "), GenerateOptions { max_tokens: Some(20), ..Default::default() }).await.unwrap();
+    let (job, mut signals) = complete(&conn, "Once upon a time", max(20)).await.unwrap();
     // Open it while the job runs: the text so far comes first, then the rest, then EOF.
     assert!(matches!(signals.next(&job).await, Some(JobSignal::Chunk(_))));
     let fd = job_proxy(&conn, &job).await.open_stream().await.unwrap();
@@ -331,8 +445,8 @@ async fn the_text_streams_through_an_fd() {
     });
     let (signalled, reason, _) = collect(&mut signals, &job).await;
     let streamed = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
-    assert_eq!(reason, "length");
-    assert_eq!(streamed, words[..20].iter().map(|w| format!("{w} ")).collect::<String>());
+    assert!(["length", "eos"].contains(&reason.as_str()), "{reason}");
+    assert_eq!(streamed, job_proxy(&conn, &job).await.get_text().await.unwrap());
     assert!(streamed.ends_with(&signalled));
     // Opened after the end: the whole text, then EOF.
     let fd = job_proxy(&conn, &job).await.open_stream().await.unwrap();
