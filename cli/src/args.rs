@@ -140,6 +140,27 @@ pub struct SamplingArgs {
     /// Tokens attended per step by the sparse modes.
     #[arg(long, value_name = "TOKENS")]
     pub budget: Option<u32>,
+    /// Frequency chunks (RoPE pairs) per head scored per step by the FASA modes.
+    #[arg(long, value_name = "K")]
+    pub chunks: Option<u32>,
+    /// Calibrated FCs the per-step choice picks the chunks from (fasa mode).
+    #[arg(long, value_name = "P")]
+    pub pool: Option<u32>,
+    /// First tokens always attended.
+    #[arg(long, value_name = "N")]
+    pub sinks: Option<u32>,
+    /// Most recent tokens always attended.
+    #[arg(long, value_name = "N")]
+    pub recent: Option<u32>,
+    /// Candidates re-scored exactly before the budget is kept (0 = off).
+    #[arg(long, value_name = "C")]
+    pub rerank: Option<u32>,
+    /// One token set per query head instead of per KV group.
+    #[arg(long)]
+    pub per_head: bool,
+    /// The first N layers always attend densely.
+    #[arg(long, value_name = "N")]
+    pub dense_layers: Option<u32>,
     /// A system message before the conversation (chat template only).
     #[arg(long, value_name = "TEXT")]
     pub system_prompt: Option<String>,
@@ -156,7 +177,13 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             attention: self.attention.clone(),
             budget: self.budget,
-            ..Default::default()
+            chunks: self.chunks,
+            pool: self.pool,
+            sinks: self.sinks,
+            recent: self.recent,
+            rerank: self.rerank,
+            per_group: self.per_head.then_some(false),
+            dense_layers: self.dense_layers,
         }
     }
 }

@@ -10,7 +10,7 @@ use zbus::zvariant::{Array, OwnedValue, Value};
 use crate::Error;
 
 /// Every option `Generate`/`Complete` accept, with its type and range.
-pub const OPTION_NAMES: [(&str, &str); 11] = [
+pub const OPTION_NAMES: [(&str, &str); 15] = [
     ("max_tokens", "u: most tokens to generate, 1 or more (default: the service's)"),
     ("temperature", "d: 0 = greedy (default), up to 100"),
     ("top_k", "u: keep the k most likely tokens, 0 = off (default)"),
@@ -22,6 +22,10 @@ pub const OPTION_NAMES: [(&str, &str); 11] = [
     ("chunks", "u: dominant frequency chunks per head for the FASA modes, 1 or more"),
     ("sinks", "u: first tokens always attended"),
     ("recent", "u: most recent tokens always attended"),
+    ("pool", "u: calibrated FCs the per-step choice picks the chunks from (fasa mode), at least chunks"),
+    ("rerank", "u: candidates re-scored exactly before the budget is kept, 0 = off"),
+    ("per_group", "b: one token set per KV group (true) or per query head (false)"),
+    ("dense_layers", "u: the first layers that always attend densely"),
 ];
 
 /// Largest value of the attention knobs (`budget`, `chunks`, `sinks`, `recent`).
@@ -48,6 +52,10 @@ pub struct GenerateOptions {
     pub chunks: Option<u32>,
     pub sinks: Option<u32>,
     pub recent: Option<u32>,
+    pub pool: Option<u32>,
+    pub rerank: Option<u32>,
+    pub per_group: Option<bool>,
+    pub dense_layers: Option<u32>,
 }
 
 impl GenerateOptions {
@@ -101,9 +109,13 @@ impl GenerateOptions {
                     Value::Str(_) => return Err(bad(key, "must name a mode (1-32 bytes)".into())),
                     other => return Err(type_error(key, "a string", other)),
                 },
-                "budget" | "chunks" | "sinks" | "recent" => {
+                "per_group" => match value {
+                    Value::Bool(b) => opts.per_group = Some(*b),
+                    other => return Err(type_error(key, "a boolean", other)),
+                },
+                "budget" | "chunks" | "sinks" | "recent" | "pool" | "rerank" | "dense_layers" => {
                     let v = integer(key, value)?;
-                    let min = if matches!(key.as_str(), "budget" | "chunks") { 1 } else { 0 };
+                    let min = if matches!(key.as_str(), "budget" | "chunks" | "pool") { 1 } else { 0 };
                     if !(min..=MAX_ATTENTION_KNOB as i128).contains(&v) {
                         return Err(bad(key, format!("must be between {min} and {MAX_ATTENTION_KNOB}, got {v}")));
                     }
@@ -111,6 +123,9 @@ impl GenerateOptions {
                         "budget" => &mut opts.budget,
                         "chunks" => &mut opts.chunks,
                         "sinks" => &mut opts.sinks,
+                        "pool" => &mut opts.pool,
+                        "rerank" => &mut opts.rerank,
+                        "dense_layers" => &mut opts.dense_layers,
                         _ => &mut opts.recent,
                     };
                     *slot = Some(v as u32);
@@ -160,10 +175,22 @@ impl GenerateOptions {
         if let Some(v) = &self.attention {
             d.insert("attention", Value::from(v.clone()));
         }
-        for (key, v) in [("budget", self.budget), ("chunks", self.chunks), ("sinks", self.sinks), ("recent", self.recent)] {
+        let knobs = [
+            ("budget", self.budget),
+            ("chunks", self.chunks),
+            ("sinks", self.sinks),
+            ("recent", self.recent),
+            ("pool", self.pool),
+            ("rerank", self.rerank),
+            ("dense_layers", self.dense_layers),
+        ];
+        for (key, v) in knobs {
             if let Some(v) = v {
                 d.insert(key, Value::U32(v));
             }
+        }
+        if let Some(b) = self.per_group {
+            d.insert("per_group", Value::Bool(b));
         }
         d
     }
@@ -282,6 +309,10 @@ mod tests {
             chunks: Some(8),
             sinks: Some(0),
             recent: Some(32),
+            pool: Some(16),
+            rerank: Some(512),
+            per_group: Some(false),
+            dense_layers: Some(1),
         };
         let sent: HashMap<String, OwnedValue> = opts
             .to_dict()

@@ -103,7 +103,10 @@ fn attention_overrides(opts: &GenerateOptions) -> Result<AttnOverrides, Error> {
         chunks: knob(opts.chunks),
         sinks: knob(opts.sinks),
         recent: knob(opts.recent),
-        ..Default::default()
+        pool: knob(opts.pool),
+        rerank: knob(opts.rerank),
+        per_group: opts.per_group,
+        dense_layers: knob(opts.dense_layers),
     })
 }
 
