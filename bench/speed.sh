@@ -18,7 +18,7 @@ out=bench/speed
 mkdir -p "$out"
 command -v /usr/bin/time >/dev/null || { echo "speed.sh: needs /usr/bin/time (Debian package time)" >&2; exit 1; }
 cargo build --release -q -p fasa-bench --bin speed
-bash bench/llama_cpp.sh "$out/llama.json" -t "$threads" -d "$depth"
+FASA_BENCH_THREADS="$threads" FASA_BENCH_DEPTHS="$depth" bash bench/llama_cpp.sh "$out/llama.json"
 # Our speed binary prints one JSON object per (depth, mode); /usr/bin/time adds the peak RSS of
 # the whole process (ORT arenas included).
 /usr/bin/time -v -o "$out/fasa.time" target/release/speed --threads "$threads" --depth "$depth" --modes "$modes" >"$out/fasa.jsonl"

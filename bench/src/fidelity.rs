@@ -98,7 +98,8 @@ impl FidelityOptions {
     }
 
     /// The CI-sized run: 1k context, T = 32, fasa/oracle/streaming at B = 256 and B = 1024 (≥ the
-    /// context: must equal dense), passkey at 1k with one key per depth, a small calibration.
+    /// context: must equal dense), passkey at 512 tokens with one key per depth, a small
+    /// calibration when no profile is given.
     pub fn quick() -> Self {
         Self {
             contexts: vec![1024],
@@ -108,7 +109,7 @@ impl FidelityOptions {
             texts: vec![],
             profile: None,
             calibration: CalibrateOptions { k_values: vec![32, 64, 128], prefix: 256, max_tokens: 512, stride: 8, ..Default::default() },
-            passkey: PasskeyOptions { lengths: vec![1024], keys_per_depth: 1, ..Default::default() },
+            passkey: PasskeyOptions { lengths: vec![512], keys_per_depth: 1, ..Default::default() },
             verbose: false,
         }
     }

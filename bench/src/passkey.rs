@@ -103,9 +103,13 @@ pub fn run(model: &mut Model, opts: &PasskeyOptions, budgets: &[usize], settings
     let mut rows = Vec::new();
     let mut prompt_no = 0;
     for &len in &opts.lengths {
-        if len + 16 > model.info().max_context {
+        // Question and answer must fit after the prompt: at the model's full context the prompt
+        // is made that much shorter.
+        let room = model.info().max_context.saturating_sub(opts.answer_tokens + 24);
+        if room < 64 {
             return Err(EngineError::ContextTooLong { prompt: len, limit: model.info().max_context });
         }
+        let prompt_len = len.min(room);
         let t0 = Instant::now();
         // (budget, setting) → answers; index 0 of the settings list is dense.
         let mut cfgs: Vec<(usize, String, AttnConfig)> = vec![(len, "dense".into(), AttnConfig::dense())];
@@ -119,7 +123,7 @@ pub fn run(model: &mut Model, opts: &PasskeyOptions, budgets: &[usize], settings
             for _ in 0..opts.keys_per_depth {
                 let k = key(prompt_no);
                 prompt_no += 1;
-                let (ctx, q) = prompt(model, len, depth, k)?;
+                let (ctx, q) = prompt(model, prompt_len, depth, k)?;
                 model.configure_slot(base, &AttnConfig::dense(), false);
                 prefill(model, &ctx, 0, base)?;
                 for (i, (_, _, cfg)) in cfgs.iter().enumerate() {

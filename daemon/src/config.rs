@@ -58,6 +58,11 @@ pub struct Args {
     /// workspace are accounted apart.
     #[arg(long, value_name = "SIZE")]
     pub headroom: Option<String>,
+    /// Slow-tier budget for FASA-M, e.g. 4GiB: a file-backed mapping under the cache folder that
+    /// the kernel can page out. With it the planner may keep only the dominant K planes in memory
+    /// when the whole cache does not fit [default: none, FASA-M off].
+    #[arg(long, value_name = "SIZE")]
+    pub slow_tier: Option<String>,
     /// Unload the model after this many seconds without jobs (reloaded on the next request);
     /// 0 = never [default: 0].
     #[arg(long, value_name = "SECONDS")]
@@ -96,6 +101,7 @@ struct FileConfig {
     calibrate_on_load: Option<bool>,
     calibrate_max_tokens: Option<usize>,
     headroom: Option<String>,
+    slow_tier: Option<String>,
     keep_alive_s: Option<u64>,
 }
 
@@ -114,6 +120,8 @@ pub struct Config {
     pub calibrate_max_tokens: usize,
     /// `--headroom` in bytes.
     pub headroom: Option<u64>,
+    /// `--slow-tier` in bytes (0 = no slow tier).
+    pub slow_tier: u64,
     /// `None`: keep the model loaded.
     pub keep_alive: Option<Duration>,
 }
@@ -169,6 +177,10 @@ impl Config {
             headroom: match args.headroom.clone().or(file.headroom) {
                 Some(s) => Some(fasa_engine::headroom::parse_size(&s).map_err(|e| ConfigError::Headroom(e.to_string()))?),
                 None => None,
+            },
+            slow_tier: match args.slow_tier.clone().or(file.slow_tier) {
+                Some(s) => fasa_engine::headroom::parse_size(&s).map_err(|e| ConfigError::Headroom(e.to_string()))?,
+                None => 0,
             },
             keep_alive: match args.keep_alive.or(file.keep_alive_s).unwrap_or(0) {
                 0 => None,

@@ -16,6 +16,8 @@ const ELEMENT_BYTES: usize = 4;
 /// Where headroom readings come from.
 pub struct HeadroomReader {
     source: Box<dyn HeadroomSource>,
+    /// FASA-M's slow-tier budget (0: none).
+    slow_bytes: u64,
     /// `--headroom SIZE`: the KV cache's headroom, weights and workspace accounted apart.
     fixed: bool,
 }
@@ -24,17 +26,25 @@ pub struct HeadroomReader {
 impl HeadroomReader {
     pub fn new(fixed: Option<u64>) -> Self {
         match fixed {
-            Some(bytes) => HeadroomReader { source: Box::new(Fixed(bytes)), fixed: true },
+            Some(bytes) => HeadroomReader { source: Box::new(Fixed(bytes)), slow_bytes: 0, fixed: true },
             None => HeadroomReader {
                 source: Box::new(MinOf { sources: vec![Box::new(MemInfo::default()), Box::new(Cgroup::default())], margin: 0 }),
+                slow_bytes: 0,
                 fixed: false,
             },
         }
     }
 
+    /// Gives the planner a slow tier of `bytes` for FASA-M.
+    pub fn with_slow_tier(mut self, bytes: u64) -> Self {
+        self.slow_bytes = bytes;
+        self
+    }
+
     pub fn read(&self, pressure: PressureLevel) -> Result<Headroom, String> {
         let mut h = read_headroom(self.source.as_ref(), None, None).map_err(|e| e.to_string())?;
         h.pressure = pressure;
+        h.slow_bytes = h.slow_bytes.max(self.slow_bytes);
         Ok(h)
     }
 

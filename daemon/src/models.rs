@@ -101,7 +101,8 @@ pub fn saved_profile(state_dir: &Path, info: &ModelInfo) -> Option<Profile> {
 pub fn load(spec: &LoadSpec) -> Result<Loaded, EngineError> {
     let mut model = Model::load(&spec.options)?;
     if let Some(a) = &spec.attention {
-        model.set_default_attention(a.clone())?;
+        let fitted = model.pool().fit_config(a.clone());
+        model.set_default_attention(fitted)?;
     }
     let profile = match saved_profile(&spec.state_dir, model.info()) {
         Some(p) => {

@@ -38,7 +38,7 @@ pub enum ServiceError {
 // Returned once, at exit: its size does not matter.
 #[allow(clippy::result_large_err)]
 pub fn run(config: Config) -> Result<(), ServiceError> {
-    let headroom = HeadroomReader::new(config.headroom);
+    let headroom = HeadroomReader::new(config.headroom).with_slow_tier(config.slow_tier);
     let ask = Ask { context: config.max_context, sessions: config.max_sequences };
     let plan = memory::plan_before_load(&config.model, &headroom, ask).map_err(ServiceError::Plan)?;
     let mut options = LoadOptions::new(&config.model, &config.ort_library);
@@ -47,6 +47,9 @@ pub fn run(config: Config) -> Result<(), ServiceError> {
         Ok(p) => {
             options.max_sequences = p.max_sessions;
             options.max_context = p.max_context;
+            if p.variant == fasa_engine::plan::Variant::FasaM {
+                options.kv_variant = fasa_engine::attention::KvVariant::FasaM { resident_fcs: p.pool_fcs, row_cache_rows: p.row_cache_rows };
+            }
             log::info!(variant = p.variant.as_str(); "memory plan: {} × {} tokens, {}", p.max_sessions, p.max_context, p.reasons.join("; "));
             Limits::slots(p.max_sessions)
         }

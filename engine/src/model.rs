@@ -116,7 +116,7 @@ impl Model {
             .map_err(ort::Error::from)?
             .commit_from_memory(&graph.onnx)?;
         let info = ModelInfo { path: opts.model_path.clone(), config, max_context, max_sequences: pool.n_slots(), weight_bytes: graph.weight_bytes, sha256 };
-        let default_attention = pool.fit_config(AttnConfig::default());
+        let default_attention = pool.fit_config(AttnConfig::default().fit_pool(info.config.n_fcs()));
         Ok(Self { info, default_attention, tokenizer, session, pool })
     }
 
@@ -154,8 +154,12 @@ impl Model {
         if req.stop.iter().any(String::is_empty) {
             return Err(EngineError::InvalidRequest("stop strings must not be empty".into()));
         }
-        let attention = req.attention.resolve(&self.default_attention);
         let c = &self.info.config;
+        let mut attention = req.attention.resolve(&self.default_attention);
+        if req.attention.pool.is_none() {
+            // A pool scaled with an overridden chunk count stops at the head's FCs.
+            attention = attention.fit_pool(c.n_fcs());
+        }
         attention.validate(c.n_fcs(), c.n_layers).map_err(EngineError::InvalidRequest)?;
         self.pool.check_config(&attention).map_err(EngineError::InvalidRequest)?;
         let tokens = self.encode_prompt(&req.prompt)?;

@@ -72,6 +72,10 @@ impl AttnOverrides {
             Some(m) => AttnConfig::baseline(m, budget, chunks),
         };
         c.budget = budget;
+        // A re-rank sized for the default budget follows an overridden one (2B stays 2B).
+        if self.budget.is_some() && self.rerank.is_none() && c.rerank > 0 && default.budget > 0 {
+            c.rerank = (c.rerank * budget).div_ceil(default.budget).max(budget);
+        }
         if c.mode == Mode::Streaming && self.recent.is_none() {
             c.recent = budget.saturating_sub(c.sinks);
         }

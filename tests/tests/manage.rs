@@ -108,6 +108,24 @@ fn a_simulated_headroom_bounds_the_plan_and_requests_get_typed_errors() {
 }
 
 #[test]
+fn a_slow_tier_lets_the_plan_choose_fasa_m_and_it_serves() {
+    let bus = TestBus::start();
+    // 64 MiB of KV memory cannot hold the whole 8192-token cache (72000 B per token, f32); with
+    // a 2 GiB file-backed slow tier the planner keeps only the dominant K planes in memory.
+    let mut fasad = Fasad::start(&bus, &["--headroom", "64MiB", "--slow-tier", "2GiB", "--max-sequences", "1"]);
+    assert_eq!(manager_property(&bus, "Variant"), "s \"fasa-m\"");
+    assert_eq!(manager_property(&bus, "MaxContext"), "u 8192");
+    let out = bus.fasactl(&["generate", "What is the capital of France?"]);
+    assert!(out.status.success() && stdout(&out).contains("Paris"), "{}", describe(&out));
+    // A long prompt decodes sparsely from the two tiers.
+    let long = format!("{} Now, what is the capital of France?", "The sky is blue. ".repeat(120));
+    let out = bus.fasactl(&["generate", "--max-tokens", "16", &long]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(fasad.alive(), "{}", fasad.stderr());
+    assert!(fasad.stderr().contains("variant=fasa-m"), "{}", fasad.stderr());
+}
+
+#[test]
 fn models_are_listed_unloaded_and_loaded_by_name() {
     let bus = TestBus::start();
     let _fasad = Fasad::start(&bus, &["--max-sequences", "1"]);

@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
     let n_decode: usize = arg("--decode").map_or(Ok(128), |s| s.parse())?;
     let mut opts = LoadOptions::new(paths::default_model(), paths::default_ort_library());
     opts.threads = arg("--threads").map_or(Ok(0), |s| s.parse())?;
-    opts.max_sequences = 1;
+    opts.max_sequences = 2;
     let mut model = Model::load(&opts)?;
     let ctx = model.info().max_context;
     // Deterministic, varied text-like token ids (no special tokens).
@@ -50,22 +50,24 @@ fn main() -> anyhow::Result<()> {
         }
         // As llama-bench's `-p` at a depth, but inside the trained context.
         let prefill_depth = depth.min(ctx - n_prefill);
+        // The shared prefix is prefilled once (dense, as in every mode) and copied per run.
+        let base = model.pool().acquire().expect("a free slot");
+        model.configure_slot(base.slot(), &AttnConfig::dense(), false);
+        feed(&mut model, &toks[..prefill_depth], 0, base.slot())?;
         for &mode in &modes {
             let cfg = AttnOverrides { mode: Some(mode), ..Default::default() }.resolve(model.default_attention());
-            let lease = model.pool().acquire().expect("a free slot");
-            let slot = lease.slot();
-            model.configure_slot(slot, &AttnConfig { mode: Mode::Dense, ..cfg.clone() }, false);
-            feed(&mut model, &toks[..prefill_depth], 0, slot)?;
-            // Prefill: n_prefill tokens on top of the depth (prefill is dense in every mode).
+            let work = model.pool().acquire().expect("a free slot");
+            let slot = work.slot();
+            model.pool().copy_slot(base.slot(), slot);
+            model.configure_slot(slot, &cfg, false);
             let t = Instant::now();
             feed(&mut model, &toks[prefill_depth..prefill_depth + n_prefill], prefill_depth, slot)?;
             let prefill_s = t.elapsed().as_secs_f64();
-            drop(lease);
-            let lease = model.pool().acquire().expect("a free slot");
-            let slot = lease.slot();
-            model.configure_slot(slot, &AttnConfig { mode: Mode::Dense, ..cfg.clone() }, false);
-            feed(&mut model, &toks[..depth.max(1)], 0, slot)?;
+            model.pool().copy_slot(base.slot(), slot);
+            model.configure_slot(slot, &AttnConfig::dense(), false);
+            feed(&mut model, &toks[prefill_depth..depth.max(1)], prefill_depth, slot)?;
             model.configure_slot(slot, &cfg, false);
+            model.reset_stats(slot);
             let t = Instant::now();
             for i in 0..n_decode {
                 let p = depth.max(1) + i;

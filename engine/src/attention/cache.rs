@@ -809,7 +809,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pool = tiered_pool(dir.path(), 64);
         let mut c = AttnConfig::fasa(64, 2);
-        (c.pool, c.recent) = (2, 16);
+        (c.pool, c.recent, c.rerank) = (2, 16, 0);
         assert_eq!(pool.check_config(&c), Ok(()));
         c.pool = 3;
         assert!(pool.check_config(&c).unwrap_err().contains("at most 2"));
@@ -827,7 +827,7 @@ mod tests {
         p.layers[1].q_heads[3].ranked_fcs = vec![1, 2, 0, 3];
         pool.set_profile(p);
         assert!(pool.check_config(&AttnConfig::paper(32, 2)).unwrap_err().contains("query head 3"));
-        assert_eq!(pool.check_config(&AttnConfig { pool: 2, ..AttnConfig::fasa(32, 2) }), Ok(()), "per-group selection uses the KV head's ranking");
+        assert_eq!(pool.check_config(&AttnConfig { pool: 2, rerank: 0, ..AttnConfig::fasa(32, 2) }), Ok(()), "per-group selection uses the KV head's ranking");
         let fit = pool.fit_config(AttnConfig::default());
         assert_eq!(pool.check_config(&fit), Ok(()));
         // FASA-C serves everything.

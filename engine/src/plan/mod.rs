@@ -120,8 +120,12 @@ impl Plan {
         let mut a = AttnConfig::fasa(self.budget, self.chunks);
         a.pool = self.pool_fcs;
         a.dense_layers = self.dense_layers;
-        if self.variant == Variant::Dense {
-            a.mode = crate::Mode::Dense;
+        match self.variant {
+            Variant::Dense => a.mode = crate::Mode::Dense,
+            // FASA-M holds no K rows outside the pool in memory: the exact re-rank would read
+            // the slow tier for every candidate.
+            Variant::FasaM => a.rerank = 0,
+            Variant::FasaC => {}
         }
         a
     }
