@@ -95,10 +95,9 @@ impl AttnConfig {
         Self { mode: Mode::Fasa, budget, chunks, pool: 4 * chunks, sinks: 4, recent: 32, rerank: 2 * budget, per_group: true, dense_layers: 0 }
     }
 
-    /// Caps the pool at the head's `n_fc` FCs (and chunks with it).
+    /// Caps the pool at the head's `n_fc` FCs (chunks are left for `validate` to judge).
     pub fn fit_pool(mut self, n_fc: usize) -> Self {
         self.pool = self.pool.min(n_fc);
-        self.chunks = self.chunks.min(self.pool);
         self
     }
 
