@@ -245,19 +245,8 @@ impl Kernel for FasaKernel {
                 let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
                 ctx.par_for(hkv, 0, |g| {
                     let gctx = GroupCtx { view: pages[g].view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile };
-                    let heads: Vec<usize> = (g * group..(g + 1) * group).collect();
-                    let qs: Vec<&[f32]> = heads.iter().map(|&qh| &q_fc[qh * d..(qh + 1) * d]).collect();
-                    let sels: Vec<Selection> = if cfg.per_group {
-                        vec![select(&gctx, &heads, &qs)]
-                    } else {
-                        heads.iter().zip(&qs).map(|(&qh, q)| select(&gctx, &[qh], &[q])).collect()
-                    };
-                    let mut st = AttnStats { sparse_layer_steps: 1, bytes_dense: (n_all * 2 * d) as u64 * ELEM, ..Default::default() };
-                    let fcs: Vec<&[usize]> = sels.iter().map(|x| x.fcs.as_slice()).collect();
-                    let rows: Vec<&[u32]> = sels.iter().map(|x| x.rows.as_slice()).collect();
-                    let union_rows = union_len(&rows);
-                    st.rows = union_rows as u64;
-                    st.bytes_read = (n_all * 2 * union_len(&fcs) + union_rows * 2 * d) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>();
+                    let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect();
+                    let (sels, mut st) = select_group(&gctx, group, d, &qs);
                     let mut o = vec![0f32; group * d];
                     if cfg.per_group {
                         attend_rows_group(&gctx.view, &qs, &sels[0].rows, scale, &mut o);
@@ -312,18 +301,7 @@ fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &
     let compact: Vec<Vec<f32>> = qs.iter().map(|q| resident.iter().flat_map(|&f| [q[2 * f], q[2 * f + 1]]).collect()).collect();
     let qc: Vec<&[f32]> = compact.iter().map(|q| q.as_slice()).collect();
     let gctx = GroupCtx { view: pages.plane_view(), bounds: &[], layer, kv_head: g, n: n_all, cfg, profile };
-    let heads: Vec<usize> = (g * group..(g + 1) * group).collect();
-    let sels: Vec<Selection> = if cfg.per_group {
-        vec![select(&gctx, &heads, &qc)]
-    } else {
-        heads.iter().zip(&qc).map(|(&qh, q)| select(&gctx, &[qh], &[q])).collect()
-    };
-    let mut st = AttnStats { sparse_layer_steps: 1, bytes_dense: (n_all * 2 * d) as u64 * ELEM, ..Default::default() };
-    let fcs: Vec<&[usize]> = sels.iter().map(|x| x.fcs.as_slice()).collect();
-    let rows: Vec<&[u32]> = sels.iter().map(|x| x.rows.as_slice()).collect();
-    let union_rows = union_len(&rows);
-    st.rows = union_rows as u64;
-    st.bytes_read = (n_all * 2 * union_len(&fcs) + union_rows * 2 * d) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>();
+    let (sels, mut st) = select_group(&gctx, group, d, &qc);
     let mut rc = c.row_cache(layer, g).ok_or("FASA-M slot without row caches")?;
     let before = rc.bytes();
     for (i, sel) in sels.iter().enumerate() {
@@ -345,4 +323,29 @@ fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &
     }
     pool.account(TierBytes { fast: rc.bytes() as isize - before as isize, slow: 0 });
     Ok(st)
+}
+
+/// Stage 1 for KV group `gctx.kv_head` (query heads `qs`, head dim `d`, one token set per group or per head),
+/// with the group's counters: rows attended and K/V bytes read (the FC planes and rows the heads
+/// use together, plus each selection's extra reads), against dense's.
+fn select_group(gctx: &GroupCtx, group: usize, d: usize, qs: &[&[f32]]) -> (Vec<Selection>, AttnStats) {
+    // `d` is the full head dim: FASA-M's plane view holds only the resident FCs.
+    let (cfg, n) = (gctx.cfg, gctx.n);
+    let heads: Vec<usize> = (gctx.kv_head * group..(gctx.kv_head + 1) * group).collect();
+    let sels: Vec<Selection> = if cfg.per_group {
+        vec![select(gctx, &heads, qs)]
+    } else {
+        heads.iter().zip(qs).map(|(&qh, q)| select(gctx, &[qh], &[q])).collect()
+    };
+    let fcs: Vec<&[usize]> = sels.iter().map(|x| x.fcs.as_slice()).collect();
+    let rows: Vec<&[u32]> = sels.iter().map(|x| x.rows.as_slice()).collect();
+    let union_rows = union_len(&rows);
+    let st = AttnStats {
+        sparse_layer_steps: 1,
+        bytes_dense: (n * 2 * d) as u64 * ELEM,
+        rows: union_rows as u64,
+        bytes_read: (n * 2 * union_len(&fcs) + union_rows * 2 * d) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>(),
+        ..Default::default()
+    };
+    (sels, st)
 }
