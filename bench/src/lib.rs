@@ -1,7 +1,9 @@
 //! fasa-bench: benchmark harnesses linked to the engine. `fidelity` (teacher-forced KL, top-1,
 //! perplexity, recall, attention mass, bytes read) and `passkey` measure how far each attention
-//! mode's answers stay the model's; `plot` draws SVG line charts; `report` writes the JSON, the
-//! markdown table (bench/FIDELITY.md) and the plots.
+//! mode's answers stay the model's; `capture` writes real K/V for the GPU kernel tests; `plot`
+//! draws SVG line charts; `report` writes the JSON, the markdown table (bench/FIDELITY.md) and
+//! the plots.
+pub mod capture;
 pub mod fidelity;
 pub mod passkey;
 pub mod plot;

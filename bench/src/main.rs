@@ -1,10 +1,12 @@
 //! fasa-bench: `fidelity` (teacher-forced KL/top-1/ppl/recall/mass/bytes and passkey, each
-//! attention setting against dense) and `calibrate` (write a dominant-FC profile).
+//! attention setting against dense), `calibrate` (write a dominant-FC profile) and `capture`
+//! (real K/V and queries of one decode step, for the GPU kernel tests).
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use fasa_bench::capture::{self, CaptureOptions, Elem};
 use fasa_bench::fidelity::{self, FidelityOptions, Setting};
 use fasa_bench::report::{self, RunInfo};
 use fasa_engine::calibrate::{self, CalibrateOptions};
@@ -78,6 +80,24 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         stride: usize,
     },
+    /// Write the rotated K, V and queries of one decode step of the real model (format in
+    /// bench/src/capture.rs), for kernels/tests/gpu.rs (`FASA_CAPTURED_KV`).
+    Capture {
+        /// Tokens cached at the captured step.
+        #[arg(long, default_value_t = 4096)]
+        context: usize,
+        #[arg(long, value_delimiter = ',', default_value = "0,10,20,29")]
+        layers: Vec<usize>,
+        /// Prose to prefill (default: GPL-3 from /usr/share/common-licenses).
+        #[arg(long)]
+        text: Option<PathBuf>,
+        #[arg(long, default_value = "bench/fidelity/profile.json")]
+        profile: PathBuf,
+        #[arg(long, value_enum, default_value_t = Elem::F16)]
+        dtype: Elem,
+        #[arg(long, default_value = ".dev/gpu/captured.bin")]
+        out: PathBuf,
+    },
 }
 
 fn read_texts(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
@@ -128,6 +148,13 @@ fn main() -> Result<()> {
             })?;
             p.save(&output)?;
             eprintln!("{} queries per head, ranked at K = {}, in {:.1} s → {}", p.queries, p.ca_k, t0.elapsed().as_secs_f64(), output.display());
+        }
+        Cmd::Capture { context, layers, text, profile, dtype, out } => {
+            let text = text.unwrap_or_else(|| std::path::Path::new(fasa_engine::calibrate::LICENSE_DIR).join("GPL-3"));
+            let mut model = fidelity::load_model(context)?;
+            let opts = CaptureOptions { context, layers, text, profile, dtype };
+            let bytes = capture::run(&mut model, &opts, &out)?;
+            eprintln!("captured layers {:?} at {context} tokens: {} ({:.1} MiB) in {:.1} s", opts.layers, out.display(), bytes as f64 / (1 << 20) as f64, t0.elapsed().as_secs_f64());
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! Every GPU op against its CPU twin on fresh random inputs (the seed is printed), outputs
+//! Every GPU op against its CPU twin on fresh random inputs (the seed is printed) and on K/V
+//! captured from the real model (`FASA_CAPTURED_KV`, written by `fasa-bench capture`), outputs
 //! poisoned before each run. Needs an NVIDIA GPU: these tests are ignored unless the
 //! `gpu-tests` feature is on (bench/gpu/run.sh runs them on the device).
 #![cfg(feature = "gpu")]
@@ -70,6 +71,19 @@ struct Data {
     pools: Vec<Vec<usize>>,
 }
 
+/// K rows `(len, d)` in FC-pair order → the CPU view's `(n_fc, len, 2)` planes.
+fn planes_of(k: &[f32], len: usize, d: usize) -> Vec<f32> {
+    let n_fc = d / 2;
+    let mut p = vec![0f32; n_fc * len * 2];
+    for t in 0..len {
+        for f in 0..n_fc {
+            p[(f * len + t) * 2] = k[t * d + 2 * f];
+            p[(f * len + t) * 2 + 1] = k[t * d + 2 * f + 1];
+        }
+    }
+    p
+}
+
 fn make_data(c: &Case, r: &mut StdRng) -> Data {
     let (d, n_fc) = (c.d, c.d / 2);
     let round = |x: f32| c.dt.decode(c.dt.encode(x));
@@ -83,16 +97,9 @@ fn make_data(c: &Case, r: &mut StdRng) -> Data {
             let amp: Vec<f32> = (0..n_fc).map(|_| r.random_range(0.2f32..2.0)).collect();
             let kk: Vec<f32> = (0..len * d).map(|i| round(amp[(i % d) / 2] * r.random_range(-1.0f32..1.0))).collect();
             let vv: Vec<f32> = (0..len * d).map(|_| round(r.random_range(-1.0f32..1.0))).collect();
-            let mut p = vec![0f32; n_fc * len * 2];
-            for t in 0..len {
-                for f in 0..n_fc {
-                    p[(f * len + t) * 2] = kk[t * d + 2 * f];
-                    p[(f * len + t) * 2 + 1] = kk[t * d + 2 * f + 1];
-                }
-            }
+            pb.push(planes_of(&kk, len, d));
             kb.push(kk);
             vb.push(vv);
-            pb.push(p);
         }
         k.push(kb);
         v.push(vb);
@@ -195,8 +202,7 @@ struct Outcome {
     variants_same: bool,
 }
 
-fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
-    let data = make_data(c, r);
+fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let batch = c.lens.len();
     let st = &g.stream;
     let mut cache = GpuKvCache::new(g, c.dt, batch, c.n_kv, c.d, c.l_max, Some(data.order.clone()))?;
@@ -293,7 +299,7 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
         for s in 0..n_sel {
             let seg = b * n_sel + s;
             let kv = s * hps / group;
-            let (cpu_sc, cpu_rows) = cpu_select(c, &data, b, s);
+            let (cpu_sc, cpu_rows) = cpu_select(c, data, b, s);
             let gpu_sc = &scores_h[seg * cache.l_max..seg * cache.l_max + len];
             if len > c.budget {
                 for (a, e) in gpu_sc.iter().zip(&cpu_sc) {
@@ -328,7 +334,7 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
                 let kr = [data.k[b][kv].as_slice()];
                 let vp = [data.v[b][kv].as_slice()];
                 let vw = view(&pl, &kr, &vp, len, c.d);
-                let qs: Vec<Vec<f32>> = (0..hps).map(|i| qh(&data, c, b, s * hps + i)).collect();
+                let qs: Vec<Vec<f32>> = (0..hps).map(|i| qh(data, c, b, s * hps + i)).collect();
                 let qr: Vec<&[f32]> = qs.iter().map(|x| x.as_slice()).collect();
                 let mut cand = Vec::new();
                 top_b(gpu_sc, c.rerank, &mut cand);
@@ -374,7 +380,7 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
             let vw = view(&pl, &kr, &vp, len, c.d);
             for i in 0..hps {
                 let h = s * hps + i;
-                let qv = qh(&data, c, b, h);
+                let qv = qh(data, c, b, h);
                 let mut o = vec![0f32; c.d];
                 attend_rows(&vw, &qv, &rows, scale, &mut o);
                 fr.extend_from_slice(&o);
@@ -397,14 +403,20 @@ fn run_case(g: &Gpu, c: &Case, r: &mut StdRng) -> Result<Outcome, GpuError> {
 }
 
 fn check(c: Case, r: &mut StdRng) {
+    let data = make_data(&c, r);
+    check_data(&c, &data, "random");
+}
+
+/// Runs one case on `data` and asserts every comparison; `what` names the data in the log line.
+fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
     let g = gpu();
-    let o = run_case(&g, &c, r).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    let o = run_case(&g, c, data).unwrap_or_else(|e| panic!("{c:?}: {e}"));
     let tol = match c.dt {
         Dtype::F16 => 1e-3,
         Dtype::Bf16 => 1e-3,
     };
     eprintln!(
-        "{:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {}: scores {:.2e}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}",
+        "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {}: scores {:.2e}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}",
         c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group,
         o.score_err, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same
     );
@@ -414,6 +426,7 @@ fn check(c: Case, r: &mut StdRng) {
     assert!(o.dense_err <= tol, "dense vs cpu::attend_dense: {:.3e}", o.dense_err);
     assert!(o.graph_same, "graph replay differs from direct launches");
     assert!(o.variants_same, "thr_in_tip / fused_combine variants differ from the default step");
+    o
 }
 
 fn base(dt: Dtype, d: usize, n_q: usize, n_kv: usize) -> Case {
@@ -518,6 +531,138 @@ fn nvrtc_compiles_for_orin_and_hopper() {
     for arch in [(8, 7), (9, 0)] {
         fasa_kernels::gpu::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
     }
+}
+
+/// One layer of a `fasa-bench capture` file (format in bench/src/capture.rs), values as stored.
+struct CapturedLayer {
+    layer: usize,
+    /// `(n_q, d)` rotated queries, FC-pair order.
+    q: Vec<f32>,
+    /// Per KV head `(n, d)`: rotated K (FC-pair order), V.
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    /// The profile's FC rankings, best first: per KV head, per query head.
+    kv_ranked: Vec<Vec<usize>>,
+    q_ranked: Vec<Vec<usize>>,
+}
+
+struct Captured {
+    model: String,
+    n: usize,
+    n_q: usize,
+    n_kv: usize,
+    d: usize,
+    layers: Vec<CapturedLayer>,
+}
+
+fn read_captured(path: &std::path::Path) -> Result<Captured, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let nl = bytes.iter().position(|&b| b == b'\n').ok_or("no header line")?;
+    let h: serde_json::Value = serde_json::from_slice(&bytes[..nl]).map_err(|e| format!("header: {e}"))?;
+    if h["format"] != "fasa-kv-capture" || h["version"] != 1 {
+        return Err(format!("not a version-1 fasa-kv-capture file: {}", h["format"]));
+    }
+    let num = |k: &str| h[k].as_u64().map(|x| x as usize).ok_or(format!("header field {k} missing"));
+    let (n, n_q, n_kv, d) = (num("context")?, num("n_heads")?, num("n_kv_heads")?, num("head_dim")?);
+    let elem = match h["dtype"].as_str() {
+        Some("f16") => 2,
+        Some("f32") => 4,
+        x => return Err(format!("dtype {x:?}")),
+    };
+    let ranked = |v: &serde_json::Value, count: usize| -> Result<Vec<Vec<usize>>, String> {
+        let lists: Vec<Vec<usize>> = serde_json::from_value(v.clone()).map_err(|e| format!("FC rankings: {e}"))?;
+        let ok = lists.len() == count && lists.iter().all(|l| l.len() == d / 2 && l.iter().all(|&f| f < d / 2));
+        if ok { Ok(lists) } else { Err("FC rankings do not rank every FC of every head".into()) }
+    };
+    let metas = h["layers"].as_array().ok_or("header field layers missing")?;
+    let per_layer = (n_q * d + n_kv * 2 * n * d) * elem;
+    if bytes.len() - nl - 1 != metas.len() * per_layer {
+        return Err(format!("{} bytes of arrays, the header describes {}", bytes.len() - nl - 1, metas.len() * per_layer));
+    }
+    let mut at = nl + 1;
+    let mut take = |count: usize| -> Vec<f32> {
+        let raw = &bytes[at..at + count * elem];
+        at += count * elem;
+        if elem == 2 {
+            raw.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+        } else {
+            raw.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        }
+    };
+    let mut layers = Vec::new();
+    for m in metas {
+        let q = take(n_q * d);
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for _ in 0..n_kv {
+            k.push(take(n * d));
+            v.push(take(n * d));
+        }
+        let layer = m["layer"].as_u64().ok_or("layer id missing")? as usize;
+        layers.push(CapturedLayer { layer, q, k, v, kv_ranked: ranked(&m["kv_ranked_fcs"], n_kv)?, q_ranked: ranked(&m["q_ranked_fcs"], n_q)? });
+    }
+    Ok(Captured { model: h["model"].as_str().unwrap_or("?").into(), n, n_q, n_kv, d, layers })
+}
+
+/// One captured layer as a case's data: batch entry `b` holds the first `c.lens[b]` tokens (a
+/// prefix is what the cache held earlier in the prompt) with the step's queries; K and V rounded
+/// to the storage type; pools from the profile (per KV head, or per query head when selecting
+/// per head), the cache's FC order that of each KV head's first selection.
+fn captured_data(c: &Case, cap: &Captured, l: &CapturedLayer) -> Data {
+    let d = cap.d;
+    let round = |x: &f32| c.dt.decode(c.dt.encode(*x));
+    let (mut k, mut v, mut planes) = (Vec::new(), Vec::new(), Vec::new());
+    for &len in &c.lens {
+        assert!(len <= cap.n, "case length {len} beyond the capture's {}", cap.n);
+        let kb: Vec<Vec<f32>> = l.k.iter().map(|x| x[..len * d].iter().map(round).collect()).collect();
+        planes.push(kb.iter().map(|x| planes_of(x, len, d)).collect());
+        k.push(kb);
+        v.push(l.v.iter().map(|x| x[..len * d].iter().map(round).collect()).collect());
+    }
+    let q = c.lens.iter().flat_map(|_| l.q.iter().copied()).collect();
+    let pools = if c.per_group { l.kv_ranked.clone() } else { l.q_ranked.clone() };
+    let group = c.n_q / c.n_kv;
+    let order = (0..c.n_kv).map(|kv| pools[if c.per_group { kv } else { kv * group }].clone()).collect();
+    Data { k, v, q, planes, order, pools }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn captured_kv_matches_cpu() {
+    let Some(path) = std::env::var_os("FASA_CAPTURED_KV").map(std::path::PathBuf::from).filter(|p| p.is_file()) else {
+        eprintln!(
+            "SKIPPED captured_kv_matches_cpu: FASA_CAPTURED_KV is unset or names no file ({:?}); write one with `fasa-bench capture` (bench/gpu/build.sh does)",
+            std::env::var_os("FASA_CAPTURED_KV")
+        );
+        return;
+    };
+    let cap = read_captured(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    eprintln!("captured K/V: {} ({}), {} tokens, q{}/kv{} d{}, layers {:?}", path.display(), cap.model, cap.n, cap.n_q, cap.n_kv, cap.d, cap.layers.iter().map(|l| l.layer).collect::<Vec<_>>());
+    // The whole context and a prefix of 3/8 of it: at B = 1024 (C = 2048) the prefix is in
+    // (B, C], the plain top-B path; every other (length, budget) re-ranks.
+    let lens = vec![cap.n, cap.n * 3 / 8];
+    let (mut worst, mut near, mut cases) = ([0f64; 3], 0usize, 0usize);
+    for l in &cap.layers {
+        for dt in [Dtype::F16, Dtype::Bf16] {
+            for budget in [256, 1024] {
+                let base = Case { lens: lens.clone(), l_max: cap.n, budget, k: 8, ..base(dt, cap.d, cap.n_q, cap.n_kv) };
+                // Default recipe (engine AttnConfig::fasa: pool 4k capped at d/2, 4 sinks, 32
+                // recent, C = 2B, per KV group), then the paper's (k fixed FCs per query head).
+                let fasa = Case { pool: (4 * 8).min(cap.d / 2), sinks: 4, recent: 32, rerank: 2 * budget, per_group: true, ..base.clone() };
+                let paper = Case { pool: 8, sinks: 0, recent: 0, rerank: 0, per_group: false, ..base };
+                for (name, c) in [("fasa", fasa), ("fasa-paper", paper)] {
+                    let data = captured_data(&c, &cap, l);
+                    let o = check_data(&c, &data, &format!("captured layer {} {name}", l.layer));
+                    worst = [worst[0].max(o.score_err), worst[1].max(o.fac_err), worst[2].max(o.dense_err)];
+                    near += o.near_tie_diffs;
+                    cases += 1;
+                }
+            }
+        }
+    }
+    eprintln!(
+        "captured K/V: {cases} cases passed; worst normalized error: TIP scores {:.2e}, FAC {:.2e}, dense {:.2e}; selected sets equal to the CPU's but for {near} near-tie rows",
+        worst[0], worst[1], worst[2]
+    );
 }
 
 /// Runs everywhere: without a driver/NVRTC/GPU the GPU path is a typed error, never a panic.

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fasa_kernels::cpu::HeadView;
+use fasa_kernels::cpu::{add_moments, FcMoments, HeadView};
 
 use super::calib::CaRecorder;
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
@@ -85,6 +85,52 @@ struct HeadPages {
     bounds: Vec<Box<[f32]>>,
     /// FASA-M: the slow-tier page slot of each cache page (`kr`, `v`, `bounds` stay empty).
     slow: Vec<u32>,
+    /// K moments of each plane over tokens `0..mom_n` (a few hundred bytes per head, not per
+    /// token): tokens are counted as they are appended in order.
+    mom: Vec<FcMoments>,
+    mom_n: usize,
+}
+
+impl HeadPages {
+    /// Planes per page.
+    fn planes(&self) -> usize {
+        self.k.first().map_or(0, |p| p.len() / (PAGE * 2))
+    }
+
+    /// Moments of each plane over tokens `0..n`, counted from the planes.
+    fn recount(&self, n: usize) -> Vec<FcMoments> {
+        let mut out = vec![[0f64; 5]; self.planes()];
+        for t in 0..n {
+            let (p, i) = (t / PAGE, t % PAGE);
+            for (j, m) in out.iter_mut().enumerate() {
+                add_moments(m, self.k[p][(j * PAGE + i) * 2], self.k[p][(j * PAGE + i) * 2 + 1]);
+            }
+        }
+        out
+    }
+
+    /// Counts token `t` (just written to the planes): the next in order is added; a rewrite
+    /// after a rollback (or a gap) recounts the tokens before it from the planes first.
+    fn note_token(&mut self, t: usize) {
+        if t != self.mom_n || self.mom.len() != self.planes() {
+            self.mom = self.recount(t);
+        }
+        let (p, i) = (t / PAGE, t % PAGE);
+        for (j, m) in self.mom.iter_mut().enumerate() {
+            add_moments(m, self.k[p][(j * PAGE + i) * 2], self.k[p][(j * PAGE + i) * 2 + 1]);
+        }
+        self.mom_n = t + 1;
+    }
+
+    /// K moments of each plane over tokens `0..n` (recounted when a rollback left `0..n`
+    /// different from what was counted).
+    fn moments(&self, n: usize) -> Vec<FcMoments> {
+        if n == self.mom_n && self.mom.len() == self.planes() {
+            self.mom.clone()
+        } else {
+            self.recount(n)
+        }
+    }
 }
 
 /// Per-sequence attention settings and counters, read and updated by the operator.
@@ -96,6 +142,8 @@ pub struct SlotState {
     pub measure: bool,
     /// Records contextual agreement at every decode step (calibration).
     pub recorder: Option<CaRecorder>,
+    /// Records decode steps' K/V and queries (`fasa-bench capture`).
+    pub capture: Option<super::capture::KvCapture>,
 }
 
 fn slices(v: &[Box<[f32]>]) -> Vec<&[f32]> {
@@ -281,7 +329,7 @@ impl SeqCache {
                     while hp.k.len() < pages {
                         let p = self.slow.as_mut().expect("slow tier").alloc()?;
                         hp.slow.push(p);
-                        hp.k.push(vec![0.0; fast_elems].into_boxed_slice());
+                        hp.k.push(vec![0.0; resident * PAGE * 2].into_boxed_slice());
                         delta.fast += (fast_elems * 4) as isize;
                         delta.slow += (slow_elems * 4) as isize;
                     }
@@ -291,6 +339,13 @@ impl SeqCache {
                         self.rows[layer * shape.n_kv_heads + h].get_mut().unwrap_or_else(|e| e.into_inner()).invalidate_from(len);
                     }
                 }
+            }
+        }
+        for h in 0..shape.n_kv_heads {
+            let hp = &mut self.heads[layer * shape.n_kv_heads + h];
+            if len < hp.mom_n {
+                // Counted tokens were dropped: recount at the next write or read.
+                hp.mom.clear();
             }
         }
         self.lens[layer] = len + extra;
@@ -308,6 +363,7 @@ impl SeqCache {
                 kp[(j * PAGE + i) * 2] = k_fc[2 * f];
                 kp[(j * PAGE + i) * 2 + 1] = k_fc[2 * f + 1];
             }
+            hp.note_token(t);
             let page = self.slow.as_mut().expect("slow tier").page_mut(hp.slow[p]);
             page[i * d..(i + 1) * d].copy_from_slice(k_fc);
             page[(PAGE + i) * d..(PAGE + i + 1) * d].copy_from_slice(v);
@@ -317,6 +373,7 @@ impl SeqCache {
             kp[(f * PAGE + i) * 2] = k_fc[2 * f];
             kp[(f * PAGE + i) * 2 + 1] = k_fc[2 * f + 1];
         }
+        hp.note_token(t);
         hp.v[p][i * d..(i + 1) * d].copy_from_slice(v);
         hp.kr[p][i * d..(i + 1) * d].copy_from_slice(k_fc);
         let b = &mut hp.bounds[p][(i / QUEST_PAGE) * 2 * d..(i / QUEST_PAGE + 1) * 2 * d];
@@ -330,6 +387,12 @@ impl SeqCache {
                 hi[j] = hi[j].max(k_fc[j]);
             }
         }
+    }
+
+    /// K moments of each FC plane of (layer, kv head) over its cached tokens (FASA-M: the
+    /// resident planes, in plane order).
+    pub fn moments(&self, layer: usize, head: usize) -> Vec<FcMoments> {
+        self.heads[layer * self.shape.n_kv_heads + head].moments(self.lens[layer])
     }
 
     /// Quest bounds pages of (layer, kv head).
@@ -383,6 +446,7 @@ impl SeqCache {
             if let (Some(dst), Some(src)) = (self.slow.as_mut(), other.slow.as_ref()) {
                 for (dh, sh) in self.heads.iter_mut().zip(&other.heads) {
                     dh.k = sh.k.clone();
+                    (dh.mom, dh.mom_n) = (sh.mom.clone(), sh.mom_n);
                     for (&dp, &sp) in dh.slow.iter().zip(&sh.slow) {
                         dst.page_mut(dp).copy_from_slice(src.page(sp));
                     }
@@ -394,6 +458,7 @@ impl SeqCache {
                 dst.kr = src.kr.clone();
                 dst.v = src.v.clone();
                 dst.bounds = src.bounds.clone();
+                (dst.mom, dst.mom_n) = (src.mom.clone(), src.mom_n);
             }
         }
         self.lens.clone_from(&other.lens);
@@ -724,6 +789,48 @@ mod tests {
         }
         let v = KvVariant::FasaM { resident_fcs: 2, row_cache_rows: rows };
         CachePool::with_kv_dir(shape, 2, 1024, prof, v, dir.to_path_buf())
+    }
+
+    /// Moments recounted from the planes of `c`'s (layer 0, head 0) over `0..n`.
+    fn recount(c: &SeqCache, n: usize) -> Vec<FcMoments> {
+        let pages = c.pages(0, 0);
+        let view = pages.view();
+        let mut m = vec![[0f64; 5]; view.n_fc];
+        for t in 0..n {
+            for (f, mf) in m.iter_mut().enumerate() {
+                add_moments(mf, view.k_row(t)[2 * f], view.k_row(t)[2 * f + 1]);
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn k_moments_follow_appends_rollbacks_and_copies() {
+        let shape = CacheShape { n_layers: 1, n_kv_heads: 1, head_dim: 8 };
+        let mut c = SeqCache::new(shape);
+        let k = |t: usize, round: usize| -> Vec<f32> { (0..8).map(|j| ((t * 7 + j * 3 + round) % 11) as f32 - 5.0 + j as f32 / 8.0).collect() };
+        let close = |a: &[FcMoments], b: &[FcMoments]| a.iter().flatten().zip(b.iter().flatten()).all(|(x, y)| (x - y).abs() <= 1e-9 * (1.0 + y.abs()));
+        // Appends over three pages, checked at every length.
+        let n = 2 * PAGE + 9;
+        for t in 0..n {
+            c.resize(0, t, 1).unwrap();
+            c.write(0, 0, t, &k(t, 0), &[0.0; 8]);
+            assert!(close(&c.moments(0, 0), &recount(&c, t + 1)), "after append {t}");
+        }
+        assert_eq!(c.heads[0].mom_n, n);
+        // Roll back into the first page and rewrite with other values, then grow again.
+        c.resize(0, PAGE - 3, 4).unwrap();
+        for t in PAGE - 3..PAGE + 1 {
+            c.write(0, 0, t, &k(t, 1), &[0.0; 8]);
+        }
+        assert!(close(&c.moments(0, 0), &recount(&c, PAGE + 1)));
+        // A rollback without a rewrite still reports only the tokens kept.
+        c.resize(0, PAGE / 2, 0).unwrap();
+        assert!(close(&c.moments(0, 0), &recount(&c, PAGE / 2)));
+        let mut d = SeqCache::new(shape);
+        c.resize(0, PAGE + 1, 0).unwrap();
+        d.copy_from(&c).unwrap();
+        assert!(close(&d.moments(0, 0), &recount(&c, PAGE + 1)));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! Runtime operator that owns RoPE, the cache appends and the attention itself.
 pub mod cache;
 pub mod calib;
+pub mod capture;
 pub mod config;
 pub mod op;
 pub mod profile;
@@ -12,6 +13,7 @@ pub mod tier;
 pub use cache::{CachePool, CacheShape, SlotLease, SlotState, TierBytes, PAGE};
 pub use tier::KvVariant;
 pub use calib::CaRecorder;
+pub use capture::{KvCapture, LayerCapture};
 pub use config::{AttnConfig, Mode};
 pub use profile::Profile;
 pub use stats::AttnStats;

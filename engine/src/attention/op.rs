@@ -7,7 +7,7 @@
 //! slot's pages, and attends causally. Kernels keep no per-run state: the cache pool is shared.
 use std::sync::Arc;
 
-use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, HeadView, Rope};
+use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, HeadView, Rope};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
@@ -244,15 +244,27 @@ impl Kernel for FasaKernel {
                 let profile = self.pool.profile();
                 let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
                 ctx.par_for(hkv, 0, |g| {
-                    let gctx = GroupCtx { view: pages[g].view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile };
+                    let moments = if wants_moments(&cfg) { c.moments(layer, g) } else { vec![] };
+                    let gctx = GroupCtx { view: pages[g].view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile, moments: &moments, scale };
                     let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect();
-                    let (sels, mut st) = select_group(&gctx, group, d, &qs);
+                    let (mut sels, mut st) = select_group(&gctx, group, d, &qs);
                     let mut o = vec![0f32; group * d];
                     if cfg.per_group {
-                        attend_rows_group(&gctx.view, &qs, &sels[0].rows, scale, &mut o);
+                        let sel = &mut sels[0];
+                        if sel.logits.is_empty() {
+                            attend_rows_group(&gctx.view, &qs, &sel.rows, scale, &mut o);
+                        } else {
+                            attend_scored_rows_group(&gctx.view, &mut sel.logits, &sel.rows, &mut o);
+                        }
                     } else {
                         for (i, q) in qs.iter().enumerate() {
-                            attend_rows(&gctx.view, q, &sels[i].rows, scale, &mut o[i * d..(i + 1) * d]);
+                            let sel = &mut sels[i];
+                            let oh = &mut o[i * d..(i + 1) * d];
+                            if sel.logits.is_empty() {
+                                attend_rows(&gctx.view, q, &sel.rows, scale, oh);
+                            } else {
+                                attend_scored_rows_group(&gctx.view, &mut sel.logits, &sel.rows, oh);
+                            }
                         }
                     }
                     // SAFETY: each group writes only the rows of its own query heads.
@@ -284,9 +296,17 @@ impl Kernel for FasaKernel {
             }
         }
         cache.state.recorder = recorder;
+        if s == 1 {
+            super::capture::observe(&mut cache, layer, hkv, &q_fc, n_all);
+        }
         cache.state.stats.merge(&stats);
         Ok(())
     }
+}
+
+/// Whether stage 1 chooses its FCs per step (by the K moments of the planes).
+fn wants_moments(cfg: &super::config::AttnConfig) -> bool {
+    cfg.mode == Mode::Fasa && cfg.pool > cfg.chunks
 }
 
 /// FASA-M decode for KV group `g`: stage 1 over the resident planes (queries compacted to the
@@ -300,7 +320,8 @@ fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &
     // (heads, R, 2): each query's pairs of the resident FCs, in resident (rank) order.
     let compact: Vec<Vec<f32>> = qs.iter().map(|q| resident.iter().flat_map(|&f| [q[2 * f], q[2 * f + 1]]).collect()).collect();
     let qc: Vec<&[f32]> = compact.iter().map(|q| q.as_slice()).collect();
-    let gctx = GroupCtx { view: pages.plane_view(), bounds: &[], layer, kv_head: g, n: n_all, cfg, profile };
+    let moments = if wants_moments(cfg) { c.moments(layer, g) } else { vec![] };
+    let gctx = GroupCtx { view: pages.plane_view(), bounds: &[], layer, kv_head: g, n: n_all, cfg, profile, moments: &moments, scale };
     let (sels, mut st) = select_group(&gctx, group, d, &qc);
     let mut rc = c.row_cache(layer, g).ok_or("FASA-M slot without row caches")?;
     let before = rc.bytes();
@@ -340,11 +361,14 @@ fn select_group(gctx: &GroupCtx, group: usize, d: usize, qs: &[&[f32]]) -> (Vec<
     let fcs: Vec<&[usize]> = sels.iter().map(|x| x.fcs.as_slice()).collect();
     let rows: Vec<&[u32]> = sels.iter().map(|x| x.rows.as_slice()).collect();
     let union_rows = union_len(&rows);
+    // After an exact re-rank the kept rows' K was read among the candidates (counted in
+    // `extra_bytes`) and its logits are reused: focused attention reads only their V.
+    let row_elems = if sels.iter().all(|x| !x.logits.is_empty()) { d } else { 2 * d };
     let st = AttnStats {
         sparse_layer_steps: 1,
         bytes_dense: (n * 2 * d) as u64 * ELEM,
         rows: union_rows as u64,
-        bytes_read: (n * 2 * union_len(&fcs) + union_rows * 2 * d) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>(),
+        bytes_read: (n * 2 * union_len(&fcs) + union_rows * row_elems) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>(),
         ..Default::default()
     };
     (sels, st)

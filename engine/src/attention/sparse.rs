@@ -1,6 +1,6 @@
 //! Row selection for one decode step of one KV group (or one query head): each mode's stage 1.
 //! Stage 2 (exact attention over the rows) is `fasa_kernels::cpu::attend_rows`.
-use fasa_kernels::cpu::{choose_fcs, fc_scores, force_rows, quest_score, softmax_in_place, top_b, HeadView};
+use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, force_rows, quest_score, row_logits, softmax_in_place, tip_group_mass, top_b, FcMoments, HeadView};
 
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
@@ -12,6 +12,11 @@ pub struct GroupCtx<'a> {
     pub view: HeadView<'a>,
     /// Quest bounds, one slice per cache page: `(PAGE/16, 2, d)` mins then maxs, FC-pair order.
     pub bounds: &'a [&'a [f32]],
+    /// K moments of each FC plane of the view over its `n` tokens (`SeqCache::moments`); empty
+    /// when the mode does not choose FCs per step.
+    pub moments: &'a [FcMoments],
+    /// The model's softmax temperature `1/√d` (FASA-M's plane view has fewer dims than the head).
+    pub scale: f32,
     pub layer: usize,
     pub kv_head: usize,
     /// Tokens visible (the whole cache at decode).
@@ -33,30 +38,58 @@ fn permutation(n: usize, seed: u64) -> Vec<usize> {
     p
 }
 
-/// Exact per-head softmax over `rows` (or all `n` tokens when `rows` is None), summed over
-/// heads: the attention mass each row gets from the group.
-fn group_mass(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>) -> Vec<f32> {
-    let d = view.head_dim();
+/// Exact per-head softmax over all `n` tokens, summed over heads: the attention mass each token
+/// gets from the group (the oracle's score).
+fn group_mass(view: &HeadView, qs: &[&[f32]], n: usize, scale: f32) -> Vec<f32> {
     let all: Vec<usize> = (0..view.n_fc).collect();
-    let m = rows.map_or(n, |r| r.len());
-    let mut total = vec![0f32; m];
+    let mut total = vec![0f32; n];
     let mut s = vec![0f32; n];
     for q in qs {
-        match rows {
-            None => fc_scores(view, q, &all, n, &mut s, false),
-            Some(r) => {
-                for (i, &t) in r.iter().enumerate() {
-                    s[i] = q.iter().zip(view.k_row(t as usize)).map(|(a, b)| a * b).sum();
-                }
-            }
-        }
-        // The model's own softmax temperature, so mass means attention mass.
-        let scale = 1.0 / (d as f32).sqrt();
-        s[..m].iter_mut().for_each(|v| *v *= scale);
-        softmax_in_place(&mut s[..m]);
-        total.iter_mut().zip(&s[..m]).for_each(|(t, v)| *t += v);
+        fc_scores(view, q, &all, n, &mut s, false);
+        s.iter_mut().for_each(|v| *v *= scale);
+        softmax_in_place(&mut s);
+        total.iter_mut().zip(&s).for_each(|(t, v)| *t += v);
     }
     total
+}
+
+/// The group's mass over the candidates `rows` only (per-head softmax over them, summed), with
+/// the exact scaled logits `(heads, rows.len())` it computed from their K rows.
+fn rows_mass(view: &HeadView, qs: &[&[f32]], rows: &[u32], scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let m = rows.len();
+    let logits = row_logits(view, qs, rows, scale);
+    let mut total = vec![0f32; m];
+    let mut p = vec![0f32; m];
+    for h in 0..qs.len() {
+        p.copy_from_slice(&logits[h * m..(h + 1) * m]);
+        softmax_in_place(&mut p);
+        total.iter_mut().zip(&p).for_each(|(t, v)| *t += v);
+    }
+    (total, logits)
+}
+
+/// Experiment switches that restore the previous `fasa` stage 1, for the harness's ablation
+/// (bench/FIDELITY.md): `FASA_EXPERIMENT_GROUP_SCORE=sum` sums the heads' FC scores instead of
+/// their softmax masses; `FASA_EXPERIMENT_FC_CHOICE=norm` picks FCs by `Σ‖q_f‖` instead of the
+/// logit variance they cause.
+fn experiment(var: &'static str, value: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == value)
+}
+
+/// Stage-1 scores `(n,)` of the group's query heads from the FC planes `fcs`: each head's FC-score
+/// softmax mass, summed (`fasa` over a group), or the plain sum of the heads' FC scores (the
+/// paper's recipe and the baselines, one head or a group).
+fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
+    let n = c.n;
+    let mut s = vec![0f32; n];
+    if c.cfg.mode == Mode::Fasa && qs.len() > 1 && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum") {
+        tip_group_mass(&c.view, qs, fcs, n, c.scale, &mut s);
+    } else {
+        for (i, q) in qs.iter().enumerate() {
+            fc_scores(&c.view, q, fcs, n, &mut s, i > 0);
+        }
+    }
+    s
 }
 
 /// The query heads' FC pool for this selection: per query head when selecting for one head of a
@@ -70,22 +103,25 @@ fn ranked<'p>(c: &GroupCtx<'p>, heads: &[usize]) -> &'p [usize] {
     }
 }
 
-/// What stage 1 chose: rows to attend (ascending), the FC planes it scored, and other K/V bytes
-/// it read (Quest bounds, re-rank K, the oracle's full K).
+/// What stage 1 chose: rows to attend (ascending), the FC planes it scored, other K/V bytes it
+/// read (Quest bounds, re-rank K, the oracle's full K), and, after an exact re-rank, the kept
+/// rows' scaled logits `(heads, rows.len())` so focused attention reads only their V.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Selection {
     pub rows: Vec<u32>,
     pub fcs: Vec<usize>,
     pub extra_bytes: u64,
+    pub logits: Vec<f32>,
 }
 
 /// Stage 1 for the query heads `heads` (global ids) with rotated queries `qs` (`(n_fc, 2)`).
 pub fn select(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> Selection {
-    let (rows, fcs, extra_bytes) = select_inner(c, heads, qs);
-    Selection { rows, fcs, extra_bytes }
+    let mut logits = Vec::new();
+    let (rows, fcs, extra_bytes) = select_inner(c, heads, qs, &mut logits);
+    Selection { rows, fcs, extra_bytes, logits }
 }
 
-fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> (Vec<u32>, Vec<usize>, u64) {
+fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut Vec<f32>) -> (Vec<u32>, Vec<usize>, u64) {
     let (n, b, cfg) = (c.n, c.cfg.budget, c.cfg);
     let d = c.view.head_dim() as u64;
     let mut rows = Vec::with_capacity(b);
@@ -96,16 +132,13 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> (Vec<u32>, Vec<
     let mut used_fcs = Vec::new();
     let mut fc_select = |fcs: &[usize], rows: &mut Vec<u32>| -> u64 {
         used_fcs = fcs.to_vec();
-        let mut s = vec![0f32; n];
-        for (i, q) in qs.iter().enumerate() {
-            fc_scores(&c.view, q, fcs, n, &mut s, i > 0);
-        }
+        let mut s = tip_scores(c, qs, fcs);
         force_rows(&mut s, cfg.sinks, cfg.recent);
         let mut bytes = 0;
         if cfg.rerank > b && cfg.rerank < n {
             let mut cand = Vec::new();
             top_b(&s, cfg.rerank, &mut cand);
-            let mut mass = group_mass(&c.view, qs, n, Some(&cand));
+            let (mut mass, logits) = rows_mass(&c.view, qs, &cand, c.scale);
             // Forced rows stay in.
             for (m, &t) in mass.iter_mut().zip(&cand) {
                 if (t as usize) < cfg.sinks || (t as usize) >= n - cfg.recent.min(n) {
@@ -115,6 +148,11 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> (Vec<u32>, Vec<
             let mut pick = Vec::new();
             top_b(&mass, b, &mut pick);
             rows.extend(pick.iter().map(|&i| cand[i as usize]));
+            // `pick` is ascending, as `rows`: the kept logits line up with the rows.
+            let c_len = cand.len();
+            for h in 0..qs.len() {
+                kept_logits.extend(pick.iter().map(|&i| logits[h * c_len + i as usize]));
+            }
             bytes += cfg.rerank as u64 * d * ELEM;
         } else {
             top_b(&s, b, rows);
@@ -127,7 +165,7 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> (Vec<u32>, Vec<
             0
         }
         Mode::Oracle => {
-            let mass = group_mass(&c.view, qs, n, None);
+            let mass = group_mass(&c.view, qs, n, c.scale);
             top_b(&mass, b, &mut rows);
             n as u64 * d * ELEM
         }
@@ -164,7 +202,13 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> (Vec<u32>, Vec<
         Mode::FasaPaper | Mode::Fasa => {
             let ranked = ranked(c, heads);
             let pool = &ranked[..cfg.pool.min(ranked.len())];
-            let fcs = if cfg.pool > cfg.chunks { choose_fcs(qs, pool, cfg.chunks) } else { pool[..cfg.chunks.min(pool.len())].to_vec() };
+            let fcs = if cfg.pool <= cfg.chunks {
+                pool[..cfg.chunks.min(pool.len())].to_vec()
+            } else if c.moments.is_empty() || experiment("FASA_EXPERIMENT_FC_CHOICE", "norm") {
+                choose_fcs(qs, pool, cfg.chunks)
+            } else {
+                choose_fcs_var(qs, pool, cfg.chunks, c.moments, n)
+            };
             fc_select(&fcs, &mut rows)
         }
     };
@@ -248,7 +292,7 @@ mod tests {
         }
         let krr: Vec<&[f32]> = kr.iter().map(|p| p.as_slice()).collect();
         let view = HeadView { k_pages: &k, kr_pages: &krr, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
-        let c = GroupCtx { view, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof };
+        let c = GroupCtx { view, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt() };
         select(&c, &[0], &[q]).rows
     }
 

@@ -43,6 +43,48 @@ pub fn choose_fcs(qs: &[&[f32]], pool: &[usize], k: usize) -> Vec<usize> {
     w.iter().take(k).map(|&(_, i)| pool[i]).collect()
 }
 
+/// K moments of one FC over the cached tokens: `[Σx, Σy, Σxx, Σxy, Σyy]` of its rotated pair
+/// `(x, y)`. f64: the variance is a difference of sums over up to 10^5 tokens.
+pub type FcMoments = [f64; 5];
+
+/// Adds one token's pair of one FC to `m`.
+pub fn add_moments(m: &mut FcMoments, x: f32, y: f32) {
+    let (x, y) = (x as f64, y as f64);
+    m[0] += x;
+    m[1] += y;
+    m[2] += x * x;
+    m[3] += x * y;
+    m[4] += y * y;
+}
+
+/// The `k` FCs of `pool` that explain the most variance of the query heads' logits over the `n`
+/// cached tokens: `w_f = Σ_h q_{h,f}ᵀ Cov_t(k_{t,f}) q_{h,f}` (population covariance from
+/// `moments`, indexed by FC id), ties → earlier in `pool`. An FC whose K barely moves across
+/// tokens adds a near-constant to every score and ranks nothing, however large `‖q_f‖` is: this
+/// is `choose_fcs` with the query norm replaced by the spread it causes (FIDELITY.md).
+pub fn choose_fcs_var(qs: &[&[f32]], pool: &[usize], k: usize, moments: &[FcMoments], n: usize) -> Vec<usize> {
+    let nf = n.max(1) as f64;
+    let mut w: Vec<(f64, usize)> = pool
+        .iter()
+        .enumerate()
+        .map(|(i, &f)| {
+            let m = &moments[f];
+            let (mx, my) = (m[0] / nf, m[1] / nf);
+            let (cxx, cxy, cyy) = (m[2] / nf - mx * mx, m[3] / nf - mx * my, m[4] / nf - my * my);
+            let v: f64 = qs
+                .iter()
+                .map(|q| {
+                    let (a, b) = (q[2 * f] as f64, q[2 * f + 1] as f64);
+                    a * a * cxx + 2.0 * a * b * cxy + b * b * cyy
+                })
+                .sum();
+            (v, i)
+        })
+        .collect();
+    w.sort_by(|a, b| b.0.partial_cmp(&a.0).unwrap_or(std::cmp::Ordering::Equal).then(a.1.cmp(&b.1)));
+    w.iter().take(k).map(|&(_, i)| pool[i]).collect()
+}
+
 /// Quest page score of one query: `Σ_j max(q_j·min_j, q_j·max_j)` over a page's elementwise K
 /// bounds. `bounds` is `(2, d)`: mins then maxs, in the same `(n_fc, 2)` order as `q_fc`.
 pub fn quest_score(q_fc: &[f32], bounds: &[f32]) -> f32 {
@@ -88,6 +130,29 @@ mod tests {
         // Summed over two heads.
         let q2 = [9.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0];
         assert_eq!(choose_fcs(&[&q, &q2], &[0, 1, 2, 3], 1), vec![0]);
+    }
+
+    #[test]
+    fn fc_choice_by_variance_ignores_constant_chunks() {
+        // FC 0: large q, K constant over tokens; FC 1: small q, K varies; FC 2: zero q.
+        let ks = [[(3.0, 1.0), (0.5, -0.5), (1.0, 1.0)], [(3.0, 1.0), (-0.5, 0.5), (-1.0, 1.0)], [(3.0, 1.0), (0.4, 0.1), (2.0, 0.0)]];
+        let mut m = vec![[0f64; 5]; 3];
+        for t in &ks {
+            for (f, &(x, y)) in t.iter().enumerate() {
+                add_moments(&mut m[f], x, y);
+            }
+        }
+        let q = [10.0, 10.0, 1.0, 1.0, 0.0, 0.0];
+        assert_eq!(choose_fcs_var(&[&q], &[0, 1, 2], 1, &m, 3), vec![1]);
+        assert_eq!(choose_fcs(&[&q], &[0, 1, 2], 1), vec![0], "by norm the constant chunk would win");
+        // w_1 = qᵀ Cov q by hand: x = (0.5, −0.5, 0.4), y = (−0.5, 0.5, 0.1), q = (1, 1): Var(x + y).
+        let s: [f64; 3] = [0.0, 0.0, 0.5];
+        let mean = s.iter().sum::<f64>() / 3.0;
+        let var = s.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / 3.0;
+        let mm = &m[1];
+        let (mx, my) = (mm[0] / 3.0, mm[1] / 3.0);
+        let w = (mm[2] / 3.0 - mx * mx) + 2.0 * (mm[3] / 3.0 - mx * my) + (mm[4] / 3.0 - my * my);
+        assert!((w - var).abs() < 1e-7, "{w} vs {var}"); // the pairs went through f32
     }
 
     #[test]
