@@ -1,5 +1,7 @@
 //! Per-step decode attention time on the GPU: FASA-C (TIP + select + FAC) in the paper's mode and
-//! the default mode, and in-house dense, over the same cache; plus the device copy bandwidth.
+//! the default mode (`fasa_default`: FC choice by K variance, group score by per-head mass, as the
+//! CPU default; `fasa_default_old`: by query norm, scores summed), and in-house dense, over the
+//! same cache; plus the device copy bandwidth.
 //! Each step runs over several layers' caches in turn (together ≥ 4× the L2), captured in one CUDA
 //! graph; times are per layer. Prints CSV (and writes it to the path given as first argument).
 //!
@@ -8,6 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
+use fasa_kernels::cpu::FcMoments;
 use fasa_kernels::gpu::{decode::capture, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuKvCache};
 
 struct Shape {
@@ -74,7 +77,10 @@ fn main() {
         bw / 1e12,
         bw_memcpy / 1e12
     )];
-    lines.push(format!("# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4) = {:?}", gpu.occupancy(Dtype::F16).unwrap()));
+    lines.push(format!(
+        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8) = {:?}",
+        gpu.occupancy(Dtype::F16).unwrap()
+    ));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
     println!("{}", lines.join("\n"));
 
@@ -106,6 +112,20 @@ fn main() {
             let mut c = GpuKvCache::new(&gpu, Dtype::F16, s.batch, s.n_kv, s.d, s.len, None).unwrap();
             gpu.fill_random(&mut c.k, Dtype::F16, 17 + l as u32, 1.0).unwrap();
             gpu.fill_random(&mut c.v, Dtype::F16, 1017 + l as u32, 1.0).unwrap();
+            // K moments stand-in: zero-mean pairs of an arbitrary variance per FC (a hash of its
+            // id), so the variance-based choice spreads over the pool as on real keys.
+            for b in 0..s.batch {
+                for kv in 0..s.n_kv {
+                    let m: Vec<FcMoments> = (0..s.d / 2)
+                        .map(|f| {
+                            let h = ((f * 2654435761 + kv * 40503 + l * 977) % 1000) as f64 / 1000.0 + 0.05;
+                            let n = s.len as f64;
+                            [0.0, 0.0, n * h, 0.0, n * (1.05 - h)]
+                        })
+                        .collect();
+                    c.write_moments(&gpu, b, kv, &m, s.len).unwrap();
+                }
+            }
             caches.push(c);
         }
         let mut q = gpu.stream.alloc_zeros::<f32>(s.batch * s.n_q * s.d).unwrap();
@@ -116,11 +136,32 @@ fn main() {
         // Calibrated pools stand-in: a fixed arbitrary ranking per KV head (natural slot order,
         // so the pool is the first groups, as the engine lays it out).
         let pools: Vec<Vec<usize>> = (0..s.n_kv).map(|_| (0..n_fc).collect()).collect();
-        let modes: [(&str, usize, usize, usize); 2] = [("fasa_paper_group", s.k, 0, 0), ("fasa_default", 2 * s.k, 4, 32)];
+        // The new default takes the engine's pool, 4k capped at d/2 (8 of 32 at SmolLM2 shapes, 16
+        // of 64 at Llama's); the old-default row keeps its earlier 2k.
+        // `fasa_default_p2k`: the new stage 1 at the old row's pool, to tell the cost of the
+        // stage 1 from that of the larger pool (whose chosen FCs spread over more FC groups).
+        let modes: [(&str, usize, usize, usize, bool); 4] = [
+            ("fasa_paper_group", s.k, 0, 0, false),
+            ("fasa_default_old", 2 * s.k, 4, 32, false),
+            ("fasa_default_p2k", 2 * s.k, 4, 32, true),
+            ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true),
+        ];
         let dense_bytes = layer_bytes as f64;
         // Dense first.
         let dense_us = {
-            let cfg = DecodeConfig { n_q: s.n_q, per_group: true, budget: s.budget, chunks: s.k, pools: pools.clone(), pool: s.k, sinks: 0, recent: 0, rerank: 0 };
+            let cfg = DecodeConfig {
+                n_q: s.n_q,
+                per_group: true,
+                budget: s.budget,
+                chunks: s.k,
+                pools: pools.clone(),
+                pool: s.k,
+                sinks: 0,
+                recent: 0,
+                rerank: 0,
+                fc_by_variance: false,
+                group_mass: false,
+            };
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
             // Both FAC kernel variants (n = registers-for-q, l = lean), the faster kept.
             let mut best = (f64::INFINITY, false);
@@ -154,8 +195,21 @@ fn main() {
             lines.push(l);
             dense_us
         };
-        for (name, p, sinks, recent) in modes {
-            let cfg = DecodeConfig { n_q: s.n_q, per_group: true, budget: s.budget, chunks: s.k, pools: pools.clone(), pool: p, sinks, recent, rerank: 0 };
+        for (name, p, sinks, recent, var_mass) in modes {
+            let cfg = DecodeConfig {
+                n_q: s.n_q,
+                per_group: true,
+                budget: s.budget,
+                chunks: s.k,
+                pools: pools.clone(),
+                pool: p,
+                sinks,
+                recent,
+                rerank: 0,
+                fc_by_variance: false,
+                group_mass: false,
+            }
+            .with_var_mass(var_mass);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
             // Every code-path variant (threshold found by TIP's last block or by each filter
             // block; combine fused into FAC's last block or launched apart), the fastest kept.

@@ -14,6 +14,10 @@
 //   thr    (batch·n_sel, 2) i32             threshold bin and rows above it (TIP's last block)
 //   sel    (batch·n_sel, budget) u32        selected token rows (unordered)
 //   cand   (batch·n_sel, l_max) u64         candidates of the threshold bin (selection keys)
+//   mom    (batch, n_kv, n_fc, 5) f64       K moments per FC id [Σx, Σy, Σxx, Σxy, Σyy] over tokens
+//          0..mom_len (batch, n_kv) i32      (the variance-based FC choice)
+//   xh     (batch·n_sel, hps, l_max) f32    group-mass TIP: scaled per-head FC scores, and
+//   xml    (batch·n_sel, tip blocks, hps, 2) their per-block (max, Σexp)
 // A "selection" is the set of q heads that share one token set: a KV group (hps = n_q/n_kv) or
 // one q head (hps = 1). Workspace invariant: hist, sel_cnt and cand_cnt are zero between steps
 // (select_refine zeroes what it used).
@@ -48,58 +52,96 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // ---------------------------------------------------------------------------------------------
-// 1. Append: the new token's rotated K (FC order) into its FC-group slots, V into its row.
-// grid (n_kv, batch), block d.
+// 1. Append: the new token's rotated K (FC order) into its FC-group slots, V into its row, and
+// its K pairs into the moments of its (sequence, KV head): mom (batch, n_kv, n_fc, 5) f64
+// [Σx, Σy, Σxx, Σxy, Σyy] per FC id over tokens 0..mom_len (batch, n_kv). Appending at
+// pos ≥ mom_len adds (a gap is zero K, adding nothing); at pos < mom_len the old pair is
+// subtracted first, so the moments always describe the stored tokens 0..mom_len. Terms are
+// rounded as cpu::add_moments rounds them (no fused multiply-add) so both sum the same bits.
+// grid (n_kv, batch), block d: thread j < d writes V[j], thread j < n_fc owns FC j's pair.
 template <class T>
 __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos,
-                            const int* slot_of_fc) {
+                            const int* slot_of_fc, double* mom, int* mom_len) {
     int kvh = blockIdx.x, b = blockIdx.y, j = threadIdx.x;
-    if (j >= D.d) return;
     int p = pos[b];
-    if (p < 0 || p >= D.l_max) return;
+    if (p < 0 || p >= D.l_max) return; // uniform over the block
     size_t bk = (size_t)b * D.n_kv + kvh;
-    int f = j >> 1, c = j & 1;
-    int slot = slot_of_fc[kvh * D.n_fc + f];
-    int g = slot / FCG, e = (slot % FCG) * 2 + c;
-    k[bk * D.l_max * D.d + k_off(p, g, D.n_grp) + e] = T::store(k_new[bk * D.d + j]);
-    v[(bk * D.l_max + p) * D.d + j] = T::store(v_new[bk * D.d + j]);
+    int covered = mom_len[bk];
+    if (j < D.d) v[(bk * D.l_max + p) * D.d + j] = T::store(v_new[bk * D.d + j]);
+    if (j < D.n_fc) {
+        int f = j;
+        int slot = slot_of_fc[kvh * D.n_fc + f];
+        u16* kp = k + bk * D.l_max * D.d + k_off(p, slot / FCG, D.n_grp) + (slot % FCG) * 2;
+        double* m = mom + (bk * D.n_fc + f) * 5;
+        if (p < covered) {
+            double x = T::load(kp[0]), y = T::load(kp[1]);
+            m[0] = __dsub_rn(m[0], x); m[1] = __dsub_rn(m[1], y);
+            m[2] = __dsub_rn(m[2], __dmul_rn(x, x)); m[3] = __dsub_rn(m[3], __dmul_rn(x, y)); m[4] = __dsub_rn(m[4], __dmul_rn(y, y));
+        }
+        u16 nx = T::store(k_new[bk * D.d + 2 * f]), ny = T::store(k_new[bk * D.d + 2 * f + 1]);
+        kp[0] = nx;
+        kp[1] = ny;
+        double x = T::load(nx), y = T::load(ny);
+        m[0] = __dadd_rn(m[0], x); m[1] = __dadd_rn(m[1], y);
+        m[2] = __dadd_rn(m[2], __dmul_rn(x, x)); m[3] = __dadd_rn(m[3], __dmul_rn(x, y)); m[4] = __dadd_rn(m[4], __dmul_rn(y, y));
+    }
+    __syncthreads(); // every thread has read mom_len
+    if (j == 0 && p >= covered) mom_len[bk] = p + 1;
 }
 
 // ---------------------------------------------------------------------------------------------
 // 2. TIP: s_t = Σ_{f chosen} (Σ_h q_{h,f}) · k_{t,f} over the chosen FCs only, forced rows +∞,
 // plus a histogram of the scores' top key bits for the selection. The k FCs are chosen per block
-// from the pool by Σ_h ‖q_{h,f}‖ (ties → earlier in the pool), exactly as cpu::choose_fcs.
+// from the pool (ties → earlier in the pool): by Σ_h ‖q_{h,f}‖ exactly as cpu::choose_fcs, or,
+// with moments (mom != null), by w_f = Σ_h q_{h,f}ᵀ Cov_f q_{h,f} exactly as cpu::choose_fcs_var
+// (the same f64 operations in the same order, so the same FCs).
 // grid (ceil(l_max/(TIP_TOK·nchunk)), n_sel, batch), block TIP_THREADS.
+//
+// Group-mass variant (tip_heads + tip_mass, for selections of several q heads): the score is
+// Σ_h softmax_t(scale·ŝ_h(t)) over the sequence's tokens (cpu::tip_group_mass), which needs each
+// head's max and Σexp over all tokens before any token's score is known. tip_heads streams the
+// chosen FC groups once (as TIP) and writes the scaled per-head scores x_h(t) = scale·ŝ_h(t)
+// (hps·4 bytes a token against ≥ 32 bytes of K read; L2-resident at moderate sizes) and per
+// block, per head an online-softmax partial (max, Σexp); tip_mass merges the partials, turns the
+// x_h into Σ_h exp(x_h − M_h)/Z_h, forces rows, and builds the histogram (and threshold).
 #define TIP_THREADS 256
 #define TIP_TPT 4 // tokens per thread, loads in flight together
 #define TIP_TOK (TIP_THREADS * TIP_TPT)
 __device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out);
 __device__ bool last_block(u32* done, int seg, int n);
-template <class T>
-__device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool,
-                         const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
-    __shared__ u32 sh_hist[NBIN];
-    __shared__ float qeff[MAXG * GE];
-    __shared__ float w[64];
+
+// Block-wide: marks the k FCs chosen from selection s's pool (chosen_s[i] for pool entry i) and
+// returns the mask of the FC groups (slot / FCG) holding them. qb: the selection's q heads.
+__device__ u32 choose_pool(const Dims& D, const float* qb, const int* fos, const int* pl, const double* mom_bk, int len,
+                           bool* chosen_s) {
+    __shared__ double w[64];
     __shared__ u32 gmask_s;
-    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
-    int len = lens[b];
-    int t0 = blockIdx.x * TIP_TOK * nchunk;
-    if (t0 >= len) return;
-    int h0 = s * D.hps, kvh = kv_of_sel(D, s);
-    const int* fos = fc_of_slot + kvh * D.n_fc;
-    const int* pl = pool + s * D.pool;
-    for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
-    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[i] = 0.f;
+    int tid = threadIdx.x;
     if (tid == 0) gmask_s = 0;
-    __syncthreads();
-    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
     if (tid < D.pool) {
         int f = fos[pl[tid]];
-        float wi = 0.f;
-        for (int h = 0; h < D.hps; ++h) {
-            float a = qb[h * D.d + 2 * f], c = qb[h * D.d + 2 * f + 1];
-            wi = __fadd_rn(wi, __fsqrt_rn(__fadd_rn(__fmul_rn(a, a), __fmul_rn(c, c))));
+        double wi = 0.0;
+        if (mom_bk) {
+            // cpu::choose_fcs_var, operation for operation.
+            const double* m = mom_bk + (size_t)f * 5;
+            double nf = (double)max(len, 1);
+            double mx = __ddiv_rn(m[0], nf), my = __ddiv_rn(m[1], nf);
+            double cxx = __dsub_rn(__ddiv_rn(m[2], nf), __dmul_rn(mx, mx));
+            double cxy = __dsub_rn(__ddiv_rn(m[3], nf), __dmul_rn(mx, my));
+            double cyy = __dsub_rn(__ddiv_rn(m[4], nf), __dmul_rn(my, my));
+            for (int h = 0; h < D.hps; ++h) {
+                double a = qb[h * D.d + 2 * f], c = qb[h * D.d + 2 * f + 1];
+                double t = __dadd_rn(__dadd_rn(__dmul_rn(__dmul_rn(a, a), cxx), __dmul_rn(__dmul_rn(__dmul_rn(2.0, a), c), cxy)),
+                                     __dmul_rn(__dmul_rn(c, c), cyy));
+                wi = __dadd_rn(wi, t);
+            }
+        } else {
+            float wf = 0.f;
+            for (int h = 0; h < D.hps; ++h) {
+                float a = qb[h * D.d + 2 * f], c = qb[h * D.d + 2 * f + 1];
+                wf = __fadd_rn(wf, __fsqrt_rn(__fadd_rn(__fmul_rn(a, a), __fmul_rn(c, c))));
+            }
+            wi = wf; // exact: the order of f32 values is kept
         }
         w[tid] = wi;
     }
@@ -111,17 +153,55 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
             for (int j = 0; j < D.pool; ++j) rank += (w[j] > w[tid] || (w[j] == w[tid] && j < tid));
             chosen = rank < D.k;
         }
-        if (chosen) {
-            int slot = pl[tid], f = fos[slot];
-            float a = 0.f, c = 0.f;
-            for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
-            qeff[2 * slot] = a;
-            qeff[2 * slot + 1] = c;
-            atomicOr(&gmask_s, 1u << (slot / FCG));
-        }
+        chosen_s[tid] = chosen;
+        if (chosen) atomicOr(&gmask_s, 1u << (pl[tid] / FCG));
     }
     __syncthreads();
-    u32 gmask = gmask_s;
+    return gmask_s;
+}
+
+// Adds the block's histogram into the selection's, and in the selection's last block (of
+// nblk, counter done) finds the threshold bin for D.budget into thr (when len > budget).
+__device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg, int len, u32* done, int* thr, int nblk) {
+    __syncthreads();
+    u32* hg = hist + (size_t)seg * NBIN;
+    for (int i = threadIdx.x; i < NBIN; i += blockDim.x)
+        if (sh_hist[i]) atomicAdd(&hg[i], sh_hist[i]);
+    // The selection's last block finds the threshold bin once (thr[seg] = (tb, above)), so the
+    // filter blocks and the refine step need not scan the histogram each.
+    if (done && last_block(done, seg, nblk) && len > D.budget) {
+        __shared__ int tb, above;
+        find_threshold(hg, D.budget, &tb, &above);
+        if (threadIdx.x == 0) { thr[2 * seg] = tb; thr[2 * seg + 1] = above; }
+    }
+}
+
+template <class T>
+__device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom,
+                         const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
+    __shared__ u32 sh_hist[NBIN];
+    __shared__ float qeff[MAXG * GE];
+    __shared__ bool chosen[64];
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int len = lens[b];
+    int t0 = blockIdx.x * TIP_TOK * nchunk;
+    if (t0 >= len) return;
+    int h0 = s * D.hps, kvh = kv_of_sel(D, s);
+    const int* fos = fc_of_slot + kvh * D.n_fc;
+    const int* pl = pool + s * D.pool;
+    for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
+    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[i] = 0.f;
+    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
+    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
+    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen);
+    if (tid < D.pool && chosen[tid]) {
+        int slot = pl[tid], f = fos[slot];
+        float a = 0.f, c = 0.f;
+        for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
+        qeff[2 * slot] = a;
+        qeff[2 * slot + 1] = c;
+    }
+    __syncthreads();
     const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.l_max * D.d;
     int seg = b * D.n_sel + s;
     float* sc = scores + (size_t)seg * D.l_max;
@@ -171,17 +251,190 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
             }
         }
     }
-    __syncthreads();
-    u32* hg = hist + (size_t)seg * NBIN;
-    for (int i = tid; i < NBIN; i += blockDim.x)
-        if (sh_hist[i]) atomicAdd(&hg[i], sh_hist[i]);
-    // The selection's last block finds the threshold bin once (thr[seg] = (tb, above)), so the
-    // filter blocks and the refine step need not scan the histogram each.
-    if (done && last_block(done, seg, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk)) && len > D.budget) {
-        __shared__ int tb, above;
-        find_threshold(hg, D.budget, &tb, &above);
-        if (tid == 0) { thr[2 * seg] = tb; thr[2 * seg + 1] = above; }
+    flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
+}
+
+// Online-softmax state (max m, Σexp(x − m) s) merge; an empty side is (−∞, 0).
+__device__ __forceinline__ void ml_merge(float& m, float& s, float m2, float s2) {
+    float mn = fmaxf(m, m2);
+    if (mn == NEG_INF) return;
+    s = s * expf(m - mn) + s2 * expf(m2 - mn);
+    m = mn;
+}
+
+// tip_heads: xh (batch·n_sel, hps, l_max) f32 scaled per-head FC scores; pml (batch·n_sel,
+// gridDim.x, hps, 2) per-block (max, Σexp) of each head over the block's tokens.
+// grid (ceil(l_max/(TIP_TOK·nchunk)), n_sel, batch), block TIP_THREADS. H = compile-time bound
+// on the heads (2, 4, 8): the per-head accumulators live in registers, and fewer registers let
+// more blocks stay resident (the loads in flight are what keeps TIP at the memory limit).
+template <class T, int H>
+__device__ void tip_heads_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom,
+                               const int* lens, float* xh, float* pml, int nchunk) {
+    __shared__ __align__(16) float qh[H][MAXG * GE]; // chosen FCs' q per head, slot order, zero elsewhere
+    __shared__ bool chosen[64];
+    __shared__ float red[H][TIP_THREADS / 32][2];
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int len = lens[b];
+    int t0 = blockIdx.x * TIP_TOK * nchunk;
+    if (t0 >= len) return;
+    int h0 = s * D.hps, kvh = kv_of_sel(D, s), hps = D.hps;
+    const int* fos = fc_of_slot + kvh * D.n_fc;
+    const int* pl = pool + s * D.pool;
+    for (int i = tid; i < H * MAXG * GE; i += blockDim.x) (&qh[0][0])[i] = 0.f;
+    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
+    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
+    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen);
+    if (tid < D.pool && chosen[tid]) {
+        int slot = pl[tid], f = fos[slot];
+        for (int h = 0; h < hps; ++h) {
+            qh[h][2 * slot] = qb[h * D.d + 2 * f];
+            qh[h][2 * slot + 1] = qb[h * D.d + 2 * f + 1];
+        }
     }
+    __syncthreads();
+    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.l_max * D.d;
+    int seg = b * D.n_sel + s;
+    float* xs = xh + (size_t)seg * hps * D.l_max;
+    float ml_m[H], ml_s[H];
+#pragma unroll
+    for (int h = 0; h < H; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
+    for (int ch = 0; ch < nchunk; ++ch) {
+        int tc = t0 + ch * TIP_TOK;
+        if (tc >= len) break;
+        float acc[TIP_TPT][H];
+#pragma unroll
+        for (int j = 0; j < TIP_TPT; ++j)
+#pragma unroll
+            for (int h = 0; h < H; ++h) acc[j][h] = 0.f;
+        for (u32 gm = gmask; gm; gm &= gm - 1) {
+            int g = __ffs(gm) - 1;
+            uint4 raw[TIP_TPT][2];
+#pragma unroll
+            for (int j = 0; j < TIP_TPT; ++j) {
+                int t = tc + j * TIP_THREADS + tid;
+                raw[j][0] = raw[j][1] = make_uint4(0, 0, 0, 0);
+                if (t < len) {
+                    const uint4* p = (const uint4*)(kb + k_off(t, g, D.n_grp));
+                    raw[j][0] = p[0];
+                    raw[j][1] = p[1];
+                }
+            }
+            // Half a group (8 elements) of every token at a time: each q element is read from
+            // shared memory once for TIP_TPT tokens. (Unpacking per head instead, to hold fewer
+            // registers, and a variant squeezed to 3 blocks/SM were both slower: GPU run of the
+            // group-mass stage 1, 345 → 371 µs TIP at 32k, batch 16, Llama shapes, P = 64.)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float f[TIP_TPT][8];
+#pragma unroll
+                for (int j = 0; j < TIP_TPT; ++j) unpack8<T>(raw[j][half], f[j]);
+#pragma unroll
+                for (int h = 0; h < H; ++h) {
+                    if (h < hps) {
+                        const float4* q4 = (const float4*)&qh[h][g * GE + half * 8];
+                        float4 a = q4[0], c = q4[1];
+                        float qv[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+                        for (int e = 0; e < 8; ++e)
+#pragma unroll
+                            for (int j = 0; j < TIP_TPT; ++j) acc[j][h] += qv[e] * f[j][e];
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < TIP_TPT; ++j) {
+            int t = tc + j * TIP_THREADS + tid;
+            if (t < len) {
+#pragma unroll
+                for (int h = 0; h < H; ++h) {
+                    if (h < hps) {
+                        float x = __fmul_rn(D.scale, acc[j][h]); // as the CPU: ŝ, then · scale
+                        xs[(size_t)h * D.l_max + t] = x;
+                        if (x > ml_m[h]) { ml_s[h] = ml_s[h] * expf(ml_m[h] - x) + 1.f; ml_m[h] = x; }
+                        else ml_s[h] += expf(x - ml_m[h]);
+                    }
+                }
+            }
+        }
+    }
+    // Per head: warps merge their lanes, then thread h merges the warps.
+    int lane = tid & 31, w = tid >> 5;
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+        if (h < hps) {
+            float m = ml_m[h], sm = ml_s[h];
+            for (int o = 16; o > 0; o >>= 1) {
+                float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, sm, o);
+                ml_merge(m, sm, m2, s2);
+            }
+            if (lane == 0) { red[h][w][0] = m; red[h][w][1] = sm; }
+        }
+    }
+    __syncthreads();
+    if (tid < hps) {
+        float m = NEG_INF, sm = 0.f;
+        for (int i = 0; i < TIP_THREADS / 32; ++i) ml_merge(m, sm, red[tid][i][0], red[tid][i][1]);
+        float* o = pml + (((size_t)seg * gridDim.x + blockIdx.x) * hps + tid) * 2;
+        o[0] = m;
+        o[1] = sm;
+    }
+}
+
+// tip_mass: scores(t) = Σ_h exp(x_h(t) − M_h) / Z_h (heads in order, as cpu::tip_group_mass
+// adds them), forced rows +∞, histogram and (with done) the threshold, as TIP.
+// grid (ceil(l_max/MASS_TOK), n_sel, batch), block 256. nchunk: tip_heads' chunks per block.
+#define MASS_TPT 8
+#define MASS_TOK (256 * MASS_TPT)
+extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* xh, const float* pml, const int* lens, int nchunk,
+                                                           float* scores, u32* hist, u32* done, int* thr) {
+    __shared__ u32 sh_hist[NBIN];
+    __shared__ float mh[MAXH], izh[MAXH];
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int len = lens[b];
+    int t0 = blockIdx.x * MASS_TOK;
+    if (t0 >= len) return;
+    int seg = b * D.n_sel + s, hps = D.hps;
+    for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
+    // Warp h merges head h's partials over tip_heads' blocks that held tokens.
+    int per = TIP_TOK * nchunk, nb = (len + per - 1) / per, stride = (D.l_max + per - 1) / per;
+    int lane = tid & 31, w = tid >> 5;
+    if (w < hps) {
+        float m = NEG_INF, sm = 0.f;
+        for (int i = lane; i < nb; i += 32) {
+            const float* p = pml + (((size_t)seg * stride + i) * hps + w) * 2;
+            ml_merge(m, sm, __ldcg(p), __ldcg(p + 1));
+        }
+        for (int o = 16; o > 0; o >>= 1) {
+            float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, sm, o);
+            ml_merge(m, sm, m2, s2);
+        }
+        if (lane == 0) { mh[w] = m; izh[w] = 1.f / sm; }
+    }
+    __syncthreads();
+    const float* xs = xh + (size_t)seg * hps * D.l_max;
+    float a[MASS_TPT];
+#pragma unroll
+    for (int j = 0; j < MASS_TPT; ++j) a[j] = 0.f;
+    for (int h = 0; h < hps; ++h) {
+        float m = mh[h], iz = izh[h];
+#pragma unroll
+        for (int j = 0; j < MASS_TPT; ++j) {
+            int t = t0 + j * 256 + tid;
+            if (t < len) a[j] = __fadd_rn(a[j], __fmul_rn(expf(__ldcg(&xs[(size_t)h * D.l_max + t]) - m), iz));
+        }
+    }
+    float* sc = scores + (size_t)seg * D.l_max;
+#pragma unroll
+    for (int j = 0; j < MASS_TPT; ++j) {
+        int t = t0 + j * 256 + tid;
+        if (t < len) {
+            float v = (t < D.sinks || t >= len - D.recent) ? POS_INF : a[j];
+            sc[t] = v;
+            atomicAdd(&sh_hist[okey(v) >> BIN_SHIFT], 1u);
+        }
+    }
+    flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + MASS_TOK - 1) / MASS_TOK);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -518,7 +771,7 @@ __device__ __forceinline__ void load_q_slots(const Dims& D, const float* q, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// 6. Re-rank: raw exact scores (no scale, as the CPU's group mass) of the C candidates per head.
+// 6. Re-rank: raw exact scores q·k of the C candidates per head (rerank_mass applies the scale).
 // grid (ceil(C/RR_ROWS), n_sel, batch), block 128. rr (batch·n_sel, hps, C).
 #define RR_ROWS 256
 template <class T>
@@ -561,7 +814,8 @@ __device__ float block_reduce(float x, bool is_max) {
     return r;
 }
 
-// Group mass Σ_h softmax_h(raw scores) over the candidates, forced rows +∞, as selection keys;
+// Group mass Σ_h softmax_h(scale·q·k) over the candidates (the engine's re-rank key: its logits
+// are scaled, as the model's attention), forced rows +∞, as selection keys;
 // then keeps the best B of them into sel (refine_seg, re-rank mode).
 // With len ≤ C there was no re-rank on the CPU: the keys are the (forced) FC scores.
 // grid (n_sel, batch), block 256.
@@ -585,12 +839,13 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
             const float* r = rr + ((size_t)seg * D.hps + h) * C;
             float mx = NEG_INF;
             for (int i = tid; i < n_c; i += blockDim.x) mx = fmaxf(mx, r[i]);
-            mx = block_reduce(mx, true);
+            // Rounding is monotone and scale > 0: the max of the scaled logits is the scaled max.
+            mx = __fmul_rn(D.scale, block_reduce(mx, true));
             float sum = 0.f;
-            for (int i = tid; i < n_c; i += blockDim.x) sum += expf(r[i] - mx);
+            for (int i = tid; i < n_c; i += blockDim.x) sum += expf(__fmul_rn(D.scale, r[i]) - mx);
             sum = block_reduce(sum, false);
             float inv = 1.f / sum;
-            for (int i = tid; i < n_c; i += blockDim.x) ms[i] += expf(r[i] - mx) * inv;
+            for (int i = tid; i < n_c; i += blockDim.x) ms[i] += expf(__fmul_rn(D.scale, r[i]) - mx) * inv;
         }
         int rec = min(D.recent, len);
         for (int i = tid; i < n_c; i += blockDim.x) {
@@ -904,17 +1159,27 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
         fac_impl<TY, HH, FACL_U(HH), true>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out); \
     }
+#define TIP_HEADS_ENTRY(NAME, TY, HH)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_heads_h##HH##_##NAME(                                  \
+        Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom, const int* lens,  \
+        float* xh, float* pml, int nchunk) {                                                                             \
+        tip_heads_impl<TY, HH>(D, k, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk);                                   \
+    }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
-                                             const int* slot_of_fc) {                                                    \
-        append_impl<TY>(D, k, v, k_new, v_new, pos, slot_of_fc);                                                         \
+                                             const int* slot_of_fc, double* mom, int* mom_len) {                         \
+        append_impl<TY>(D, k, v, k_new, v_new, pos, slot_of_fc, mom, mom_len);                                           \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_##NAME(Dims D, const u16* k, const float* q,             \
                                                                          const int* fc_of_slot, const int* pool,          \
-                                                                         const int* lens, float* scores, u32* hist,       \
-                                                                         u32* done, int* thr, int nchunk) {               \
-        tip_impl<TY>(D, k, q, fc_of_slot, pool, lens, scores, hist, done, thr, nchunk);                                  \
+                                                                         const double* mom, const int* lens,              \
+                                                                         float* scores, u32* hist, u32* done, int* thr,   \
+                                                                         int nchunk) {                                    \
+        tip_impl<TY>(D, k, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk);                             \
     }                                                                                                                    \
+    TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
+    TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
+    TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \
     extern "C" __global__ void __launch_bounds__(128) rerank_scores_##NAME(Dims D, const u16* k, const float* q,           \
                                                                            const int* fc_of_slot, const int* lens,        \
                                                                            const u32* selc, int C, float* rr) {           \

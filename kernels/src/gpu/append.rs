@@ -7,6 +7,9 @@
 //!   `ceil(P/8)` groups of each tile (2 KiB runs), FAC reads a token's full K as `d/16` aligned
 //!   32-byte sectors of one 16 KiB tile, and dense attention reads whole tiles.
 //! - V `(l_max, d)` in the model's dim order.
+//! - K moments `(n_fc, 5)` f64 per FC id, `[Σx, Σy, Σxx, Σxy, Σyy]` of its rotated pair over the
+//!   stored tokens `0..mom_len` (`cpu::FcMoments`): the variance-based FC choice reads them
+//!   instead of the K planes. f64 because the variance is a difference of large sums.
 //!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
 //! groups give TIP FC granularity of 8 and FAC whole sectors.)
@@ -29,6 +32,13 @@ pub struct GpuKvCache {
     pub slot_of_fc: CudaSlice<i32>,
     /// Host copy of `fc_of_slot`.
     pub order: Vec<Vec<usize>>,
+    /// `(batch, n_kv, n_fc, 5)` K moments per FC id over tokens `0..mom_len` (module docs).
+    pub mom: CudaSlice<f64>,
+    /// `(batch, n_kv)` tokens the moments cover: [`append`] keeps it at the highest position
+    /// written + 1, [`GpuKvCache::write_host`] sets it to the rows written. TIP takes the moments
+    /// as covering the sequence's `lens[b]` tokens, so the two must agree (as they do when tokens
+    /// are only appended; after a rewind, write the kept rows again).
+    pub mom_len: CudaSlice<i32>,
 }
 
 impl GpuKvCache {
@@ -74,6 +84,8 @@ impl GpuKvCache {
             fc_of_slot: st.clone_htod(&fos)?,
             slot_of_fc: st.clone_htod(&sof)?,
             order,
+            mom: st.alloc_zeros(batch * n_kv * n_fc * 5)?,
+            mom_len: st.alloc_zeros(batch * n_kv)?,
         })
     }
 
@@ -101,7 +113,9 @@ impl GpuKvCache {
     }
 
     /// Writes tokens `0..len` of (sequence `b`, KV head `kv`) from host rows: `k` `(len, d)` rotated,
-    /// FC-pair order; `v` `(len, d)`. (Prefill and tests; decode uses [`append`].)
+    /// FC-pair order; `v` `(len, d)`; and their K moments (of the stored, rounded values, summed
+    /// in token order by `cpu::add_moments`, as the CPU cache sums them). (Prefill and tests;
+    /// decode uses [`append`].)
     pub fn write_host(&mut self, gpu: &Gpu, b: usize, kv: usize, k: &[f32], v: &[f32]) -> Result<(), GpuError> {
         let (d, l) = (self.d, self.l_max);
         let len = k.len() / d;
@@ -122,12 +136,36 @@ impl GpuKvCache {
         let base = (b * self.n_kv + kv) * l * d;
         gpu.stream.memcpy_htod(&kr, &mut self.k.slice_mut(base..base + l * d))?;
         gpu.stream.memcpy_htod(&vr, &mut self.v.slice_mut(base..base + len * d))?;
+        let n_fc = self.n_fc();
+        let mut m = vec![[0f64; 5]; n_fc];
+        let round = |x: f32| self.dtype.decode(self.dtype.encode(x));
+        for row in k.chunks_exact(d) {
+            for (f, mf) in m.iter_mut().enumerate() {
+                crate::cpu::add_moments(mf, round(row[2 * f]), round(row[2 * f + 1]));
+            }
+        }
+        self.write_moments(gpu, b, kv, &m, len)
+    }
+
+    /// Sets the K moments of (sequence `b`, KV head `kv`) to `m` (`(n_fc,)`, per FC id), taken to
+    /// cover tokens `0..len` (a prefill that summed them itself; benchmarks' stand-ins).
+    pub fn write_moments(&mut self, gpu: &Gpu, b: usize, kv: usize, m: &[crate::cpu::FcMoments], len: usize) -> Result<(), GpuError> {
+        let n_fc = self.n_fc();
+        if m.len() != n_fc || b >= self.batch || kv >= self.n_kv || len > self.l_max {
+            return Err(GpuError::Shape(format!("moments: need {n_fc} FCs of (b < {}, kv < {}), len ≤ {}", self.batch, self.n_kv, self.l_max)));
+        }
+        let flat: Vec<f64> = m.iter().flatten().copied().collect();
+        let o = (b * self.n_kv + kv) * n_fc * 5;
+        gpu.stream.memcpy_htod(&flat, &mut self.mom.slice_mut(o..o + n_fc * 5))?;
+        let i = b * self.n_kv + kv;
+        gpu.stream.memcpy_htod(&[len as i32], &mut self.mom_len.slice_mut(i..i + 1))?;
         Ok(())
     }
 }
 
 /// Op 1: writes one new token per sequence at `pos[b]`: `k_new`, `v_new` `(batch, n_kv, d)` f32
-/// (K rotated, FC-pair order). Sequences with `pos` outside `0..l_max` are skipped.
+/// (K rotated, FC-pair order), and updates the K moments (module docs). Sequences with `pos`
+/// outside `0..l_max` are skipped.
 pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: &CudaSlice<f32>, pos: &CudaSlice<i32>) -> Result<(), GpuError> {
     let n = cache.batch * cache.n_kv * cache.d;
     if k_new.len() < n || v_new.len() < n || pos.len() < cache.batch {
@@ -137,8 +175,10 @@ pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: 
     let f = gpu.f.typed(cache.dtype, TypedOp::Append);
     let mut l = gpu.stream.launch_builder(f);
     l.arg(&dims).arg(&mut cache.k).arg(&mut cache.v).arg(k_new).arg(v_new).arg(pos).arg(&cache.slot_of_fc);
+    l.arg(&mut cache.mom).arg(&mut cache.mom_len);
     // SAFETY: grid (n_kv, batch) × d threads; each writes one element of token pos[b] < l_max of
-    // its (b, kv) region, bounds checked in the kernel; inputs hold (batch, n_kv, d) (checked above).
+    // its (b, kv) region (thread j < n_fc also FC j's K pair and moments), bounds checked in the
+    // kernel; inputs hold (batch, n_kv, d) (checked above), mom (batch, n_kv, n_fc, 5).
     unsafe { l.launch(cfg((cache.n_kv, cache.batch, 1), cache.d)) }?;
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! One decode step of FASA attention on the GPU, chaining the ops:
 //! TIP(+histogram; its last block per selection finds the select threshold) → select (filter;
 //! its last block per selection refines) [→ re-rank: exact scores; mass + refine] → FAC
-//! (split-K partials) → combine: 4 launches (6 with a re-rank); or dense flash-decode over the
+//! (split-K partials) → combine: 4 launches (6 with a re-rank), one more with the group-mass
+//! stage 1 (TIP per-head scores, then mass + histogram); or dense flash-decode over the
 //! same cache. Every grid depends on the shapes only
 //! (not on the lengths), so a step can be captured once in a CUDA graph and replayed.
 use cudarc::driver::{CudaGraph, CudaSlice};
@@ -29,6 +30,22 @@ pub struct DecodeConfig {
     pub recent: usize,
     /// Candidates C picked by FC score before exact scores pick B; 0 (or ≤ B) = no re-rank.
     pub rerank: usize,
+    /// Choose the k FCs of the pool by the logit variance they cause over the cached tokens,
+    /// from the cache's K moments (`cpu::choose_fcs_var`), instead of by Σ_h ‖q_{h,f}‖
+    /// (`cpu::choose_fcs`). Only matters when P > k.
+    pub fc_by_variance: bool,
+    /// Score a token by Σ_h softmax_t(ŝ_h/√d) over the selection's q heads
+    /// (`cpu::tip_group_mass`) instead of Σ_h ŝ_h. Selections of one head keep ŝ: a softmax
+    /// keeps one head's order, and ŝ costs one launch and no per-head scores.
+    pub group_mass: bool,
+}
+
+impl DecodeConfig {
+    /// The CPU's default `fasa` stage 1 (FC choice by variance, group score by per-head mass)
+    /// when `on`, else the earlier default (by query norm, scores summed).
+    pub fn with_var_mass(self, on: bool) -> Self {
+        Self { fc_by_variance: on, group_mass: on, ..self }
+    }
 }
 
 /// Workspace and plan of one decoder (one layer's shape; reusable across layers of that shape).
@@ -70,6 +87,10 @@ pub struct FasaDecoder {
     done_fac: CudaSlice<u32>,
     rr: CudaSlice<f32>,
     mass: CudaSlice<f32>,
+    /// Group-mass stage 1 (else empty): `(batch·n_sel, hps, l_max)` scaled per-head FC scores
+    /// and `(batch·n_sel, l_max/TIP_TOK, hps, 2)` per-block (max, Σexp) partials.
+    xh: CudaSlice<f32>,
+    xml: CudaSlice<f32>,
     po: CudaSlice<f32>,
     pml: CudaSlice<f32>,
     fac_split: (usize, usize),
@@ -116,6 +137,7 @@ impl FasaDecoder {
         let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
         let st = &gpu.stream;
         let c = rerank.max(1);
+        let heads_mass = cfg.group_mass && hps > 1;
         Ok(Self {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
@@ -131,6 +153,8 @@ impl FasaDecoder {
             done_fac: st.alloc_zeros(segs.max(cache.batch * cache.n_kv))?,
             rr: st.alloc_zeros(segs * hps * c)?,
             mass: st.alloc_zeros(segs * c)?,
+            xh: st.alloc_zeros(if heads_mass { segs * hps * cache.l_max } else { 1 })?,
+            xml: st.alloc_zeros(if heads_mass { segs * cache.l_max.div_ceil(super::TIP_TOK) * hps * 2 } else { 1 })?,
             po: st.alloc_zeros(part * cache.d)?,
             pml: st.alloc_zeros(part * 2)?,
             fac_split,
@@ -160,8 +184,7 @@ impl FasaDecoder {
         if c > 0 {
             d1.budget = c as i32;
         }
-        let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
-        tip::launch(gpu, dt, &d1, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)?;
+        self.tip(gpu, cache, &d1, q, lens)?;
         let thr = if self.thr_in_tip { Some(&self.thr) } else { None };
         let first = if c > 0 { &mut self.selc } else { &mut self.sel };
         select::filter(gpu, &d1, &self.scores, &mut self.hist, thr, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel)?;
@@ -175,10 +198,25 @@ impl FasaDecoder {
         Ok(())
     }
 
-    /// TIP alone, then the histogram zeroed again (stage timing in benchmarks).
-    pub fn tip_only(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
+    /// The TIP stage with `dims` (its `budget` is the one the threshold is found for): scores and
+    /// histogram (and threshold with `thr_in_tip`), by the configured stage 1.
+    fn tip(&mut self, gpu: &Gpu, cache: &GpuKvCache, dims: &Dims, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
+        let dt = cache.dtype;
+        let mom = if self.cfg.fc_by_variance { Some(&cache.mom) } else { None };
         let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
-        tip::launch(gpu, cache.dtype, &self.dims, &cache.k, q, &cache.fc_of_slot, &self.pool, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)?;
+        if self.cfg.group_mass && dims.hps > 1 {
+            tip::launch_heads(gpu, dt, dims, &cache.k, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks)?;
+            tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
+        } else {
+            tip::launch(gpu, dt, dims, &cache.k, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)
+        }
+    }
+
+    /// TIP alone (both launches of the group-mass stage 1), then the histogram zeroed again
+    /// (stage timing in benchmarks).
+    pub fn tip_only(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
+        let dims = self.dims;
+        self.tip(gpu, cache, &dims, q, lens)?;
         gpu.stream.memset_zeros(&mut self.hist)?;
         Ok(())
     }

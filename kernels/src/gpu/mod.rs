@@ -39,6 +39,7 @@ pub const MAX_HPS: usize = 8;
 pub const FAC_MAX_ROWS: usize = 1024;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
 pub(crate) const FILT_TOK: usize = 4096; // 256 · FILT_TPT
+pub(crate) const MASS_TOK: usize = 2048; // 256 · MASS_TPT
 pub(crate) const RR_ROWS: usize = 256;
 
 /// The CUDA sources, concatenated for NVRTC (which has no include path here).
@@ -121,6 +122,7 @@ unsafe impl DeviceRepr for Dims {}
 
 /// Every kernel of the module, looked up once.
 pub(crate) struct Funcs {
+    pub tip_mass: CudaFunction,
     pub select_filter: CudaFunction,
     pub select_refine: CudaFunction,
     pub rerank_mass: CudaFunction,
@@ -129,6 +131,8 @@ pub(crate) struct Funcs {
     pub copy_u4: CudaFunction,
     /// Per dtype: append, tip, rerank_scores, fill_random.
     pub typed: [[CudaFunction; 4]; 2],
+    /// Per dtype, group-mass TIP (per-head scores) for at most 2, 4, 8 heads per selection.
+    pub tip_heads: [[CudaFunction; 3]; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
     /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
@@ -138,6 +142,15 @@ pub(crate) struct Funcs {
 impl Funcs {
     pub fn typed(&self, dt: Dtype, op: TypedOp) -> &CudaFunction {
         &self.typed[dt as usize][op as usize]
+    }
+
+    /// The group-mass TIP kernel compiled for the smallest head bound ≥ `hps` (2, 4, 8).
+    pub fn tip_heads(&self, dt: Dtype, hps: usize) -> &CudaFunction {
+        &self.tip_heads[dt as usize][match hps {
+            0..=2 => 0,
+            3 | 4 => 1,
+            _ => 2,
+        }]
     }
 
     /// The FAC kernel compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8).
@@ -263,6 +276,10 @@ impl Gpu {
             let s = dt.suffix();
             Ok([get(&format!("append_{s}"))?, get(&format!("tip_{s}"))?, get(&format!("rerank_scores_{s}"))?, get(&format!("fill_random_{s}"))?])
         };
+        let tip_heads = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
+            let s = dt.suffix();
+            Ok([get(&format!("tip_heads_h2_{s}"))?, get(&format!("tip_heads_h4_{s}"))?, get(&format!("tip_heads_h8_{s}"))?])
+        };
         let fac = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
             let s = dt.suffix();
             Ok([get(&format!("fac_h1_{s}"))?, get(&format!("fac_h2_{s}"))?, get(&format!("fac_h4_{s}"))?, get(&format!("fac_h8_{s}"))?])
@@ -272,6 +289,7 @@ impl Gpu {
             Ok([get(&format!("facl_h1_{s}"))?, get(&format!("facl_h2_{s}"))?, get(&format!("facl_h4_{s}"))?, get(&format!("facl_h8_{s}"))?])
         };
         let f = Funcs {
+            tip_mass: get("tip_mass")?,
             select_filter: get("select_filter")?,
             select_refine: get("select_refine")?,
             rerank_mass: get("rerank_mass")?,
@@ -279,6 +297,7 @@ impl Gpu {
             fill_random_f32: get("fill_random_f32")?,
             copy_u4: get("copy_u4")?,
             typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
+            tip_heads: [tip_heads(Dtype::F16)?, tip_heads(Dtype::Bf16)?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
         };
@@ -324,13 +343,16 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for a group of 4) for `dt`.
-    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 4], GpuError> {
+    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for
+    /// a group of 4, group-mass tip for 4 and 8 heads) for `dt`.
+    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 6], GpuError> {
         Ok([
             self.f.typed(dt, TypedOp::Tip).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
             self.f.select_filter.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
             self.f.fac(dt, 4, false).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
             self.f.fac(dt, 4, true).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
+            self.f.tip_heads(dt, 4).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
+            self.f.tip_heads(dt, 8).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
         ])
     }
 

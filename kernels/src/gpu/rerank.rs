@@ -1,6 +1,6 @@
 //! Op 6 (default-mode extra), re-rank: the C candidates kept by FC score are scored exactly
 //! (full dims, raw q·k per q head), and B of them are kept by the group's attention mass
-//! Σ_h softmax_h over the candidates, forced rows kept (as the CPU operator's re-rank).
+//! Σ_h softmax_h(q·k/√d) over the candidates, forced rows kept (as the CPU operator's re-rank).
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, RR_ROWS};

@@ -1,14 +1,18 @@
-//! Op 2, TIP: FC scores of every cached token from the chosen FCs only (q heads of a selection
-//! summed), sinks/recent forced to +∞, and the per-selection histogram the select op starts from.
-//! The k FCs are chosen per step inside the pool by Σ_h ‖q_{h,f}‖ (`cpu::choose_fcs`); with
-//! `pool == k` that is the paper's fixed set.
+//! Op 2, TIP: FC scores of every cached token from the chosen FCs only, sinks/recent forced to
+//! +∞, and the per-selection histogram the select op starts from. The k FCs are chosen per step
+//! inside the pool by Σ_h ‖q_{h,f}‖ (`cpu::choose_fcs`) or, given the cache's K moments, by the
+//! logit variance they cause (`cpu::choose_fcs_var`); with `pool == k` that is the paper's fixed
+//! set. A selection's q heads are combined by summing their scores ([`launch`]) or, in two
+//! launches, by summing each head's softmax over the tokens ([`launch_heads`] then [`mass`]:
+//! `cpu::tip_group_mass`).
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, TIP_TOK};
+use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, MASS_TOK, TIP_TOK};
 
 /// `scores (batch·n_sel, l_max)` f32 and `hist (batch·n_sel, NBIN)` (must be zero on entry; the
 /// select op zeroes it again). `q (batch, n_q, d)` f32 FC-pair order; `pool (n_sel, P)` slots;
-/// `lens (batch,)`. Uses `dims.{hps, n_sel, pool, k, sinks, recent, budget}`. With
+/// `lens (batch,)`. `mom`: the cache's K moments (`GpuKvCache::mom`) to choose FCs by variance,
+/// else by norm. Uses `dims.{hps, n_sel, pool, k, sinks, recent, budget}`. With
 /// `thr = Some((done, thr))` the last block of each selection also finds the histogram's
 /// threshold bin for `dims.budget` into `thr (batch·n_sel, 2)` = (bin, rows above it) when
 /// `len > budget`; `done (batch·n_sel,)` is its block counter, zero on entry and on return.
@@ -22,13 +26,15 @@ pub fn launch(
     q: &CudaSlice<f32>,
     fc_of_slot: &CudaSlice<i32>,
     pool: &CudaSlice<i32>,
+    mom: Option<&CudaSlice<f64>>,
     lens: &CudaSlice<i32>,
     scores: &mut CudaSlice<f32>,
     hist: &mut CudaSlice<u32>,
     thr: Option<(&mut CudaSlice<u32>, &mut CudaSlice<i32>)>,
     nchunk: usize,
 ) -> Result<(), GpuError> {
-    check(dims, q, pool, scores)?;
+    check(dims, q, pool, scores.len())?;
+    check_mom(dims, mom)?;
     let segs = (dims.batch * dims.n_sel) as usize;
     if hist.len() < segs * super::NBIN || thr.as_ref().is_some_and(|(d, t)| d.len() < segs || t.len() < 2 * segs) {
         return Err(GpuError::Shape("tip: done, thr or hist too small".into()));
@@ -36,7 +42,12 @@ pub fn launch(
     let null = 0u64;
     let f = gpu.f.typed(dt, TypedOp::Tip);
     let mut l = gpu.stream.launch_builder(f);
-    l.arg(dims).arg(k).arg(q).arg(fc_of_slot).arg(pool).arg(lens).arg(scores).arg(hist);
+    l.arg(dims).arg(k).arg(q).arg(fc_of_slot).arg(pool);
+    match mom {
+        Some(m) => l.arg(m),
+        None => l.arg(&null),
+    };
+    l.arg(lens).arg(scores).arg(hist);
     match thr {
         Some((d, t)) => l.arg(d).arg(t),
         None => l.arg(&null).arg(&null),
@@ -51,6 +62,98 @@ pub fn launch(
     Ok(())
 }
 
+/// Group-mass TIP, first half: `xh (batch·n_sel, hps, l_max)` scaled per-head FC scores
+/// `scale·ŝ_h(t)` and `pml (batch·n_sel, ceil(l_max/(TIP_TOK·nchunk)), hps, 2)` each block's
+/// per-head (max, Σexp) over its tokens. FC choice and other arguments as [`launch`]; `nchunk`
+/// must be passed on to [`mass`].
+#[allow(clippy::too_many_arguments)]
+pub fn launch_heads(
+    gpu: &Gpu,
+    dt: Dtype,
+    dims: &Dims,
+    k: &CudaSlice<u16>,
+    q: &CudaSlice<f32>,
+    fc_of_slot: &CudaSlice<i32>,
+    pool: &CudaSlice<i32>,
+    mom: Option<&CudaSlice<f64>>,
+    lens: &CudaSlice<i32>,
+    xh: &mut CudaSlice<f32>,
+    pml: &mut CudaSlice<f32>,
+    nchunk: usize,
+) -> Result<(), GpuError> {
+    check(dims, q, pool, xh.len() / (dims.hps.max(1) as usize))?;
+    check_mom(dims, mom)?;
+    let nchunk = nchunk.max(1);
+    let segs = (dims.batch * dims.n_sel) as usize;
+    let nblk = (dims.l_max as usize).div_ceil(TIP_TOK * nchunk);
+    let hps = dims.hps as usize;
+    if xh.len() < segs * hps * dims.l_max as usize || pml.len() < segs * nblk * hps * 2 {
+        return Err(GpuError::Shape("tip::launch_heads: xh or pml too small".into()));
+    }
+    let null = 0u64;
+    let nc = nchunk as i32;
+    let f = gpu.f.tip_heads(dt, hps);
+    let mut l = gpu.stream.launch_builder(f);
+    l.arg(dims).arg(k).arg(q).arg(fc_of_slot).arg(pool);
+    match mom {
+        Some(m) => l.arg(m),
+        None => l.arg(&null),
+    };
+    l.arg(lens).arg(xh).arg(pml).arg(&nc);
+    // SAFETY: sizes checked; each block reads tokens < lens[b] ≤ l_max of its (b, kv) region and writes its
+    // own selection's xh rows and its own pml entry.
+    unsafe { l.launch(cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256)) }?;
+    Ok(())
+}
+
+/// Group-mass TIP, second half: `scores` = Σ_h softmax_t(xh_h)(t), forced rows +∞, `hist` and
+/// (with `thr`) the threshold, as [`launch`]'s. `nchunk` as given to [`launch_heads`].
+#[allow(clippy::too_many_arguments)]
+pub fn mass(
+    gpu: &Gpu,
+    dims: &Dims,
+    xh: &CudaSlice<f32>,
+    pml: &CudaSlice<f32>,
+    lens: &CudaSlice<i32>,
+    nchunk: usize,
+    scores: &mut CudaSlice<f32>,
+    hist: &mut CudaSlice<u32>,
+    thr: Option<(&mut CudaSlice<u32>, &mut CudaSlice<i32>)>,
+) -> Result<(), GpuError> {
+    let segs = (dims.batch * dims.n_sel) as usize;
+    let nchunk = nchunk.max(1);
+    let nblk = (dims.l_max as usize).div_ceil(TIP_TOK * nchunk);
+    let hps = dims.hps as usize;
+    let ok = xh.len() >= segs * hps * dims.l_max as usize
+        && pml.len() >= segs * nblk * hps * 2
+        && scores.len() >= segs * dims.l_max as usize
+        && hist.len() >= segs * super::NBIN
+        && thr.as_ref().is_none_or(|(d, t)| d.len() >= segs && t.len() >= 2 * segs);
+    if !ok {
+        return Err(GpuError::Shape("tip::mass: buffers too small".into()));
+    }
+    let null = 0u64;
+    let nc = nchunk as i32;
+    let mut l = gpu.stream.launch_builder(&gpu.f.tip_mass);
+    l.arg(dims).arg(xh).arg(pml).arg(lens).arg(&nc).arg(scores).arg(hist);
+    match thr {
+        Some((d, t)) => l.arg(d).arg(t),
+        None => l.arg(&null).arg(&null),
+    };
+    let grid = ((dims.l_max as usize).div_ceil(MASS_TOK), dims.n_sel as usize, dims.batch as usize);
+    // SAFETY: sizes checked; each block reads its selection's xh and pml entries of blocks that
+    // held tokens (< lens[b]) and writes its own tokens' scores and its selection's histogram.
+    unsafe { l.launch(cfg(grid, 256)) }?;
+    Ok(())
+}
+
+fn check_mom(d: &Dims, mom: Option<&CudaSlice<f64>>) -> Result<(), GpuError> {
+    if mom.is_some_and(|m| m.len() < (d.batch * d.n_kv * d.n_fc * 5) as usize) {
+        return Err(GpuError::Shape("tip: moments need (batch, n_kv, n_fc, 5)".into()));
+    }
+    Ok(())
+}
+
 /// Chunks of `TIP_TOK` tokens per TIP block: enough blocks for about 8 per multiprocessor, each
 /// as long as that allows (up to 8 chunks), so its fixed costs (FC choice, q, histogram flush)
 /// are spread over more tokens.
@@ -58,7 +161,8 @@ pub fn chunks(l_max: usize, segs: usize, sm_count: usize) -> usize {
     (l_max.div_ceil(TIP_TOK) * segs / (8 * sm_count).max(1)).clamp(1, 8)
 }
 
-fn check(d: &Dims, q: &CudaSlice<f32>, pool: &CudaSlice<i32>, scores: &CudaSlice<f32>) -> Result<(), GpuError> {
+/// `scores`: elements of the per-token output per head (`(batch·n_sel, l_max)` at least).
+fn check(d: &Dims, q: &CudaSlice<f32>, pool: &CudaSlice<i32>, scores: usize) -> Result<(), GpuError> {
     let ok = d.hps >= 1
         && d.hps as usize <= super::MAX_HPS
         && d.n_sel * d.hps == d.n_q
@@ -69,7 +173,7 @@ fn check(d: &Dims, q: &CudaSlice<f32>, pool: &CudaSlice<i32>, scores: &CudaSlice
         && d.k >= 1
         && q.len() >= (d.batch * d.n_q * d.d) as usize
         && pool.len() >= (d.n_sel * d.pool) as usize
-        && scores.len() >= (d.batch * d.n_sel * d.l_max) as usize;
+        && scores >= (d.batch * d.n_sel * d.l_max) as usize;
     if ok {
         Ok(())
     } else {
