@@ -131,33 +131,23 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
     }
     let mut used_fcs = Vec::new();
     let mut fc_select = |fcs: &[usize], rows: &mut Vec<u32>| -> u64 {
+        let rerank = cfg.rerank > b;
+        if rerank && cfg.rerank >= n {
+            // Every token is a candidate: exact scores choose, FC scores would add nothing.
+            let all: Vec<u32> = (0..n as u32).collect();
+            return rerank_into(c, qs, &all, rows, kept_logits);
+        }
         used_fcs = fcs.to_vec();
         let mut s = tip_scores(c, qs, fcs);
         force_rows(&mut s, cfg.sinks, cfg.recent);
-        let mut bytes = 0;
-        if cfg.rerank > b && cfg.rerank < n {
+        if rerank {
             let mut cand = Vec::new();
             top_b(&s, cfg.rerank, &mut cand);
-            let (mut mass, logits) = rows_mass(&c.view, qs, &cand, c.scale);
-            // Forced rows stay in.
-            for (m, &t) in mass.iter_mut().zip(&cand) {
-                if (t as usize) < cfg.sinks || (t as usize) >= n - cfg.recent.min(n) {
-                    *m = f32::INFINITY;
-                }
-            }
-            let mut pick = Vec::new();
-            top_b(&mass, b, &mut pick);
-            rows.extend(pick.iter().map(|&i| cand[i as usize]));
-            // `pick` is ascending, as `rows`: the kept logits line up with the rows.
-            let c_len = cand.len();
-            for h in 0..qs.len() {
-                kept_logits.extend(pick.iter().map(|&i| logits[h * c_len + i as usize]));
-            }
-            bytes += cfg.rerank as u64 * d * ELEM;
+            rerank_into(c, qs, &cand, rows, kept_logits)
         } else {
             top_b(&s, b, rows);
+            0
         }
-        bytes
     };
     let bytes = match cfg.mode {
         Mode::Dense => {
@@ -213,6 +203,27 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
         }
     };
     (rows, used_fcs, bytes)
+}
+
+/// The re-rank stage: exact per-head softmax over the candidates `cand` (ascending), summed over
+/// the group's heads, keeps the best B (forced rows stay in) into `rows`, and their logits
+/// `(heads, B)` into `kept`. Returns the K bytes it read.
+fn rerank_into(c: &GroupCtx, qs: &[&[f32]], cand: &[u32], rows: &mut Vec<u32>, kept: &mut Vec<f32>) -> u64 {
+    let (n, cfg) = (c.n, c.cfg);
+    let (mut mass, logits) = rows_mass(&c.view, qs, cand, c.scale);
+    for (m, &t) in mass.iter_mut().zip(cand) {
+        if (t as usize) < cfg.sinks || (t as usize) >= n - cfg.recent.min(n) {
+            *m = f32::INFINITY;
+        }
+    }
+    let mut pick = Vec::new();
+    top_b(&mass, cfg.budget, &mut pick);
+    rows.extend(pick.iter().map(|&i| cand[i as usize]));
+    // `pick` is ascending, as `rows`: the kept logits line up with the rows.
+    for h in 0..qs.len() {
+        kept.extend(pick.iter().map(|&i| logits[h * cand.len() + i as usize]));
+    }
+    (cand.len() * c.view.head_dim()) as u64 * ELEM
 }
 
 /// Distinct elements over several sets: what the heads of one group read together.

@@ -817,7 +817,7 @@ __device__ float block_reduce(float x, bool is_max) {
 // Group mass Σ_h softmax_h(scale·q·k) over the candidates (the engine's re-rank key: its logits
 // are scaled, as the model's attention), forced rows +∞, as selection keys;
 // then keeps the best B of them into sel (refine_seg, re-rank mode).
-// With len ≤ C there was no re-rank on the CPU: the keys are the (forced) FC scores.
+// With len ≤ C every row is a candidate (the engine's rule): exact scores choose among all.
 // grid (n_sel, batch), block 256.
 extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int* lens, const u32* selc, int C, const float* rr,
                                                               const float* scores, float* mass, u64* cand, u32* cand_cnt,
@@ -829,10 +829,8 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
     const u32* sc_rows = selc + (size_t)seg * C;
     u64* cs = cand + (size_t)seg * D.l_max;
     float* ms = mass + (size_t)seg * C;
-    if (len <= C) {
-        const float* sc = scores + (size_t)seg * D.l_max;
-        for (int i = tid; i < n_c; i += blockDim.x) { u32 t = sc_rows[i]; cs[i] = skey(sc[t], t); }
-    } else {
+    (void)scores;
+    {
         for (int i = tid; i < n_c; i += blockDim.x) ms[i] = 0.f;
         __syncthreads();
         for (int h = 0; h < D.hps; ++h) {

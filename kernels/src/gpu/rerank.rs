@@ -32,7 +32,7 @@ pub fn scores(
     Ok(())
 }
 
-/// Keeps B of the C candidates by group mass (by FC score where `len ≤ C`) into `sel
+/// Keeps B of the C candidates by group mass (every row a candidate where `len ≤ C`) into `sel
 /// (batch·n_sel, B)`, `dims.budget = B`. `mass (batch·n_sel, c)` and `cand` are scratch;
 /// `cand_cnt`, `sel_cnt` are zero on entry and on return.
 #[allow(clippy::too_many_arguments)]
