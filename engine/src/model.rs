@@ -33,11 +33,14 @@ pub struct LoadOptions {
     pub threads: usize,
     /// KV cache layout: FASA-C (all in memory, the default) or FASA-M (two tiers).
     pub kv_variant: KvVariant,
+    /// Decode attention on the GPU when one is usable (FASA-C only; `FASA_GPU=0` also turns it
+    /// off). See `attention::gpu`.
+    pub gpu: bool,
 }
 
 impl LoadOptions {
     pub fn new(model_path: impl Into<PathBuf>, ort_library: impl Into<PathBuf>) -> Self {
-        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0, kv_variant: KvVariant::FasaC }
+        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0, kv_variant: KvVariant::FasaC, gpu: true }
     }
 }
 
@@ -97,6 +100,11 @@ impl Model {
         };
         let shape = CacheShape { n_layers: config.n_layers, n_kv_heads: config.n_kv_heads, head_dim: config.head_dim };
         let pool = CachePool::new(shape, opts.max_sequences.max(1), max_context, crate::attention::Profile::heuristic(&config, &sha256), opts.kv_variant);
+        if opts.kv_variant == KvVariant::FasaC {
+            if let Some(m) = crate::attention::gpu::GpuMirror::detect(shape, config.n_heads, pool.n_slots(), max_context, opts.gpu) {
+                pool.set_gpu(m);
+            }
+        }
         // ORT registers custom-op domains in a process-wide table: two sessions created at once
         // can collide ("domain is already exist"), so sessions are built one at a time.
         static SESSION_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -538,6 +538,8 @@ pub struct CachePool {
     bytes: AtomicUsize,
     slow_bytes: AtomicUsize,
     profile: std::sync::RwLock<Arc<Profile>>,
+    /// FASA-C with a usable GPU: the device mirror decode steps attend from (`super::gpu`).
+    gpu: std::sync::OnceLock<super::gpu::GpuMirror>,
 }
 
 impl CachePool {
@@ -566,6 +568,7 @@ impl CachePool {
             bytes: AtomicUsize::new(0),
             slow_bytes: AtomicUsize::new(0),
             profile: std::sync::RwLock::new(Arc::new(profile)),
+            gpu: std::sync::OnceLock::new(),
         })
     }
 
@@ -657,6 +660,18 @@ impl CachePool {
         Arc::clone(&self.profile.read().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// Attaches the GPU mirror (once; FASA-C pools only, else ignored).
+    pub fn set_gpu(&self, m: super::gpu::GpuMirror) {
+        if self.variant == KvVariant::FasaC {
+            let _ = self.gpu.set(m);
+        }
+    }
+
+    /// The GPU mirror, when decode steps may run on the GPU.
+    pub fn gpu(&self) -> Option<&super::gpu::GpuMirror> {
+        self.gpu.get()
+    }
+
     pub fn set_profile(&self, p: Profile) {
         *self.profile.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
     }
@@ -688,6 +703,9 @@ impl CachePool {
         let src = src.lock().unwrap_or_else(|e| e.into_inner());
         let before = dst.held();
         let res = dst.copy_from(&src);
+        if let Some(m) = self.gpu() {
+            m.invalidate(to);
+        }
         let delta = match &res {
             Ok(d) => *d,
             Err(_) => {
@@ -729,6 +747,9 @@ impl Drop for SlotLease {
     fn drop(&mut self) {
         if let Some(mut c) = self.pool.lock(self.slot) {
             let freed = c.clear();
+            if let Some(m) = self.pool.gpu() {
+                m.invalidate(self.slot);
+            }
             self.pool.account(TierBytes { fast: -freed.fast, slow: -freed.slow });
         }
         self.pool.free.lock().unwrap_or_else(|e| e.into_inner()).push(self.slot);

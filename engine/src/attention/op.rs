@@ -5,6 +5,8 @@
 //! sequence's cache slot. Output: f32 `(S, H·d)` attention output in the model's dim order.
 //! The kernel rotates q and k with the model's true pairs, appends k (as FC planes) and v to the
 //! slot's pages, and attends causally. Kernels keep no per-run state: the cache pool is shared.
+//! Where the pool has a GPU mirror (`super::gpu`), decode steps of the modes it serves attend on
+//! the GPU instead; the pages above are written all the same.
 use std::sync::Arc;
 
 use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, HeadView, Rope};
@@ -151,7 +153,6 @@ impl Kernel for FasaKernel {
 
         let mut out_v = ctx.output(0, vec![s as i64, (h * d) as i64])?.ok_or_else(|| ort::Error::new("FasaAttention: no output"))?;
         let (_, out) = out_v.try_extract_tensor_mut::<f32>()?;
-        let out_ptr = SharedOut(out.as_mut_ptr());
         let group = h / hkv;
         let scale = 1.0 / (d as f32).sqrt();
         let layer = self.layer;
@@ -176,6 +177,29 @@ impl Kernel for FasaKernel {
                 return Err(ort::Error::new(format!("FasaAttention: {e}")));
             }
         }
+        // GPU decode (`super::gpu`): one token's q `(H, d)` goes up, its attention `(H, d)` comes
+        // back; K/V come from the slot's fp16 mirror, which takes the row just written above. The
+        // CPU cache stays authoritative; steps that need it (measurement, calibration, capture,
+        // other modes, FASA-M) and any GPU error take the CPU path below.
+        if let Some(m) = self.pool.gpu() {
+            let on_gpu = s == 1 && !tiered && !measure && recorder.is_none() && cache.state.capture.is_none() && super::gpu::serves(cfg.mode);
+            if !on_gpu {
+                m.rewind(slot, layer, pos);
+            } else {
+                let step = super::gpu::DecodeStep { slot, layer, q_fc: &q_fc, n_q: h, cfg: &cfg, profile: &self.pool.profile(), sparse };
+                match m.decode(&cache, &step, out) {
+                    Ok(st) => {
+                        cache.state.stats.merge(&st);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        static WARN: std::sync::Once = std::sync::Once::new();
+                        WARN.call_once(|| log::warn!("FasaAttention: a GPU decode step failed ({e}); this step and any other that fails run on the CPU"));
+                    }
+                }
+            }
+        }
+        let out_ptr = SharedOut(out.as_mut_ptr());
         let mut stats = AttnStats::default();
         {
             let c = &*cache;

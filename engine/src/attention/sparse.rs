@@ -72,7 +72,7 @@ fn rows_mass(view: &HeadView, qs: &[&[f32]], rows: &[u32], scale: f32) -> (Vec<f
 /// (bench/FIDELITY.md): `FASA_EXPERIMENT_GROUP_SCORE=sum` sums the heads' FC scores instead of
 /// their softmax masses; `FASA_EXPERIMENT_FC_CHOICE=norm` picks FCs by `Σ‖q_f‖` instead of the
 /// logit variance they cause.
-fn experiment(var: &'static str, value: &str) -> bool {
+pub(crate) fn experiment(var: &'static str, value: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == value)
 }
 
@@ -196,6 +196,17 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
                 pool[..cfg.chunks.min(pool.len())].to_vec()
             } else if c.moments.is_empty() || experiment("FASA_EXPERIMENT_FC_CHOICE", "norm") {
                 choose_fcs(qs, pool, cfg.chunks)
+            } else if experiment("FASA_EXPERIMENT_FC_CHOICE", "hybrid") {
+                let (v, q) = (choose_fcs_var(qs, pool, pool.len(), c.moments, n), choose_fcs(qs, pool, pool.len()));
+                let mut out: Vec<usize> = Vec::new();
+                for (a, b) in v.iter().zip(&q) {
+                    for f in [*a, *b] {
+                        if out.len() < cfg.chunks && !out.contains(&f) {
+                            out.push(f);
+                        }
+                    }
+                }
+                out
             } else {
                 choose_fcs_var(qs, pool, cfg.chunks, c.moments, n)
             };

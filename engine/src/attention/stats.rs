@@ -29,6 +29,10 @@ pub struct AttnStats {
     /// FASA-M: selected rows already in the row cache (kept from earlier steps).
     #[serde(default)]
     pub row_hits: u64,
+    /// (layer, decode step) pairs attended on the GPU (`attention::gpu`); their bytes are
+    /// counted with fp16 elements (2 bytes), the CPU's with f32 (4 bytes).
+    #[serde(default)]
+    pub gpu_layer_steps: u64,
 }
 
 impl AttnStats {
@@ -44,6 +48,7 @@ impl AttnStats {
         self.rows_moved += o.rows_moved;
         self.bytes_moved += o.bytes_moved;
         self.row_hits += o.row_hits;
+        self.gpu_layer_steps += o.gpu_layer_steps;
     }
     /// FASA-M: fraction of selected rows found in the row cache (1.0 when none were fetched).
     pub fn hit_rate(&self) -> f64 {

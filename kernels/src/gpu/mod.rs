@@ -23,6 +23,8 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRe
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use append::GpuKvCache;
+/// Device buffers, as the launchers take them (so callers need no cudarc of their own).
+pub use cudarc::driver::CudaSlice;
 pub use decode::{DecodeConfig, FasaDecoder};
 
 /// FCs per K group: a token's FCs `8g..8g+8` are one 32-byte sector (`FCG` in common.cuh).

@@ -1,0 +1,294 @@
+//! GPU mirror of the FASA-C cache slots: decode attention (modes `dense`, `fasa`, `fasa-paper`)
+//! from fp16 copies of K and V on the GPU, through `fasa_kernels::gpu`.
+//!
+//! The CPU cache stays authoritative and is written exactly as without a GPU: prefill,
+//! calibration, recall/mass measurement, K/V capture, the baselines (oracle, streaming, quest,
+//! random-fc), FASA-M and rewinds all use it, and it needs no second implementation of them. The
+//! mirror follows it per (slot, layer): at a decode step that runs here only the new token's
+//! rotated K and V row goes in (the append kernel also keeps the K moments that `fasa` picks FCs
+//! by); when the mirror is behind or positions were rewritten (a prefill, a rewind, a new
+//! sequence in the slot, `CachePool::copy_slot`) the slot's rows are uploaded again from the CPU
+//! cache first, once. Cost: the cache is held twice, f32 on the host and fp16 on the device (the
+//! device copy is allocated at the full context when a slot first decodes here); on a
+//! unified-memory board (Jetson) both come out of the same DRAM, about ×2 the KV memory.
+//!
+//! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched;
+//! otherwise `Gpu::try_default` checks for the driver, NVRTC and a device without calling into
+//! cudarc (which panics when its libraries are absent). Which path is used is logged once.
+use std::sync::{Arc, Mutex, Once};
+
+use fasa_kernels::gpu::append::append;
+use fasa_kernels::gpu::{CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS};
+
+use super::cache::{CacheShape, SeqCache, PAGE};
+use super::config::{AttnConfig, Mode};
+use super::profile::Profile;
+use super::sparse::experiment;
+use super::stats::AttnStats;
+
+/// Bytes per cached element on the GPU (fp16); the counters of GPU steps use it.
+pub const GPU_ELEM: u64 = 2;
+
+/// What one GPU decode step needs from the operator.
+pub struct DecodeStep<'a> {
+    pub slot: usize,
+    pub layer: usize,
+    /// `(n_q, d)` rotated queries, FC-pair order (the operator's `q_fc` of one token).
+    pub q_fc: &'a [f32],
+    pub n_q: usize,
+    pub cfg: &'a AttnConfig,
+    pub profile: &'a Arc<Profile>,
+    /// Stage 1 + focused attention (else dense over every row).
+    pub sparse: bool,
+}
+
+/// The pool's GPU side: per slot and layer, the mirror (allocated at first use).
+pub struct GpuMirror {
+    gpu: Arc<Gpu>,
+    shape: CacheShape,
+    l_max: usize,
+    /// `[slot][layer]`.
+    slots: Vec<Mutex<Vec<LayerMirror>>>,
+    /// Outputs set to NaN before each step (`FASA_GPU_POISON=1`, tests): unwritten rows show.
+    poison: bool,
+    /// The last GPU step's error (that step ran on the CPU).
+    last_error: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct LayerMirror {
+    /// Tokens `0..valid` (and their K moments) equal the CPU cache's.
+    valid: usize,
+    dev: Option<Device>,
+}
+
+/// Device buffers of one (slot, layer).
+struct Device {
+    /// `(1, n_kv, l_max, d)` fp16 K and V, K moments.
+    cache: GpuKvCache,
+    /// The decoder for the settings (and profile) it was built for.
+    dec: Option<(DecKey, FasaDecoder)>,
+    /// `(n_q, d)` queries in, attention out; `(n_kv, d)` new K and V; `(1,)` position, length.
+    q: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    k_new: CudaSlice<f32>,
+    v_new: CudaSlice<f32>,
+    pos: CudaSlice<i32>,
+    lens: CudaSlice<i32>,
+}
+
+/// Settings a decoder was built for; None = dense only.
+type DecKey = (Option<AttnConfig>, Arc<Profile>);
+
+/// Whether the GPU runs this mode (the rest stay on the CPU).
+pub fn serves(mode: Mode) -> bool {
+    matches!(mode, Mode::Dense | Mode::Fasa | Mode::FasaPaper)
+}
+
+fn log_once(once: &Once, msg: impl FnOnce() -> String) {
+    once.call_once(|| log::info!("{}", msg()));
+}
+
+impl GpuMirror {
+    /// The mirror for a FASA-C pool, or None (logged once) when off, unusable or the shapes are
+    /// not ones the kernels take; then the operator's CPU path is unchanged.
+    pub fn detect(shape: CacheShape, n_heads: usize, n_slots: usize, max_context: usize, enabled: bool) -> Option<Self> {
+        static OFF: Once = Once::new();
+        static NONE: Once = Once::new();
+        static SHAPE: Once = Once::new();
+        static ON: Once = Once::new();
+        if !enabled || std::env::var("FASA_GPU").is_ok_and(|v| v == "0") {
+            log_once(&OFF, || "FasaAttention: CPU path (GPU off: FASA_GPU=0 or the load options)".into());
+            return None;
+        }
+        let group = n_heads / shape.n_kv_heads.max(1);
+        if !matches!(shape.head_dim, 64 | 128) || group == 0 || group > MAX_HPS {
+            log_once(&SHAPE, || format!("FasaAttention: CPU path (the GPU kernels take head dim 64 or 128 and 1..=8 query heads per KV head, not {} and {group})", shape.head_dim));
+            return None;
+        }
+        let Some(gpu) = Gpu::try_default() else {
+            log_once(&NONE, || "FasaAttention: CPU path (no usable CUDA driver, NVRTC or GPU)".into());
+            return None;
+        };
+        log_once(&ON, || format!("FasaAttention: decode on the GPU (sm_{}{}), fp16 mirror of the FASA-C cache; prefill and other modes on the CPU", gpu.arch.0, gpu.arch.1));
+        let slots = (0..n_slots).map(|_| Mutex::new((0..shape.n_layers).map(|_| LayerMirror::default()).collect())).collect();
+        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None) })
+    }
+
+    fn layers(&self, slot: usize) -> std::sync::MutexGuard<'_, Vec<LayerMirror>> {
+        self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every row of `slot` is stale (new contents copied in, or the slot was freed).
+    pub fn invalidate(&self, slot: usize) {
+        if slot < self.slots.len() {
+            self.layers(slot).iter_mut().for_each(|l| l.valid = 0);
+        }
+    }
+
+    /// The CPU cache rewrote `layer`'s rows from `pos` on without the GPU.
+    pub fn rewind(&self, slot: usize, layer: usize, pos: usize) {
+        if let Some(l) = self.layers(slot).get_mut(layer) {
+            l.valid = l.valid.min(pos);
+        }
+    }
+
+    /// One decode step of `c` (the token at `n - 1` already written to the CPU cache) on the GPU:
+    /// `out` `(n_q, d)` in the model's dim order, and the step's counters. On an error the
+    /// mirror of (slot, layer) is marked stale and the caller runs the CPU path.
+    pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: &mut [f32]) -> Result<AttnStats, GpuError> {
+        let mut layers = self.layers(st.slot);
+        let lm = &mut layers[st.layer];
+        let r = self.decode_in(lm, c, st, out);
+        lm.valid = if r.is_ok() { c.len(st.layer) } else { 0 };
+        if let Err(e) = &r {
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        }
+        r
+    }
+
+    /// The last GPU step's error, if any step failed (it ran on the CPU instead).
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn decode_in(&self, lm: &mut LayerMirror, c: &SeqCache, st: &DecodeStep, out: &mut [f32]) -> Result<AttnStats, GpuError> {
+        let (g, s) = (&*self.gpu, &self.gpu.stream);
+        let (hkv, d, n) = (self.shape.n_kv_heads, self.shape.head_dim, c.len(st.layer));
+        let dev = match &mut lm.dev {
+            Some(dev) => dev,
+            none => none.insert(Device {
+                // Slots in the KV ranking's order: the pool's FCs lead each tile (speed only).
+                cache: GpuKvCache::new(g, Dtype::F16, 1, hkv, d, self.l_max, Some(st.profile.layers[st.layer].kv_heads.iter().map(|h| h.ranked_fcs.clone()).collect()))?,
+                dec: None,
+                q: s.alloc_zeros(st.n_q * d)?,
+                out: s.alloc_zeros(st.n_q * d)?,
+                k_new: s.alloc_zeros(hkv * d)?,
+                v_new: s.alloc_zeros(hkv * d)?,
+                pos: s.alloc_zeros(1)?,
+                lens: s.alloc_zeros(1)?,
+            }),
+        };
+        // Bring the mirror to the CPU cache's n rows: the new row alone, or all of them again.
+        let (mut k, mut v) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
+        let rows = if lm.valid + 1 == n { n - 1..n } else { 0..n };
+        for kh in 0..hkv {
+            let p = c.pages(st.layer, kh);
+            let view = p.view();
+            let (k0, v0) = (k.len(), v.len());
+            for t in rows.clone() {
+                k.extend_from_slice(&view.kr_pages[t / PAGE][(t % PAGE) * d..(t % PAGE + 1) * d]);
+                v.extend_from_slice(&view.v_pages[t / PAGE][(t % PAGE) * d..(t % PAGE + 1) * d]);
+            }
+            if rows.start == 0 {
+                dev.cache.write_host(g, 0, kh, &k[k0..], &v[v0..])?;
+            }
+        }
+        if rows.start > 0 {
+            // (n_kv, d) rows of token n - 1; the append kernel adds them to the K moments.
+            s.memcpy_htod(&k, &mut dev.k_new)?;
+            s.memcpy_htod(&v, &mut dev.v_new)?;
+            s.memcpy_htod(&[(n - 1) as i32], &mut dev.pos)?;
+            append(g, &mut dev.cache, &dev.k_new, &dev.v_new, &dev.pos)?;
+        }
+        s.memcpy_htod(st.q_fc, &mut dev.q)?;
+        s.memcpy_htod(&[n as i32], &mut dev.lens)?;
+        if self.poison {
+            s.memcpy_htod(&vec![f32::NAN; out.len()], &mut dev.out)?;
+        }
+        let key: DecKey = (st.sparse.then(|| st.cfg.clone()), Arc::clone(st.profile));
+        if !dev.dec.as_ref().is_some_and(|(k, _)| k.0 == key.0 && Arc::ptr_eq(&k.1, &key.1)) {
+            let dc = decode_config(st, d / 2);
+            dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
+        }
+        let dec = &mut dev.dec.as_mut().expect("decoder built above").1;
+        let sel = if st.sparse {
+            dec.step(g, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
+            s.clone_dtoh(&dec.sel)?
+        } else {
+            dec.dense(g, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
+            vec![]
+        };
+        s.memcpy_dtoh(&dev.out, out)?;
+        s.synchronize()?;
+        if out.iter().any(|x| !x.is_finite()) {
+            return Err(GpuError::Shape("the GPU step left non-finite outputs".into()));
+        }
+        Ok(step_stats(st, hkv, d, n, &sel))
+    }
+}
+
+/// The operator's settings as the decoder's (the CPU's stage 1 of the same mode; see
+/// kernels/tests/gpu.rs for the correspondence). Dense builds a minimal decoder (one FC, B = 1):
+/// only its dense kernels run.
+fn decode_config(st: &DecodeStep, n_fc: usize) -> DecodeConfig {
+    let (c, l) = (st.cfg, &st.profile.layers[st.layer]);
+    let heads = if c.per_group { &l.kv_heads } else { &l.q_heads };
+    let pools = heads.iter().map(|h| h.ranked_fcs.clone()).collect();
+    if !st.sparse {
+        let pools = l.kv_heads.iter().map(|h| h.ranked_fcs.clone()).collect();
+        return DecodeConfig { n_q: st.n_q, per_group: true, budget: 1, chunks: 1, pools, pool: 1, sinks: 0, recent: 0, rerank: 0, fc_by_variance: false, group_mass: false };
+    }
+    let fasa = c.mode == Mode::Fasa;
+    DecodeConfig {
+        n_q: st.n_q,
+        per_group: c.per_group,
+        budget: c.budget,
+        chunks: c.chunks,
+        pools,
+        pool: c.pool.min(n_fc),
+        sinks: c.sinks,
+        recent: c.recent,
+        rerank: c.rerank,
+        // As `sparse::select`: `fasa` picks FCs by variance and scores a group by softmax mass
+        // unless an experiment switch restores the old stage 1; the paper's recipe does neither.
+        fc_by_variance: fasa && !experiment("FASA_EXPERIMENT_FC_CHOICE", "norm"),
+        group_mass: fasa && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum"),
+    }
+}
+
+/// The step's counters, computed as the CPU path computes them (`op::select_group`) but with
+/// fp16 elements (`GPU_ELEM`): what the CPU kernels would read over the rows the GPU selected.
+/// `sel` is the decoder's `(n_sel, B)` (the first `min(B, n)` of each selection valid).
+fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: &[u32]) -> AttnStats {
+    let e = GPU_ELEM;
+    if !st.sparse {
+        let bytes = (hkv * n * 2 * d) as u64 * e;
+        return AttnStats { dense_layer_steps: 1, bytes_dense: bytes, bytes_read: bytes, rows: (hkv * n) as u64, gpu_layer_steps: 1, ..Default::default() };
+    }
+    let c = st.cfg;
+    let (group, b) = (st.n_q / hkv, c.budget);
+    let kept = b.min(n);
+    let reranked = c.rerank > b && c.rerank < n;
+    // After a re-rank the kept rows' K was read among the candidates: only their V is read again.
+    let row_elems = if reranked { d } else { 2 * d };
+    let k = c.chunks.min(c.pool);
+    let mut total = AttnStats { gpu_layer_steps: 1, ..Default::default() };
+    for g in 0..hkv {
+        let sels: Vec<usize> = if c.per_group { vec![g] } else { (g * group..(g + 1) * group).collect() };
+        let mut rows: Vec<u32> = sels.iter().flat_map(|&s| sel[s * b..s * b + kept].iter().copied()).collect();
+        rows.sort_unstable();
+        rows.dedup();
+        // FC planes scored by the group: k per KV group; per query head the union of the heads'
+        // fixed k (paper) or, when each head picks its k in a larger pool, at most the heads' pools.
+        let fcs = if c.per_group {
+            k
+        } else {
+            let l = &st.profile.layers[st.layer];
+            let take = if c.pool <= c.chunks { k } else { c.pool };
+            let mut f: Vec<usize> = sels.iter().flat_map(|&h| l.q_heads[h].ranked_fcs[..take.min(l.q_heads[h].ranked_fcs.len())].iter().copied()).collect();
+            f.sort_unstable();
+            f.dedup();
+            f.len()
+        };
+        let extra = if reranked { (sels.len() * c.rerank * d) as u64 * e } else { 0 };
+        total.merge(&AttnStats {
+            sparse_layer_steps: 1,
+            bytes_dense: (n * 2 * d) as u64 * e,
+            rows: rows.len() as u64,
+            bytes_read: (n * 2 * fcs + rows.len() * row_elems) as u64 * e + extra,
+            ..Default::default()
+        });
+    }
+    total
+}
