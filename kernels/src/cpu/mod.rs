@@ -9,7 +9,7 @@ pub mod prefill;
 pub mod rope;
 pub mod select;
 
-pub use attention::{attend_dense, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, fc_scores, row_logits, softmax_in_place, tip_group_mass, HeadView};
+pub use attention::{attend_dense, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, exp_neg, fc_scores, row_logits, softmax_in_place, tip_group_mass, HeadView};
 pub use prefill::attend_causal_group;
 pub use rope::Rope;
 pub use select::{add_moments, choose_fcs, choose_fcs_var, force_rows, quest_score, top_b, FcMoments};
