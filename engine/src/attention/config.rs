@@ -75,13 +75,13 @@ pub struct AttnConfig {
 
 impl Default for AttnConfig {
     fn default() -> Self {
-        Self::fasa(256, 8)
+        Self::fasa(256, 12)
     }
 }
 
 impl AttnConfig {
     pub fn dense() -> Self {
-        Self { mode: Mode::Dense, ..Self::fasa(256, 8) }
+        Self { mode: Mode::Dense, ..Self::fasa(256, 12) }
     }
 
     /// The default `fasa` variant at budget `b` with `k` FCs per step, chosen by the fidelity

@@ -82,31 +82,7 @@ pub(crate) fn experiment(var: &'static str, value: &str) -> bool {
 fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
     let n = c.n;
     let mut s = vec![0f32; n];
-    if c.cfg.mode == Mode::Fasa && qs.len() > 1 && experiment("FASA_EXPERIMENT_GROUP_SCORE", "max") {
-        let mut h = vec![0f32; n];
-        s.fill(f32::NEG_INFINITY);
-        for q in qs {
-            fc_scores(&c.view, q, fcs, n, &mut h, false);
-            let m = h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            s.iter_mut().zip(&h).for_each(|(t, v)| *t = t.max(v - m));
-        }
-    } else if c.cfg.mode == Mode::Fasa && qs.len() > 1 && experiment("FASA_EXPERIMENT_GROUP_SCORE", "free") {
-        // Mass among the tokens not kept anyway: sinks and recent rows (forced in later) would
-        // otherwise set each head's max and normaliser.
-        let (lo, hi) = (c.cfg.sinks.min(n), n.saturating_sub(c.cfg.recent).max(c.cfg.sinks.min(n)));
-        let mut h = vec![0f32; n];
-        for q in qs {
-            fc_scores(&c.view, q, fcs, n, &mut h, false);
-            let m = h[lo..hi].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for v in h[lo..hi].iter_mut() {
-                *v = fasa_kernels::cpu::exp_neg((*v - m) * c.scale);
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            s[lo..hi].iter_mut().zip(&h[lo..hi]).for_each(|(o, p)| *o += p * inv);
-        }
-    } else if c.cfg.mode == Mode::Fasa && qs.len() > 1 && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum") {
+    if c.cfg.mode == Mode::Fasa && qs.len() > 1 && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum") {
         tip_group_mass(&c.view, qs, fcs, n, c.scale, &mut s);
     } else {
         for (i, q) in qs.iter().enumerate() {
@@ -167,28 +143,6 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
         if rerank {
             let mut cand = Vec::new();
             top_b(&s, cfg.rerank, &mut cand);
-            if experiment("FASA_EXPERIMENT_GROUP_SCORE", "union") && qs.len() > 1 {
-                // A quarter of the candidates by the plain sum of FC scores, the rest by mass.
-                let mut raw = vec![0f32; n];
-                for (i, q) in qs.iter().enumerate() {
-                    fc_scores(&c.view, q, fcs, n, &mut raw, i > 0);
-                }
-                force_rows(&mut raw, cfg.sinks, cfg.recent);
-                let mut by_sum = Vec::new();
-                top_b(&raw, cfg.rerank / 4, &mut by_sum);
-                let mut by_mass = Vec::new();
-                top_b(&s, cfg.rerank, &mut by_mass);
-                let mut seen: std::collections::BTreeSet<u32> = by_sum.into_iter().collect();
-                let mut order: Vec<u32> = by_mass.clone();
-                order.sort_by(|a, b| s[*b as usize].partial_cmp(&s[*a as usize]).unwrap_or(std::cmp::Ordering::Equal));
-                for t in order {
-                    if seen.len() >= cfg.rerank {
-                        break;
-                    }
-                    seen.insert(t);
-                }
-                cand = seen.into_iter().collect();
-            }
             rerank_into(c, qs, &cand, rows, kept_logits)
         } else {
             top_b(&s, b, rows);
@@ -242,17 +196,6 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
                 pool[..cfg.chunks.min(pool.len())].to_vec()
             } else if c.moments.is_empty() || experiment("FASA_EXPERIMENT_FC_CHOICE", "norm") {
                 choose_fcs(qs, pool, cfg.chunks)
-            } else if experiment("FASA_EXPERIMENT_FC_CHOICE", "hybrid") {
-                let (v, q) = (choose_fcs_var(qs, pool, pool.len(), c.moments, n), choose_fcs(qs, pool, pool.len()));
-                let mut out: Vec<usize> = Vec::new();
-                for (a, b) in v.iter().zip(&q) {
-                    for f in [*a, *b] {
-                        if out.len() < cfg.chunks && !out.contains(&f) {
-                            out.push(f);
-                        }
-                    }
-                }
-                out
             } else {
                 choose_fcs_var(qs, pool, cfg.chunks, c.moments, n)
             };
@@ -267,27 +210,7 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
 /// `(heads, B)` into `kept`. Returns the K bytes it read.
 fn rerank_into(c: &GroupCtx, qs: &[&[f32]], cand: &[u32], rows: &mut Vec<u32>, kept: &mut Vec<f32>) -> u64 {
     let (n, cfg) = (c.n, c.cfg);
-    let free = experiment("FASA_EXPERIMENT_GROUP_SCORE", "free");
-    let forced = |t: u32| (t as usize) < cfg.sinks || (t as usize) >= n - cfg.recent.min(n);
-    let (mut mass, logits) = if free {
-        let logits = row_logits(&c.view, qs, cand, c.scale);
-        let m = cand.len();
-        let mut mass = vec![0f32; m];
-        let mut p = vec![0f32; m];
-        for h in 0..qs.len() {
-            p.copy_from_slice(&logits[h * m..(h + 1) * m]);
-            for (v, &t) in p.iter_mut().zip(cand) {
-                if forced(t) {
-                    *v = f32::NEG_INFINITY;
-                }
-            }
-            softmax_in_place(&mut p);
-            mass.iter_mut().zip(&p).for_each(|(a, b)| *a += if b.is_nan() { 0.0 } else { *b });
-        }
-        (mass, logits)
-    } else {
-        rows_mass(&c.view, qs, cand, c.scale)
-    };
+    let (mut mass, logits) = rows_mass(&c.view, qs, cand, c.scale);
     for (m, &t) in mass.iter_mut().zip(cand) {
         if (t as usize) < cfg.sinks || (t as usize) >= n - cfg.recent.min(n) {
             *m = f32::INFINITY;

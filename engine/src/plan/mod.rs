@@ -331,7 +331,9 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
 
     // --- The knobs, most accurate first.
     let n_fc = s.n_fc();
-    let k_full = (n_fc / 4).max(1);
+    // 3/8 of the FCs per step: the fewest with which `fasa` kept every passkey and its KL within
+    // 2× the oracle's at 2k–8k on SmolLM2 (bench/FIDELITY.md); 1/4 lost 2 of 6 passkeys at 4k.
+    let k_full = (3 * n_fc / 8).max(1);
     let p_full = (2 * k_full).min(n_fc);
     let k_min = (n_fc / 8).max(1);
     let b_full = (context / 16 / PAGE * PAGE).clamp(MIN_BUDGET, MAX_BUDGET).min(context);

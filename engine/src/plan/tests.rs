@@ -149,7 +149,7 @@ fn jetson_orin_8gb() {
     let q = plan(&i).unwrap();
     assert_eq!((q.variant, q.bytes.kv_fast), (Variant::FasaC, p.bytes.kv_fast));
     assert_eq!(q.attention().mode, crate::Mode::Fasa);
-    assert_eq!((q.chunks, q.pool_fcs, q.budget), (8, 16, 512));
+    assert_eq!((q.chunks, q.pool_fcs, q.budget), (12, 24, 512));
 
     // Llama-3-8B fp16 at 8k: ~290 MiB of KV headroom after 4.5 GB of weights. The whole cache
     // (1.6 GB) does not fit, nor FASA-M with the full pool (~400 MB with its row cache), and no
@@ -182,13 +182,13 @@ fn jetson_orin_64gb() {
     // GiB slow each.
     let p = plan(&input(llama3_8b(), LLAMA_WEIGHTS, 2, h, 0, 4)).unwrap();
     check_fits(&p);
-    assert_eq!((p.variant, p.pool_fcs, p.chunks, p.budget, p.max_context, p.max_sessions), (Variant::FasaM, 32, 16, 2048, 131072, 4));
+    assert_eq!((p.variant, p.pool_fcs, p.chunks, p.budget, p.max_context, p.max_sessions), (Variant::FasaM, 48, 24, 2048, 131072, 4));
     assert_eq!(p.row_cache_rows, 4096);
     // Eight need 93 GiB of slow tier: the planner cuts sessions before accuracy, keeping the
-    // layout that keeps the most (FASA-M: 5, where the whole cache would keep 2).
+    // layout that keeps the most (FASA-M: 6, where the whole cache would keep 2).
     let p = plan(&input(llama3_8b(), LLAMA_WEIGHTS, 2, h, 0, 8)).unwrap();
     check_fits(&p);
-    assert_eq!((p.variant, p.pool_fcs, p.max_context, p.max_sessions), (Variant::FasaM, 32, 131072, 5));
+    assert_eq!((p.variant, p.pool_fcs, p.max_context, p.max_sessions), (Variant::FasaM, 48, 131072, 6));
     // SmolLM2: everything fits densely.
     let p = plan(&input(smollm2(), SMOL_WEIGHTS, 2, h, 0, 64)).unwrap();
     assert_eq!((p.variant, p.max_sessions), (Variant::Dense, 64));
@@ -206,7 +206,7 @@ fn discrete_gpu_24gb_with_64gb_host() {
     // 8 × 32k: FASA-M, planes on the GPU, rows in host RAM.
     let p = plan(&input(llama3_8b(), LLAMA_WEIGHTS, 2, h, 32768, 8)).unwrap();
     check_fits(&p);
-    assert_eq!((p.variant, p.pool_fcs, p.max_sessions, p.max_context), (Variant::FasaM, 32, 8, 32768));
+    assert_eq!((p.variant, p.pool_fcs, p.max_sessions, p.max_context), (Variant::FasaM, 48, 8, 32768));
     assert!(p.bytes.kv_slow > p.bytes.kv_fast);
     // JSON: `variant` is kebab-case and the plan round-trips.
     let j = serde_json::to_value(&p).unwrap();
