@@ -30,13 +30,16 @@ impl Setting {
         Self { spec: spec.into() }
     }
 
-    /// The settings at budget `b` (FCs per step default to 8).
+    /// The settings at budget `b`. FCs per step default to the engine's default for `fasa` (12)
+    /// and to 8 for the other FC modes (the paper's 8 of 32 on SmolLM2); callers cap the pool at
+    /// the model's FC count (`AttnConfig::fit_pool`).
     pub fn config(&self, b: usize) -> std::result::Result<AttnConfig, String> {
         let (mode, knobs) = self.spec.split_once(':').unwrap_or((&self.spec, ""));
         let mode = Mode::parse(mode).ok_or_else(|| format!("unknown mode {mode:?} in {:?}", self.spec))?;
         let kv: Vec<(&str, &str)> = knobs.split(',').filter(|s| !s.is_empty()).map(|s| s.split_once('=').ok_or_else(|| format!("knob {s:?} is not name=value"))).collect::<std::result::Result<_, _>>()?;
         let num = |v: &str| v.parse::<usize>().map_err(|_| format!("knob value {v:?} is not a number"));
-        let k = kv.iter().find(|(n, _)| *n == "k").map(|(_, v)| num(v)).transpose()?.unwrap_or(8);
+        let k_default = if mode == Mode::Fasa { AttnConfig::default().chunks } else { 8 };
+        let k = kv.iter().find(|(n, _)| *n == "k").map(|(_, v)| num(v)).transpose()?.unwrap_or(k_default);
         let mut c = AttnConfig::baseline(mode, b, k);
         let pool_set = kv.iter().any(|(n, _)| *n == "pool");
         if !pool_set && mode == Mode::Fasa {
@@ -272,8 +275,8 @@ fn run_context(model: &mut Model, ids: &[u32], ctx: usize, opts: &FidelityOption
     rows.push(reference.row.clone());
     for &b in &opts.budgets {
         for s in &opts.settings {
-            let cfg = s.config(b).map_err(EngineError::InvalidRequest)?;
             let c = model.info().config.clone();
+            let cfg = s.config(b).map_err(EngineError::InvalidRequest)?.fit_pool(c.n_fcs());
             cfg.validate(c.n_fcs(), c.n_layers).map_err(|e| EngineError::InvalidRequest(format!("{}: {e}", s.spec)))?;
             let t0 = Instant::now();
             let (mut kl, mut kl_max, mut agree, mut nll) = (0.0, 0.0f64, 0usize, 0.0);

@@ -115,7 +115,8 @@ pub fn run(model: &mut Model, opts: &PasskeyOptions, budgets: &[usize], settings
         let mut cfgs: Vec<(usize, String, AttnConfig)> = vec![(len, "dense".into(), AttnConfig::dense())];
         for &b in budgets {
             for s in settings {
-                cfgs.push((b, s.spec.clone(), s.config(b).map_err(EngineError::InvalidRequest)?));
+                let cfg = s.config(b).map_err(EngineError::InvalidRequest)?.fit_pool(model.info().config.n_fcs());
+                cfgs.push((b, s.spec.clone(), cfg));
             }
         }
         let mut answers: Vec<Vec<(u32, String)>> = vec![vec![]; cfgs.len()];
