@@ -91,6 +91,14 @@ struct HeadPages {
     mom_n: usize,
 }
 
+/// Adds token `t`'s pair of every plane (pages `k`, each `(planes, PAGE, 2)`) to `mom`.
+fn add_token(k: &[Box<[f32]>], mom: &mut [FcMoments], t: usize) {
+    let (p, i) = (t / PAGE, t % PAGE);
+    for (j, m) in mom.iter_mut().enumerate() {
+        add_moments(m, k[p][(j * PAGE + i) * 2], k[p][(j * PAGE + i) * 2 + 1]);
+    }
+}
+
 impl HeadPages {
     /// Planes per page.
     fn planes(&self) -> usize {
@@ -101,10 +109,7 @@ impl HeadPages {
     fn recount(&self, n: usize) -> Vec<FcMoments> {
         let mut out = vec![[0f64; 5]; self.planes()];
         for t in 0..n {
-            let (p, i) = (t / PAGE, t % PAGE);
-            for (j, m) in out.iter_mut().enumerate() {
-                add_moments(m, self.k[p][(j * PAGE + i) * 2], self.k[p][(j * PAGE + i) * 2 + 1]);
-            }
+            add_token(&self.k, &mut out, t);
         }
         out
     }
@@ -115,10 +120,7 @@ impl HeadPages {
         if t != self.mom_n || self.mom.len() != self.planes() {
             self.mom = self.recount(t);
         }
-        let (p, i) = (t / PAGE, t % PAGE);
-        for (j, m) in self.mom.iter_mut().enumerate() {
-            add_moments(m, self.k[p][(j * PAGE + i) * 2], self.k[p][(j * PAGE + i) * 2 + 1]);
-        }
+        add_token(&self.k, &mut self.mom, t);
         self.mom_n = t + 1;
     }
 

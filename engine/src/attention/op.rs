@@ -274,21 +274,10 @@ impl Kernel for FasaKernel {
                     let (mut sels, mut st) = select_group(&gctx, group, d, &qs);
                     let mut o = vec![0f32; group * d];
                     if cfg.per_group {
-                        let sel = &mut sels[0];
-                        if sel.logits.is_empty() {
-                            attend_rows_group(&gctx.view, &qs, &sel.rows, scale, &mut o);
-                        } else {
-                            attend_scored_rows_group(&gctx.view, &mut sel.logits, &sel.rows, &mut o);
-                        }
+                        attend_selection(&gctx.view, &qs, &mut sels[0], scale, &mut o);
                     } else {
-                        for (i, q) in qs.iter().enumerate() {
-                            let sel = &mut sels[i];
-                            let oh = &mut o[i * d..(i + 1) * d];
-                            if sel.logits.is_empty() {
-                                attend_rows(&gctx.view, q, &sel.rows, scale, oh);
-                            } else {
-                                attend_scored_rows_group(&gctx.view, &mut sel.logits, &sel.rows, oh);
-                            }
+                        for (i, (q, sel)) in qs.iter().zip(sels.iter_mut()).enumerate() {
+                            attend_selection(&gctx.view, &[q], sel, scale, &mut o[i * d..(i + 1) * d]);
                         }
                     }
                     // SAFETY: each group writes only the rows of its own query heads.
@@ -325,6 +314,16 @@ impl Kernel for FasaKernel {
         }
         cache.state.stats.merge(&stats);
         Ok(())
+    }
+}
+
+/// Focused attention of the query heads `qs` over a selection's rows (`o` is `(heads, d)`),
+/// reusing the re-rank's logits when it kept them (then only V is read).
+fn attend_selection(view: &HeadView, qs: &[&[f32]], sel: &mut Selection, scale: f32, o: &mut [f32]) {
+    if sel.logits.is_empty() {
+        attend_rows_group(view, qs, &sel.rows, scale, o);
+    } else {
+        attend_scored_rows_group(view, &mut sel.logits, &sel.rows, o);
     }
 }
 

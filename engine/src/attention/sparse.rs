@@ -38,34 +38,36 @@ fn permutation(n: usize, seed: u64) -> Vec<usize> {
     p
 }
 
+/// `Σ_h softmax(logits_h)` of `(heads, m)` scaled logits: the attention mass each of the `m`
+/// rows gets from the heads together.
+fn summed_softmax(logits: &[f32], m: usize) -> Vec<f32> {
+    let mut total = vec![0f32; m];
+    let mut p = vec![0f32; m];
+    for lh in logits.chunks_exact(m.max(1)) {
+        p.copy_from_slice(lh);
+        softmax_in_place(&mut p);
+        total.iter_mut().zip(&p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
 /// Exact per-head softmax over all `n` tokens, summed over heads: the attention mass each token
 /// gets from the group (the oracle's score).
 fn group_mass(view: &HeadView, qs: &[&[f32]], n: usize, scale: f32) -> Vec<f32> {
     let all: Vec<usize> = (0..view.n_fc).collect();
-    let mut total = vec![0f32; n];
-    let mut s = vec![0f32; n];
-    for q in qs {
-        fc_scores(view, q, &all, n, &mut s, false);
-        s.iter_mut().for_each(|v| *v *= scale);
-        softmax_in_place(&mut s);
-        total.iter_mut().zip(&s).for_each(|(t, v)| *t += v);
+    let mut logits = vec![0f32; qs.len() * n];
+    for (q, lh) in qs.iter().zip(logits.chunks_exact_mut(n.max(1))) {
+        fc_scores(view, q, &all, n, lh, false);
+        lh.iter_mut().for_each(|v| *v *= scale);
     }
-    total
+    summed_softmax(&logits, n)
 }
 
 /// The group's mass over the candidates `rows` only (per-head softmax over them, summed), with
 /// the exact scaled logits `(heads, rows.len())` it computed from their K rows.
 fn rows_mass(view: &HeadView, qs: &[&[f32]], rows: &[u32], scale: f32) -> (Vec<f32>, Vec<f32>) {
-    let m = rows.len();
     let logits = row_logits(view, qs, rows, scale);
-    let mut total = vec![0f32; m];
-    let mut p = vec![0f32; m];
-    for h in 0..qs.len() {
-        p.copy_from_slice(&logits[h * m..(h + 1) * m]);
-        softmax_in_place(&mut p);
-        total.iter_mut().zip(&p).for_each(|(t, v)| *t += v);
-    }
-    (total, logits)
+    (summed_softmax(&logits, rows.len()), logits)
 }
 
 /// Experiment switches that restore the previous `fasa` stage 1, for the harness's ablation
