@@ -186,7 +186,7 @@ fn cpu_select(c: &Case, data: &Data, b: usize, s: usize) -> (Vec<f32>, Vec<u32>)
     };
     let mut sc = vec![0f32; len];
     if c.var_mass && hps > 1 {
-        tip_group_mass(&vw, &qr, &fcs, len, 1.0 / (c.d as f32).sqrt(), &mut sc);
+        tip_group_mass(&vw, None, &qr, &fcs, len, 1.0 / (c.d as f32).sqrt(), &mut sc);
     } else {
         for (i, q) in qr.iter().enumerate() {
             fc_scores(&vw, q, &fcs, len, &mut sc, i > 0);

@@ -85,7 +85,7 @@ fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
     let n = c.n;
     let mut s = vec![0f32; n];
     if c.cfg.mode == Mode::Fasa && qs.len() > 1 && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum") {
-        tip_group_mass(&c.view, qs, fcs, n, c.scale, &mut s);
+        tip_group_mass(&c.view, None, qs, fcs, n, c.scale, &mut s);
     } else {
         for (i, q) in qs.iter().enumerate() {
             fc_scores(&c.view, q, fcs, n, &mut s, i > 0);

@@ -1,5 +1,6 @@
 //! Decode attention over the paged FC-plane cache: FC scores (TIP), dense attention, and exact
 //! attention over a chosen set of rows (FASA's focused attention).
+use super::quant::{fc_scores_q8, Q8View};
 
 /// Read-only view of one (layer, KV head) cache.
 ///
@@ -75,12 +76,16 @@ pub fn fc_scores(view: &HeadView, q_fc: &[f32], fcs: &[usize], n: usize, out: &m
 /// `out[t] = Σ_h softmax_t(scale·ŝ_h)(t)`, `ŝ_h(t) = Σ_{f ∈ fcs} q_{h,f}·k_{t,f}`: the attention
 /// mass each head would give the token by its FC scores, summed. Summing the raw scores instead
 /// lets the head with the largest logits choose for the group (FIDELITY.md: 0.10 → 0.07 KL at 8k).
-pub fn tip_group_mass(view: &HeadView, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
+/// With `q8`, the FC scores come from the int8 scoring planes (`fc_scores_q8`).
+pub fn tip_group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
     let out = &mut out[..n];
     out.fill(0.0);
     let mut h = vec![0f32; n];
     for q in qs {
-        fc_scores(view, q, fcs, n, &mut h, false);
+        match q8 {
+            Some(q8) => fc_scores_q8(view, q8, q, fcs, n, &mut h, false),
+            None => fc_scores(view, q, fcs, n, &mut h, false),
+        }
         let m = h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
         for v in h.iter_mut() {

@@ -3,13 +3,16 @@
 //! Layout shared with the engine's cache (pitfall 4 of FASA.md): per (layer, KV head) the cache is
 //! a list of pages of `page` tokens. A K page is `(n_fc, page, 2)`: FC plane `f` holds the rotated
 //! pair of FC `f` for every token of the page, so scoring with a subset of FCs streams only those
-//! planes. A V page is `(page, d)` in the model's dim order.
+//! planes. A V page is `(page, d)` in the model's dim order. TIP may read int8 copies of the planes
+//! instead (`quant`).
 pub mod attention;
 pub mod prefill;
+pub mod quant;
 pub mod rope;
 pub mod select;
 
 pub use attention::{attend_dense, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, exp_neg, fc_scores, row_logits, softmax_in_place, tip_group_mass, HeadView};
 pub use prefill::attend_causal_group;
+pub use quant::{fc_scores_q8, q8_plane_bytes, quantize_page_block, Q8View, QB};
 pub use rope::Rope;
 pub use select::{add_moments, choose_fcs, choose_fcs_var, force_rows, quest_score, top_b, FcMoments};

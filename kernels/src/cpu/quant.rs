@@ -1,0 +1,205 @@
+//! Int8 scoring planes: a second, quantised copy of K's FC planes that TIP reads instead of the
+//! f32 planes (a quarter of the bytes per pair; stage 1 only ranks candidates, and the re-rank
+//! and focused attention still read exact f32 K and V).
+//!
+//! Layout per cache page of `page` tokens: values `(n_fc, 2, page)` i8 (plane `f`: the first
+//! element of every token's pair, then the second), scales `(n_fc, page / QB)` f32. One scale
+//! per FC and block of `QB` tokens, shared by the pair's two elements (RoPE rotates them into
+//! each other): K quantised per channel over a token group, as KIVI does, because K's outliers
+//! sit in channels, not in tokens. Only whole blocks are quantised; the block being filled is
+//! read from the f32 planes, so an append never rescales what was written before it.
+use super::attention::{fc_scores, HeadView};
+
+/// Tokens per quantisation block.
+pub const QB: usize = 32;
+
+/// Read-only view of one (layer, KV head)'s int8 planes: the first `blocks · QB` tokens.
+#[derive(Clone, Copy)]
+pub struct Q8View<'a> {
+    /// Each `(n_fc, 2, page)` i8.
+    pub pages: &'a [&'a [i8]],
+    /// Each `(n_fc, page / QB)`: the dequantisation factor of each FC and block.
+    pub scales: &'a [&'a [f32]],
+    /// Whole blocks quantised (tokens from `blocks · QB` on are read from the f32 planes).
+    pub blocks: usize,
+}
+
+/// Quantises one block of one FC: `x`, `y` are the pair's two elements for `QB` tokens. Returns
+/// the scale `absmax / 127` (0 for an all-zero block); `q = round(v · 127 / absmax)`. The GPU's
+/// quantiser follows the same arithmetic so both read the same int8 values.
+pub fn quantize_block(x: &[f32], y: &[f32], qx: &mut [i8], qy: &mut [i8]) -> f32 {
+    let amax = x.iter().chain(y).fold(0f32, |m, v| m.max(v.abs()));
+    if amax == 0.0 || !amax.is_finite() {
+        qx.fill(0);
+        qy.fill(0);
+        return if amax == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let inv = 127.0 / amax;
+    for (q, v) in qx.iter_mut().zip(x).chain(qy.iter_mut().zip(y)) {
+        *q = (v * inv).round() as i8;
+    }
+    amax / 127.0
+}
+
+/// Quantises block `b` (tokens `b·QB .. (b+1)·QB` of the cache) from the f32 planes page `kp`
+/// (`(n_fc, page, 2)`) into the int8 page `q8` and its `scales`.
+pub fn quantize_page_block(kp: &[f32], page: usize, n_fc: usize, block_in_page: usize, q8: &mut [i8], scales: &mut [f32]) {
+    let (mut x, mut y) = ([0f32; QB], [0f32; QB]);
+    let blocks = page / QB;
+    for f in 0..n_fc {
+        let src = &kp[(f * page + block_in_page * QB) * 2..(f * page + (block_in_page + 1) * QB) * 2];
+        for (j, p) in src.chunks_exact(2).enumerate() {
+            (x[j], y[j]) = (p[0], p[1]);
+        }
+        let o = f * 2 * page + block_in_page * QB;
+        let (qx, rest) = q8[o..].split_at_mut(page);
+        scales[f * blocks + block_in_page] = quantize_block(&x, &y, &mut qx[..QB], &mut rest[..QB]);
+    }
+}
+
+/// `out[t] (+)= Σ_{f ∈ fcs} q_f · k̂_{t,f}` for tokens `0..n`, `k̂` the dequantised int8 pair for
+/// tokens in whole quantised blocks and the f32 pair after them: TIP's FC score read from the
+/// scoring planes. Same contract as `fc_scores`.
+pub fn fc_scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { scores_q8_avx2(view, q8, q_fc, fcs, n, out, accumulate) };
+    }
+    scores_q8(view, q8, q_fc, fcs, n, out, accumulate)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_q8_avx2(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool) {
+    scores_q8(view, q8, q_fc, fcs, n, out, accumulate)
+}
+
+/// The portable body; inlined into the AVX2 wrapper so the same loops compile to 8-wide
+/// conversions and FMAs there.
+#[inline(always)]
+fn scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool) {
+    let page = view.page;
+    let quantised = (q8.blocks * QB).min(n);
+    let out = &mut out[..n];
+    if !accumulate {
+        out[..quantised].fill(0.0);
+    }
+    let blocks = page / QB;
+    for (p, (qp, sp)) in q8.pages.iter().zip(q8.scales).enumerate() {
+        let t0 = p * page;
+        if t0 >= quantised {
+            break;
+        }
+        let cnt = (quantised - t0).min(page);
+        let o = &mut out[t0..t0 + cnt];
+        for &f in fcs {
+            let (q0, q1) = (q_fc[2 * f], q_fc[2 * f + 1]);
+            let (px, py) = qp[f * 2 * page..(f * 2 + 2) * page].split_at(page);
+            for (b, ob) in o.chunks_exact_mut(QB).enumerate() {
+                let s = sp[f * blocks + b];
+                let (a, c) = (q0 * s, q1 * s);
+                let (bx, by) = (&px[b * QB..(b + 1) * QB], &py[b * QB..(b + 1) * QB]);
+                for j in 0..QB {
+                    ob[j] += a * bx[j] as f32 + c * by[j] as f32;
+                }
+            }
+        }
+    }
+    if quantised < n {
+        // The block being filled: f32 planes, scored into a scratch tail.
+        let mut tail = vec![0f32; n];
+        fc_scores(view, q_fc, fcs, n, &mut tail, false);
+        for (o, v) in out[quantised..].iter_mut().zip(&tail[quantised..]) {
+            *o = if accumulate { *o + v } else { *v };
+        }
+    }
+}
+
+/// Bytes TIP reads for `fcs` FC planes over `n` tokens: int8 pairs and one f32 scale per whole
+/// block, f32 pairs after them (`blocks` as in `Q8View`).
+pub fn q8_plane_bytes(n: usize, blocks: usize, fcs: usize) -> u64 {
+    let q = (blocks * QB).min(n);
+    (fcs * (q * 2 + q / QB * 4 + (n - q) * 8)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(s: &mut u64) -> f32 {
+        *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn quantized_block_round_trips_within_half_a_step() {
+        let mut s = 7;
+        let x: Vec<f32> = (0..QB).map(|_| lcg(&mut s) * 3.0).collect();
+        let y: Vec<f32> = (0..QB).map(|_| lcg(&mut s) * 0.1).collect();
+        let (mut qx, mut qy) = ([0i8; QB], [0i8; QB]);
+        let sc = quantize_block(&x, &y, &mut qx, &mut qy);
+        let amax = x.iter().chain(&y).fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(sc, amax / 127.0);
+        for (v, q) in x.iter().zip(&qx).chain(y.iter().zip(&qy)) {
+            assert!((v - *q as f32 * sc).abs() <= sc * 0.5 + 1e-6, "{v} vs {q}·{sc}");
+        }
+        assert!(qx.iter().chain(&qy).any(|q| q.abs() == 127));
+        assert_eq!(quantize_block(&[0.0; QB], &[0.0; QB], &mut qx, &mut qy), 0.0);
+        assert!(qx.iter().all(|&q| q == 0));
+    }
+
+    /// Scores from the int8 planes equal a plain sum over dequantised pairs (whole blocks) and the
+    /// f32 pairs (the tail), with and without accumulation, over a page boundary.
+    #[test]
+    fn q8_scores_equal_the_dequantised_dot_products() {
+        let (page, n_fc, len): (usize, usize, usize) = (64, 8, 64 + 45);
+        let mut s = 3;
+        let pages = len.div_ceil(page);
+        let k: Vec<Vec<f32>> = (0..pages).map(|_| (0..n_fc * page * 2).map(|_| lcg(&mut s)).collect()).collect();
+        let mut q8 = vec![vec![0i8; n_fc * 2 * page]; pages];
+        let mut sc = vec![vec![0f32; n_fc * page / QB]; pages];
+        let blocks = len / QB;
+        for b in 0..blocks {
+            let (p, bi) = (b * QB / page, (b * QB % page) / QB);
+            quantize_page_block(&k[p], page, n_fc, bi, &mut q8[p], &mut sc[p]);
+        }
+        let kr: Vec<&[f32]> = k.iter().map(|p| p.as_slice()).collect();
+        let view = HeadView { k_pages: &kr, kr_pages: &[], v_pages: &[], page, n_fc, len };
+        let qp: Vec<&[i8]> = q8.iter().map(|p| p.as_slice()).collect();
+        let sp: Vec<&[f32]> = sc.iter().map(|p| p.as_slice()).collect();
+        let qv = Q8View { pages: &qp, scales: &sp, blocks };
+        let q: Vec<f32> = (0..2 * n_fc).map(|_| lcg(&mut s)).collect();
+        let fcs = [1, 4, 6];
+        let mut want = vec![0f32; len];
+        for (t, w) in want.iter_mut().enumerate() {
+            let (p, i) = (t / page, t % page);
+            for &f in &fcs {
+                let (x, y) = if t < blocks * QB {
+                    let s = sc[p][f * (page / QB) + i / QB];
+                    (q8[p][f * 2 * page + i] as f32 * s, q8[p][(f * 2 + 1) * page + i] as f32 * s)
+                } else {
+                    (k[p][(f * page + i) * 2], k[p][(f * page + i) * 2 + 1])
+                };
+                *w += q[2 * f] * x + q[2 * f + 1] * y;
+            }
+        }
+        let mut got = vec![0f32; len];
+        fc_scores_q8(&view, &qv, &q, &fcs, len, &mut got, false);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+        }
+        let mut twice = got.clone();
+        fc_scores_q8(&view, &qv, &q, &fcs, len, &mut twice, true);
+        for (t, g) in twice.iter().zip(&got) {
+            assert!((t - 2.0 * g).abs() <= 1e-5 * (1.0 + g.abs()));
+        }
+        // And close to the exact f32 scores: the int8 step is absmax/127 per block.
+        let mut exact = vec![0f32; len];
+        fc_scores(&view, &q, &fcs, len, &mut exact, false);
+        for (g, e) in got.iter().zip(&exact) {
+            assert!((g - e).abs() <= 0.03, "{g} vs {e}");
+        }
+        assert_eq!(q8_plane_bytes(len, blocks, 3), (3 * (96 * 2 + 3 * 4 + 13 * 8)) as u64);
+    }
+}
