@@ -78,6 +78,23 @@ pub fn fc_scores(view: &HeadView, q_fc: &[f32], fcs: &[usize], n: usize, out: &m
 /// lets the head with the largest logits choose for the group (FIDELITY.md: 0.10 → 0.07 KL at 8k).
 /// With `q8`, the FC scores come from the int8 scoring planes (`fc_scores_q8`).
 pub fn tip_group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has AVX2 and FMA (checked just above).
+        return unsafe { group_mass_avx2(view, q8, qs, fcs, n, scale, out) };
+    }
+    group_mass(view, q8, qs, fcs, n, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn group_mass_avx2(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
+    group_mass(view, q8, qs, fcs, n, scale, out)
+}
+
+/// The portable body of `tip_group_mass`, inlined into its AVX2 wrapper (8-wide `exp_neg`).
+#[inline(always)]
+fn group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
     let out = &mut out[..n];
     out.fill(0.0);
     let mut h = vec![0f32; n];
@@ -86,9 +103,25 @@ pub fn tip_group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: 
             Some(q8) => fc_scores_q8(view, q8, q, fcs, n, &mut h, false),
             None => fc_scores(view, q, fcs, n, &mut h, false),
         }
-        let m = h.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in h.iter_mut() {
+        // Eight independent lanes for the max and the sum, so both vectorize.
+        let mut mx = [f32::NEG_INFINITY; 8];
+        let mut chunks = h.chunks_exact(8);
+        for c in &mut chunks {
+            for j in 0..8 {
+                mx[j] = mx[j].max(c[j]);
+            }
+        }
+        let m = chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut acc = [0f32; 8];
+        let mut chunks = h.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for j in 0..8 {
+                c[j] = exp_neg((c[j] - m) * scale);
+                acc[j] += c[j];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
             *v = exp_neg((*v - m) * scale);
             sum += *v;
         }
@@ -320,6 +353,54 @@ mod tests {
         for t in 0..len {
             let want: f32 = fcs.iter().map(|&f| q[2 * f] * k[t * d + 2 * f] + q[2 * f + 1] * k[t * d + 2 * f + 1]).sum();
             assert!((got[t] - want).abs() < 1e-5);
+        }
+    }
+
+    /// TIP's group mass equals per-head softmax of plain FC dot products, summed (std `exp`),
+    /// over f32 planes and over int8 planes (against their dequantised pairs).
+    #[test]
+    fn tip_group_mass_matches_plain_softmax_sums() {
+        use crate::cpu::quant::{quantize_page_block, Q8View, QB};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (len, d, page) = (64 * 2 + 41, 16, 64);
+        let k: Vec<f32> = (0..len * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let (kp, krp, vp) = paged(&k, &k, len, d, page);
+        let kr: Vec<&[f32]> = kp.iter().map(|p| &p[..]).collect();
+        let krr: Vec<&[f32]> = krp.iter().map(|p| &p[..]).collect();
+        let vr: Vec<&[f32]> = vp.iter().map(|p| &p[..]).collect();
+        let view = HeadView { k_pages: &kr, kr_pages: &krr, v_pages: &vr, page, n_fc: d / 2, len };
+        let mut q8 = vec![vec![0i8; d * page]; kp.len()];
+        let mut sc = vec![vec![0f32; d / 2 * page / QB]; kp.len()];
+        for b in 0..len / QB {
+            quantize_page_block(&kp[b * QB / page], page, d / 2, (b * QB % page) / QB, &mut q8[b * QB / page], &mut sc[b * QB / page]);
+        }
+        let (qp, sp): (Vec<&[i8]>, Vec<&[f32]>) = (q8.iter().map(|p| &p[..]).collect(), sc.iter().map(|p| &p[..]).collect());
+        let qv = Q8View { pages: &qp, scales: &sp, blocks: len / QB };
+        let qs: Vec<Vec<f32>> = (0..3).map(|_| (0..d).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
+        let qr: Vec<&[f32]> = qs.iter().map(|q| &q[..]).collect();
+        let (fcs, scale) = ([0usize, 3, 5, 6], 0.7f32);
+        for quantised in [false, true] {
+            let pair = |t: usize, f: usize| -> (f32, f32) {
+                let (p, i) = (t / page, t % page);
+                if quantised && t < len / QB * QB {
+                    let s = sc[p][f * (page / QB) + i / QB];
+                    (q8[p][f * 2 * page + i] as f32 * s, q8[p][(f * 2 + 1) * page + i] as f32 * s)
+                } else {
+                    (k[t * d + 2 * f], k[t * d + 2 * f + 1])
+                }
+            };
+            let mut want = vec![0f32; len];
+            for q in &qs {
+                let s: Vec<f32> = (0..len).map(|t| fcs.iter().map(|&f| q[2 * f] * pair(t, f).0 + q[2 * f + 1] * pair(t, f).1).sum::<f32>() * scale).collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = s.iter().map(|v| (v - m).exp()).sum();
+                want.iter_mut().zip(&s).for_each(|(w, v)| *w += (v - m).exp() / z);
+            }
+            let mut got = vec![f32::NAN; len];
+            tip_group_mass(&view, quantised.then_some(&qv), &qr, &fcs, len, scale, &mut got);
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 + 1e-4 * w, "quantised {quantised}: {g} vs {w}");
+            }
         }
     }
 }

@@ -8,7 +8,7 @@
 //! each other): K quantised per channel over a token group, as KIVI does, because K's outliers
 //! sit in channels, not in tokens. Only whole blocks are quantised; the block being filled is
 //! read from the f32 planes, so an append never rescales what was written before it.
-use super::attention::{fc_scores, HeadView};
+use super::attention::HeadView;
 
 /// Tokens per quantisation block.
 pub const QB: usize = 32;
@@ -42,19 +42,28 @@ pub fn quantize_block(x: &[f32], y: &[f32], qx: &mut [i8], qy: &mut [i8]) -> f32
 }
 
 /// Quantises block `b` (tokens `b·QB .. (b+1)·QB` of the cache) from the f32 planes page `kp`
-/// (`(n_fc, page, 2)`) into the int8 page `q8` and its `scales`.
+/// (`(n_fc, page, 2)`) into the int8 page `q8` and its `scales`. The values are rounded to fp16
+/// first, as the GPU stores K: both devices then quantise the same numbers and hold the same int8
+/// planes bit for bit, so their stage 1 ranks tokens alike (an int8 step, absmax/127, is ~16× an
+/// fp16 rounding: quantising the unrounded f32 moved rows across the candidate cut on the GPU
+/// operator test). The fp16 rounding costs nothing next to the int8 step.
 pub fn quantize_page_block(kp: &[f32], page: usize, n_fc: usize, block_in_page: usize, q8: &mut [i8], scales: &mut [f32]) {
     let (mut x, mut y) = ([0f32; QB], [0f32; QB]);
     let blocks = page / QB;
     for f in 0..n_fc {
         let src = &kp[(f * page + block_in_page * QB) * 2..(f * page + (block_in_page + 1) * QB) * 2];
         for (j, p) in src.chunks_exact(2).enumerate() {
-            (x[j], y[j]) = (p[0], p[1]);
+            (x[j], y[j]) = (fp16(p[0]), fp16(p[1]));
         }
         let o = f * 2 * page + block_in_page * QB;
         let (qx, rest) = q8[o..].split_at_mut(page);
         scales[f * blocks + block_in_page] = quantize_block(&x, &y, &mut qx[..QB], &mut rest[..QB]);
     }
+}
+
+/// `v` rounded to the nearest fp16 value (saturating at ±65504 rather than becoming ∞).
+fn fp16(v: f32) -> f32 {
+    half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_f32()
 }
 
 /// `out[t] (+)= Σ_{f ∈ fcs} q_f · k̂_{t,f}` for tokens `0..n`, `k̂` the dequantised int8 pair for
@@ -106,21 +115,21 @@ fn scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize
             }
         }
     }
-    if quantised < n {
-        // The block being filled: f32 planes, scored into a scratch tail.
-        let mut tail = vec![0f32; n];
-        fc_scores(view, q_fc, fcs, n, &mut tail, false);
-        for (o, v) in out[quantised..].iter_mut().zip(&tail[quantised..]) {
-            *o = if accumulate { *o + v } else { *v };
-        }
+    // The block being filled (fewer than QB tokens): from the f32 planes.
+    for (t, o) in out.iter_mut().enumerate().skip(quantised) {
+        let kp = view.k_pages[t / page];
+        let i = t % page;
+        let s: f32 = fcs.iter().map(|&f| q_fc[2 * f] * kp[(f * page + i) * 2] + q_fc[2 * f + 1] * kp[(f * page + i) * 2 + 1]).sum();
+        *o = if accumulate { *o + s } else { s };
     }
 }
 
 /// Bytes TIP reads for `fcs` FC planes over `n` tokens: int8 pairs and one f32 scale per whole
-/// block, f32 pairs after them (`blocks` as in `Q8View`).
-pub fn q8_plane_bytes(n: usize, blocks: usize, fcs: usize) -> u64 {
+/// block, pairs of `elem`-byte elements after them (`blocks` as in `Q8View`; f32 on the CPU,
+/// fp16 on the GPU).
+pub fn q8_plane_bytes(n: usize, blocks: usize, fcs: usize, elem: usize) -> u64 {
     let q = (blocks * QB).min(n);
-    (fcs * (q * 2 + q / QB * 4 + (n - q) * 8)) as u64
+    (fcs * (q * 2 + q / QB * 4 + (n - q) * 2 * elem)) as u64
 }
 
 #[cfg(test)]
@@ -195,11 +204,12 @@ mod tests {
             assert!((t - 2.0 * g).abs() <= 1e-5 * (1.0 + g.abs()));
         }
         // And close to the exact f32 scores: the int8 step is absmax/127 per block.
+        use crate::cpu::fc_scores;
         let mut exact = vec![0f32; len];
         fc_scores(&view, &q, &fcs, len, &mut exact, false);
         for (g, e) in got.iter().zip(&exact) {
             assert!((g - e).abs() <= 0.03, "{g} vs {e}");
         }
-        assert_eq!(q8_plane_bytes(len, blocks, 3), (3 * (96 * 2 + 3 * 4 + 13 * 8)) as u64);
+        assert_eq!(q8_plane_bytes(len, blocks, 3, 4), (3 * (96 * 2 + 3 * 4 + 13 * 8)) as u64);
     }
 }
