@@ -109,6 +109,10 @@ fn gpu_decode_matches_the_cpu_path() {
             "{:>10}: logits rel-L2 median {median:.2e}, p90 {p90:.2e}, max {worst:.2e}; greedy tokens differ at {}/{} clear-margin steps; GPU layer-steps {}/{decode_steps}; read fraction CPU {:.3} GPU {:.3}; rows CPU {} GPU {}",
             cfg.mode.as_str(), o.disagree, o.clear, o.gpu.gpu_layer_steps, o.cpu.read_fraction(), o.gpu.read_fraction(), o.cpu.rows, o.gpu.rows
         );
+        let off: Vec<String> = o.errs.iter().enumerate().filter(|(_, &e)| e > 1e-2).map(|(s, e)| format!("{s}:{e:.1e}")).collect();
+        if !off.is_empty() {
+            eprintln!("{:>10}: steps over 1e-2 (step:err, position = {PROMPT} + step): {}", cfg.mode.as_str(), off.join(" "));
+        }
         let mode = cfg.mode.as_str();
         let sparse = cfg.mode != fasa_engine::Mode::Dense;
         if o.gpu.gpu_layer_steps != decode_steps || o.cpu.gpu_layer_steps != 0 {

@@ -1,7 +1,8 @@
 //! Per-step decode attention time on the GPU: FASA-C (TIP + select + FAC) in the paper's mode and
 //! the default mode (`fasa_default`: FC choice by K variance, group score by per-head mass, as the
-//! CPU default; `fasa_default_old`: by query norm, scores summed), and in-house dense, over the
-//! same cache; plus the device copy bandwidth.
+//! CPU default; `fasa_default_old`: by query norm, scores summed), each of the paper's and the
+//! default's also with TIP reading the int8 scoring planes (`*_int8`), and in-house dense, over
+//! the same cache; plus the device copy bandwidth.
 //! Each step runs over several layers' caches in turn (together ≥ 4× the L2), captured in one CUDA
 //! graph; times are per layer. Prints CSV (and writes it to the path given as first argument).
 //!
@@ -22,6 +23,29 @@ struct Shape {
     len: usize,
     budget: usize,
     k: usize,
+}
+
+/// One timed FASA-C row: name, pool P, sinks, recent, the default's stage 1 (variance + mass),
+/// int8 TIP.
+type Mode = (&'static str, usize, usize, usize, bool, bool);
+
+/// The decoder settings of `mode` at shape `s` (dense rows: the paper's, only its dense kernels run).
+fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8): Mode) -> DecodeConfig {
+    DecodeConfig {
+        n_q: s.n_q,
+        per_group: true,
+        budget: s.budget,
+        chunks: s.k,
+        pools: pools.to_vec(),
+        pool,
+        sinks,
+        recent,
+        rerank: 0,
+        fc_by_variance: false,
+        group_mass: false,
+        q8_tip: q8,
+    }
+    .with_var_mass(var_mass)
 }
 
 fn time_graph(gpu: &Gpu, g: &cudarc::driver::CudaGraph, reps: usize) -> f64 {
@@ -78,7 +102,7 @@ fn main() {
         bw_memcpy / 1e12
     )];
     lines.push(format!(
-        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8) = {:?}",
+        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8) = {:?}",
         gpu.occupancy(Dtype::F16).unwrap()
     ));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
@@ -126,6 +150,8 @@ fn main() {
                     c.write_moments(&gpu, b, kv, &m, s.len).unwrap();
                 }
             }
+            // Int8 planes of every whole block (the moments' length, s.len), for the *_int8 rows.
+            c.enable_q8(&gpu).unwrap();
             caches.push(c);
         }
         let mut q = gpu.stream.alloc_zeros::<f32>(s.batch * s.n_q * s.d).unwrap();
@@ -140,28 +166,21 @@ fn main() {
         // of 64 at Llama's); the old-default row keeps its earlier 2k.
         // `fasa_default_p2k`: the new stage 1 at the old row's pool, to tell the cost of the
         // stage 1 from that of the larger pool (whose chosen FCs spread over more FC groups).
-        let modes: [(&str, usize, usize, usize, bool); 4] = [
-            ("fasa_paper_group", s.k, 0, 0, false),
-            ("fasa_default_old", 2 * s.k, 4, 32, false),
-            ("fasa_default_p2k", 2 * s.k, 4, 32, true),
-            ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true),
+        // `*_int8`: the same as the row before with TIP reading the int8 planes.
+        let paper: Mode = ("fasa_paper_group", s.k, 0, 0, false, false);
+        let default: Mode = ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true, false);
+        let modes: [Mode; 6] = [
+            paper,
+            ("fasa_paper_group_int8", s.k, 0, 0, false, true),
+            ("fasa_default_old", 2 * s.k, 4, 32, false, false),
+            ("fasa_default_p2k", 2 * s.k, 4, 32, true, false),
+            default,
+            ("fasa_default_int8", default.1, 4, 32, true, true),
         ];
         let dense_bytes = layer_bytes as f64;
         // Dense first.
         let dense_us = {
-            let cfg = DecodeConfig {
-                n_q: s.n_q,
-                per_group: true,
-                budget: s.budget,
-                chunks: s.k,
-                pools: pools.clone(),
-                pool: s.k,
-                sinks: 0,
-                recent: 0,
-                rerank: 0,
-                fc_by_variance: false,
-                group_mass: false,
-            };
+            let cfg = config(s, &pools, paper);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
             // Both FAC kernel variants (n = registers-for-q, l = lean), the faster kept.
             let mut best = (f64::INFINITY, false);
@@ -195,21 +214,9 @@ fn main() {
             lines.push(l);
             dense_us
         };
-        for (name, p, sinks, recent, var_mass) in modes {
-            let cfg = DecodeConfig {
-                n_q: s.n_q,
-                per_group: true,
-                budget: s.budget,
-                chunks: s.k,
-                pools: pools.clone(),
-                pool: p,
-                sinks,
-                recent,
-                rerank: 0,
-                fc_by_variance: false,
-                group_mass: false,
-            }
-            .with_var_mass(var_mass);
+        for mode in modes {
+            let (name, p, q8) = (mode.0, mode.1, mode.5);
+            let cfg = config(s, &pools, mode);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
             // Every code-path variant (threshold found by TIP's last block or by each filter
             // block; combine fused into FAC's last block or launched apart), the fastest kept.
@@ -267,9 +274,11 @@ fn main() {
             .unwrap();
             let select_us = time_graph(&gpu, &g, 20) / layers as f64 * 1e3;
             // Bytes the method must read: the FC groups holding the pool's chosen FCs of every
-            // token, plus full K and V of B rows (scores and histograms not counted).
+            // token (16-bit: 32 B per token and group; int8: 16 B and one f32 scale per FC and
+            // block of 32 tokens, 17 B; the partial last block's 16-bit groups not counted), plus
+            // full K and V of B rows (scores and histograms not counted).
             let groups_read = (p.div_ceil(8)).min(n_fc / 8) as f64;
-            let tip = (s.batch * s.n_kv * s.len) as f64 * groups_read * 32.0;
+            let tip = (s.batch * s.n_kv * s.len) as f64 * groups_read * if q8 { 16.0 + 8.0 * 4.0 / 32.0 } else { 32.0 };
             let fac = (s.batch * s.n_kv * s.budget.min(s.len) * s.d * 2 * 2) as f64;
             let bytes = tip + fac;
             let tbps = bytes / (ms * 1e-3) / 1e12;

@@ -1,7 +1,8 @@
 //! The KV cache pool: one slot per live sequence, pages of `PAGE` tokens per (layer, KV head).
 //!
 //! K pages are `(n_fc, PAGE, 2)` (FC planes, rotated K), V pages `(PAGE, d)`; see
-//! `fasa_kernels::cpu` for why. Pages are allocated as a sequence grows and freed with its slot,
+//! `fasa_kernels::cpu` for why. FASA-C also keeps int8 copies of the planes that `fasa`'s TIP
+//! reads (`fasa_kernels::cpu::quant`). Pages are allocated as a sequence grows and freed with its slot,
 //! so memory follows the tokens actually cached, not the context limit.
 //!
 //! Two variants (`KvVariant`, chosen at model load). FASA-C keeps every page in memory. FASA-M
@@ -12,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fasa_kernels::cpu::{add_moments, FcMoments, HeadView};
+use fasa_kernels::cpu::{add_moments, quantize_page_block, FcMoments, HeadView, Q8View, QB};
 
 use super::calib::CaRecorder;
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
@@ -38,10 +39,15 @@ impl CacheShape {
     fn page_elems(&self) -> usize {
         3 * PAGE * self.head_dim + PAGE / QUEST_PAGE * 2 * self.head_dim
     }
-    /// Bytes one cached token costs over all layers and heads: K planes, K rows, V (f32) and
-    /// its share of the Quest bounds.
+    /// Bytes of one FASA-C page: the f32 elements, then the int8 scoring planes `(n_fc, 2, PAGE)`
+    /// and their scales `(n_fc, PAGE/QB)` f32.
+    fn page_bytes(&self) -> usize {
+        self.page_elems() * 4 + PAGE * self.head_dim + self.n_fc() * (PAGE / QB) * 4
+    }
+    /// Bytes one cached token costs over all layers and heads: K planes, K rows, V (f32), its
+    /// share of the Quest bounds, and the int8 scoring planes with their scales.
     pub fn bytes_per_token(&self) -> usize {
-        self.n_layers * self.n_kv_heads * self.page_elems() * 4 / PAGE
+        self.n_layers * self.n_kv_heads * self.page_bytes() / PAGE
     }
     /// f32 elements of one FASA-M fast-tier page: `(resident, PAGE, 2)` planes.
     fn m_fast_elems(&self, resident: usize) -> usize {
@@ -89,6 +95,11 @@ struct HeadPages {
     /// token): tokens are counted as they are appended in order.
     mom: Vec<FcMoments>,
     mom_n: usize,
+    /// FASA-C: int8 scoring planes per page `(n_fc, 2, PAGE)` and scales `(n_fc, PAGE/QB)`
+    /// (`fasa_kernels::cpu::quant`); blocks `0..q8_blocks` are quantised from the planes.
+    q8: Vec<Box<[i8]>>,
+    q8_scale: Vec<Box<[f32]>>,
+    q8_blocks: usize,
 }
 
 /// Adds token `t`'s pair of every plane (pages `k`, each `(planes, PAGE, 2)`) to `mom`.
@@ -155,6 +166,9 @@ fn slices(v: &[Box<[f32]>]) -> Vec<&[f32]> {
 /// Page slices of one (layer, KV head); `view()` borrows them as a kernel `HeadView`.
 pub struct Pages<'a> {
     k: Vec<&'a [f32]>,
+    q8: Vec<&'a [i8]>,
+    q8_scale: Vec<&'a [f32]>,
+    q8_blocks: usize,
     kr: Vec<&'a [f32]>,
     v: Vec<&'a [f32]>,
     len: usize,
@@ -175,6 +189,11 @@ impl Pages<'_> {
     /// is the slot's `j`-th resident FC, and queries must be compacted the same way); no rows.
     pub fn plane_view(&self) -> HeadView<'_> {
         HeadView { k_pages: &self.k, kr_pages: &[], v_pages: &[], page: PAGE, n_fc: self.n_planes, len: self.len }
+    }
+
+    /// The int8 scoring planes (FASA-C; none on FASA-M).
+    pub fn q8_view(&self) -> Option<Q8View<'_>> {
+        (!self.q8.is_empty()).then(|| Q8View { pages: &self.q8, scales: &self.q8_scale, blocks: self.q8_blocks.min(self.len / QB) })
     }
 }
 
@@ -295,7 +314,7 @@ impl SeqCache {
         let shape = self.shape;
         match self.tiering.clone() {
             Tiering::FasaC => {
-                let page_bytes = (shape.page_elems() * 4) as isize;
+                let page_bytes = shape.page_bytes() as isize;
                 for h in 0..shape.n_kv_heads {
                     let hp = &mut self.heads[layer * shape.n_kv_heads + h];
                     while hp.k.len() > pages {
@@ -303,6 +322,8 @@ impl SeqCache {
                         hp.kr.pop();
                         hp.v.pop();
                         hp.bounds.pop();
+                        hp.q8.pop();
+                        hp.q8_scale.pop();
                         delta.fast -= page_bytes;
                     }
                     while hp.k.len() < pages {
@@ -310,6 +331,8 @@ impl SeqCache {
                         hp.kr.push(vec![0.0; PAGE * d].into_boxed_slice());
                         hp.v.push(vec![0.0; PAGE * d].into_boxed_slice());
                         hp.bounds.push(vec![0.0; PAGE / QUEST_PAGE * 2 * d].into_boxed_slice());
+                        hp.q8.push(vec![0; n_fc * 2 * PAGE].into_boxed_slice());
+                        hp.q8_scale.push(vec![0.0; n_fc * (PAGE / QB)].into_boxed_slice());
                         delta.fast += page_bytes;
                     }
                 }
@@ -345,6 +368,8 @@ impl SeqCache {
         }
         for h in 0..shape.n_kv_heads {
             let hp = &mut self.heads[layer * shape.n_kv_heads + h];
+            // Blocks past the new length are requantised when they fill again.
+            hp.q8_blocks = hp.q8_blocks.min(len / QB);
             if len < hp.mom_n {
                 // Counted tokens were dropped: recount at the next write or read.
                 hp.mom.clear();
@@ -376,6 +401,14 @@ impl SeqCache {
             kp[(f * PAGE + i) * 2 + 1] = k_fc[2 * f + 1];
         }
         hp.note_token(t);
+        // A write inside a quantised block (after a rollback) voids it and the blocks after it;
+        // the write that completes the next block in order quantises it.
+        let b = t / QB;
+        hp.q8_blocks = hp.q8_blocks.min(b);
+        if t % QB == QB - 1 && hp.q8_blocks == b {
+            quantize_page_block(&hp.k[p], PAGE, self.shape.n_fc(), i / QB, &mut hp.q8[p], &mut hp.q8_scale[p]);
+            hp.q8_blocks = b + 1;
+        }
         hp.v[p][i * d..(i + 1) * d].copy_from_slice(v);
         hp.kr[p][i * d..(i + 1) * d].copy_from_slice(k_fc);
         let b = &mut hp.bounds[p][(i / QUEST_PAGE) * 2 * d..(i / QUEST_PAGE + 1) * 2 * d];
@@ -412,9 +445,19 @@ impl SeqCache {
                 let pages: Vec<&[f32]> = slow.as_ref().map_or(vec![], |s| hp.slow.iter().map(|&p| s.page(p)).collect());
                 let kr = pages.iter().map(|p| &p[..PAGE * d]).collect();
                 let v = pages.iter().map(|p| &p[PAGE * d..]).collect();
-                Pages { k: slices(&hp.k), kr, v, len, n_fc, n_planes: self.resident(layer, head).len() }
+                Pages { k: slices(&hp.k), q8: vec![], q8_scale: vec![], q8_blocks: 0, kr, v, len, n_fc, n_planes: self.resident(layer, head).len() }
             }
-            (Tiering::FasaC, _) => Pages { k: slices(&hp.k), kr: slices(&hp.kr), v: slices(&hp.v), len, n_fc, n_planes: n_fc },
+            (Tiering::FasaC, _) => Pages {
+                k: slices(&hp.k),
+                q8: hp.q8.iter().map(|p| &p[..]).collect(),
+                q8_scale: slices(&hp.q8_scale),
+                q8_blocks: hp.q8_blocks,
+                kr: slices(&hp.kr),
+                v: slices(&hp.v),
+                len,
+                n_fc,
+                n_planes: n_fc,
+            },
         }
     }
 
@@ -422,7 +465,7 @@ impl SeqCache {
     fn held(&self) -> TierBytes {
         let pages = self.heads.iter().map(|h| h.k.len()).sum::<usize>();
         match &self.tiering {
-            Tiering::FasaC => TierBytes { fast: (pages * self.shape.page_elems() * 4) as isize, slow: 0 },
+            Tiering::FasaC => TierBytes { fast: (pages * self.shape.page_bytes()) as isize, slow: 0 },
             Tiering::FasaM { resident, .. } => {
                 let rows: usize = self.rows.iter().map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).bytes()).sum();
                 TierBytes { fast: (pages * self.shape.m_fast_elems(*resident) * 4 + rows) as isize, slow: (pages * self.shape.m_slow_elems() * 4) as isize }
@@ -460,6 +503,7 @@ impl SeqCache {
                 dst.kr = src.kr.clone();
                 dst.v = src.v.clone();
                 dst.bounds = src.bounds.clone();
+                (dst.q8, dst.q8_scale, dst.q8_blocks) = (src.q8.clone(), src.q8_scale.clone(), src.q8_blocks);
                 (dst.mom, dst.mom_n) = (src.mom.clone(), src.mom_n);
             }
         }
@@ -779,8 +823,8 @@ mod tests {
             let d = c.resize(0, 0, PAGE + 1).unwrap();
             pool.account(d);
         }
-        assert_eq!(pool.bytes_in_use(), 2 * 3 * shape.page_elems() * 4);
-        assert_eq!(pool.bytes_in_use_by_tier(), (2 * 3 * shape.page_elems() * 4, 0));
+        assert_eq!(pool.bytes_in_use(), 2 * 3 * shape.page_bytes());
+        assert_eq!(pool.bytes_in_use_by_tier(), (2 * 3 * shape.page_bytes(), 0));
         drop(a);
         assert_eq!(pool.bytes_in_use(), 0);
         assert_eq!(pool.free_count(), 1);
@@ -854,6 +898,60 @@ mod tests {
         c.resize(0, PAGE + 1, 0).unwrap();
         d.copy_from(&c).unwrap();
         assert!(close(&d.moments(0, 0), &recount(&c, PAGE + 1)));
+    }
+
+    /// The int8 planes of (0, 0) hold exactly the quantisation of the current f32 planes, block
+    /// by block, for `blocks` whole blocks.
+    fn assert_q8_current(c: &SeqCache, blocks: usize) {
+        let pages = c.pages(0, 0);
+        let q8 = pages.q8_view().expect("FASA-C keeps int8 planes");
+        assert_eq!(q8.blocks, blocks);
+        let hp = &c.heads[0];
+        for b in 0..blocks {
+            let (p, bi) = (b * QB / PAGE, (b * QB % PAGE) / QB);
+            let (mut q, mut sc) = (vec![0i8; hp.q8[p].len()], vec![0f32; hp.q8_scale[p].len()]);
+            quantize_page_block(&hp.k[p], PAGE, c.shape.n_fc(), bi, &mut q, &mut sc);
+            for f in 0..c.shape.n_fc() {
+                let o = f * 2 * PAGE + bi * QB;
+                for r in [o, o + PAGE] {
+                    assert_eq!(q[r..r + QB], hp.q8[p][r..r + QB], "block {b} FC {f}");
+                }
+                assert_eq!(sc[f * (PAGE / QB) + bi], hp.q8_scale[p][f * (PAGE / QB) + bi]);
+            }
+        }
+    }
+
+    #[test]
+    fn q8_planes_follow_appends_rollbacks_and_copies() {
+        let shape = CacheShape { n_layers: 1, n_kv_heads: 1, head_dim: 8 };
+        let mut c = SeqCache::new(shape);
+        let k = |t: usize, round: usize| -> Vec<f32> { (0..8).map(|j| ((t * 7 + j * 3 + round) % 11) as f32 - 5.0 + j as f32 / 8.0).collect() };
+        let n = 2 * PAGE + 9;
+        for t in 0..n {
+            c.resize(0, t, 1).unwrap();
+            c.write(0, 0, t, &k(t, 0), &[0.0; 8]);
+            assert_q8_current(&c, (t + 1) / QB);
+        }
+        // Roll back into the second block and rewrite it with other values: the block and those
+        // after it are void until rewritten in order.
+        c.resize(0, QB + 5, 0).unwrap();
+        assert_q8_current(&c, 1);
+        c.resize(0, QB + 5, 2 * QB).unwrap();
+        for t in QB + 5..3 * QB + 5 {
+            c.write(0, 0, t, &k(t, 1), &[0.0; 8]);
+        }
+        assert_q8_current(&c, 3);
+        // TIP from the int8 planes stays close to the f32 planes' scores.
+        let (pages, q) = (c.pages(0, 0), [0.5f32, -1.0, 0.25, 2.0, 1.0, 0.0, -0.5, 0.75]);
+        let (view, q8) = (pages.view(), pages.q8_view().unwrap());
+        let (mut a, mut b) = (vec![0f32; 3 * QB + 5], vec![0f32; 3 * QB + 5]);
+        fasa_kernels::cpu::fc_scores(&view, &q, &[0, 2, 3], a.len(), &mut a, false);
+        fasa_kernels::cpu::fc_scores_q8(&view, &q8, &q, &[0, 2, 3], b.len(), &mut b, false);
+        assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 0.1), "{a:?} vs {b:?}");
+        assert_eq!(a[3 * QB..], b[3 * QB..], "the filling block is read from the f32 planes");
+        let mut d = SeqCache::new(shape);
+        d.copy_from(&c).unwrap();
+        assert_q8_current(&d, 3);
     }
 
     #[test]

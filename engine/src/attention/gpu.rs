@@ -11,6 +11,9 @@
 //! cache first, once. Cost: the cache is held twice, f32 on the host and fp16 on the device (the
 //! device copy is allocated at the full context when a slot first decodes here); on a
 //! unified-memory board (Jetson) both come out of the same DRAM, about ×2 the KV memory.
+//! Mode `fasa` scores with TIP from int8 scoring planes, as the CPU's `fasa` does (whole blocks of
+//! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_q8`, half K's bytes
+//! again); `fasa-paper` reads the fp16 planes.
 //!
 //! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched;
 //! otherwise `Gpu::try_default` checks for the driver, NVRTC and a device without calling into
@@ -18,12 +21,13 @@
 use std::sync::{Arc, Mutex, Once};
 
 use fasa_kernels::gpu::append::append;
-use fasa_kernels::gpu::{CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS};
+use fasa_kernels::gpu::{CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS, QB};
+use fasa_kernels::cpu::q8_plane_bytes;
 
 use super::cache::{CacheShape, SeqCache, PAGE};
 use super::config::{AttnConfig, Mode};
 use super::profile::Profile;
-use super::sparse::experiment;
+use super::sparse::{experiment, q8_tip};
 use super::stats::AttnStats;
 
 /// Bytes per cached element on the GPU (fp16); the counters of GPU steps use it.
@@ -199,6 +203,10 @@ impl GpuMirror {
         let key: DecKey = (st.sparse.then(|| st.cfg.clone()), Arc::clone(st.profile));
         if !dev.dec.as_ref().is_some_and(|(k, _)| k.0 == key.0 && Arc::ptr_eq(&k.1, &key.1)) {
             let dc = decode_config(st, d / 2);
+            if dc.q8_tip {
+                // Quantises the rows mirrored so far; write_host and append keep the planes after.
+                dev.cache.enable_q8(g)?;
+            }
             dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
         }
         let dec = &mut dev.dec.as_mut().expect("decoder built above").1;
@@ -227,7 +235,20 @@ fn decode_config(st: &DecodeStep, n_fc: usize) -> DecodeConfig {
     let pools = heads.iter().map(|h| h.ranked_fcs.clone()).collect();
     if !st.sparse {
         let pools = l.kv_heads.iter().map(|h| h.ranked_fcs.clone()).collect();
-        return DecodeConfig { n_q: st.n_q, per_group: true, budget: 1, chunks: 1, pools, pool: 1, sinks: 0, recent: 0, rerank: 0, fc_by_variance: false, group_mass: false };
+        return DecodeConfig {
+            n_q: st.n_q,
+            per_group: true,
+            budget: 1,
+            chunks: 1,
+            pools,
+            pool: 1,
+            sinks: 0,
+            recent: 0,
+            rerank: 0,
+            fc_by_variance: false,
+            group_mass: false,
+            q8_tip: false,
+        };
     }
     let fasa = c.mode == Mode::Fasa;
     DecodeConfig {
@@ -244,11 +265,15 @@ fn decode_config(st: &DecodeStep, n_fc: usize) -> DecodeConfig {
         // unless an experiment switch restores the old stage 1; the paper's recipe does neither.
         fc_by_variance: fasa && !experiment("FASA_EXPERIMENT_FC_CHOICE", "norm"),
         group_mass: fasa && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum"),
+        // As the CPU's `fasa`: TIP from the int8 scoring planes (`FASA_EXPERIMENT_TIP=f32`: fp16).
+        q8_tip: q8_tip(c),
     }
 }
 
 /// The step's counters, computed as the CPU path computes them (`op::select_group`) but with
 /// fp16 elements (`GPU_ELEM`): what the CPU kernels would read over the rows the GPU selected.
+/// With int8 TIP (`fasa`) a scored FC costs 2 bytes a token and a 4-byte scale per whole block
+/// of `QB` tokens, fp16 pairs after them.
 /// `sel` is the decoder's `(n_sel, B)` (the first `min(B, n)` of each selection valid).
 fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: &[u32]) -> AttnStats {
     let e = GPU_ELEM;
@@ -282,11 +307,16 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: &[u32]) -> A
             f.len()
         };
         let extra = if reranked { (sels.len() * c.rerank * d) as u64 * e } else { 0 };
+        let tip = if q8_tip(c) {
+            q8_plane_bytes(n, n / QB, fcs, e as usize)
+        } else {
+            (n * 2 * fcs) as u64 * e
+        };
         total.merge(&AttnStats {
             sparse_layer_steps: 1,
             bytes_dense: (n * 2 * d) as u64 * e,
             rows: rows.len() as u64,
-            bytes_read: (n * 2 * fcs + rows.len() * row_elems) as u64 * e + extra,
+            bytes_read: tip + (rows.len() * row_elems) as u64 * e + extra,
             ..Default::default()
         });
     }

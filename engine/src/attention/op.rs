@@ -15,7 +15,7 @@ use ort::value::TensorElementType;
 
 use super::cache::{CachePool, Pages, SeqCache, TierBytes};
 use super::config::Mode;
-use super::sparse::{head_mass, select, union_len, GroupCtx, Selection, ELEM};
+use super::sparse::{head_mass, plane_bytes, select, union_len, GroupCtx, Selection, ELEM};
 use super::stats::AttnStats;
 use crate::RopeLayout;
 
@@ -269,7 +269,7 @@ impl Kernel for FasaKernel {
                 let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
                 ctx.par_for(hkv, 0, |g| {
                     let moments = if wants_moments(&cfg) { c.moments(layer, g) } else { vec![] };
-                    let gctx = GroupCtx { view: pages[g].view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile, moments: &moments, scale };
+                    let gctx = GroupCtx { view: pages[g].view(), q8: pages[g].q8_view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile, moments: &moments, scale };
                     let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect();
                     let (mut sels, mut st) = select_group(&gctx, group, d, &qs);
                     let mut o = vec![0f32; group * d];
@@ -344,7 +344,7 @@ fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &
     let compact: Vec<Vec<f32>> = qs.iter().map(|q| resident.iter().flat_map(|&f| [q[2 * f], q[2 * f + 1]]).collect()).collect();
     let qc: Vec<&[f32]> = compact.iter().map(|q| q.as_slice()).collect();
     let moments = if wants_moments(cfg) { c.moments(layer, g) } else { vec![] };
-    let gctx = GroupCtx { view: pages.plane_view(), bounds: &[], layer, kv_head: g, n: n_all, cfg, profile, moments: &moments, scale };
+    let gctx = GroupCtx { view: pages.plane_view(), q8: None, bounds: &[], layer, kv_head: g, n: n_all, cfg, profile, moments: &moments, scale };
     let (sels, mut st) = select_group(&gctx, group, d, &qc);
     let mut rc = c.row_cache(layer, g).ok_or("FASA-M slot without row caches")?;
     let before = rc.bytes();
@@ -391,7 +391,7 @@ fn select_group(gctx: &GroupCtx, group: usize, d: usize, qs: &[&[f32]]) -> (Vec<
         sparse_layer_steps: 1,
         bytes_dense: (n * 2 * d) as u64 * ELEM,
         rows: union_rows as u64,
-        bytes_read: (n * 2 * union_len(&fcs) + union_rows * row_elems) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>(),
+        bytes_read: plane_bytes(gctx, union_len(&fcs)) + (union_rows * row_elems) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>(),
         ..Default::default()
     };
     (sels, st)

@@ -1,6 +1,6 @@
 //! Row selection for one decode step of one KV group (or one query head): each mode's stage 1.
 //! Stage 2 (exact attention over the rows) is `fasa_kernels::cpu::attend_rows`.
-use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, force_rows, quest_score, row_logits, softmax_in_place, tip_group_mass, top_b, FcMoments, HeadView};
+use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, top_b, FcMoments, HeadView, Q8View};
 
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
@@ -15,6 +15,8 @@ pub struct GroupCtx<'a> {
     /// K moments of each FC plane of the view over its `n` tokens (`SeqCache::moments`); empty
     /// when the mode does not choose FCs per step.
     pub moments: &'a [FcMoments],
+    /// The int8 scoring planes (FASA-C), read by `fasa`'s TIP instead of the f32 planes.
+    pub q8: Option<Q8View<'a>>,
     /// The model's softmax temperature `1/√d` (FASA-M's plane view has fewer dims than the head).
     pub scale: f32,
     pub layer: usize,
@@ -78,20 +80,45 @@ pub(crate) fn experiment(var: &'static str, value: &str) -> bool {
     std::env::var(var).is_ok_and(|v| v == value)
 }
 
+/// The scoring planes TIP reads: `fasa` reads the int8 ones where the cache has them
+/// (`FASA_EXPERIMENT_TIP=f32` restores the f32 planes, for the harness's comparison); the
+/// paper's recipe and the baselines read the f32 planes.
+fn tip_planes<'a>(c: &GroupCtx<'a>) -> Option<Q8View<'a>> {
+    c.q8.filter(|_| q8_tip(c.cfg))
+}
+
+/// Whether `cfg`'s TIP reads int8 scoring planes (CPU and GPU alike).
+pub(crate) fn q8_tip(cfg: &AttnConfig) -> bool {
+    cfg.mode == Mode::Fasa && !experiment("FASA_EXPERIMENT_TIP", "f32")
+}
+
 /// Stage-1 scores `(n,)` of the group's query heads from the FC planes `fcs`: each head's FC-score
 /// softmax mass, summed (`fasa` over a group), or the plain sum of the heads' FC scores (the
 /// paper's recipe and the baselines, one head or a group).
 fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
     let n = c.n;
     let mut s = vec![0f32; n];
+    let q8 = tip_planes(c);
     if c.cfg.mode == Mode::Fasa && qs.len() > 1 && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum") {
-        tip_group_mass(&c.view, None, qs, fcs, n, c.scale, &mut s);
+        tip_group_mass(&c.view, q8.as_ref(), qs, fcs, n, c.scale, &mut s);
     } else {
         for (i, q) in qs.iter().enumerate() {
-            fc_scores(&c.view, q, fcs, n, &mut s, i > 0);
+            match &q8 {
+                Some(q8) => fc_scores_q8(&c.view, q8, q, fcs, n, &mut s, i > 0),
+                None => fc_scores(&c.view, q, fcs, n, &mut s, i > 0),
+            }
         }
     }
     s
+}
+
+/// Bytes TIP reads from `fcs` planes over the context: int8 pairs (and scales) when it read the
+/// scoring planes, f32 pairs otherwise.
+pub fn plane_bytes(c: &GroupCtx, fcs: usize) -> u64 {
+    match tip_planes(c) {
+        Some(q8) => q8_plane_bytes(c.n, q8.blocks, fcs, ELEM as usize),
+        None => (c.n * 2 * fcs) as u64 * ELEM,
+    }
 }
 
 /// The query heads' FC pool for this selection: per query head when selecting for one head of a
@@ -305,7 +332,7 @@ mod tests {
         }
         let krr: Vec<&[f32]> = kr.iter().map(|p| p.as_slice()).collect();
         let view = HeadView { k_pages: &k, kr_pages: &krr, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
-        let c = GroupCtx { view, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt() };
+        let c = GroupCtx { view, q8: None, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt() };
         select(&c, &[0], &[q]).rows
     }
 

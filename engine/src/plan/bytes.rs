@@ -4,7 +4,9 @@
 //! Per (layer, KV head) and page, with `n_fc = d/2` FCs and `e` bytes per element:
 //! - whole cache (dense and FASA-C; what `CachePool` allocates today, whatever the mode):
 //!   K planes `(n_fc, PAGE, 2)` + K rows `(PAGE, d)` + V rows `(PAGE, d)` + Quest bounds
-//!   `(PAGE/16, 2, d)` = `3.125·d` elements per token. Everything is in the fast tier.
+//!   `(PAGE/16, 2, d)` = `3.125·d` elements per token, plus the int8 scoring planes
+//!   `(n_fc, 2, PAGE)` and their f32 scales `(n_fc, PAGE/32)`: `d + d/16` bytes per token
+//!   whatever `e`. Everything is in the fast tier.
 //! - FASA-M, sparse layers: fast tier = the pool's K planes `(P, PAGE, 2)` only (what TIP
 //!   streams); slow tier = one row per token `[K pairs of the other n_fc−P FCs | V]`, i.e.
 //!   `(PAGE, d − 2P + d)`, so fetching one selected token is one contiguous read. No K-row copy
@@ -20,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::attention::config::QUEST_PAGE;
 use crate::attention::PAGE;
 use crate::ModelConfig;
+use fasa_kernels::cpu::QB;
 
 /// Layers that attend densely under the sparse variants (`AttnConfig::fasa().dense_layers`).
 pub const DEFAULT_DENSE_LAYERS: usize = 1;
@@ -130,6 +133,12 @@ fn whole_page_elems(d: usize) -> usize {
     (d / 2) * PAGE * 2 + PAGE * d + PAGE * d + PAGE / QUEST_PAGE * 2 * d
 }
 
+/// Bytes of one whole-cache page of one (layer, KV head) with `e` bytes per element: the
+/// elements, then the int8 scoring planes and their scales (`attention::cache`).
+fn whole_page_bytes(d: usize, e: usize) -> usize {
+    whole_page_elems(d) * e + PAGE * d + (d / 2) * (PAGE / QB) * 4
+}
+
 /// FASA-M elements of one page of one sparse (layer, KV head): (fast, slow).
 fn tiered_page_elems(d: usize, pool: usize) -> (usize, usize) {
     let pool = pool.min(d / 2);
@@ -148,7 +157,7 @@ pub fn tier_bytes_per_token(l: &Layout, s: &Shapes) -> TierBytes {
     let e = l.element_bytes;
     let heads = s.n_kv_heads;
     let per_page = match l.variant {
-        Variant::Dense | Variant::FasaC => TierBytes { fast: (s.n_layers * heads * whole_page_elems(d) * e) as u64, slow: 0 },
+        Variant::Dense | Variant::FasaC => TierBytes { fast: (s.n_layers * heads * whole_page_bytes(d, e)) as u64, slow: 0 },
         Variant::FasaM => {
             let dense = l.dense_layers.min(s.n_layers);
             let (f, sl) = tiered_page_elems(d, l.pool);

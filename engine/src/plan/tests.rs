@@ -97,7 +97,7 @@ fn byte_accounting_mirrors_the_cpu_cache() {
     }
     let s = smollm2();
     // Whole cache: 30 layers × 3 heads × 3.125·64 elements.
-    assert_eq!(kv_bytes_per_token(Variant::Dense, &s, 0, 2), TierBytes { fast: 36000, slow: 0 });
+    assert_eq!(kv_bytes_per_token(Variant::Dense, &s, 0, 2), TierBytes { fast: 42120, slow: 0 });
     // FASA-M P=16: layer 0 whole, 29 layers × 3 heads × 32 plane elements fast; rows of
     // (64 − 32 + 64) elements slow.
     assert_eq!(kv_bytes_per_token(Variant::FasaM, &s, 16, 2), TierBytes { fast: (200 + 29 * 32) * 3 * 2, slow: 29 * 3 * 96 * 2 });
@@ -123,8 +123,8 @@ fn tiny_board_gives_smollm2_one_shorter_dense_session() {
     check_fits(&p);
     assert_eq!(p.variant, Variant::Dense);
     assert_eq!(p.max_sessions, 1);
-    // 512 MiB − 70 MB − ~21 MiB − 256 MiB margin ≈ 168 MiB at 72000 B/token (f32).
-    let expect = (p.available.fast / 72000) as usize / PAGE * PAGE;
+    // 512 MiB − 70 MB − ~21 MiB − 256 MiB margin ≈ 168 MiB at 78120 B/token (f32 + int8 scoring planes).
+    let expect = (p.available.fast / 78120) as usize / PAGE * PAGE;
     assert_eq!(p.max_context, expect);
     assert!((2048..3072).contains(&p.max_context), "{}", p.max_context);
     assert!(p.reasons.iter().any(|r| r.starts_with("context:")), "{:?}", p.reasons);
@@ -137,11 +137,11 @@ fn tiny_board_gives_smollm2_one_shorter_dense_session() {
 #[test]
 fn jetson_orin_8gb() {
     let h = Headroom { fast_bytes: mem_available(MEMINFO_ORIN8), slow_bytes: JETSON_SLOW, pressure: parse_psi(PSI_IDLE).unwrap().level() };
-    // SmolLM2 fp16, full context × 4: 4 × 8192 × 36000 B = 1.1 GiB: dense fits.
+    // SmolLM2 fp16, full context × 4: 4 × 8192 × 42120 B = 1.3 GiB: dense fits.
     let p = plan(&input(smollm2(), SMOL_WEIGHTS, 2, h, 0, 4)).unwrap();
     check_fits(&p);
     assert_eq!((p.variant, p.max_context, p.max_sessions), (Variant::Dense, 8192, 4));
-    assert_eq!(p.bytes.kv_fast, 4 * 8192 * 36000);
+    assert_eq!(p.bytes.kv_fast, 4 * 8192 * 42120);
     assert_eq!(p.attention().mode, crate::Mode::Dense);
     // Speed objective: same bytes, FASA-C.
     let mut i = input(smollm2(), SMOL_WEIGHTS, 2, h, 0, 4);
@@ -243,14 +243,14 @@ fn pressure_shrinks_the_plan_for_new_jobs_and_never_grows_it() {
 #[test]
 fn refuses_when_even_the_smallest_plan_does_not_fit() {
     // 16 MiB of KV headroom (given as --headroom), no slow tier: one 512-token SmolLM2 session
-    // needs 512 × 72000 B = 35 MiB.
+    // needs 512 × 78120 B = 38 MiB.
     let h = Headroom { fast_bytes: 16 * MIB, slow_bytes: 0, pressure: PressureLevel::None };
     let mut i = input(smollm2(), SMOL_WEIGHTS, 4, h, 8192, 1);
     i.model_in_headroom = false;
     i.safety_margin = 0;
     let e = plan(&i).unwrap_err();
     let PlanError::DoesNotFit { needed, available, smallest } = &e else { panic!("{e}") };
-    assert_eq!(needed.fast, 512 * 72000);
+    assert_eq!(needed.fast, 512 * 78120);
     assert_eq!(available.fast, 16 * MIB);
     assert_eq!((smallest.variant, smallest.context, smallest.sessions), (Variant::Dense, 512, 1));
     assert!(e.to_string().contains("even the smallest plan (dense"), "{e}");

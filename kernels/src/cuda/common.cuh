@@ -5,6 +5,7 @@
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
+typedef signed char i8;
 
 // ---- Layout constants (mirrored in kernels/src/gpu/mod.rs) ----
 // K is stored as FC groups: per (sequence, KV head) `(n_grp, L_max, FCG, 2)` elements, i.e. a
@@ -18,6 +19,7 @@ typedef unsigned long long u64;
 #define MAXG 8         // most FC groups per head (d ≤ 128)
 #define NBIN 4096      // histogram bins of TIP scores: top 12 bits of the ordered key
 #define BIN_SHIFT 20
+#define QB 32          // tokens per int8 quantisation block (cpu::QB)
 #define FAC_MAX_ROWS 1024 // most selected rows one FAC block handles (dense blocks: any number)
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
@@ -43,6 +45,19 @@ template <class T> __device__ __forceinline__ void unpack8(uint4 u, float* f) {
     f[2] = T::load((u16)(u.y & 0xffff)); f[3] = T::load((u16)(u.y >> 16));
     f[4] = T::load((u16)(u.z & 0xffff)); f[5] = T::load((u16)(u.z >> 16));
     f[6] = T::load((u16)(u.w & 0xffff)); f[7] = T::load((u16)(u.w >> 16));
+}
+
+// Eight int8 elements (two 32-bit words, memory order) to f32: byte b ^ 0x80 placed under the
+// exponent of 2^23 gives 2^23 + 128 + b exactly; one byte permute and one subtraction each (an
+// I2F conversion runs at a quarter of their rate, and TIP reads 16 int8 elements per 16 bytes).
+__device__ __forceinline__ void unpack8_i8(u32 a, u32 b, float* f) {
+    a ^= 0x80808080u;
+    b ^= 0x80808080u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[i] = __fsub_rn(__uint_as_float(__byte_perm(a, 0x4B000000u, 0x7440 | i)), 8388736.f);
+        f[4 + i] = __fsub_rn(__uint_as_float(__byte_perm(b, 0x4B000000u, 0x7440 | i)), 8388736.f);
+    }
 }
 
 // Order-preserving u32 key of a float (larger float → larger key); -0 is folded into +0 so

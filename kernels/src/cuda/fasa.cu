@@ -16,6 +16,11 @@
 //   cand   (batch·n_sel, l_max) u64         candidates of the threshold bin (selection keys)
 //   mom    (batch, n_kv, n_fc, 5) f64       K moments per FC id [Σx, Σy, Σxx, Σxy, Σyy] over tokens
 //          0..mom_len (batch, n_kv) i32      (the variance-based FC choice)
+//   kq     (batch, n_kv, l_max/KT, n_grp, KT, GE) i8   int8 scoring planes: k's tile layout, one
+//          byte per element (16 B per token and group); only whole blocks of QB tokens
+//   ks     (batch, n_kv, l_max/QB, n_grp, FCG) f32    per block and slot: absmax/127 over the pair
+//   q8n    (batch, n_kv) i32                whole blocks quantised (a prefix; tokens from q8n·QB on
+//          are scored from k). Arithmetic as cpu::quantize_block, so both hold the same int8 values.
 //   xh     (batch·n_sel, hps, l_max) f32    group-mass TIP: scaled per-head FC scores, and
 //   xml    (batch·n_sel, tip blocks, hps, 2) their per-block (max, Σexp)
 // A "selection" is the set of q heads that share one token set: a KV group (hps = n_q/n_kv) or
@@ -51,6 +56,28 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
+// Quantises block blk (tokens blk·QB ..) of slot j of one (sequence, KV head): kb its K region,
+// qb its int8 region, sb its scales (l_max/QB, n_grp, FCG). As cpu::quantize_block: scale =
+// absmax/127 over both elements of the pair, q = round(v · (127/absmax)), an all-zero block 0.
+template <class T>
+__device__ void quant_block(const Dims& D, const u16* kb, i8* qb, float* sb, int blk, int j) {
+    int g = j / FCG, e = (j % FCG) * 2;
+    float amax = 0.f;
+    for (int i = 0; i < QB; ++i) {
+        const u16* p = kb + k_off(blk * QB + i, g, D.n_grp) + e;
+        amax = fmaxf(amax, fmaxf(fabsf(T::load(p[0])), fabsf(T::load(p[1]))));
+    }
+    bool ok = amax != 0.f && isfinite(amax);
+    float inv = ok ? __fdiv_rn(127.f, amax) : 0.f;
+    for (int i = 0; i < QB; ++i) {
+        size_t o = k_off(blk * QB + i, g, D.n_grp) + e;
+        int x = ok ? (int)roundf(__fmul_rn(T::load(kb[o]), inv)) : 0;
+        int y = ok ? (int)roundf(__fmul_rn(T::load(kb[o + 1]), inv)) : 0;
+        *(u16*)(qb + o) = (u16)((x & 0xff) | ((y & 0xff) << 8));
+    }
+    sb[(size_t)blk * D.n_fc + j] = amax == 0.f ? 0.f : ok ? __fdiv_rn(amax, 127.f) : __int_as_float(0x7fc00000);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Append: the new token's rotated K (FC order) into its FC-group slots, V into its row, and
 // its K pairs into the moments of its (sequence, KV head): mom (batch, n_kv, n_fc, 5) f64
@@ -58,15 +85,19 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 // pos ≥ mom_len adds (a gap is zero K, adding nothing); at pos < mom_len the old pair is
 // subtracted first, so the moments always describe the stored tokens 0..mom_len. Terms are
 // rounded as cpu::add_moments rounds them (no fused multiply-add) so both sum the same bits.
-// grid (n_kv, batch), block d: thread j < d writes V[j], thread j < n_fc owns FC j's pair.
+// With int8 planes (kq != null): a write at p invalidates p's block and every later one, and the
+// token that completes a block (p % QB == QB − 1, earlier blocks quantised) quantises it.
+// grid (n_kv, batch), block d: thread j < d writes V[j], thread j < n_fc owns FC j's pair (and
+// quantises slot j).
 template <class T>
 __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos,
-                            const int* slot_of_fc, double* mom, int* mom_len) {
+                            const int* slot_of_fc, double* mom, int* mom_len, i8* kq, float* ks, int* q8n) {
     int kvh = blockIdx.x, b = blockIdx.y, j = threadIdx.x;
     int p = pos[b];
     if (p < 0 || p >= D.l_max) return; // uniform over the block
     size_t bk = (size_t)b * D.n_kv + kvh;
     int covered = mom_len[bk];
+    int nb = kq ? min(q8n[bk], p / QB) : 0;
     if (j < D.d) v[(bk * D.l_max + p) * D.d + j] = T::store(v_new[bk * D.d + j]);
     if (j < D.n_fc) {
         int f = j;
@@ -85,8 +116,29 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
         m[0] = __dadd_rn(m[0], x); m[1] = __dadd_rn(m[1], y);
         m[2] = __dadd_rn(m[2], __dmul_rn(x, x)); m[3] = __dadd_rn(m[3], __dmul_rn(x, y)); m[4] = __dadd_rn(m[4], __dmul_rn(y, y));
     }
-    __syncthreads(); // every thread has read mom_len
+    __syncthreads(); // every thread has read mom_len and q8n; the new K pairs are written
     if (j == 0 && p >= covered) mom_len[bk] = p + 1;
+    if (kq) {
+        if (p % QB == QB - 1 && nb == p / QB) {
+            if (j < D.n_fc) quant_block<T>(D, k + bk * D.l_max * D.d, kq + bk * D.l_max * D.d, ks + bk * (D.l_max / QB) * D.n_fc, nb, j);
+            ++nb;
+        }
+        if (j == 0) q8n[bk] = nb;
+    }
+}
+
+// Quantises every whole block below the length of (sequence b0 + blockIdx.z, KV head kv0 +
+// blockIdx.y): lens (batch, n_kv) (the cache's mom_len), or len where lens is null; one block of
+// QB tokens per thread block; sets q8n to their count. grid (≥ blocks, KV heads, sequences),
+// block n_fc (thread j: slot j).
+template <class T>
+__device__ void quant_blocks_impl(Dims D, const u16* k, i8* kq, float* ks, int* q8n, int b0, int kv0, const int* lens, int len) {
+    int blk = blockIdx.x, kvh = kv0 + blockIdx.y, b = b0 + blockIdx.z, j = threadIdx.x;
+    size_t bk = (size_t)b * D.n_kv + kvh;
+    int n = min(lens ? lens[bk] : len, D.l_max) / QB;
+    if (blk == 0 && j == 0) q8n[bk] = n;
+    if (blk >= n || j >= D.n_fc) return;
+    quant_block<T>(D, k + bk * D.l_max * D.d, kq + bk * D.l_max * D.d, ks + bk * (D.l_max / QB) * D.n_fc, blk, j);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -176,11 +228,153 @@ __device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg
     }
 }
 
-template <class T>
-__device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom,
-                         const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
+// Where TIP reads one (sequence, KV head)'s K: the 16-bit groups, and with int8 planes (kq set)
+// their int8 copy and scales for tokens below qlen (whole quantised blocks), k after them.
+struct TipSrc {
+    const u16* k;
+    const i8* kq;
+    const float* ks;
+    int qlen;
+};
+
+__device__ __forceinline__ TipSrc tip_src(const Dims& D, const u16* k, const i8* kq, const float* ks, const int* q8n, int b, int kvh, int len) {
+    size_t bk = (size_t)b * D.n_kv + kvh;
+    TipSrc S;
+    S.k = k + bk * D.l_max * D.d;
+    S.kq = kq ? kq + bk * D.l_max * D.d : nullptr;
+    S.ks = kq ? ks + bk * (D.l_max / QB) * D.n_fc : nullptr;
+    S.qlen = kq ? min(q8n[bk], len / QB) * QB : 0;
+    return S;
+}
+
+// TIP's chunk loop, shared by tip (NQ = 1: the heads' summed q) and tip_heads (NQ = H heads, nq
+// of them used): acc[j][h] += Σ_{chosen groups g} qv[h][g]·k_{t,g} for the thread's tokens
+// t = tc + j·TIP_THREADS + tid. qv: (NQ, MAXG·GE) in shared memory, slot order, zero outside the
+// chosen FCs. Half a group (8 elements) of every token at a time: each q element is read from
+// shared memory once for TIP_TPT tokens. (Unpacking per head instead, to hold fewer registers, and
+// a variant squeezed to 3 blocks/SM were both slower: GPU run of the group-mass stage 1, 345 → 371
+// µs TIP at 32k, batch 16, Llama shapes.)
+template <int NQ>
+__device__ __forceinline__ void tip_fma(const float (*qv)[MAXG * GE], int nq, int g, int half, const float (&f)[TIP_TPT][8],
+                                        float (&acc)[TIP_TPT][NQ]) {
+#pragma unroll
+    for (int h = 0; h < NQ; ++h) {
+        if (h < nq) {
+            const float4* q4 = (const float4*)&qv[h][g * GE + half * 8];
+            float4 a = q4[0], c = q4[1];
+            float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+#pragma unroll
+                for (int j = 0; j < TIP_TPT; ++j) acc[j][h] += qe[e] * f[j][e];
+        }
+    }
+}
+
+// From the 16-bit groups, tokens lo ≤ t < hi.
+template <class T, int NQ>
+__device__ __forceinline__ void tip_pass16(const Dims& D, const u16* kb, u32 gmask, const float (*qv)[MAXG * GE], int nq, int tc, int lo,
+                                           int hi, float (&acc)[TIP_TPT][NQ]) {
+    int tid = threadIdx.x;
+    for (u32 gm = gmask; gm; gm &= gm - 1) {
+        int g = __ffs(gm) - 1;
+        uint4 raw[TIP_TPT][2];
+#pragma unroll
+        for (int j = 0; j < TIP_TPT; ++j) {
+            int t = tc + j * TIP_THREADS + tid;
+            raw[j][0] = raw[j][1] = make_uint4(0, 0, 0, 0);
+            if (t >= lo && t < hi) {
+                const uint4* p = (const uint4*)(kb + k_off(t, g, D.n_grp));
+                raw[j][0] = p[0];
+                raw[j][1] = p[1];
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            float f[TIP_TPT][8];
+#pragma unroll
+            for (int j = 0; j < TIP_TPT; ++j) unpack8<T>(raw[j][half], f[j]);
+            tip_fma<NQ>(qv, nq, g, half, f, acc);
+        }
+    }
+}
+
+// From the int8 planes, tokens t < hi (a multiple of QB: a warp's 32 tokens are one block). GP
+// chosen groups per iteration, loaded together: 16 B per token and group is half of K's 32, and
+// one group's loads alone left too few bytes in flight (GPU run 10: int8 group-mass TIP no faster
+// than fp16 at 2 blocks/SM); GP = 2 costs registers (8 heads: 1, or it spills). Lane l loads the scale of FC l % 8 of the group (4 B, not 32) and
+// the warp passes it round by shuffle; each element is dequantised once (q · scale) for all
+// heads. cpu::fc_scores_q8 folds the scale into q instead: the same value up to rounding.
+template <int NQ, int GP>
+__device__ __forceinline__ void tip_pass8(const Dims& D, const TipSrc& S, u32 gmask, const float (*qv)[MAXG * GE], int nq, int tc, int hi,
+                                          float (&acc)[TIP_TPT][NQ]) {
+    int tid = threadIdx.x;
+    for (u32 gm = gmask; gm;) {
+        int gs[GP];
+#pragma unroll
+        for (int u = 0; u < GP; ++u) {
+            gs[u] = gm ? __ffs(gm) - 1 : -1;
+            gm &= gm - 1; // (no-op when empty)
+        }
+        uint4 raw[GP][TIP_TPT];
+        float sl[GP][TIP_TPT];
+#pragma unroll
+        for (int u = 0; u < GP; ++u)
+#pragma unroll
+            for (int j = 0; j < TIP_TPT; ++j) {
+                int t = tc + j * TIP_THREADS + tid;
+                raw[u][j] = make_uint4(0, 0, 0, 0);
+                sl[u][j] = 0.f;
+                if (t < hi && gs[u] >= 0) {
+                    raw[u][j] = *(const uint4*)(S.kq + k_off(t, gs[u], D.n_grp));
+                    sl[u][j] = S.ks[(size_t)(t / QB) * D.n_fc + gs[u] * FCG + (tid & 7)];
+                }
+            }
+#pragma unroll
+        for (int u = 0; u < GP; ++u) {
+            if (gs[u] < 0) break; // uniform over the block
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float f[TIP_TPT][8];
+#pragma unroll
+                for (int j = 0; j < TIP_TPT; ++j) {
+                    unpack8_i8(half ? raw[u][j].z : raw[u][j].x, half ? raw[u][j].w : raw[u][j].y, f[j]);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float sc = __shfl_sync(0xffffffffu, sl[u][j], half * 4 + e);
+                        f[j][2 * e] = __fmul_rn(f[j][2 * e], sc);
+                        f[j][2 * e + 1] = __fmul_rn(f[j][2 * e + 1], sc);
+                    }
+                }
+                tip_fma<NQ>(qv, nq, gs[u], half, f, acc);
+            }
+        }
+    }
+}
+
+// One chunk of TIP_TOK tokens from tc (< len): int8 planes for whole quantised blocks, the
+// 16-bit groups after them (only the chunk holding the tail pays that pass), or 16-bit only.
+template <class T, int NQ, bool Q8>
+__device__ __forceinline__ void tip_chunk(const Dims& D, const TipSrc& S, u32 gmask, const float (*qv)[MAXG * GE], int nq, int tc, int len,
+                                          float (&acc)[TIP_TPT][NQ]) {
+#pragma unroll
+    for (int j = 0; j < TIP_TPT; ++j)
+#pragma unroll
+        for (int h = 0; h < NQ; ++h) acc[j][h] = 0.f;
+    if (Q8) {
+        int qlen = min(S.qlen, len);
+        if (tc < qlen) tip_pass8<NQ, NQ == 8 ? 1 : 2>(D, S, gmask, qv, nq, tc, qlen, acc);
+        if (tc + TIP_TOK > qlen) tip_pass16<T, NQ>(D, S.k, gmask, qv, nq, tc, qlen, len, acc);
+    } else {
+        tip_pass16<T, NQ>(D, S.k, gmask, qv, nq, tc, 0, len, acc);
+    }
+}
+
+template <class T, bool Q8>
+__device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+                         const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
     __shared__ u32 sh_hist[NBIN];
-    __shared__ float qeff[MAXG * GE];
+    __shared__ __align__(16) float qeff[1][MAXG * GE];
     __shared__ bool chosen[64];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int len = lens[b];
@@ -190,7 +384,7 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
     const int* fos = fc_of_slot + kvh * D.n_fc;
     const int* pl = pool + s * D.pool;
     for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
-    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[i] = 0.f;
+    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[0][i] = 0.f;
     const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
     const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
     u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen);
@@ -198,11 +392,11 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
         int slot = pl[tid], f = fos[slot];
         float a = 0.f, c = 0.f;
         for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
-        qeff[2 * slot] = a;
-        qeff[2 * slot + 1] = c;
+        qeff[0][2 * slot] = a;
+        qeff[0][2 * slot + 1] = c;
     }
     __syncthreads();
-    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.l_max * D.d;
+    TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
     float* sc = scores + (size_t)seg * D.l_max;
     // nchunk chunks of TIP_TOK tokens per block: the prologue above (pool, q, FC choice) and the
@@ -210,41 +404,13 @@ __device__ void tip_impl(Dims D, const u16* k, const float* q, const int* fc_of_
     for (int ch = 0; ch < nchunk; ++ch) {
         int tc = t0 + ch * TIP_TOK;
         if (tc >= len) break;
-        float acc[TIP_TPT];
-#pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j) acc[j] = 0.f;
-        for (u32 gm = gmask; gm; gm &= gm - 1) {
-            int g = __ffs(gm) - 1;
-            uint4 raw[TIP_TPT][2];
-#pragma unroll
-            for (int j = 0; j < TIP_TPT; ++j) {
-                int t = tc + j * TIP_THREADS + tid;
-                raw[j][0] = raw[j][1] = make_uint4(0, 0, 0, 0);
-                if (t < len) {
-                    const uint4* p = (const uint4*)(kb + k_off(t, g, D.n_grp));
-                    raw[j][0] = p[0];
-                    raw[j][1] = p[1];
-                }
-            }
-            float qg[GE];
-#pragma unroll
-            for (int e = 0; e < GE; ++e) qg[e] = qeff[g * GE + e];
-#pragma unroll
-            for (int j = 0; j < TIP_TPT; ++j) {
-                float f[8];
-                unpack8<T>(raw[j][0], f);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[j] += qg[e] * f[e];
-                unpack8<T>(raw[j][1], f);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[j] += qg[8 + e] * f[e];
-            }
-        }
+        float acc[TIP_TPT][1];
+        tip_chunk<T, 1, Q8>(D, S, gmask, qeff, 1, tc, len, acc);
 #pragma unroll
         for (int j = 0; j < TIP_TPT; ++j) {
             int t = tc + j * TIP_THREADS + tid;
             if (t < len) {
-                float a = acc[j];
+                float a = acc[j][0];
                 if (t < D.sinks || t >= len - D.recent) a = POS_INF;
                 sc[t] = a;
                 atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
@@ -267,9 +433,9 @@ __device__ __forceinline__ void ml_merge(float& m, float& s, float m2, float s2)
 // grid (ceil(l_max/(TIP_TOK·nchunk)), n_sel, batch), block TIP_THREADS. H = compile-time bound
 // on the heads (2, 4, 8): the per-head accumulators live in registers, and fewer registers let
 // more blocks stay resident (the loads in flight are what keeps TIP at the memory limit).
-template <class T, int H>
-__device__ void tip_heads_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom,
-                               const int* lens, float* xh, float* pml, int nchunk) {
+template <class T, int H, bool Q8>
+__device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+                               const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {
     __shared__ __align__(16) float qh[H][MAXG * GE]; // chosen FCs' q per head, slot order, zero elsewhere
     __shared__ bool chosen[64];
     __shared__ float red[H][TIP_THREADS / 32][2];
@@ -292,7 +458,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const float* q, const int* 
         }
     }
     __syncthreads();
-    const u16* kb = k + ((size_t)b * D.n_kv + kvh) * D.l_max * D.d;
+    TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
     float* xs = xh + (size_t)seg * hps * D.l_max;
     float ml_m[H], ml_s[H];
@@ -302,46 +468,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const float* q, const int* 
         int tc = t0 + ch * TIP_TOK;
         if (tc >= len) break;
         float acc[TIP_TPT][H];
-#pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j)
-#pragma unroll
-            for (int h = 0; h < H; ++h) acc[j][h] = 0.f;
-        for (u32 gm = gmask; gm; gm &= gm - 1) {
-            int g = __ffs(gm) - 1;
-            uint4 raw[TIP_TPT][2];
-#pragma unroll
-            for (int j = 0; j < TIP_TPT; ++j) {
-                int t = tc + j * TIP_THREADS + tid;
-                raw[j][0] = raw[j][1] = make_uint4(0, 0, 0, 0);
-                if (t < len) {
-                    const uint4* p = (const uint4*)(kb + k_off(t, g, D.n_grp));
-                    raw[j][0] = p[0];
-                    raw[j][1] = p[1];
-                }
-            }
-            // Half a group (8 elements) of every token at a time: each q element is read from
-            // shared memory once for TIP_TPT tokens. (Unpacking per head instead, to hold fewer
-            // registers, and a variant squeezed to 3 blocks/SM were both slower: GPU run of the
-            // group-mass stage 1, 345 → 371 µs TIP at 32k, batch 16, Llama shapes, P = 64.)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                float f[TIP_TPT][8];
-#pragma unroll
-                for (int j = 0; j < TIP_TPT; ++j) unpack8<T>(raw[j][half], f[j]);
-#pragma unroll
-                for (int h = 0; h < H; ++h) {
-                    if (h < hps) {
-                        const float4* q4 = (const float4*)&qh[h][g * GE + half * 8];
-                        float4 a = q4[0], c = q4[1];
-                        float qv[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-#pragma unroll
-                        for (int e = 0; e < 8; ++e)
-#pragma unroll
-                            for (int j = 0; j < TIP_TPT; ++j) acc[j][h] += qv[e] * f[j][e];
-                    }
-                }
-            }
-        }
+        tip_chunk<T, H, Q8>(D, S, gmask, qh, hps, tc, len, acc);
 #pragma unroll
         for (int j = 0; j < TIP_TPT; ++j) {
             int t = tc + j * TIP_THREADS + tid;
@@ -1161,19 +1288,38 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_heads_h##HH##_##NAME(                                  \
         Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom, const int* lens,  \
         float* xh, float* pml, int nchunk) {                                                                             \
-        tip_heads_impl<TY, HH>(D, k, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk);                                   \
+        tip_heads_impl<TY, HH, false>(D, k, nullptr, nullptr, nullptr, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk); \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip8_heads_h##HH##_##NAME(                              \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
+        tip_heads_impl<TY, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk);               \
     }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
-                                             const int* slot_of_fc, double* mom, int* mom_len) {                         \
-        append_impl<TY>(D, k, v, k_new, v_new, pos, slot_of_fc, mom, mom_len);                                           \
+                                             const int* slot_of_fc, double* mom, int* mom_len, i8* kq, float* ks,        \
+                                             int* q8n) {                                                                 \
+        append_impl<TY>(D, k, v, k_new, v_new, pos, slot_of_fc, mom, mom_len, kq, ks, q8n);                              \
+    }                                                                                                                    \
+    extern "C" __global__ void quant_blocks_##NAME(Dims D, const u16* k, i8* kq, float* ks, int* q8n, int b0, int kv0,    \
+                                                   const int* lens, int len) {                                           \
+        quant_blocks_impl<TY>(D, k, kq, ks, q8n, b0, kv0, lens, len);                                                    \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_##NAME(Dims D, const u16* k, const float* q,             \
                                                                          const int* fc_of_slot, const int* pool,          \
                                                                          const double* mom, const int* lens,              \
                                                                          float* scores, u32* hist, u32* done, int* thr,   \
                                                                          int nchunk) {                                    \
-        tip_impl<TY>(D, k, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk);                             \
+        tip_impl<TY, false>(D, k, nullptr, nullptr, nullptr, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr,    \
+                            nchunk);                                                                                     \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 3) tip8_##NAME(Dims D, const u16* k, const i8* kq,          \
+                                                                          const float* ks, const int* q8n,               \
+                                                                          const float* q, const int* fc_of_slot,          \
+                                                                          const int* pool, const double* mom,             \
+                                                                          const int* lens, float* scores, u32* hist,      \
+                                                                          u32* done, int* thr, int nchunk) {              \
+        tip_impl<TY, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk);         \
     }                                                                                                                    \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \

@@ -11,11 +11,28 @@
 //!   stored tokens `0..mom_len` (`cpu::FcMoments`): the variance-based FC choice reads them
 //!   instead of the K planes. f64 because the variance is a difference of large sums.
 //!
+//! - Optionally ([`GpuKvCache::enable_q8`]) the int8 scoring planes TIP reads instead of K for
+//!   whole blocks of `QB` = 32 tokens ([`Q8Planes`]; the format of `cpu::quant`).
+//!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
 //! groups give TIP FC granularity of 8 and FAC whole sectors.)
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT};
+use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};
+
+/// Int8 copy of K for TIP, quantised as `cpu::quantize_block` from the stored 16-bit K: per
+/// (sequence, KV head), FC slot and block of `QB` tokens one f32 scale (absmax/127 over the
+/// pair), values `round(v · 127/absmax)`. Only whole blocks, and only a prefix of them: the
+/// append op quantises a block when its last token is written and drops the blocks from a
+/// rewritten position on; TIP reads tokens from `min(blocks, len/QB)·QB` on from K.
+pub struct Q8Planes {
+    /// `(batch, n_kv, l_max/KT, n_grp, KT, GE)` i8: K's tile layout, one byte per element.
+    pub q: CudaSlice<i8>,
+    /// `(batch, n_kv, l_max/QB, n_fc)` f32, slots in order: the dequantisation factors.
+    pub scales: CudaSlice<f32>,
+    /// `(batch, n_kv)` whole blocks quantised.
+    pub blocks: CudaSlice<i32>,
+}
 
 pub struct GpuKvCache {
     pub dtype: Dtype,
@@ -39,6 +56,8 @@ pub struct GpuKvCache {
     /// as covering the sequence's `lens[b]` tokens, so the two must agree (as they do when tokens
     /// are only appended; after a rewind, write the kept rows again).
     pub mom_len: CudaSlice<i32>,
+    /// Int8 scoring planes (None until [`GpuKvCache::enable_q8`]).
+    pub q8: Option<Q8Planes>,
 }
 
 impl GpuKvCache {
@@ -86,7 +105,46 @@ impl GpuKvCache {
             order,
             mom: st.alloc_zeros(batch * n_kv * n_fc * 5)?,
             mom_len: st.alloc_zeros(batch * n_kv)?,
+            q8: None,
         })
+    }
+
+    /// Adds the int8 scoring planes (half K's bytes again) and quantises the whole blocks of the
+    /// tokens stored so far (`mom_len` of each sequence and KV head); from then on
+    /// [`write_host`](Self::write_host) and [`append`] keep them.
+    pub fn enable_q8(&mut self, gpu: &Gpu) -> Result<(), GpuError> {
+        if self.q8.is_none() {
+            let st = &gpu.stream;
+            let (bk, l) = (self.batch * self.n_kv, self.l_max);
+            self.q8 = Some(Q8Planes { q: st.alloc_zeros(bk * l * self.d)?, scales: st.alloc_zeros(bk * (l / QB) * self.n_fc())?, blocks: st.alloc_zeros(bk)? });
+        }
+        self.quantize(gpu, None)
+    }
+
+    /// Quantises the whole blocks below the stored length of sequence `b`, KV head `kv` (`Some((b,
+    /// kv, len))`), or of every one by its `mom_len` (None). No-op without int8 planes.
+    fn quantize(&mut self, gpu: &Gpu, one: Option<(usize, usize, usize)>) -> Result<(), GpuError> {
+        let (dims, n_fc) = (self.dims(self.n_kv), self.n_fc());
+        let Some(q8) = &mut self.q8 else { return Ok(()) };
+        // grid (blocks, KV heads, sequences) from (b0, kv0).
+        let (grid, b0, kv0, len) = match one {
+            Some((b, kv, len)) => (((len / QB).max(1), 1, 1), b as i32, kv as i32, len as i32),
+            None => ((self.l_max / QB, self.n_kv, self.batch), 0, 0, 0),
+        };
+        let null = 0u64;
+        let mut l = gpu.stream.launch_builder(&gpu.f.quant_blocks[self.dtype as usize]);
+        l.arg(&dims).arg(&self.k).arg(&mut q8.q).arg(&mut q8.scales).arg(&mut q8.blocks).arg(&b0).arg(&kv0);
+        match one {
+            Some(_) => l.arg(&null),
+            None => l.arg(&self.mom_len),
+        };
+        l.arg(&len);
+        // SAFETY: the grid covers (sequence, KV head) pairs inside (batch, n_kv) (b < batch, kv <
+        // n_kv checked by the callers) and blocks < l_max/QB; each thread block reads and writes
+        // one block of QB tokens of its own (sequence, KV head) region (threads j < n_fc, one
+        // slot each); q8 holds (batch, n_kv, ...) as allocated in enable_q8.
+        unsafe { l.launch(cfg(grid, n_fc)) }?;
+        Ok(())
     }
 
     pub fn n_fc(&self) -> usize {
@@ -136,6 +194,7 @@ impl GpuKvCache {
         let base = (b * self.n_kv + kv) * l * d;
         gpu.stream.memcpy_htod(&kr, &mut self.k.slice_mut(base..base + l * d))?;
         gpu.stream.memcpy_htod(&vr, &mut self.v.slice_mut(base..base + len * d))?;
+        self.quantize(gpu, Some((b, kv, len)))?;
         let n_fc = self.n_fc();
         let mut m = vec![[0f64; 5]; n_fc];
         let round = |x: f32| self.dtype.decode(self.dtype.encode(x));
@@ -164,8 +223,8 @@ impl GpuKvCache {
 }
 
 /// Op 1: writes one new token per sequence at `pos[b]`: `k_new`, `v_new` `(batch, n_kv, d)` f32
-/// (K rotated, FC-pair order), and updates the K moments (module docs). Sequences with `pos`
-/// outside `0..l_max` are skipped.
+/// (K rotated, FC-pair order), and updates the K moments and the int8 planes (module docs).
+/// Sequences with `pos` outside `0..l_max` are skipped.
 pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: &CudaSlice<f32>, pos: &CudaSlice<i32>) -> Result<(), GpuError> {
     let n = cache.batch * cache.n_kv * cache.d;
     if k_new.len() < n || v_new.len() < n || pos.len() < cache.batch {
@@ -176,9 +235,15 @@ pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: 
     let mut l = gpu.stream.launch_builder(f);
     l.arg(&dims).arg(&mut cache.k).arg(&mut cache.v).arg(k_new).arg(v_new).arg(pos).arg(&cache.slot_of_fc);
     l.arg(&mut cache.mom).arg(&mut cache.mom_len);
+    let null = 0u64;
+    match &mut cache.q8 {
+        Some(q8) => l.arg(&mut q8.q).arg(&mut q8.scales).arg(&mut q8.blocks),
+        None => l.arg(&null).arg(&null).arg(&null),
+    };
     // SAFETY: grid (n_kv, batch) × d threads; each writes one element of token pos[b] < l_max of
-    // its (b, kv) region (thread j < n_fc also FC j's K pair and moments), bounds checked in the
-    // kernel; inputs hold (batch, n_kv, d) (checked above), mom (batch, n_kv, n_fc, 5).
+    // its (b, kv) region (thread j < n_fc also FC j's K pair and moments, and with int8 planes
+    // slot j of the block pos[b] completes), bounds checked in the kernel; inputs hold (batch,
+    // n_kv, d) (checked above), mom (batch, n_kv, n_fc, 5), q8 as allocated by enable_q8.
     unsafe { l.launch(cfg((cache.n_kv, cache.batch, 1), cache.d)) }?;
     Ok(())
 }

@@ -38,6 +38,9 @@ pub struct DecodeConfig {
     /// (`cpu::tip_group_mass`) instead of Σ_h ŝ_h. Selections of one head keep ŝ: a softmax
     /// keeps one head's order, and ŝ costs one launch and no per-head scores.
     pub group_mass: bool,
+    /// TIP reads the cache's int8 scoring planes for whole blocks of 32 tokens
+    /// (`cpu::fc_scores_q8`); the cache needs them (`GpuKvCache::enable_q8`).
+    pub q8_tip: bool,
 }
 
 impl DecodeConfig {
@@ -98,6 +101,8 @@ pub struct FasaDecoder {
 }
 
 impl FasaDecoder {
+    /// A decoder for `cache`'s shape; with `cfg.q8_tip` the cache must have int8 planes
+    /// (`GpuKvCache::enable_q8`), else its steps return an error.
     pub fn new(gpu: &Gpu, cache: &GpuKvCache, cfg: DecodeConfig) -> Result<Self, GpuError> {
         let group = cfg.n_q / cache.n_kv.max(1);
         if cfg.n_q == 0 || cfg.n_q % cache.n_kv != 0 || group > super::MAX_HPS {
@@ -203,12 +208,17 @@ impl FasaDecoder {
     fn tip(&mut self, gpu: &Gpu, cache: &GpuKvCache, dims: &Dims, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
         let dt = cache.dtype;
         let mom = if self.cfg.fc_by_variance { Some(&cache.mom) } else { None };
+        let q8 = match (self.cfg.q8_tip, &cache.q8) {
+            (false, _) => None,
+            (true, Some(p)) => Some(p),
+            (true, None) => return Err(GpuError::Shape("int8 TIP asked for, but the cache has no int8 planes: call GpuKvCache::enable_q8".into())),
+        };
         let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
         if self.cfg.group_mass && dims.hps > 1 {
-            tip::launch_heads(gpu, dt, dims, &cache.k, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks)?;
+            tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
         } else {
-            tip::launch(gpu, dt, dims, &cache.k, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)
+            tip::launch(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)
         }
     }
 

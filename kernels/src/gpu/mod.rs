@@ -22,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
-pub use append::GpuKvCache;
+pub use append::{GpuKvCache, Q8Planes};
 /// Device buffers, as the launchers take them (so callers need no cudarc of their own).
 pub use cudarc::driver::CudaSlice;
 pub use decode::{DecodeConfig, FasaDecoder};
@@ -43,6 +43,8 @@ pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
 pub(crate) const FILT_TOK: usize = 4096; // 256 · FILT_TPT
 pub(crate) const MASS_TOK: usize = 2048; // 256 · MASS_TPT
 pub(crate) const RR_ROWS: usize = 256;
+/// Tokens per int8 quantisation block (`QB` in common.cuh, `cpu::QB`).
+pub const QB: usize = crate::cpu::QB;
 
 /// The CUDA sources, concatenated for NVRTC (which has no include path here).
 const SOURCE: &str = concat!("#define FASA_NVRTC\n", include_str!("../cuda/common.cuh"), "\n", include_str!("../cuda/fasa.cu"));
@@ -135,6 +137,11 @@ pub(crate) struct Funcs {
     pub typed: [[CudaFunction; 4]; 2],
     /// Per dtype, group-mass TIP (per-head scores) for at most 2, 4, 8 heads per selection.
     pub tip_heads: [[CudaFunction; 3]; 2],
+    /// The same two TIP kernels reading the int8 scoring planes for whole blocks (`tip8_*`,
+    /// `tip8_heads_*`), and the block quantiser (`quant_blocks_*`), per dtype.
+    pub tip8: [CudaFunction; 2],
+    pub tip8_heads: [[CudaFunction; 3]; 2],
+    pub quant_blocks: [CudaFunction; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
     /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
@@ -146,13 +153,20 @@ impl Funcs {
         &self.typed[dt as usize][op as usize]
     }
 
-    /// The group-mass TIP kernel compiled for the smallest head bound ≥ `hps` (2, 4, 8).
-    pub fn tip_heads(&self, dt: Dtype, hps: usize) -> &CudaFunction {
-        &self.tip_heads[dt as usize][match hps {
+    /// The summed-score TIP kernel, from the int8 planes (`q8`) or the 16-bit K only.
+    pub fn tip(&self, dt: Dtype, q8: bool) -> &CudaFunction {
+        if q8 { &self.tip8[dt as usize] } else { self.typed(dt, TypedOp::Tip) }
+    }
+
+    /// The group-mass TIP kernel compiled for the smallest head bound ≥ `hps` (2, 4, 8), from
+    /// the int8 planes (`q8`) or the 16-bit K only.
+    pub fn tip_heads(&self, dt: Dtype, hps: usize, q8: bool) -> &CudaFunction {
+        let i = match hps {
             0..=2 => 0,
             3 | 4 => 1,
             _ => 2,
-        }]
+        };
+        if q8 { &self.tip8_heads[dt as usize][i] } else { &self.tip_heads[dt as usize][i] }
     }
 
     /// The FAC kernel compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8).
@@ -282,6 +296,10 @@ impl Gpu {
             let s = dt.suffix();
             Ok([get(&format!("tip_heads_h2_{s}"))?, get(&format!("tip_heads_h4_{s}"))?, get(&format!("tip_heads_h8_{s}"))?])
         };
+        let tip8_heads = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
+            let s = dt.suffix();
+            Ok([get(&format!("tip8_heads_h2_{s}"))?, get(&format!("tip8_heads_h4_{s}"))?, get(&format!("tip8_heads_h8_{s}"))?])
+        };
         let fac = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
             let s = dt.suffix();
             Ok([get(&format!("fac_h1_{s}"))?, get(&format!("fac_h2_{s}"))?, get(&format!("fac_h4_{s}"))?, get(&format!("fac_h8_{s}"))?])
@@ -300,6 +318,9 @@ impl Gpu {
             copy_u4: get("copy_u4")?,
             typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
             tip_heads: [tip_heads(Dtype::F16)?, tip_heads(Dtype::Bf16)?],
+            tip8: [get("tip8_f16")?, get("tip8_bf16")?],
+            tip8_heads: [tip8_heads(Dtype::F16)?, tip8_heads(Dtype::Bf16)?],
+            quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
         };
@@ -346,15 +367,20 @@ impl Gpu {
 
 impl Gpu {
     /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for
-    /// a group of 4, group-mass tip for 4 and 8 heads) for `dt`.
-    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 6], GpuError> {
+    /// a group of 4, group-mass tip for 4 and 8 heads, then int8 tip and group-mass tip for 4
+    /// and 8 heads) for `dt`.
+    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 9], GpuError> {
+        let occ = |f: &CudaFunction, threads: u32| f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None);
         Ok([
-            self.f.typed(dt, TypedOp::Tip).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
-            self.f.select_filter.occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
-            self.f.fac(dt, 4, false).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
-            self.f.fac(dt, 4, true).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?,
-            self.f.tip_heads(dt, 4).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
-            self.f.tip_heads(dt, 8).occupancy_max_active_blocks_per_multiprocessor(256, 0, None)?,
+            occ(self.f.tip(dt, false), 256)?,
+            occ(&self.f.select_filter, 256)?,
+            occ(self.f.fac(dt, 4, false), 128)?,
+            occ(self.f.fac(dt, 4, true), 128)?,
+            occ(self.f.tip_heads(dt, 4, false), 256)?,
+            occ(self.f.tip_heads(dt, 8, false), 256)?,
+            occ(self.f.tip(dt, true), 256)?,
+            occ(self.f.tip_heads(dt, 4, true), 256)?,
+            occ(self.f.tip_heads(dt, 8, true), 256)?,
         ])
     }
 

@@ -4,10 +4,12 @@
 //! logit variance they cause (`cpu::choose_fcs_var`); with `pool == k` that is the paper's fixed
 //! set. A selection's q heads are combined by summing their scores ([`launch`]) or, in two
 //! launches, by summing each head's softmax over the tokens ([`launch_heads`] then [`mass`]:
-//! `cpu::tip_group_mass`).
-use cudarc::driver::{CudaSlice, PushKernelArg};
+//! `cpu::tip_group_mass`). Both read the 16-bit K groups or, given the cache's int8 scoring planes
+//! (`Q8Planes`), those for whole quantised blocks and K for the tokens after them
+//! (`cpu::fc_scores_q8`).
+use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, MASS_TOK, TIP_TOK};
+use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
 
 /// `scores (batch·n_sel, l_max)` f32 and `hist (batch·n_sel, NBIN)` (must be zero on entry; the
 /// select op zeroes it again). `q (batch, n_q, d)` f32 FC-pair order; `pool (n_sel, P)` slots;
@@ -16,13 +18,15 @@ use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, MASS_TOK, TIP_TOK};
 /// `thr = Some((done, thr))` the last block of each selection also finds the histogram's
 /// threshold bin for `dims.budget` into `thr (batch·n_sel, 2)` = (bin, rows above it) when
 /// `len > budget`; `done (batch·n_sel,)` is its block counter, zero on entry and on return.
-/// Each block scores `nchunk` chunks of `TIP_TOK` tokens (see [`chunks`]).
+/// Each block scores `nchunk` chunks of `TIP_TOK` tokens (see [`chunks`]). `q8`: score whole
+/// quantised blocks from the int8 planes.
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
     gpu: &Gpu,
     dt: Dtype,
     dims: &Dims,
     k: &CudaSlice<u16>,
+    q8: Option<&Q8Planes>,
     q: &CudaSlice<f32>,
     fc_of_slot: &CudaSlice<i32>,
     pool: &CudaSlice<i32>,
@@ -39,10 +43,12 @@ pub fn launch(
     if hist.len() < segs * super::NBIN || thr.as_ref().is_some_and(|(d, t)| d.len() < segs || t.len() < 2 * segs) {
         return Err(GpuError::Shape("tip: done, thr or hist too small".into()));
     }
+    check_q8(dims, q8)?;
     let null = 0u64;
-    let f = gpu.f.typed(dt, TypedOp::Tip);
-    let mut l = gpu.stream.launch_builder(f);
-    l.arg(dims).arg(k).arg(q).arg(fc_of_slot).arg(pool);
+    let mut l = gpu.stream.launch_builder(gpu.f.tip(dt, q8.is_some()));
+    l.arg(dims);
+    arg_k(&mut l, k, q8);
+    l.arg(q).arg(fc_of_slot).arg(pool);
     match mom {
         Some(m) => l.arg(m),
         None => l.arg(&null),
@@ -72,6 +78,7 @@ pub fn launch_heads(
     dt: Dtype,
     dims: &Dims,
     k: &CudaSlice<u16>,
+    q8: Option<&Q8Planes>,
     q: &CudaSlice<f32>,
     fc_of_slot: &CudaSlice<i32>,
     pool: &CudaSlice<i32>,
@@ -90,11 +97,13 @@ pub fn launch_heads(
     if xh.len() < segs * hps * dims.l_max as usize || pml.len() < segs * nblk * hps * 2 {
         return Err(GpuError::Shape("tip::launch_heads: xh or pml too small".into()));
     }
+    check_q8(dims, q8)?;
     let null = 0u64;
     let nc = nchunk as i32;
-    let f = gpu.f.tip_heads(dt, hps);
-    let mut l = gpu.stream.launch_builder(f);
-    l.arg(dims).arg(k).arg(q).arg(fc_of_slot).arg(pool);
+    let mut l = gpu.stream.launch_builder(gpu.f.tip_heads(dt, hps, q8.is_some()));
+    l.arg(dims);
+    arg_k(&mut l, k, q8);
+    l.arg(q).arg(fc_of_slot).arg(pool);
     match mom {
         Some(m) => l.arg(m),
         None => l.arg(&null),
@@ -144,6 +153,22 @@ pub fn mass(
     // SAFETY: sizes checked; each block reads its selection's xh and pml entries of blocks that
     // held tokens (< lens[b]) and writes its own tokens' scores and its selection's histogram.
     unsafe { l.launch(cfg(grid, 256)) }?;
+    Ok(())
+}
+
+/// K, then with int8 planes their values, scales and block counts (the `tip8*` kernels' order).
+fn arg_k<'a>(l: &mut LaunchArgs<'a>, k: &'a CudaSlice<u16>, q8: Option<&'a Q8Planes>) {
+    l.arg(k);
+    if let Some(p) = q8 {
+        l.arg(&p.q).arg(&p.scales).arg(&p.blocks);
+    }
+}
+
+fn check_q8(d: &Dims, q8: Option<&Q8Planes>) -> Result<(), GpuError> {
+    let (bk, l) = ((d.batch * d.n_kv) as usize, d.l_max as usize);
+    if q8.is_some_and(|p| p.blocks.len() < bk || p.q.len() < bk * l * d.d as usize || p.scales.len() < bk * (l / QB) * d.n_fc as usize) {
+        return Err(GpuError::Shape("tip: int8 planes need (batch, n_kv) blocks of the cache's shape".into()));
+    }
     Ok(())
 }
 
