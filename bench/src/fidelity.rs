@@ -51,10 +51,14 @@ impl Setting {
                 "pool" => c.pool = num(v)?,
                 "sinks" => c.sinks = num(v)?,
                 "recent" => c.recent = num(v)?,
-                "rerank" => c.rerank = if let Some(m) = v.strip_suffix('x') { num(m)? * b } else { num(v)? },
+                "rerank" => {
+                    c.rerank = if let Some(m) = v.strip_suffix('x') { num(m)? * b } else { num(v)? };
+                    c.rerank_div = 0;
+                }
+                "rdiv" => c.rerank_div = num(v)?,
                 "group" => c.per_group = num(v)? != 0,
                 "dense" => c.dense_layers = num(v)?,
-                _ => return Err(format!("unknown knob {n:?} (k, pool, sinks, recent, rerank, group, dense)")),
+                _ => return Err(format!("unknown knob {n:?} (k, pool, sinks, recent, rerank, rdiv, group, dense)")),
             }
         }
         if mode == Mode::Streaming {
@@ -219,7 +223,8 @@ fn teacher_force(model: &mut Model, base: usize, work: usize, cfg: &AttnConfig, 
     if !model.pool().copy_slot(base, work) {
         return Err(EngineError::InvalidRequest("cannot copy the base slot".into()));
     }
-    model.configure_slot(work, cfg, measure);
+    // C sized for the context as the engine sizes it for a request (`AttnConfig::for_context`).
+    model.configure_slot(work, &cfg.clone().for_context(pos + ids.len()), measure);
     model.reset_stats(work);
     for (i, &t) in ids.iter().enumerate() {
         let logits = model.forward(&[t], pos + i, work)?;

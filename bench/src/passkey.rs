@@ -76,7 +76,7 @@ fn answer(model: &mut Model, base: usize, work: usize, cfg: &AttnConfig, ctx_len
     if !model.pool().copy_slot(base, work) {
         return Err(EngineError::InvalidRequest("cannot copy the base slot".into()));
     }
-    model.configure_slot(work, cfg, false);
+    model.configure_slot(work, &cfg.clone().for_context(ctx_len + question.len() + n_answer), false);
     let mut pos = ctx_len;
     let mut logits = Vec::new();
     for &t in question {

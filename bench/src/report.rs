@@ -52,7 +52,8 @@ pub fn utc_now() -> String {
 /// Knobs of a row in short form: `k/P, sinks+recent, C, group|head, dense layers`.
 pub fn knobs(r: &Row) -> String {
     use fasa_engine::Mode;
-    let c = &r.config;
+    // C as it ran at this context (`AttnConfig::for_context`).
+    let c = &r.config.clone().for_context(r.context);
     match c.mode {
         Mode::Dense => "—".into(),
         Mode::Oracle => format!("{}", if c.per_group { "group" } else { "head" }),

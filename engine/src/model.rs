@@ -178,6 +178,7 @@ impl Model {
         if tokens.len() >= limit {
             return Err(EngineError::ContextTooLong { prompt: tokens.len(), limit });
         }
+        let attention = attention.for_context((tokens.len() + req.max_tokens).min(limit));
         let lease = self.pool.acquire().ok_or(EngineError::NoFreeSlot(self.pool.n_slots()))?;
         Ok(Sequence {
             lease,

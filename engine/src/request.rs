@@ -90,6 +90,10 @@ impl AttnOverrides {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
         set!(pool, sinks, recent, rerank, per_group, dense_layers);
+        if self.rerank.is_some() {
+            // C as asked, not raised with the context.
+            c.rerank_div = 0;
+        }
         c
     }
 }

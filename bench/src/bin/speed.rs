@@ -55,7 +55,7 @@ fn main() -> anyhow::Result<()> {
         model.configure_slot(base.slot(), &AttnConfig::dense(), false);
         feed(&mut model, &toks[..prefill_depth], 0, base.slot())?;
         for &mode in &modes {
-            let cfg = AttnOverrides { mode: Some(mode), ..Default::default() }.resolve(model.default_attention());
+            let cfg = AttnOverrides { mode: Some(mode), ..Default::default() }.resolve(model.default_attention()).for_context(depth + n_decode);
             let work = model.pool().acquire().expect("a free slot");
             let slot = work.slot();
             model.pool().copy_slot(base.slot(), slot);
