@@ -53,12 +53,12 @@ impl Setting {
                 "recent" => c.recent = num(v)?,
                 "rerank" => {
                     c.rerank = if let Some(m) = v.strip_suffix('x') { num(m)? * b } else { num(v)? };
-                    c.rerank_div = 0;
+                    c.rerank_grows = false;
                 }
-                "rdiv" => c.rerank_div = num(v)?,
+                "grow" => c.rerank_grows = num(v)? != 0,
                 "group" => c.per_group = num(v)? != 0,
                 "dense" => c.dense_layers = num(v)?,
-                _ => return Err(format!("unknown knob {n:?} (k, pool, sinks, recent, rerank, rdiv, group, dense)")),
+                _ => return Err(format!("unknown knob {n:?} (k, pool, sinks, recent, rerank, grow, group, dense)")),
             }
         }
         if mode == Mode::Streaming {

@@ -92,7 +92,7 @@ impl AttnOverrides {
         set!(pool, sinks, recent, rerank, per_group, dense_layers);
         if self.rerank.is_some() {
             // C as asked, not raised with the context.
-            c.rerank_div = 0;
+            c.rerank_grows = false;
         }
         c
     }

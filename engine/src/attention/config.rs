@@ -67,12 +67,10 @@ pub struct AttnConfig {
     pub recent: usize,
     /// Candidates C picked by FC score before exact scores pick B; 0 = no re-rank.
     pub rerank: usize,
-    /// With a re-rank, C is also at least `1/rerank_div` of the request's context (0: C as set;
-    /// applied by `for_context`). A fixed C = 1.5·B leaves the exact stage too few candidates at
-    /// 32k (bench/FIDELITY.md, Qwen 32k: KL 0.19 → 0.11 at B = 256 with C = 4096). The default
-    /// recipe's; a request that names `rerank` gets exactly that C.
+    /// With a re-rank, C grows with the request's context n (`for_context`): at least n/16 and
+    /// B per 8k tokens. The default recipe's; a request that names `rerank` gets exactly that C.
     #[serde(default)]
-    pub rerank_div: usize,
+    pub rerank_grows: bool,
     /// One token set per KV group (query heads summed) rather than per query head.
     pub per_group: bool,
     /// The first `dense_layers` layers attend densely.
@@ -94,20 +92,23 @@ impl AttnConfig {
     /// harness (bench/FIDELITY.md, SmolLM2, B = 256): the k FCs are picked per step among a pool
     /// of 4k (all 32 FCs at k = 8) by the variance of the logits they cause over the cached
     /// tokens (from K moments the cache keeps; picking by ‖q_f‖ alone lost 2.4× in KL at 8k),
-    /// the group's query heads are combined by their FC-score softmax masses (not raw sums),
-    /// 4 sinks and 32 recent tokens kept, max(1.5·B, context/8) candidates re-ranked by exact
-    /// scores whose logits focused attention reuses (TIP reads int8 scoring planes; 2B candidates
-    /// cost more bytes at 2k than they bought in KL, and 1.5·B alone lost KL at 32k), one token set per KV group, and no dense layer. Pools are capped
-    /// at d/2 by `fit_pool`.
+    /// the group's query heads are combined by their FC-score softmax masses (not raw sums) of
+    /// int8 scoring planes, 4 sinks and 32 recent tokens kept, max(1.5·B, n/16, B·n/8192)
+    /// candidates at context n re-ranked by exact scores whose logits focused attention reuses
+    /// (`for_context`), one token set per KV group, and no dense layer. Pools are capped at d/2
+    /// by `fit_pool`.
     pub fn fasa(budget: usize, chunks: usize) -> Self {
-        Self { mode: Mode::Fasa, budget, chunks, pool: 4 * chunks, sinks: 4, recent: 32, rerank: 3 * budget / 2, rerank_div: 8, per_group: true, dense_layers: 0 }
+        Self { mode: Mode::Fasa, budget, chunks, pool: 4 * chunks, sinks: 4, recent: 32, rerank: 3 * budget / 2, rerank_grows: true, per_group: true, dense_layers: 0 }
     }
 
-    /// The settings for a sequence of up to `n` tokens: C raised to `n / rerank_div` (see
-    /// `rerank_div`). Fixed for the request, so a GPU decoder built for it stays valid.
+    /// The settings for a sequence of up to `n` tokens: with `rerank_grows`, C = max(C, n/16,
+    /// B·n/8192). Each term is a measured need (bench/FIDELITY.md): 1.5·B beats 2B on bytes at 2k
+    /// at equal KL; at 32k (B = 0.8 % of the context) Qwen's B = 256 needed C ≥ 2048 (C = 512:
+    /// KL 2.2× the oracle's) and B = 1024 needed 4096 (2048: KL 2.2×); n/8 at 8k cost SmolLM2
+    /// a little top-1. Fixed for the request, so a GPU decoder built for it stays valid.
     pub fn for_context(mut self, n: usize) -> Self {
-        if self.rerank > 0 && self.rerank_div > 0 {
-            self.rerank = self.rerank.max(n / self.rerank_div);
+        if self.rerank > 0 && self.rerank_grows {
+            self.rerank = self.rerank.max(n / 16).max(self.budget * n / 8192);
         }
         self
     }
@@ -120,7 +121,7 @@ impl AttnConfig {
 
     /// The paper's recipe: fixed calibrated FCs per query head, no forced tokens, layer 0 dense.
     pub fn paper(budget: usize, chunks: usize) -> Self {
-        Self { mode: Mode::FasaPaper, budget, chunks, pool: chunks, sinks: 0, recent: 0, rerank: 0, rerank_div: 0, per_group: false, dense_layers: 1 }
+        Self { mode: Mode::FasaPaper, budget, chunks, pool: chunks, sinks: 0, recent: 0, rerank: 0, rerank_grows: false, per_group: false, dense_layers: 1 }
     }
 
     /// A baseline mode at the same budget.
@@ -169,13 +170,13 @@ mod tests {
     fn candidates_grow_with_the_context_unless_named() {
         let c = AttnConfig::fasa(256, 12);
         assert_eq!(c.clone().for_context(2048).rerank, 384, "1.5·B while the context is short");
-        assert_eq!(c.clone().for_context(8192).rerank, 1024);
-        assert_eq!(c.clone().for_context(32768).rerank, 4096);
+        assert_eq!(c.clone().for_context(8192).rerank, 512, "n/16");
+        assert_eq!(c.clone().for_context(32768).rerank, 2048);
         assert_eq!(AttnConfig::paper(256, 8).for_context(32768).rerank, 0, "no re-rank stays none");
         // A request that names C gets that C at any context; one that only moves B scales both.
         let named = AttnOverrides { rerank: Some(600), ..Default::default() }.resolve(&c);
         assert_eq!(named.for_context(32768).rerank, 600);
         let b = AttnOverrides { budget: Some(1024), ..Default::default() }.resolve(&c);
-        assert_eq!((b.clone().for_context(2048).rerank, b.for_context(32768).rerank), (1536, 4096));
+        assert_eq!((b.clone().for_context(2048).rerank, b.for_context(32768).rerank), (1536, 4096), "B per 8k tokens");
     }
 }
