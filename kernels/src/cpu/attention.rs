@@ -72,24 +72,13 @@ pub fn fc_scores(view: &HeadView, q_fc: &[f32], fcs: &[usize], n: usize, out: &m
     }
 }
 
-/// Stage-1 score of a KV group's query heads over tokens `0..n` from the FC planes `fcs`:
-/// `out[t] = Σ_h softmax_t(scale·ŝ_h)(t)`, `ŝ_h(t) = Σ_{f ∈ fcs} q_{h,f}·k_{t,f}`: the attention
-/// mass each head would give the token by its FC scores, summed. Summing the raw scores instead
-/// lets the head with the largest logits choose for the group (FIDELITY.md: 0.10 → 0.07 KL at 8k).
-/// With `q8`, the FC scores come from the int8 scoring planes (`fc_scores_q8`).
-pub fn tip_group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { group_mass_avx2(view, q8, qs, fcs, n, scale, out) };
-    }
-    group_mass(view, q8, qs, fcs, n, scale, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn group_mass_avx2(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
-    group_mass(view, q8, qs, fcs, n, scale, out)
+avx2_dispatch! {
+    /// Stage-1 score of a KV group's query heads over tokens `0..n` from the FC planes `fcs`:
+    /// `out[t] = Σ_h softmax_t(scale·ŝ_h)(t)`, `ŝ_h(t) = Σ_{f ∈ fcs} q_{h,f}·k_{t,f}`: the attention
+    /// mass each head would give the token by its FC scores, summed. Summing the raw scores instead
+    /// lets the head with the largest logits choose for the group (FIDELITY.md: 0.10 → 0.07 KL at 8k).
+    /// With `q8`, the FC scores come from the int8 scoring planes (`fc_scores_q8`).
+    pub fn tip_group_mass / group_mass_avx2 => group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32])
 }
 
 /// The portable body of `tip_group_mass`, inlined into its AVX2 wrapper (8-wide `exp_neg`).

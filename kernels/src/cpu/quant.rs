@@ -66,22 +66,11 @@ fn fp16(v: f32) -> f32 {
     half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_f32()
 }
 
-/// `out[t] (+)= Σ_{f ∈ fcs} q_f · k̂_{t,f}` for tokens `0..n`, `k̂` the dequantised int8 pair for
-/// tokens in whole quantised blocks and the f32 pair after them: TIP's FC score read from the
-/// scoring planes. Same contract as `fc_scores`.
-pub fn fc_scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA (checked just above).
-        return unsafe { scores_q8_avx2(view, q8, q_fc, fcs, n, out, accumulate) };
-    }
-    scores_q8(view, q8, q_fc, fcs, n, out, accumulate)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn scores_q8_avx2(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool) {
-    scores_q8(view, q8, q_fc, fcs, n, out, accumulate)
+avx2_dispatch! {
+    /// `out[t] (+)= Σ_{f ∈ fcs} q_f · k̂_{t,f}` for tokens `0..n`, `k̂` the dequantised int8 pair for
+    /// tokens in whole quantised blocks and the f32 pair after them: TIP's FC score read from the
+    /// scoring planes. Same contract as `fc_scores`.
+    pub fn fc_scores_q8 / scores_q8_avx2 => scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool)
 }
 
 /// The portable body; inlined into the AVX2 wrapper so the same loops compile to 8-wide
