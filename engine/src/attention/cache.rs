@@ -279,12 +279,17 @@ impl SeqCache {
         self.rows.get(layer * self.shape.n_kv_heads + head).map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// FASA-M: copies token `t`'s K row (FC-pair order) and V row of (layer, kv head) from the
-    /// slow tier into `k` and `v` (`(d,)` each).
+    /// Copies token `t`'s K row (FC-pair order) and V row of (layer, kv head) into `k` and `v`
+    /// (`(d,)` each): from the pages (FASA-C) or the slow tier (FASA-M).
     pub fn load_row(&self, layer: usize, head: usize, t: u32, k: &mut [f32], v: &mut [f32]) {
         let d = self.shape.head_dim;
         let hp = &self.heads[layer * self.shape.n_kv_heads + head];
         let (p, i) = (t as usize / PAGE, t as usize % PAGE);
+        if let Tiering::FasaC = self.tiering {
+            k.copy_from_slice(&hp.kr[p][i * d..(i + 1) * d]);
+            v.copy_from_slice(&hp.v[p][i * d..(i + 1) * d]);
+            return;
+        }
         let page = self.slow.as_ref().expect("FASA-M slot without a slow tier").page(hp.slow[p]);
         k.copy_from_slice(&page[i * d..(i + 1) * d]);
         v.copy_from_slice(&page[(PAGE + i) * d..(PAGE + i + 1) * d]);

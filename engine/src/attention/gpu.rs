@@ -22,12 +22,11 @@ use std::sync::{Arc, Mutex, Once};
 
 use fasa_kernels::gpu::append::append;
 use fasa_kernels::gpu::{CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS, QB};
-use fasa_kernels::cpu::q8_plane_bytes;
 
-use super::cache::{CacheShape, SeqCache, PAGE};
+use super::cache::{CacheShape, SeqCache};
 use super::config::{AttnConfig, Mode};
 use super::profile::Profile;
-use super::sparse::{experiment, q8_tip};
+use super::sparse::{experiment, q8_tip, tip_bytes};
 use super::stats::AttnStats;
 
 /// Bytes per cached element on the GPU (fp16); the counters of GPU steps use it.
@@ -174,18 +173,15 @@ impl GpuMirror {
             }),
         };
         // Bring the mirror to the CPU cache's n rows: the new row alone, or all of them again.
-        let (mut k, mut v) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
         let rows = if lm.valid + 1 == n { n - 1..n } else { 0..n };
-        for kh in 0..hkv {
-            let p = c.pages(st.layer, kh);
-            let view = p.view();
-            let (k0, v0) = (k.len(), v.len());
-            for t in rows.clone() {
-                k.extend_from_slice(&view.kr_pages[t / PAGE][(t % PAGE) * d..(t % PAGE + 1) * d]);
-                v.extend_from_slice(&view.v_pages[t / PAGE][(t % PAGE) * d..(t % PAGE + 1) * d]);
+        // (n_kv, rows, d) K and V, one KV head after the other.
+        let (mut k, mut v) = (vec![0f32; hkv * rows.len() * d], vec![0f32; hkv * rows.len() * d]);
+        for (kh, (kk, vv)) in k.chunks_exact_mut(rows.len() * d).zip(v.chunks_exact_mut(rows.len() * d)).enumerate() {
+            for (t, (kr, vr)) in rows.clone().zip(kk.chunks_exact_mut(d).zip(vv.chunks_exact_mut(d))) {
+                c.load_row(st.layer, kh, t as u32, kr, vr);
             }
             if rows.start == 0 {
-                dev.cache.write_host(g, 0, kh, &k[k0..], &v[v0..])?;
+                dev.cache.write_host(g, 0, kh, kk, vv)?;
             }
         }
         if rows.start > 0 {
@@ -231,10 +227,9 @@ impl GpuMirror {
 /// only its dense kernels run.
 fn decode_config(st: &DecodeStep, n_fc: usize) -> DecodeConfig {
     let (c, l) = (st.cfg, &st.profile.layers[st.layer]);
-    let heads = if c.per_group { &l.kv_heads } else { &l.q_heads };
+    let heads = if c.per_group || !st.sparse { &l.kv_heads } else { &l.q_heads };
     let pools = heads.iter().map(|h| h.ranked_fcs.clone()).collect();
     if !st.sparse {
-        let pools = l.kv_heads.iter().map(|h| h.ranked_fcs.clone()).collect();
         return DecodeConfig {
             n_q: st.n_q,
             per_group: true,
@@ -307,11 +302,8 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: &[u32]) -> A
             f.len()
         };
         let extra = if reranked { (sels.len() * c.rerank * d) as u64 * e } else { 0 };
-        let tip = if q8_tip(c) {
-            q8_plane_bytes(n, n / QB, fcs, e as usize)
-        } else {
-            (n * 2 * fcs) as u64 * e
-        };
+        // The GPU trusts the int8 blocks below len/QB (`Q8Planes`).
+        let tip = tip_bytes(c, n, Some(n / QB), fcs, e);
         total.merge(&AttnStats {
             sparse_layer_steps: 1,
             bytes_dense: (n * 2 * d) as u64 * e,

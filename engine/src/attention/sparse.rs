@@ -115,9 +115,15 @@ fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
 /// Bytes TIP reads from `fcs` planes over the context: int8 pairs (and scales) when it read the
 /// scoring planes, f32 pairs otherwise.
 pub fn plane_bytes(c: &GroupCtx, fcs: usize) -> u64 {
-    match tip_planes(c) {
-        Some(q8) => q8_plane_bytes(c.n, q8.blocks, fcs, ELEM as usize),
-        None => (c.n * 2 * fcs) as u64 * ELEM,
+    tip_bytes(c.cfg, c.n, c.q8.map(|q| q.blocks), fcs, ELEM)
+}
+
+/// Bytes TIP reads for `cfg` from `fcs` planes over `n` tokens of `elem`-byte elements, given
+/// the whole int8 blocks the cache holds (`None`: no int8 planes): CPU and GPU counters alike.
+pub(crate) fn tip_bytes(cfg: &AttnConfig, n: usize, q8_blocks: Option<usize>, fcs: usize, elem: u64) -> u64 {
+    match q8_blocks.filter(|_| q8_tip(cfg)) {
+        Some(blocks) => q8_plane_bytes(n, blocks, fcs, elem as usize),
+        None => (n * 2 * fcs) as u64 * elem,
     }
 }
 
