@@ -109,11 +109,11 @@ impl Model {
         // can collide ("domain is already exist"), so sessions are built one at a time.
         static SESSION_BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _guard = SESSION_BUILD.lock().unwrap_or_else(|e| e.into_inner());
-        let domain = ort::operator::OperatorDomain::new(OP_DOMAIN)?.add(FasaAttentionOp { pool: Arc::clone(&pool) })?;
         let threads = match opts.threads {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
+        let domain = ort::operator::OperatorDomain::new(OP_DOMAIN)?.add(FasaAttentionOp { pool: Arc::clone(&pool), threads })?;
         let mut builder = Session::builder(env)?.with_intra_threads(threads).map_err(ort::Error::from)?;
         // Per-node timings for performance work: ORT writes `<prefix>_<date>.json`.
         if let Some(prefix) = std::env::var_os("FASA_ORT_PROFILE") {

@@ -9,18 +9,22 @@
 //! the GPU instead; the pages above are written all the same.
 use std::sync::Arc;
 
-use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, HeadView, Rope};
+use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, tip_mass_merge, HeadView, MassPart, Rope, QB};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
 use super::cache::{CachePool, Pages, SeqCache, TierBytes};
 use super::config::Mode;
-use super::sparse::{head_mass, plane_bytes, select, union_len, GroupCtx, Selection, ELEM};
+use super::sparse::{head_mass, mass_tip_fcs, mass_tip_part, plane_bytes, select, union_len, GroupCtx, Selection, Stage1, ELEM};
 use super::stats::AttnStats;
 use crate::RopeLayout;
 
 pub const OP_DOMAIN: &str = "dev.fasa";
 pub const OP_NAME: &str = "FasaAttention";
+
+/// Shortest context whose stage-1 TIP is split across threads (below it the extra `par_for`
+/// costs more than the imbalance it removes).
+const SPLIT_MIN: usize = 2048;
 
 /// New tokens per prefill attention task: bounds the score tile to `64·group × context` floats.
 const PREFILL_TILE: usize = 64;
@@ -28,6 +32,8 @@ const PREFILL_TILE: usize = 64;
 /// The operator as registered with a session; every kernel shares its pool.
 pub struct FasaAttentionOp {
     pub pool: Arc<CachePool>,
+    /// The session's intra-op threads (what `par_for` spreads tasks over).
+    pub threads: usize,
 }
 
 impl Operator for FasaAttentionOp {
@@ -65,12 +71,13 @@ impl Operator for FasaAttentionOp {
         if shape.head_dim != head_dim || shape.n_kv_heads != n_kv_heads || layer >= shape.n_layers || n_heads % n_kv_heads != 0 {
             return Err(ort::Error::new("FasaAttention: node attributes do not match the cache pool"));
         }
-        Ok(FasaKernel { pool: Arc::clone(&self.pool), layer, n_heads, n_kv_heads, head_dim, layout, rope: Rope::new(theta, head_dim) })
+        Ok(FasaKernel { pool: Arc::clone(&self.pool), threads: self.threads.max(1), layer, n_heads, n_kv_heads, head_dim, layout, rope: Rope::new(theta, head_dim) })
     }
 }
 
 pub struct FasaKernel {
     pool: Arc<CachePool>,
+    threads: usize,
     layer: usize,
     n_heads: usize,
     n_kv_heads: usize,
@@ -267,10 +274,41 @@ impl Kernel for FasaKernel {
             } else {
                 let profile = self.pool.profile();
                 let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
+                let moments: Vec<_> = (0..hkv).map(|g| if wants_moments(&cfg) { c.moments(layer, g) } else { vec![] }).collect();
+                let gctx = |g: usize| GroupCtx { view: pages[g].view(), q8: pages[g].q8_view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile, moments: &moments[g], scale, pre: None };
+                let group_qs = |g: usize| -> Vec<&[f32]> { (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect() };
+                // Stage 1 in parts of the context on every thread, when the KV groups do not
+                // share out evenly (SmolLM2: 3 groups on 2 threads, one thread would run two
+                // groups' TIP while the other waits): parts · groups tasks, merged per group.
+                let parts = self.threads;
+                let tip_fcs: Vec<Option<Vec<usize>>> = if hkv % parts != 0 && n_all >= SPLIT_MIN {
+                    (0..hkv).map(|g| mass_tip_fcs(&gctx(g), &(g * group..(g + 1) * group).collect::<Vec<_>>(), &group_qs(g))).collect()
+                } else {
+                    vec![]
+                };
+                let split = !tip_fcs.is_empty() && tip_fcs.iter().all(Option::is_some);
+                let tip_parts: Vec<std::sync::Mutex<(Vec<f32>, Vec<MassPart>)>> = (0..if split { hkv * parts } else { 0 }).map(|_| Default::default()).collect();
+                if split {
+                    let bound = |i: usize| if i == parts { n_all } else { n_all * i / parts / QB * QB };
+                    ctx.par_for(hkv * parts, 0, |task| {
+                        let (g, i) = (task / parts, task % parts);
+                        let (qs, range) = (group_qs(g), bound(i)..bound(i + 1));
+                        let mut e = vec![0f32; qs.len() * range.len()];
+                        let fcs = tip_fcs[g].as_deref().unwrap_or_default();
+                        let mp = mass_tip_part(&gctx(g), &qs, fcs, range, &mut e);
+                        *tip_parts[task].lock().unwrap_or_else(|e| e.into_inner()) = (e, mp);
+                    })?;
+                }
                 ctx.par_for(hkv, 0, |g| {
-                    let moments = if wants_moments(&cfg) { c.moments(layer, g) } else { vec![] };
-                    let gctx = GroupCtx { view: pages[g].view(), q8: pages[g].q8_view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile, moments: &moments, scale };
-                    let qs: Vec<&[f32]> = (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect();
+                    let pre = split.then(|| {
+                        let got: Vec<_> = tip_parts[g * parts..(g + 1) * parts].iter().map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner()))).collect();
+                        let views: Vec<(&[f32], &[MassPart])> = got.iter().map(|(e, m)| (&e[..], &m[..])).collect();
+                        let mut scores = vec![0f32; n_all];
+                        tip_mass_merge(&views, scale, &mut scores);
+                        Stage1 { fcs: tip_fcs[g].clone().unwrap_or_default(), scores }
+                    });
+                    let gctx = GroupCtx { pre: pre.as_ref(), ..gctx(g) };
+                    let qs = group_qs(g);
                     let (mut sels, mut st) = select_group(&gctx, group, d, &qs);
                     let mut o = vec![0f32; group * d];
                     if cfg.per_group {
@@ -344,7 +382,7 @@ fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &
     let compact: Vec<Vec<f32>> = qs.iter().map(|q| resident.iter().flat_map(|&f| [q[2 * f], q[2 * f + 1]]).collect()).collect();
     let qc: Vec<&[f32]> = compact.iter().map(|q| q.as_slice()).collect();
     let moments = if wants_moments(cfg) { c.moments(layer, g) } else { vec![] };
-    let gctx = GroupCtx { view: pages.plane_view(), q8: None, bounds: &[], layer, kv_head: g, n: n_all, cfg, profile, moments: &moments, scale };
+    let gctx = GroupCtx { view: pages.plane_view(), q8: None, bounds: &[], layer, kv_head: g, n: n_all, cfg, profile, moments: &moments, scale, pre: None };
     let (sels, mut st) = select_group(&gctx, group, d, &qc);
     let mut rc = c.row_cache(layer, g).ok_or("FASA-M slot without row caches")?;
     let before = rc.bytes();

@@ -1,6 +1,8 @@
 //! Row selection for one decode step of one KV group (or one query head): each mode's stage 1.
 //! Stage 2 (exact attention over the rows) is `fasa_kernels::cpu::attend_rows`.
-use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, top_b, FcMoments, HeadView, Q8View};
+use std::ops::Range;
+
+use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, tip_mass_part, top_b, FcMoments, HeadView, MassPart, Q8View};
 
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
@@ -25,6 +27,15 @@ pub struct GroupCtx<'a> {
     pub n: usize,
     pub cfg: &'a AttnConfig,
     pub profile: &'a Profile,
+    /// Stage 1 already computed (by parts on several threads: `mass_tip_fcs`), or None.
+    pub pre: Option<&'a Stage1>,
+}
+
+/// `fasa`'s stage-1 scores of one KV group, computed ahead of `select`: the FCs they used and
+/// the group's mass score `(n,)` (`tip_group_mass`).
+pub struct Stage1 {
+    pub fcs: Vec<usize>,
+    pub scores: Vec<f32>,
 }
 
 /// A deterministic permutation of `0..n` seeded by `seed` (xorshift Fisher–Yates).
@@ -96,10 +107,13 @@ pub(crate) fn q8_tip(cfg: &AttnConfig) -> bool {
 /// softmax mass, summed (`fasa` over a group), or the plain sum of the heads' FC scores (the
 /// paper's recipe and the baselines, one head or a group).
 fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
+    if let Some(pre) = c.pre {
+        return pre.scores.clone();
+    }
     let n = c.n;
     let mut s = vec![0f32; n];
     let q8 = tip_planes(c);
-    if c.cfg.mode == Mode::Fasa && qs.len() > 1 && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum") {
+    if mass_scored(c, qs) {
         tip_group_mass(&c.view, q8.as_ref(), qs, fcs, n, c.scale, &mut s);
     } else {
         for (i, q) in qs.iter().enumerate() {
@@ -110,6 +124,44 @@ fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
         }
     }
     s
+}
+
+/// Whether stage 1 scores the group by its heads' FC-score softmax masses (`fasa` over a group).
+fn mass_scored(c: &GroupCtx, qs: &[&[f32]]) -> bool {
+    c.cfg.mode == Mode::Fasa && qs.len() > 1 && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum")
+}
+
+/// The FCs of the group-mass TIP that `select` would run over all `n` tokens for the group's
+/// heads `heads` (one token set per group), or None where its stage 1 is anything else: then a
+/// caller with threads may compute that TIP by parts (`mass_tip_part`, `tip_mass_merge`) and hand
+/// it to `select` as `GroupCtx::pre`.
+pub fn mass_tip_fcs(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> Option<Vec<usize>> {
+    let (n, cfg) = (c.n, c.cfg);
+    let exact_only = cfg.rerank > cfg.budget && cfg.rerank >= n;
+    if !cfg.per_group || !mass_scored(c, qs) || n <= cfg.budget || exact_only {
+        return None;
+    }
+    Some(fasa_fcs(c, heads, qs))
+}
+
+/// One part of the group-mass TIP over the tokens `range` (see `tip_mass_part`).
+pub fn mass_tip_part(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize], range: Range<usize>, e: &mut [f32]) -> Vec<MassPart> {
+    tip_mass_part(&c.view, tip_planes(c).as_ref(), qs, fcs, range, c.scale, e)
+}
+
+/// The FCs `fasa` and `fasa-paper` score this step: the calibrated pool's first k (the paper,
+/// P = k), else k chosen in the pool by the logit variance they cause (or by query norm).
+fn fasa_fcs(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> Vec<usize> {
+    let cfg = c.cfg;
+    let ranked = ranked(c, heads);
+    let pool = &ranked[..cfg.pool.min(ranked.len())];
+    if cfg.pool <= cfg.chunks {
+        pool[..cfg.chunks.min(pool.len())].to_vec()
+    } else if c.moments.is_empty() || experiment("FASA_EXPERIMENT_FC_CHOICE", "norm") {
+        choose_fcs(qs, pool, cfg.chunks)
+    } else {
+        choose_fcs_var(qs, pool, cfg.chunks, c.moments, c.n)
+    }
 }
 
 /// Bytes TIP reads from `fcs` planes over the context: int8 pairs (and scales) when it read the
@@ -225,14 +277,9 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
             fc_select(&fcs, &mut rows)
         }
         Mode::FasaPaper | Mode::Fasa => {
-            let ranked = ranked(c, heads);
-            let pool = &ranked[..cfg.pool.min(ranked.len())];
-            let fcs = if cfg.pool <= cfg.chunks {
-                pool[..cfg.chunks.min(pool.len())].to_vec()
-            } else if c.moments.is_empty() || experiment("FASA_EXPERIMENT_FC_CHOICE", "norm") {
-                choose_fcs(qs, pool, cfg.chunks)
-            } else {
-                choose_fcs_var(qs, pool, cfg.chunks, c.moments, n)
+            let fcs = match c.pre {
+                Some(pre) => pre.fcs.clone(),
+                None => fasa_fcs(c, heads, qs),
             };
             fc_select(&fcs, &mut rows)
         }
@@ -338,7 +385,7 @@ mod tests {
         }
         let krr: Vec<&[f32]> = kr.iter().map(|p| p.as_slice()).collect();
         let view = HeadView { k_pages: &k, kr_pages: &krr, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
-        let c = GroupCtx { view, q8: None, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt() };
+        let c = GroupCtx { view, q8: None, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt(), pre: None };
         select(&c, &[0], &[q]).rows
     }
 

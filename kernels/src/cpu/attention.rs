@@ -1,6 +1,9 @@
 //! Decode attention over the paged FC-plane cache: FC scores (TIP), dense attention, and exact
 //! attention over a chosen set of rows (FASA's focused attention).
-use super::quant::{fc_scores_q8, Q8View};
+use std::ops::Range;
+
+use super::prefetch_slice;
+use super::quant::{fc_scores_q8_heads, Q8View};
 
 /// Read-only view of one (layer, KV head) cache.
 ///
@@ -72,26 +75,59 @@ pub fn fc_scores(view: &HeadView, q_fc: &[f32], fcs: &[usize], n: usize, out: &m
     }
 }
 
-avx2_dispatch! {
-    /// Stage-1 score of a KV group's query heads over tokens `0..n` from the FC planes `fcs`:
-    /// `out[t] = Σ_h softmax_t(scale·ŝ_h)(t)`, `ŝ_h(t) = Σ_{f ∈ fcs} q_{h,f}·k_{t,f}`: the attention
-    /// mass each head would give the token by its FC scores, summed. Summing the raw scores instead
-    /// lets the head with the largest logits choose for the group (FIDELITY.md: 0.10 → 0.07 KL at 8k).
-    /// With `q8`, the FC scores come from the int8 scoring planes (`fc_scores_q8`).
-    pub fn tip_group_mass / group_mass_avx2 => group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32])
+/// `fc_scores` (overwriting) over the tokens `range` only: `out[t − start]`.
+fn plane_scores(view: &HeadView, q_fc: &[f32], fcs: &[usize], range: Range<usize>, out: &mut [f32]) {
+    let (page, t0) = (view.page, range.start);
+    for t in range {
+        let (kp, i) = (view.k_pages[t / page], t % page);
+        out[t - t0] = fcs.iter().fold(0.0, |s, &f| s + (q_fc[2 * f] * kp[(f * page + i) * 2] + q_fc[2 * f + 1] * kp[(f * page + i) * 2 + 1]));
+    }
 }
 
-/// The portable body of `tip_group_mass`, inlined into its AVX2 wrapper (8-wide `exp_neg`).
+/// Stage-1 score of a KV group's query heads over tokens `0..n` from the FC planes `fcs`:
+/// `out[t] = Σ_h softmax_t(scale·ŝ_h)(t)`, `ŝ_h(t) = Σ_{f ∈ fcs} q_{h,f}·k_{t,f}`: the attention
+/// mass each head would give the token by its FC scores, summed. Summing the raw scores instead
+/// lets the head with the largest logits choose for the group (FIDELITY.md: 0.10 → 0.07 KL at 8k).
+/// With `q8`, the FC scores come from the int8 scoring planes (`fc_scores_q8`).
+/// `tip_mass_part` over one range and `tip_mass_merge`: callers with threads split the range.
+pub fn tip_group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
+    let mut e = vec![0f32; qs.len() * n];
+    let part = tip_mass_part(view, q8, qs, fcs, 0..n, scale, &mut e);
+    tip_mass_merge(&[(&e, &part)], scale, &mut out[..n]);
+}
+
+/// Per-head softmax state of a range of tokens: the largest scaled-by-nothing FC score `max` and
+/// `sum = Σ_t exp(scale·(ŝ(t) − max))` over the range.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MassPart {
+    pub max: f32,
+    pub sum: f32,
+}
+
+avx2_dispatch! {
+    /// Stage 1 of `tip_group_mass` over the tokens `range` (its start a multiple of `QB`): writes
+    /// `e[h·m + t − start] = exp(scale·(ŝ_h(t) − max_h))` (`(heads, m)`, `m = range.len()`) and
+    /// returns each head's `MassPart` over the range.
+    pub fn tip_mass_part / mass_part_avx2 => mass_part(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], range: Range<usize>, scale: f32, e: &mut [f32]) -> Vec<MassPart>
+}
+
+/// The portable body of `tip_mass_part`, inlined into its AVX2 wrapper (8-wide `exp_neg`).
 #[inline(always)]
-fn group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], n: usize, scale: f32, out: &mut [f32]) {
-    let out = &mut out[..n];
-    out.fill(0.0);
-    let mut h = vec![0f32; n];
-    for q in qs {
-        match q8 {
-            Some(q8) => fc_scores_q8(view, q8, q, fcs, n, &mut h, false),
-            None => fc_scores(view, q, fcs, n, &mut h, false),
-        }
+fn mass_part(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize], range: Range<usize>, scale: f32, e: &mut [f32]) -> Vec<MassPart> {
+    let m = range.len();
+    if m == 0 {
+        return vec![MassPart { max: f32::NEG_INFINITY, sum: 0.0 }; qs.len()];
+    }
+    // Every head's FC scores `(heads, m)` first: the int8 planes are read once for all heads.
+    let e = &mut e[..qs.len() * m];
+    match q8 {
+        Some(q8) => fc_scores_q8_heads(view, q8, qs, fcs, range, e),
+        None => qs.iter().zip(e.chunks_exact_mut(m)).for_each(|(q, h)| plane_scores(view, q, fcs, range.clone(), h)),
+    }
+    // A plain loop, not an iterator closure: a closure's body compiled out of line would not
+    // get the AVX2 wrapper's target features (measured: 1.4× slower stage 1).
+    let mut parts = Vec::with_capacity(qs.len());
+    for h in e.chunks_exact_mut(m) {
         // Eight independent lanes for the max and the sum, so both vectorize.
         let mut mx = [f32::NEG_INFINITY; 8];
         let mut chunks = h.chunks_exact(8);
@@ -100,34 +136,58 @@ fn group_mass(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize]
                 mx[j] = mx[j].max(c[j]);
             }
         }
-        let m = chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, f32::max);
         let mut acc = [0f32; 8];
         let mut chunks = h.chunks_exact_mut(8);
         for c in &mut chunks {
             for j in 0..8 {
-                c[j] = exp_neg((c[j] - m) * scale);
+                c[j] = exp_neg((c[j] - max) * scale);
                 acc[j] += c[j];
             }
         }
         let mut sum: f32 = acc.iter().sum();
         for v in chunks.into_remainder() {
-            *v = exp_neg((*v - m) * scale);
+            *v = exp_neg((*v - max) * scale);
             sum += *v;
         }
+        parts.push(MassPart { max, sum });
+    }
+    parts
+}
+
+/// Joins `tip_mass_part`s of consecutive ranges, in order, into the group's stage-1 score `out`
+/// (their ranges' tokens, concatenated): each head's exponentials rescaled to the head's overall
+/// max and divided by its overall sum (the online-softmax merge), summed over heads.
+pub fn tip_mass_merge(parts: &[(&[f32], &[MassPart])], scale: f32, out: &mut [f32]) {
+    let heads = parts.first().map_or(0, |p| p.1.len());
+    out.fill(0.0);
+    for h in 0..heads {
+        let max = parts.iter().map(|p| p.1[h].max).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = parts.iter().map(|p| p.1[h].sum * exp_neg((p.1[h].max - max) * scale)).sum();
         let inv = 1.0 / sum;
-        out.iter_mut().zip(&h).for_each(|(o, p)| *o += p * inv);
+        let mut o = 0;
+        for (e, part) in parts {
+            let m = e.len() / heads;
+            let c = exp_neg((part[h].max - max) * scale) * inv;
+            out[o..o + m].iter_mut().zip(&e[h * m..(h + 1) * m]).for_each(|(x, p)| *x += p * c);
+            o += m;
+        }
     }
 }
 
 /// `e^x` for `x ≤ 0` to ~4e-6 relative (the f32 argument reduction; 0 below −87), in straight-line arithmetic the compiler
 /// vectorizes: stage 1 takes one per cached token and query head, where a libm call each cost
-/// more than the FC scores themselves. `2^i · 2^f` with `i` the nearest integer to `x·log2 e`,
+/// more than the FC scores themselves. `2^i · 2^f` with `i` the nearest integer to `t = x·log2 e`,
 /// `f ∈ [−½, ½]`, and a degree-6 Taylor polynomial of `2^f`.
 #[inline]
 pub fn exp_neg(x: f32) -> f32 {
+    // Nearest integer of `t` (|t| < 2^22) by the 1.5·2^23 trick, not an `as i32` cast, which
+    // adds saturation and NaN fix-ups to every vector lane.
+    const MAGIC: f32 = 12_582_912.0;
     let t = x.max(-87.0) * std::f32::consts::LOG2_E;
-    let i = (t - 0.5) as i32; // t ≤ 0: truncation toward zero rounds half away
-    let f = (t - i as f32) * std::f32::consts::LN_2;
+    let r = t + MAGIC;
+    let i = r.to_bits() as i32 - MAGIC.to_bits() as i32;
+    let f = (t - (r - MAGIC)) * std::f32::consts::LN_2;
     let p = 1.0 + f * (1.0 + f * (0.5 + f * (1.0 / 6.0 + f * (1.0 / 24.0 + f * (1.0 / 120.0 + f * (1.0 / 720.0))))));
     f32::from_bits(((i + 127) << 23) as u32) * p
 }
@@ -163,6 +223,9 @@ fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
     }
 }
 
+/// Rows ahead of the current one whose lines a gather over chosen rows prefetches.
+const AHEAD: usize = 8;
+
 /// Exact scaled logits `(heads, m)` of the query heads of one KV group over `rows` (or all of
 /// `0..n` when `rows` is None): `scale·q_h·k_t`. Each K row is read once for all heads.
 fn logits(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>, scale: f32) -> Vec<f32> {
@@ -170,6 +233,9 @@ fn logits(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>, scale:
     let row = |i: usize| rows.map_or(i, |r| r[i] as usize);
     let mut s = vec![0f32; qs.len() * m];
     for i in 0..m {
+        if rows.is_some() && i + AHEAD < m {
+            prefetch_slice(view.k_row(row(i + AHEAD)));
+        }
         let k = view.k_row(row(i));
         for (h, q) in qs.iter().enumerate() {
             s[h * m + i] = scale * dot(q, k);
@@ -195,6 +261,9 @@ fn mix_values(view: &HeadView, s: &mut [f32], heads: usize, n: usize, rows: Opti
     }
     outs[..heads * d].fill(0.0);
     for i in 0..m {
+        if rows.is_some() && i + AHEAD < m {
+            prefetch_slice(view.v_row(row(i + AHEAD)));
+        }
         let v = view.v_row(row(i));
         for h in 0..heads {
             axpy(&mut outs[h * d..(h + 1) * d], s[h * m + i], v);
@@ -389,6 +458,24 @@ mod tests {
             tip_group_mass(&view, quantised.then_some(&qv), &qr, &fcs, len, scale, &mut got);
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-5 + 1e-4 * w, "quantised {quantised}: {g} vs {w}");
+            }
+            // In parts (as the engine splits it over threads), merged: the same scores.
+            for cuts in [vec![0, 64, len], vec![0, 32, 96, 160, len], vec![0, len - 9, len]] {
+                let q8 = quantised.then_some(&qv);
+                let parts: Vec<(Vec<f32>, Vec<MassPart>)> = cuts
+                    .windows(2)
+                    .map(|w| {
+                        let mut e = vec![f32::NAN; 3 * (w[1] - w[0])];
+                        let m = tip_mass_part(&view, q8, &qr, &fcs, w[0]..w[1], scale, &mut e);
+                        (e, m)
+                    })
+                    .collect();
+                let views: Vec<(&[f32], &[MassPart])> = parts.iter().map(|(e, m)| (&e[..], &m[..])).collect();
+                let mut merged = vec![f32::NAN; len];
+                tip_mass_merge(&views, scale, &mut merged);
+                for (m, g) in merged.iter().zip(&got) {
+                    assert!((m - g).abs() <= 1e-6 * g.max(1e-3), "cuts {cuts:?}: {m} vs {g}");
+                }
             }
         }
     }

@@ -8,7 +8,10 @@
 //! each other): K quantised per channel over a token group, as KIVI does, because K's outliers
 //! sit in channels, not in tokens. Only whole blocks are quantised; the block being filled is
 //! read from the f32 planes, so an append never rescales what was written before it.
+use std::ops::Range;
+
 use super::attention::HeadView;
+use super::prefetch_slice;
 
 /// Tokens per quantisation block.
 pub const QB: usize = 32;
@@ -66,50 +69,100 @@ fn fp16(v: f32) -> f32 {
     half::f16::from_f32(v.clamp(-65504.0, 65504.0)).to_f32()
 }
 
-avx2_dispatch! {
-    /// `out[t] (+)= Σ_{f ∈ fcs} q_f · k̂_{t,f}` for tokens `0..n`, `k̂` the dequantised int8 pair for
-    /// tokens in whole quantised blocks and the f32 pair after them: TIP's FC score read from the
-    /// scoring planes. Same contract as `fc_scores`.
-    pub fn fc_scores_q8 / scores_q8_avx2 => scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool)
+/// `out[t] (+)= Σ_{f ∈ fcs} q_f · k̂_{t,f}` for tokens `0..n`, `k̂` the dequantised int8 pair for
+/// tokens in whole quantised blocks and the f32 pair after them: TIP's FC score read from the
+/// scoring planes. Same contract as `fc_scores`.
+pub fn fc_scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool) {
+    let out = &mut out[..n];
+    if accumulate {
+        let mut s = vec![0f32; n];
+        fc_scores_q8_heads(view, q8, &[q_fc], fcs, 0..n, &mut s);
+        out.iter_mut().zip(&s).for_each(|(o, v)| *o += v);
+    } else {
+        fc_scores_q8_heads(view, q8, &[q_fc], fcs, 0..n, out);
+    }
 }
 
-/// The portable body; inlined into the AVX2 wrapper so the same loops compile to 8-wide
-/// conversions and FMAs there.
+avx2_dispatch! {
+    /// `out[h·m + (t − t0)] = Σ_{f ∈ fcs} q_{h,f} · k̂_{t,f}` for the query heads `qs` and tokens
+    /// `t ∈ range` (`m = range.len()`, `out` is `(heads, m)`; `range.start` a multiple of `QB`),
+    /// `k̂` as in `fc_scores_q8`. Each int8 pair is loaded and converted once for up to four
+    /// heads, and a tile of tokens accumulates over all of `fcs` in registers: stage 1 of a KV
+    /// group's heads in one pass over the planes (per head, the conversions and the
+    /// read-modify-writes of `out` per FC cost more than the FMAs).
+    pub fn fc_scores_q8_heads / scores_q8_heads_avx2 => scores_q8_heads(view: &HeadView, q8: &Q8View, qs: &[&[f32]], fcs: &[usize], range: Range<usize>, out: &mut [f32])
+}
+
+/// The portable body; inlined into the AVX2 wrapper so the tiles compile to 8-wide conversions
+/// and FMAs there.
 #[inline(always)]
-fn scores_q8(view: &HeadView, q8: &Q8View, q_fc: &[f32], fcs: &[usize], n: usize, out: &mut [f32], accumulate: bool) {
-    let page = view.page;
-    let quantised = (q8.blocks * QB).min(n);
-    let out = &mut out[..n];
-    if !accumulate {
-        out[..quantised].fill(0.0);
-    }
-    let blocks = page / QB;
-    for (p, (qp, sp)) in q8.pages.iter().zip(q8.scales).enumerate() {
-        let t0 = p * page;
-        if t0 >= quantised {
-            break;
+fn scores_q8_heads(view: &HeadView, q8: &Q8View, qs: &[&[f32]], fcs: &[usize], range: Range<usize>, out: &mut [f32]) {
+    assert_eq!(range.start % QB, 0, "TIP ranges start on a quantisation block");
+    let m = range.len();
+    for (c, qc) in qs.chunks(4).enumerate() {
+        let o = &mut out[c * 4 * m..(c * 4 + qc.len()) * m];
+        match qc.len() {
+            1 => heads_q8::<1>(view, q8, qc, fcs, range.clone(), o),
+            2 => heads_q8::<2>(view, q8, qc, fcs, range.clone(), o),
+            3 => heads_q8::<3>(view, q8, qc, fcs, range.clone(), o),
+            _ => heads_q8::<4>(view, q8, qc, fcs, range.clone(), o),
         }
-        let cnt = (quantised - t0).min(page);
-        let o = &mut out[t0..t0 + cnt];
-        for &f in fcs {
-            let (q0, q1) = (q_fc[2 * f], q_fc[2 * f + 1]);
-            let (px, py) = qp[f * 2 * page..(f * 2 + 2) * page].split_at(page);
-            for (b, ob) in o.chunks_exact_mut(QB).enumerate() {
-                let s = sp[f * blocks + b];
-                let (a, c) = (q0 * s, q1 * s);
-                let (bx, by) = (&px[b * QB..(b + 1) * QB], &py[b * QB..(b + 1) * QB]);
-                for j in 0..QB {
-                    ob[j] += a * bx[j] as f32 + c * by[j] as f32;
+    }
+}
+
+/// Pages ahead whose planes `heads_q8` prefetches.
+const AHEAD_PAGES: usize = 2;
+
+/// Tokens per register tile of `heads_q8` (divides `QB`: a tile shares its block's scale).
+const TILE: usize = 16;
+
+/// `scores_q8_heads` for exactly `H` heads; `out` is `(H, range.len())`.
+#[inline(always)]
+fn heads_q8<const H: usize>(view: &HeadView, q8: &Q8View, qs: &[&[f32]], fcs: &[usize], range: Range<usize>, out: &mut [f32]) {
+    let (page, t0, m) = (view.page, range.start, range.len());
+    let blocks = page / QB;
+    let quantised = (q8.blocks * QB).clamp(t0, range.end);
+    // Per chosen FC: its x-plane offset in an int8 page, its first scale, the heads' query pairs.
+    let plan: Vec<(usize, usize, [[f32; 2]; H])> = fcs.iter().map(|&f| (f * 2 * page, f * blocks, std::array::from_fn(|h| [qs[h][2 * f], qs[h][2 * f + 1]]))).collect();
+    for t in (t0..quantised).step_by(TILE) {
+        let (p, i) = (t / page, t % page);
+        if i == 0 || t == t0 {
+            // The planes and scales of a page ahead: pages are separate allocations, and a
+            // page reads only 2·fcs scattered lines, too few for the hardware prefetchers.
+            if let (Some(nq), Some(ns)) = (q8.pages.get(p + AHEAD_PAGES), q8.scales.get(p + AHEAD_PAGES)) {
+                for &(xo, _, _) in &plan {
+                    prefetch_slice(&nq[xo..xo + 2 * page]);
+                }
+                prefetch_slice(ns);
+            }
+        }
+        let (qp, sp, b) = (q8.pages[p], q8.scales[p], i / QB);
+        let mut acc = [[0f32; TILE]; H];
+        for &(xo, so, qf) in &plan {
+            let s = sp[so + b];
+            let (px, py) = (&qp[xo + i..xo + i + TILE], &qp[xo + page + i..xo + page + i + TILE]);
+            let (mut x, mut y) = ([0f32; TILE], [0f32; TILE]);
+            for j in 0..TILE {
+                x[j] = px[j] as f32 * s;
+                y[j] = py[j] as f32 * s;
+            }
+            for (a, [q0, q1]) in acc.iter_mut().zip(qf) {
+                for j in 0..TILE {
+                    a[j] = q0.mul_add(x[j], q1.mul_add(y[j], a[j]));
                 }
             }
         }
+        for (h, a) in acc.iter().enumerate() {
+            out[h * m + t - t0..h * m + t - t0 + TILE].copy_from_slice(a);
+        }
     }
     // The block being filled (fewer than QB tokens): from the f32 planes.
-    for (t, o) in out.iter_mut().enumerate().skip(quantised) {
+    for t in quantised..range.end {
         let kp = view.k_pages[t / page];
         let i = t % page;
-        let s: f32 = fcs.iter().map(|&f| q_fc[2 * f] * kp[(f * page + i) * 2] + q_fc[2 * f + 1] * kp[(f * page + i) * 2 + 1]).sum();
-        *o = if accumulate { *o + s } else { s };
+        for (h, q) in qs.iter().enumerate() {
+            out[h * m + t - t0] = fcs.iter().map(|&f| q[2 * f] * kp[(f * page + i) * 2] + q[2 * f + 1] * kp[(f * page + i) * 2 + 1]).sum();
+        }
     }
 }
 
