@@ -113,7 +113,7 @@ impl Model {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
-        let domain = ort::operator::OperatorDomain::new(OP_DOMAIN)?.add(FasaAttentionOp { pool: Arc::clone(&pool), threads })?;
+        let domain = ort::operator::OperatorDomain::new(OP_DOMAIN)?.add(FasaAttentionOp { pool: Arc::clone(&pool), threads })?.add(crate::graph::BlockCorrectionOp)?;
         let mut builder = Session::builder(env)?.with_intra_threads(threads).map_err(ort::Error::from)?;
         // Per-node timings for performance work: ORT writes `<prefix>_<date>.json`.
         if let Some(prefix) = std::env::var_os("FASA_ORT_PROFILE") {

@@ -11,8 +11,8 @@
 //! exact 8-bit `GatherBlockQuantized` for Q8_0/Q4_0/Q5_0/Q6_K, else an f32 table.
 use super::builder::{Attr, GraphBuilder};
 use super::proto::dtype;
-use std::collections::HashMap;
 
+use super::corr_op::CORR_OP_NAME;
 use super::quant::{concat_rows, decompose, gather_u8, Decomposed};
 use crate::attention::{OP_DOMAIN, OP_NAME};
 use crate::gguf::{GgmlType, GgufFile};
@@ -49,8 +49,6 @@ fn vector(f: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
 struct Ctx<'a> {
     g: GraphBuilder,
     f: &'a GgufFile,
-    /// `BlockSum` output already computed per `<input>.b<block>`.
-    block_sums: HashMap<String, String>,
     /// `MatMulNBits` accuracy level: 0 = f32 activations (exact), 4 = int8 activations.
     accuracy_level: i64,
     /// Performance experiments only (wrong results): leave out the Q4_1 correction term.
@@ -148,8 +146,16 @@ impl Ctx<'_> {
             self.g.node("MatMulNBits", "com.microsoft", &y, &[input, &b, &s], &[&y], attrs);
             terms.push(y);
         }
-        if let Some(corr) = w.correction.as_ref().filter(|_| !self.skip_correction) {
-            // corrᵀ: (K/B, N) for MatMul((S, K/B), ·).
+        let corr = w.correction.as_ref().filter(|_| !self.skip_correction);
+        // Sum the planes' terms: into `out` itself unless a correction follows.
+        let mut acc = terms[0].clone();
+        for (i, t) in terms.iter().enumerate().skip(1) {
+            let name = if i + 1 == terms.len() && corr.is_none() { out.to_string() } else { format!("{out}.sum{i}") };
+            self.g.node("Add", "", &name, &[&acc, t], &[&name], vec![]);
+            acc = name;
+        }
+        if let Some(corr) = corr {
+            // corrᵀ: (K/B, N), block-major, for `BlockCorrection`.
             let mut t = vec![0f32; nb * w.n];
             for r in 0..w.n {
                 for b in 0..nb {
@@ -157,36 +163,10 @@ impl Ctx<'_> {
                 }
             }
             let c = self.g.init_f32(&format!("{out}.corr"), &[nb, w.n], &t);
-            let sums = self.block_sum(input, w.block, nb);
-            let y = format!("{out}.c");
-            self.g.node("MatMul", "", &y, &[&sums, &c], &[&y], vec![]);
-            terms.push(y);
-        }
-        // Sum the terms into `out`.
-        let mut acc = terms[0].clone();
-        for (i, t) in terms.iter().enumerate().skip(1) {
-            let name = if i + 1 == terms.len() { out.to_string() } else { format!("{out}.sum{i}") };
-            self.g.node("Add", "", &name, &[&acc, t], &[&name], vec![]);
-            acc = name;
-        }
-        if acc != out {
+            self.g.node(CORR_OP_NAME, OP_DOMAIN, out, &[input, &acc, &c], &[out], vec![("block", Attr::Int(w.block as i64))]);
+        } else if acc != out {
             self.g.node("Identity", "", out, &[&acc], &[out], vec![]);
         }
-    }
-
-    /// `(S, K)` → `(S, K/B)` sums of each block of `block` inputs.
-    fn block_sum(&mut self, input: &str, block: usize, nb: usize) -> String {
-        let key = format!("{input}.b{block}");
-        if let Some(s) = self.block_sums.get(&key) {
-            return s.clone();
-        }
-        let shape = self.g.init_i64(&format!("{key}.bs_shape"), &[3], &[-1, nb as i64, block as i64]);
-        let axes = self.g.init_i64(&format!("{key}.bs_axes"), &[1], &[2]);
-        let (r, s) = (format!("{key}.blocks"), format!("{key}.bsum"));
-        self.g.node("Reshape", "", &r, &[input, &shape], &[&r], vec![]);
-        self.g.node("ReduceSum", "", &s, &[&r, &axes], &[&s], vec![("keepdims", Attr::Int(0))]);
-        self.block_sums.insert(key, s.clone());
-        s
     }
 }
 
@@ -196,7 +176,6 @@ pub fn build_decoder(f: &GgufFile, c: &ModelConfig) -> Result<DecoderGraph> {
     let mut x = Ctx {
         g: GraphBuilder::new("fasa-decoder"),
         f,
-        block_sums: HashMap::new(),
         accuracy_level: env_flag("FASA_ACCURACY_LEVEL").unwrap_or(0),
         skip_correction: env_flag("FASA_EXPERIMENT_NO_CORRECTION") == Some(1),
     };

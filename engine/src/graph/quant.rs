@@ -6,7 +6,8 @@
 //! M = 1, measured). So every GGUF block is written as a sum of symmetric 4-bit planes plus a
 //! per-block constant:
 //!   `W[n, k] = Σ_p scale_p[n, b] · (u_p[n, k] − 8) + corr[n, b]`,  `b = k / B`, `u_p ∈ [0, 15]`
-//! and the graph computes `A·Wᵀ = Σ_p MatMulNBits(A, plane_p) + BlockSum(A) · corrᵀ`, exact in
+//! and the graph computes `A·Wᵀ = Σ_p MatMulNBits(A, plane_p) + BlockSum(A) · corrᵀ` (the last
+//! term in one `BlockCorrection` node, `corr_op`), exact in
 //! f32. `B` is 32, or 16 for Q6_K (its scales change every 16 elements). A plane's bytes are
 //! `(n, k/B, B/2)`, element `2i` in the low nibble of byte `i`; scales are f32.
 //!

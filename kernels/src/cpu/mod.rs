@@ -61,12 +61,14 @@ pub fn prefetch_slice<T>(s: &[T]) {
 }
 
 pub mod attention;
+pub mod blockcorr;
 pub mod prefill;
 pub mod quant;
 pub mod rope;
 pub mod select;
 
 pub use attention::{attend_dense, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, exp_neg, fc_scores, row_logits, softmax_in_place, tip_group_mass, tip_mass_merge, tip_mass_part, HeadView, MassPart};
+pub use blockcorr::add_block_correction;
 pub use prefill::attend_causal_group;
 pub use quant::{fc_scores_q8, fc_scores_q8_heads, q8_plane_bytes, quantize_page_block, Q8View, QB};
 pub use rope::Rope;
