@@ -4,6 +4,7 @@ pub mod cache;
 pub mod calib;
 pub mod capture;
 pub mod config;
+pub mod fasa_c;
 pub mod gpu;
 pub mod op;
 pub mod profile;

@@ -9,22 +9,19 @@
 //! the GPU instead; the pages above are written all the same.
 use std::sync::Arc;
 
-use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, tip_mass_merge, HeadView, MassPart, Rope, QB};
+use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, HeadView, Rope};
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
 
 use super::cache::{CachePool, Pages, SeqCache, TierBytes};
 use super::config::Mode;
-use super::sparse::{head_mass, mass_tip_fcs, mass_tip_part, plane_bytes, select, union_len, GroupCtx, Selection, Stage1, ELEM};
+use super::fasa_c::{select_group, sparse_step, wants_moments, SharedOut, Step};
+use super::sparse::{GroupCtx, ELEM};
 use super::stats::AttnStats;
 use crate::RopeLayout;
 
 pub const OP_DOMAIN: &str = "dev.fasa";
 pub const OP_NAME: &str = "FasaAttention";
-
-/// Shortest context whose stage-1 TIP is split across threads (below it the extra `par_for`
-/// costs more than the imbalance it removes).
-const SPLIT_MIN: usize = 2048;
 
 /// New tokens per prefill attention task: bounds the score tile to `64·group × context` floats.
 const PREFILL_TILE: usize = 64;
@@ -84,19 +81,6 @@ pub struct FasaKernel {
     head_dim: usize,
     layout: RopeLayout,
     rope: Rope,
-}
-
-/// A raw output pointer shared by `par_for` workers that write disjoint rows.
-struct SharedOut(*mut f32);
-// SAFETY: workers write disjoint `(token, head)` ranges of one buffer that outlives `par_for`.
-unsafe impl Sync for SharedOut {}
-unsafe impl Send for SharedOut {}
-
-impl SharedOut {
-    /// A method (not a field access) so closures capture the whole `Sync` wrapper.
-    fn get(&self) -> *mut f32 {
-        self.0
-    }
 }
 
 impl Kernel for FasaKernel {
@@ -273,70 +257,8 @@ impl Kernel for FasaKernel {
                 }
             } else {
                 let profile = self.pool.profile();
-                let per_group: Vec<std::sync::Mutex<AttnStats>> = (0..hkv).map(|_| Default::default()).collect();
-                let moments: Vec<_> = (0..hkv).map(|g| if wants_moments(&cfg) { c.moments(layer, g) } else { vec![] }).collect();
-                let gctx = |g: usize| GroupCtx { view: pages[g].view(), q8: pages[g].q8_view(), bounds: &bounds[g], layer, kv_head: g, n: n_all, cfg: &cfg, profile: &profile, moments: &moments[g], scale, pre: None };
-                let group_qs = |g: usize| -> Vec<&[f32]> { (g * group..(g + 1) * group).map(|qh| &q_fc[qh * d..(qh + 1) * d]).collect() };
-                // Stage 1 in parts of the context on every thread, when the KV groups do not
-                // share out evenly (SmolLM2: 3 groups on 2 threads, one thread would run two
-                // groups' TIP while the other waits): parts · groups tasks, merged per group.
-                let parts = self.threads;
-                let tip_fcs: Vec<Option<Vec<usize>>> = if hkv % parts != 0 && n_all >= SPLIT_MIN {
-                    (0..hkv).map(|g| mass_tip_fcs(&gctx(g), &(g * group..(g + 1) * group).collect::<Vec<_>>(), &group_qs(g))).collect()
-                } else {
-                    vec![]
-                };
-                let split = !tip_fcs.is_empty() && tip_fcs.iter().all(Option::is_some);
-                let tip_parts: Vec<std::sync::Mutex<(Vec<f32>, Vec<MassPart>)>> = (0..if split { hkv * parts } else { 0 }).map(|_| Default::default()).collect();
-                if split {
-                    let bound = |i: usize| if i == parts { n_all } else { n_all * i / parts / QB * QB };
-                    ctx.par_for(hkv * parts, 0, |task| {
-                        let (g, i) = (task / parts, task % parts);
-                        let (qs, range) = (group_qs(g), bound(i)..bound(i + 1));
-                        let mut e = vec![0f32; qs.len() * range.len()];
-                        let fcs = tip_fcs[g].as_deref().unwrap_or_default();
-                        let mp = mass_tip_part(&gctx(g), &qs, fcs, range, &mut e);
-                        *tip_parts[task].lock().unwrap_or_else(|e| e.into_inner()) = (e, mp);
-                    })?;
-                }
-                ctx.par_for(hkv, 0, |g| {
-                    let pre = split.then(|| {
-                        let got: Vec<_> = tip_parts[g * parts..(g + 1) * parts].iter().map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner()))).collect();
-                        let views: Vec<(&[f32], &[MassPart])> = got.iter().map(|(e, m)| (&e[..], &m[..])).collect();
-                        let mut scores = vec![0f32; n_all];
-                        tip_mass_merge(&views, scale, &mut scores);
-                        Stage1 { fcs: tip_fcs[g].clone().unwrap_or_default(), scores }
-                    });
-                    let gctx = GroupCtx { pre: pre.as_ref(), ..gctx(g) };
-                    let qs = group_qs(g);
-                    let (mut sels, mut st) = select_group(&gctx, group, d, &qs);
-                    let mut o = vec![0f32; group * d];
-                    if cfg.per_group {
-                        attend_selection(&gctx.view, &qs, &mut sels[0], scale, &mut o);
-                    } else {
-                        for (i, (q, sel)) in qs.iter().zip(sels.iter_mut()).enumerate() {
-                            attend_selection(&gctx.view, &[q], sel, scale, &mut o[i * d..(i + 1) * d]);
-                        }
-                    }
-                    // SAFETY: each group writes only the rows of its own query heads.
-                    unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.get().add(g * group * d), group * d) };
-                    if measure {
-                        for (i, q) in qs.iter().enumerate() {
-                            let sel = &sels[if cfg.per_group { 0 } else { i }];
-                            let mass = head_mass(&gctx.view, q, n_all, scale);
-                            st.mass_sum += sel.rows.iter().map(|&t| mass[t as usize] as f64).sum::<f64>();
-                            let mut oracle = Vec::new();
-                            fasa_kernels::cpu::top_b(&mass, sel.rows.len(), &mut oracle);
-                            let hit = sel.rows.iter().filter(|t| oracle.binary_search(t).is_ok()).count();
-                            st.recall_sum += hit as f64 / sel.rows.len().max(1) as f64;
-                            st.probes += 1;
-                        }
-                    }
-                    *per_group[g].lock().unwrap_or_else(|e| e.into_inner()) = st;
-                })?;
-                for st in per_group {
-                    stats.merge(&st.into_inner().unwrap_or_else(|e| e.into_inner()));
-                }
+                let step = Step { cache: c, pages: &pages, bounds: &bounds, cfg: &cfg, profile: &profile, layer, n: n_all, group, d, scale, q_fc: &q_fc, measure, threads: self.threads };
+                stats.merge(&sparse_step(ctx, &step, &out_ptr)?);
             }
             if let (Some(rec), 1) = (recorder.as_mut(), s) {
                 for (g, p) in pages.iter().enumerate() {
@@ -353,21 +275,6 @@ impl Kernel for FasaKernel {
         cache.state.stats.merge(&stats);
         Ok(())
     }
-}
-
-/// Focused attention of the query heads `qs` over a selection's rows (`o` is `(heads, d)`),
-/// reusing the re-rank's logits when it kept them (then only V is read).
-fn attend_selection(view: &HeadView, qs: &[&[f32]], sel: &mut Selection, scale: f32, o: &mut [f32]) {
-    if sel.logits.is_empty() {
-        attend_rows_group(view, qs, &sel.rows, scale, o);
-    } else {
-        attend_scored_rows_group(view, &mut sel.logits, &sel.rows, o);
-    }
-}
-
-/// Whether stage 1 chooses its FCs per step (by the K moments of the planes).
-fn wants_moments(cfg: &super::config::AttnConfig) -> bool {
-    cfg.mode == Mode::Fasa && cfg.pool > cfg.chunks
 }
 
 /// FASA-M decode for KV group `g`: stage 1 over the resident planes (queries compacted to the
@@ -405,32 +312,4 @@ fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &
     }
     pool.account(TierBytes { fast: rc.bytes() as isize - before as isize, slow: 0 });
     Ok(st)
-}
-
-/// Stage 1 for KV group `gctx.kv_head` (query heads `qs`, head dim `d`, one token set per group or per head),
-/// with the group's counters: rows attended and K/V bytes read (the FC planes and rows the heads
-/// use together, plus each selection's extra reads), against dense's.
-fn select_group(gctx: &GroupCtx, group: usize, d: usize, qs: &[&[f32]]) -> (Vec<Selection>, AttnStats) {
-    // `d` is the full head dim: FASA-M's plane view holds only the resident FCs.
-    let (cfg, n) = (gctx.cfg, gctx.n);
-    let heads: Vec<usize> = (gctx.kv_head * group..(gctx.kv_head + 1) * group).collect();
-    let sels: Vec<Selection> = if cfg.per_group {
-        vec![select(gctx, &heads, qs)]
-    } else {
-        heads.iter().zip(qs).map(|(&qh, q)| select(gctx, &[qh], &[q])).collect()
-    };
-    let fcs: Vec<&[usize]> = sels.iter().map(|x| x.fcs.as_slice()).collect();
-    let rows: Vec<&[u32]> = sels.iter().map(|x| x.rows.as_slice()).collect();
-    let union_rows = union_len(&rows);
-    // After an exact re-rank the kept rows' K was read among the candidates (counted in
-    // `extra_bytes`) and its logits are reused: focused attention reads only their V.
-    let row_elems = if sels.iter().all(|x| !x.logits.is_empty()) { d } else { 2 * d };
-    let st = AttnStats {
-        sparse_layer_steps: 1,
-        bytes_dense: (n * 2 * d) as u64 * ELEM,
-        rows: union_rows as u64,
-        bytes_read: plane_bytes(gctx, union_len(&fcs)) + (union_rows * row_elems) as u64 * ELEM + sels.iter().map(|x| x.extra_bytes).sum::<u64>(),
-        ..Default::default()
-    };
-    (sels, st)
 }

@@ -2,7 +2,7 @@
 //! Stage 2 (exact attention over the rows) is `fasa_kernels::cpu::attend_rows`.
 use std::ops::Range;
 
-use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, tip_mass_part, top_b, FcMoments, HeadView, MassPart, Q8View};
+use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, tip_mass_merge, tip_mass_part, top_b, FcMoments, HeadView, MassPart, Q8View};
 
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
@@ -31,11 +31,22 @@ pub struct GroupCtx<'a> {
     pub pre: Option<&'a Stage1>,
 }
 
-/// `fasa`'s stage-1 scores of one KV group, computed ahead of `select`: the FCs they used and
-/// the group's mass score `(n,)` (`tip_group_mass`).
+/// `fasa`'s stage-1 scores of one KV group, computed ahead of `select` (`Stage1::merge`): the
+/// FCs they used and the group's mass score `(n,)` (`tip_group_mass`), sinks and recent rows
+/// forced in.
 pub struct Stage1 {
-    pub fcs: Vec<usize>,
-    pub scores: Vec<f32>,
+    fcs: Vec<usize>,
+    scores: Vec<f32>,
+}
+
+impl Stage1 {
+    /// Joins the group's `mass_tip_part`s of consecutive ranges covering `0..c.n`.
+    pub fn merge(c: &GroupCtx, fcs: Vec<usize>, parts: &[(&[f32], &[MassPart])]) -> Self {
+        let mut scores = vec![0f32; c.n];
+        tip_mass_merge(parts, c.scale, &mut scores);
+        force_rows(&mut scores, c.cfg.sinks, c.cfg.recent);
+        Self { fcs, scores }
+    }
 }
 
 /// A deterministic permutation of `0..n` seeded by `seed` (xorshift Fisher–Yates).
@@ -107,9 +118,6 @@ pub(crate) fn q8_tip(cfg: &AttnConfig) -> bool {
 /// softmax mass, summed (`fasa` over a group), or the plain sum of the heads' FC scores (the
 /// paper's recipe and the baselines, one head or a group).
 fn tip_scores(c: &GroupCtx, qs: &[&[f32]], fcs: &[usize]) -> Vec<f32> {
-    if let Some(pre) = c.pre {
-        return pre.scores.clone();
-    }
     let n = c.n;
     let mut s = vec![0f32; n];
     let q8 = tip_planes(c);
@@ -225,8 +233,15 @@ fn select_inner(c: &GroupCtx, heads: &[usize], qs: &[&[f32]], kept_logits: &mut 
             return rerank_into(c, qs, &all, rows, kept_logits);
         }
         used_fcs = fcs.to_vec();
-        let mut s = tip_scores(c, qs, fcs);
-        force_rows(&mut s, cfg.sinks, cfg.recent);
+        // Stage 1's scores with sinks and recent rows forced in (`Stage1` has them forced).
+        let s: std::borrow::Cow<[f32]> = match c.pre {
+            Some(pre) => pre.scores.as_slice().into(),
+            None => {
+                let mut s = tip_scores(c, qs, fcs);
+                force_rows(&mut s, cfg.sinks, cfg.recent);
+                s.into()
+            }
+        };
         if rerank {
             let mut cand = Vec::new();
             top_b(&s, cfg.rerank, &mut cand);

@@ -42,14 +42,16 @@ fn pair(v: f32, i: usize) -> u64 {
 /// The pairs of `scores` not below `lo`, in index order. Branch-free (every pair is written,
 /// the length advances only past kept ones): which scores pass is data, not a pattern.
 fn keep_from(scores: &[f32], lo: u64) -> Vec<u64> {
-    let mut kept = vec![0u64; scores.len()];
+    let mut kept = Vec::with_capacity(scores.len());
+    let spare = &mut kept.spare_capacity_mut()[..scores.len()];
     let mut len = 0;
     for (i, &x) in scores.iter().enumerate() {
         let p = pair(x, i);
-        kept[len] = p;
+        spare[len].write(p);
         len += usize::from(p >= lo);
     }
-    kept.truncate(len);
+    // SAFETY: the first `len` slots were written (each kept pair before `len` moved past it).
+    unsafe { kept.set_len(len) };
     kept
 }
 
