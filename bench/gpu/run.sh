@@ -3,7 +3,8 @@
 # operator vs its CPU path), then the timings (in-house dense, FASA-C paper and default modes with
 # fp16 and int8 TIP, PyTorch SDPA, copy bandwidth) and the table.
 # Build first, here: bench/gpu/build.sh; then run with carry [".dev/gpu"]:
-#   bash bench/gpu/run.sh [--quick | --tests]   (--tests: the correctness part only)
+#   bash bench/gpu/run.sh [--quick | --targets | --tests]   (--tests: the correctness part only;
+#   --targets: issue 5's four target shapes only)
 # (FASA_GPU_STAGE names another staging folder; FASA_GPU_SCRIPTS another folder of sdpa.py and
 # table.py.) Results go to $OUT (tests.log, gpu_op.log, bench.csv, sdpa.csv, table.md, env.txt).
 set -uo pipefail
@@ -37,10 +38,16 @@ timeout 400 "$STAGE/gpu_bench" "$@" "$OUT/bench.csv" 2>&1 | cut -d, -f1-17
 timeout 150 python3 "$SCRIPTS/sdpa.py" "$@" "$OUT/sdpa.csv"
 python3 "$SCRIPTS/table.py" "$OUT/bench.csv" "$OUT/sdpa.csv" > "$OUT/table.md"
 sed -n '/^| shape /,$p' "$OUT/table.md"
-# Optional (FASA_NCU=1): hardware counters of the first launches of dense FAC, TIP, filter, FAC.
+# Optional (FASA_NCU=1): hardware counters of the paper int8 step's four kernels, PDL off, one
+# ncu run per shape (FASA_NCU_SHAPES, default 16x32768; e.g. 16x131072,1x32768).
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 if [ "${FASA_NCU:-0}" = 1 ] && [ -n "$NCU" ]; then
-  timeout 75 "$NCU" --clock-control none -k 'regex:^(fac_h4_f16|facl_h4_f16|tip_f16|tip8_f16|select_filter)$' -c 5 --section SpeedOfLight --section Occupancy \
-    "$STAGE/gpu_bench" --quick /tmp/ncu-bench.csv > "$OUT/ncu.txt" 2>&1
-  grep -E '^  [a-z_0-9]+16|select_filter|Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Theoretical Occupancy|Block Limit' "$OUT/ncu.txt" | head -60
+  for sh in $(tr , ' ' <<<"${FASA_NCU_SHAPES:-16x32768}"); do
+    FASA_GPU_PDL=0 FASA_BENCH_SHAPES=$sh FASA_BENCH_MODES=fasa_paper_group_int8 timeout 150 "$NCU" --clock-control none \
+      -k 'regex:^(tip8_f16|select_filter_v[28]|facl?_h4_f16|fac_combine)$' -c 4 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats "$STAGE/gpu_bench" --targets /tmp/ncu-bench.csv > "$OUT/ncu_$sh.txt" 2>&1
+    echo "== ncu $sh"
+    grep -E '^  [a-z_0-9]+ \(|^    (Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issued Warp Per|Warp Cycles Per Issued)' "$OUT/ncu_$sh.txt"
+  done
 fi

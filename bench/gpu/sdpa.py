@@ -3,7 +3,7 @@ timing: one step over several layers' caches (together >= 4x the L2) captured in
 median of 7 groups of 20 replays, time per layer. GQA without copies, two ways, the faster one
 reported: `enable_gqa=True` with q (b, n_q, 1, d), and q (b, n_kv, group, d) as a query length of
 `group` against K/V (b, n_kv, L, d); either reads each KV head's K/V once.
-Usage: python3 bench/gpu/sdpa.py [--quick] [out.csv]"""
+Usage: python3 bench/gpu/sdpa.py [--quick | --targets] [out.csv]"""
 import sys
 
 import torch
@@ -58,6 +58,7 @@ def copy_bw():
 
 def main():
     quick = "--quick" in sys.argv
+    targets = "--targets" in sys.argv
     out = [a for a in sys.argv[1:] if not a.startswith("--")]
     torch.manual_seed(0)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
@@ -66,11 +67,11 @@ def main():
              "model,batch,L,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,variant,other_us"]
     print("\n".join(lines), flush=True)
     shapes = []
-    lens = [32768] if quick else [8192, 32768, 131072]
+    lens = [32768] if quick else [32768, 131072] if targets else [8192, 32768, 131072]
     for L in lens:
         for b in (1, 16):
             shapes.append(("llama3-8b", 32, 8, 128, b, L))
-    for b in (1, 16):
+    for b in () if targets else (1, 16):
         shapes.append(("smollm2-135m", 9, 3, 64, b, 8192))
     for model, n_q, n_kv, d, b, L in shapes:
         layer_bytes = 2 * b * n_kv * L * d * 2

@@ -6,13 +6,24 @@
 //! Each step runs over several layers' caches in turn (together ≥ 4× the L2), captured in one CUDA
 //! graph; times are per layer. Prints CSV (and writes it to the path given as first argument).
 //!
-//! Run on the device: bench/gpu/run.sh. `--quick` times a few shapes only.
+//! Run on the device: bench/gpu/run.sh. `--quick` times a few shapes only; `--targets` the four
+//! shapes of issue 5's targets (Llama-3-8B, batch 1 and 16, 32k and 128k, B = 1024) with the
+//! paper's rows and the engine's default int8 row: the decoder's threshold and FAC kernel, the
+//! combine fused or apart, TIP blocks of the automatic, 2 and 4 chunks.
+//! `FASA_BENCH_SHAPES=16x32768,1x131072` keeps only those (batch × L) shapes and
+//! `FASA_BENCH_MODES=dense_inhouse,fasa_paper_group_int8` only those rows (profiling).
+//! Every row also times its fastest variant with programmatic dependent launch switched (`pdl`).
+
 use std::io::Write;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
 use fasa_kernels::cpu::FcMoments;
 use fasa_kernels::gpu::{decode::capture, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuKvCache};
+
+/// Bytes per token and group of 8 FCs that int8 TIP reads: 16 B of pairs plus 8 f32 scales per
+/// 32 tokens (1 B per token).
+const INT8_GROUP_BYTES: f64 = 17.0;
 
 struct Shape {
     model: &'static str,
@@ -68,6 +79,16 @@ fn time_graph(gpu: &Gpu, g: &cudarc::driver::CudaGraph, reps: usize) -> f64 {
     t[t.len() / 2]
 }
 
+/// `f` (graphs captured and timed) with programmatic dependent launch switched, then back; and
+/// the label of that variant.
+fn pdl_switched<R>(gpu: &Gpu, f: impl FnOnce() -> R) -> (&'static str, R) {
+    let was = gpu.pdl();
+    gpu.set_pdl(!was);
+    let r = f();
+    gpu.set_pdl(was);
+    (if was { "nopdl" } else { "pdl" }, r)
+}
+
 /// Device copy bandwidth (bytes read + written per second): through a copy kernel (the SM path
 /// attention uses) and through a memcpy node (copy engines), both in graphs.
 fn copy_bandwidth(gpu: &Gpu) -> (f64, f64) {
@@ -88,6 +109,11 @@ fn copy_bandwidth(gpu: &Gpu) -> (f64, f64) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let targets = args.iter().any(|a| a == "--targets");
+    let list = |var: &str| -> Option<Vec<String>> { std::env::var(var).ok().map(|v| v.split(',').map(str::to_string).collect()) };
+    let only = list("FASA_BENCH_SHAPES");
+    let only_modes = list("FASA_BENCH_MODES");
+    let wanted = |m: &str| only_modes.as_ref().is_none_or(|o| o.iter().any(|x| x == m));
     let out_path = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
     let gpu = Gpu::new(0).expect("a CUDA GPU");
     let l2 = gpu.ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE).unwrap() as usize;
@@ -109,9 +135,9 @@ fn main() {
     println!("{}", lines.join("\n"));
 
     let mut shapes = Vec::new();
-    let lens: &[usize] = if quick { &[32768] } else { &[8192, 32768, 131072] };
+    let lens: &[usize] = if quick { &[32768] } else if targets { &[32768, 131072] } else { &[8192, 32768, 131072] };
     let batches: &[usize] = &[1, 16];
-    let budgets: &[usize] = if quick { &[1024] } else { &[1024, 256] };
+    let budgets: &[usize] = if quick || targets { &[1024] } else { &[1024, 256] };
     for &len in lens {
         for &batch in batches {
             for &budget in budgets {
@@ -121,13 +147,16 @@ fn main() {
     }
     for &batch in batches {
         for &budget in &[256usize, 1024] {
-            if quick && budget != 256 {
+            if targets || (quick && budget != 256) {
                 continue;
             }
             shapes.push(Shape { model: "smollm2-135m", n_q: 9, n_kv: 3, d: 64, batch, len: 8192, budget, k: 8 });
         }
     }
 
+    if let Some(o) = &only {
+        shapes.retain(|s| o.contains(&format!("{}x{}", s.batch, s.len)));
+    }
     for s in &shapes {
         let layer_bytes = 2 * s.batch * s.n_kv * s.len * s.d * 2;
         let layers = (4 * l2).div_ceil(layer_bytes).clamp(1, 32);
@@ -169,7 +198,7 @@ fn main() {
         // `*_int8`: the same as the row before with TIP reading the int8 planes.
         let paper: Mode = ("fasa_paper_group", s.k, 0, 0, false, false);
         let default: Mode = ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true, false);
-        let modes: [Mode; 6] = [
+        let all_modes: [Mode; 6] = [
             paper,
             ("fasa_paper_group_int8", s.k, 0, 0, false, true),
             ("fasa_default_old", 2 * s.k, 4, 32, false, false),
@@ -177,9 +206,13 @@ fn main() {
             default,
             ("fasa_default_int8", default.1, 4, 32, true, true),
         ];
+        let target_modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_default_int8"];
+        let modes: Vec<Mode> = all_modes.into_iter().filter(|m| (!targets || target_modes.contains(&m.0)) && wanted(m.0)).collect();
         let dense_bytes = layer_bytes as f64;
         // Dense first.
-        let dense_us = {
+        let dense_us = if !wanted("dense_inhouse") {
+            f64::NAN
+        } else {
             let cfg = config(s, &pools, paper);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
             // Both FAC kernel variants (n = registers-for-q, l = lean), the faster kept.
@@ -202,6 +235,20 @@ fn main() {
                     best = (ms, lean);
                 }
             }
+            for d in decs.iter_mut() {
+                d.dense_lean = best.1;
+            }
+            let (label, us) = pdl_switched(&gpu, || {
+                let g = capture(&gpu, || {
+                    for (d, c) in decs.iter_mut().zip(&caches) {
+                        d.dense(&gpu, c, &q, &lens, &mut out)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                time_graph(&gpu, &g, 20) / layers as f64 * 1e3
+            });
+            all.push(format!("{label}:{us:.1}"));
             let ms = best.0;
             let dense_us = ms * 1e3;
             let tbps = dense_bytes / (ms * 1e-3) / 1e12;
@@ -225,9 +272,26 @@ fn main() {
             let mut best = (f64::INFINITY, true, false, 1, false);
             let mut all = Vec::new();
             let auto = decs[0].tip_chunks;
-            let chunk_opts: Vec<usize> = if auto > 1 { vec![auto, 1] } else { vec![1] };
+            // --targets: the decoder's threshold and FAC kernel, the combine fused or apart, and
+            // TIP blocks of the automatic, 2 and 4 chunks.
+            let chunk_opts: Vec<usize> = match (targets, auto > 1) {
+                (true, true) => [auto, 2, 4].into_iter().fold(Vec::new(), |mut v, c| {
+                    if !v.contains(&c) {
+                        v.push(c);
+                    }
+                    v
+                }),
+                (false, true) => vec![auto, 1],
+                _ => vec![auto],
+            };
+            let paths: Vec<(bool, bool, bool)> = if targets {
+                let (t, l) = (decs[0].thr_in_tip, decs[0].fac_lean);
+                vec![(t, false, l), (t, true, l)]
+            } else {
+                vec![(true, false, false), (true, false, true), (false, false, false), (false, false, true)]
+            };
             for &ch in &chunk_opts {
-                for (thr_in_tip, fused, lean) in [(true, false, false), (true, false, true), (false, false, false), (false, false, true)] {
+                for &(thr_in_tip, fused, lean) in &paths {
                     for d in decs.iter_mut() {
                         d.thr_in_tip = thr_in_tip;
                         d.fused_combine = fused;
@@ -256,6 +320,17 @@ fn main() {
                 d.fac_lean = lean;
             }
             let variant = format!("{}{}{}{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" });
+            let (label, us) = pdl_switched(&gpu, || {
+                let g = capture(&gpu, || {
+                    for (d, c) in decs.iter_mut().zip(&caches) {
+                        d.step(&gpu, c, &q, &lens, &mut out)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                time_graph(&gpu, &g, 20) / layers as f64 * 1e3
+            });
+            all.push(format!("{label}:{us:.1}"));
             // Stages: TIP alone, TIP + select; FAC is the rest.
             let g = capture(&gpu, || {
                 for (d, c) in decs.iter_mut().zip(&caches) {
@@ -278,7 +353,7 @@ fn main() {
             // block of 32 tokens, 17 B; the partial last block's 16-bit groups not counted), plus
             // full K and V of B rows (scores and histograms not counted).
             let groups_read = (p.div_ceil(8)).min(n_fc / 8) as f64;
-            let tip = (s.batch * s.n_kv * s.len) as f64 * groups_read * if q8 { 16.0 + 8.0 * 4.0 / 32.0 } else { 32.0 };
+            let tip = (s.batch * s.n_kv * s.len) as f64 * groups_read * if q8 { INT8_GROUP_BYTES } else { 32.0 };
             let fac = (s.batch * s.n_kv * s.budget.min(s.len) * s.d * 2 * 2) as f64;
             let bytes = tip + fac;
             let tbps = bytes / (ms * 1e-3) / 1e12;

@@ -339,13 +339,25 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let mut variants_same = true;
     let chunks0 = dec.tip_chunks;
     let lean0 = dec.fac_lean;
-    for (thr_in_tip, fused, chunks, lean) in
-        [(false, true, 1, lean0), (true, true, 2, lean0), (false, false, 3, lean0), (true, false, 3, lean0), (true, false, chunks0, !lean0), (false, true, 2, !lean0)]
-    {
+    // Programmatic dependent launch switched for one, filter blocks of both sizes forced for two.
+    let pdl0 = g.pdl();
+    for (thr_in_tip, fused, chunks, lean, pdl, ftok) in [
+        (false, true, 1, lean0, pdl0, 0),
+        (true, true, 2, lean0, pdl0, 0),
+        (false, false, 3, lean0, pdl0, 0),
+        (true, false, 3, lean0, pdl0, 0),
+        (true, false, chunks0, !lean0, pdl0, 0),
+        (false, true, 2, !lean0, pdl0, 0),
+        (true, false, chunks0, lean0, !pdl0, 0),
+        (true, false, chunks0, lean0, pdl0, 8192),
+        (false, false, chunks0, lean0, pdl0, 2048),
+    ] {
         dec.thr_in_tip = thr_in_tip;
         dec.fused_combine = fused;
         dec.tip_chunks = chunks;
         dec.fac_lean = lean;
+        dec.filter_tok = ftok;
+        g.set_pdl(pdl);
         st.memcpy_htod(&vec![u32::MAX; dec.sel.len()], &mut dec.sel)?;
         let mut o3 = st.clone_htod(&nan_out)?;
         dec.step(g, &cache, &q, &lens_d, &mut o3)?;
@@ -362,6 +374,8 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
             None => false,
         };
     }
+    g.set_pdl(pdl0);
+    dec.filter_tok = 0;
     dec.thr_in_tip = true;
     dec.fused_combine = false;
     dec.tip_chunks = chunks0;

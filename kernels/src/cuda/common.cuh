@@ -60,6 +60,18 @@ __device__ __forceinline__ void unpack8_i8(u32 a, u32 b, float* f) {
     }
 }
 
+// Programmatic dependent launch (sm_90; launchers: kernels/src/gpu/launch.rs). First statement
+// of every kernel of the decode chain: lets the next kernel in the stream launch now (its blocks
+// are placed once every block of this one has started, and wait in their own pdl_begin), then
+// waits until the kernel before this one has finished and its writes are visible. Without the
+// launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_begin() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Order-preserving u32 key of a float (larger float → larger key); -0 is folded into +0 so
 // equal scores tie, as on the CPU.
 __device__ __forceinline__ u32 okey(float f) {

@@ -62,6 +62,8 @@ pub struct FasaDecoder {
     pub fused_combine: bool,
     /// Chunks of 1024 tokens per TIP block (`tip::chunks` by default).
     pub tip_chunks: usize,
+    /// Scores per select-filter block, 8192 or 2048; 0 (default): chosen by `select::filter`.
+    pub filter_tok: usize,
     /// FAC over the selected rows with the lean kernels (`facl_h*`: q re-read from shared memory,
     /// 4 instead of 3 blocks per SM for a group of 4). Default: on from 64 selections per step
     /// (GPU run 6: −3.5 to −12 µs at batch 16 of Llama-3-8B shapes, +0.2 to +0.5 µs at batch 1
@@ -169,6 +171,7 @@ impl FasaDecoder {
             // last-block merge at every shape (77 → 34 µs at 8k, batch 1, B = 1024).
             fused_combine: false,
             tip_chunks: tip::chunks(cache.l_max, segs, gpu.sm_count),
+            filter_tok: 0,
             fac_lean: segs >= 64,
             dense_lean: cache.batch * cache.n_kv * cache.l_max >= 1 << 18,
             cfg: DecodeConfig { rerank, ..cfg },
@@ -192,7 +195,7 @@ impl FasaDecoder {
         self.tip(gpu, cache, &d1, q, lens)?;
         let thr = if self.thr_in_tip { Some(&self.thr) } else { None };
         let first = if c > 0 { &mut self.selc } else { &mut self.sel };
-        select::filter(gpu, &d1, &self.scores, &mut self.hist, thr, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel)?;
+        select::filter(gpu, &d1, &self.scores, &mut self.hist, thr, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel, self.filter_tok)?;
         if c > 0 {
             rerank::scores(gpu, dt, &self.dims, &cache.k, q, &cache.fc_of_slot, lens, &self.selc, c, &mut self.rr)?;
             rerank::mass(

@@ -1,7 +1,7 @@
 //! Ops 4 and 5, FAC and dense flash-decode: exact attention (full dims) of every q head of a
 //! selection over its rows, the K/V rows read once for all those heads. Rows are split over
 //! blocks (`rows_per_split` each, fused softmax per block) and `combine` merges the partials.
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::{cfg, Dims, Dtype, Gpu, GpuError, FAC_MAX_ROWS};
 
@@ -63,7 +63,7 @@ pub fn partials(
     let (rps, ns) = (rows_per_split as i32, n_split as i32);
     let null = 0u64;
     let f = gpu.f.fac(dt, hps, lean);
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = gpu.launcher(f);
     l.arg(dims).arg(k).arg(v).arg(q).arg(fc_of_slot).arg(lens);
     match sel {
         Some(s) => l.arg(s),
@@ -86,7 +86,7 @@ pub fn combine(gpu: &Gpu, dims: &Dims, n_split: usize, po: &CudaSlice<f32>, pml:
         return Err(GpuError::Shape("fac::combine: out needs (batch, n_q, d)".into()));
     }
     let ns = n_split as i32;
-    let mut l = gpu.stream.launch_builder(&gpu.f.fac_combine);
+    let mut l = gpu.launcher(&gpu.f.fac_combine);
     l.arg(dims).arg(&ns).arg(po).arg(pml).arg(out);
     if dims.d > 128 {
         return Err(GpuError::Shape("fac::combine: d ≤ 128".into()));

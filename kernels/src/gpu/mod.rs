@@ -10,6 +10,7 @@
 pub mod append;
 pub mod decode;
 pub mod fac;
+mod launch;
 pub mod rerank;
 pub mod select;
 pub mod tip;
@@ -17,6 +18,7 @@ pub mod tip;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
@@ -40,7 +42,6 @@ pub const MAX_HPS: usize = 8;
 /// Most selected rows one FAC block handles (`FAC_MAX_ROWS`; dense blocks take any number).
 pub const FAC_MAX_ROWS: usize = 1024;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
-pub(crate) const FILT_TOK: usize = 4096; // 256 · FILT_TPT
 pub(crate) const MASS_TOK: usize = 2048; // 256 · MASS_TPT
 pub(crate) const RR_ROWS: usize = 256;
 /// Tokens per int8 quantisation block (`QB` in common.cuh, `cpu::QB`).
@@ -127,7 +128,8 @@ unsafe impl DeviceRepr for Dims {}
 /// Every kernel of the module, looked up once.
 pub(crate) struct Funcs {
     pub tip_mass: CudaFunction,
-    pub select_filter: CudaFunction,
+    /// Filter blocks of 8192 and of 2048 tokens (`select_filter_v8`, `_v2`).
+    pub select_filter: [CudaFunction; 2],
     pub select_refine: CudaFunction,
     pub rerank_mass: CudaFunction,
     pub fac_combine: CudaFunction,
@@ -200,6 +202,8 @@ pub struct Gpu {
     #[allow(dead_code)]
     module: Arc<CudaModule>,
     pub(crate) f: Funcs,
+    /// Programmatic dependent launch of the decode kernels ([`Gpu::set_pdl`]).
+    pdl: AtomicBool,
 }
 
 /// Whether the driver and NVRTC libraries can be loaded (checked before any cudarc call).
@@ -310,7 +314,7 @@ impl Gpu {
         };
         let f = Funcs {
             tip_mass: get("tip_mass")?,
-            select_filter: get("select_filter")?,
+            select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
             select_refine: get("select_refine")?,
             rerank_mass: get("rerank_mass")?,
             fac_combine: get("fac_combine")?,
@@ -325,7 +329,9 @@ impl Gpu {
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
-        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f }))
+        // PDL (sm_90+) only with FASA_GPU_PDL=1 (launch.rs: it made batch-1 steps slower).
+        let pdl = arch.0 >= 9 && std::env::var("FASA_GPU_PDL").is_ok_and(|v| v == "1");
+        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f, pdl: AtomicBool::new(pdl) }))
     }
 
     /// Device 0, or None (logged once) when there is no usable GPU: callers run the CPU path.
@@ -373,7 +379,7 @@ impl Gpu {
         let occ = |f: &CudaFunction, threads: u32| f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None);
         Ok([
             occ(self.f.tip(dt, false), 256)?,
-            occ(&self.f.select_filter, 256)?,
+            occ(&self.f.select_filter[0], 256)?,
             occ(self.f.fac(dt, 4, false), 128)?,
             occ(self.f.fac(dt, 4, true), 128)?,
             occ(self.f.tip_heads(dt, 4, false), 256)?,

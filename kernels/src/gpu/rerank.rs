@@ -1,7 +1,7 @@
 //! Op 6 (default-mode extra), re-rank: the C candidates kept by FC score are scored exactly
 //! (full dims, raw q·k per q head), and B of them are kept by the group's attention mass
 //! Σ_h softmax_h(q·k/√d) over the candidates, forced rows kept (as the CPU operator's re-rank).
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
 use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, RR_ROWS};
 
@@ -25,7 +25,7 @@ pub fn scores(
     }
     let ci = c as i32;
     let f = gpu.f.typed(dt, TypedOp::RerankScores);
-    let mut l = gpu.stream.launch_builder(f);
+    let mut l = gpu.launcher(f);
     l.arg(dims).arg(k).arg(q).arg(fc_of_slot).arg(lens).arg(selc).arg(&ci).arg(rr);
     // SAFETY: sizes checked; rows come from selc (tokens < len ≤ l_max).
     unsafe { l.launch(cfg((c.div_ceil(RR_ROWS), dims.n_sel as usize, dims.batch as usize), 128)) }?;
@@ -55,7 +55,7 @@ pub fn mass(
         return Err(GpuError::Shape("rerank::mass: buffers too small".into()));
     }
     let ci = c as i32;
-    let mut l = gpu.stream.launch_builder(&gpu.f.rerank_mass);
+    let mut l = gpu.launcher(&gpu.f.rerank_mass);
     l.arg(dims).arg(lens).arg(selc).arg(&ci).arg(rr).arg(scores).arg(mass).arg(cand).arg(cand_cnt).arg(sel).arg(sel_cnt);
     // SAFETY: sizes checked; one block per selection, writing only its own rows.
     unsafe { l.launch(cfg((dims.n_sel as usize, dims.batch as usize, 1), 256)) }?;

@@ -3,15 +3,16 @@
 //! collects the bin's scores as candidates; `refine` radix-selects the missing ones among the
 //! candidates by unique 64-bit keys (score, then lower index), so the kept set equals
 //! `cpu::top_b` (ties → lower index). Sequences with `len ≤ B` keep every row.
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
-use super::{cfg, Dims, Gpu, GpuError, FILT_TOK};
+use super::{cfg, Dims, Gpu, GpuError};
 
 /// `sel (batch·n_sel, budget)`: rows kept (unordered; the first `min(budget, len)` are valid).
 /// `thr (batch·n_sel, 2)`: the threshold bin found by the TIP launch (`tip::launch` with `thr`)
 /// on the same `dims.budget`; `None`: each block finds it from the histogram. `sel_cnt`, `cand_cnt`, `done` `(batch·n_sel,)` and `hist` must be zero on entry, and are zero
 /// again on return: the last block of each selection completes it (as [`refine`]) and resets
-/// them. `cand (batch·n_sel, l_max)` is scratch.
+/// them. `cand (batch·n_sel, l_max)` is scratch. `tok`: tokens per block, 8192 or 2048, or 0 to
+/// choose (8192 unless that leaves fewer than two blocks per multiprocessor).
 #[allow(clippy::too_many_arguments)]
 pub fn filter(
     gpu: &Gpu,
@@ -25,12 +26,23 @@ pub fn filter(
     cand: &mut CudaSlice<u64>,
     cand_cnt: &mut CudaSlice<u32>,
     done: &mut CudaSlice<u32>,
+    tok: usize,
 ) -> Result<(), GpuError> {
     check(dims, sel, cand)?;
     if done.len() < (dims.batch * dims.n_sel) as usize {
         return Err(GpuError::Shape("select::filter: done needs (batch·n_sel,)".into()));
     }
-    let mut l = gpu.stream.launch_builder(&gpu.f.select_filter);
+    // Blocks of 8192 tokens (32 per thread, loads in flight together), or of 2048 where those
+    // would leave fewer than two blocks per multiprocessor (batch 1).
+    let segs = (dims.batch * dims.n_sel) as usize;
+    let big = match tok {
+        0 => segs * (dims.l_max as usize).div_ceil(8192) >= 2 * gpu.sm_count,
+        8192 => true,
+        2048 => false,
+        _ => return Err(GpuError::Shape(format!("select::filter: blocks of 8192 or 2048 tokens, not {tok}"))),
+    };
+    let tok = if big { 8192 } else { 2048 };
+    let mut l = gpu.launcher(&gpu.f.select_filter[!big as usize]);
     let null = 0u64;
     l.arg(dims).arg(scores).arg(hist);
     match thr {
@@ -38,7 +50,7 @@ pub fn filter(
         None => l.arg(&null),
     };
     l.arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(done);
-    let grid = ((dims.l_max as usize).div_ceil(FILT_TOK), dims.n_sel as usize, dims.batch as usize);
+    let grid = ((dims.l_max as usize).div_ceil(tok), dims.n_sel as usize, dims.batch as usize);
     // SAFETY: sizes checked; fewer than `budget` rows lie above the threshold bin, so sel writes
     // stay inside each selection's `budget` rows, and candidates inside its `l_max` slots.
     unsafe { l.launch(cfg(grid, 256)) }?;
@@ -63,7 +75,7 @@ pub fn refine(
 ) -> Result<(), GpuError> {
     check(dims, sel, cand)?;
     let mode = rerank as i32;
-    let mut l = gpu.stream.launch_builder(&gpu.f.select_refine);
+    let mut l = gpu.launcher(&gpu.f.select_refine);
     let null = 0u64;
     l.arg(dims).arg(hist);
     match thr {
