@@ -179,7 +179,7 @@ pub fn tip_mass_merge(parts: &[(&[f32], &[MassPart])], scale: f32, out: &mut [f3
 /// vectorizes: stage 1 takes one per cached token and query head, where a libm call each cost
 /// more than the FC scores themselves. `2^i · 2^f` with `i` the nearest integer to `t = x·log2 e`,
 /// `f ∈ [−½, ½]`, and a degree-6 Taylor polynomial of `2^f`.
-#[inline]
+#[inline(always)]
 pub fn exp_neg(x: f32) -> f32 {
     // Nearest integer of `t` (|t| < 2^22) by the 1.5·2^23 trick, not an `as i32` cast, which
     // adds saturation and NaN fix-ups to every vector lane.
@@ -192,43 +192,76 @@ pub fn exp_neg(x: f32) -> f32 {
     f32::from_bits(((i + 127) << 23) as u32) * p
 }
 
-/// Numerically stable softmax over `x`.
-pub fn softmax_in_place(x: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
+avx2_dispatch! {
+    /// Numerically stable softmax over `x`; `−∞` entries (masked) get exactly 0. The exponentials
+    /// are `exp_neg`'s, eight lanes wide (libm's `expf` per element cost a third of dense
+    /// attention's time at long contexts).
+    pub fn softmax_in_place / softmax_avx2 => softmax(x: &mut [f32])
+}
+
+#[inline(always)]
+fn softmax(x: &mut [f32]) {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            mx[j] = mx[j].max(c[j]);
+        }
+    }
+    let m = chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, f32::max);
+    let e = |v: f32| if v == f32::NEG_INFINITY { 0.0 } else { exp_neg(v - m) };
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            c[j] = e(c[j]);
+            acc[j] += c[j];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = e(*v);
         sum += *v;
     }
     let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
 }
 
+/// Inlined into the AVX2 wrappers of `logits` and `mix_values` (8-wide FMAs there).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Four accumulators so the compiler vectorizes without reassociation rules.
+    // Eight accumulators so the compiler vectorizes without reassociation rules.
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for j in 0..8 {
-            acc[j] += x[j] * y[j];
+            acc[j] = x[j].mul_add(y[j], acc[j]);
         }
     }
     acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
 }
 
+#[inline(always)]
 fn axpy(out: &mut [f32], w: f32, v: &[f32]) {
     for (o, x) in out.iter_mut().zip(v) {
-        *o += w * x;
+        *o = w.mul_add(*x, *o);
     }
 }
 
 /// Rows ahead of the current one whose lines a gather over chosen rows prefetches.
 const AHEAD: usize = 8;
 
-/// Exact scaled logits `(heads, m)` of the query heads of one KV group over `rows` (or all of
-/// `0..n` when `rows` is None): `scale·q_h·k_t`. Each K row is read once for all heads.
-fn logits(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>, scale: f32) -> Vec<f32> {
+avx2_dispatch! {
+    /// Exact scaled logits `(heads, m)` of the query heads of one KV group over `rows` (or all of
+    /// `0..n` when `rows` is None): `scale·q_h·k_t`. Each K row is read once for all heads.
+    fn logits / logits_avx2 => logits_body(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>, scale: f32) -> Vec<f32>
+}
+
+#[inline(always)]
+fn logits_body(view: &HeadView, qs: &[&[f32]], n: usize, rows: Option<&[u32]>, scale: f32) -> Vec<f32> {
     let m = rows.map_or(n, |r| r.len());
     let row = |i: usize| rows.map_or(i, |r| r[i] as usize);
     let mut s = vec![0f32; qs.len() * m];
@@ -250,9 +283,14 @@ pub fn row_logits(view: &HeadView, qs: &[&[f32]], rows: &[u32], scale: f32) -> V
     logits(view, qs, rows.len(), Some(rows), scale)
 }
 
-/// `outs[h] (d,) = softmax(s_h) V` over `rows` (or `0..n`), `s` the `(heads, m)` logits
-/// (softmaxed in place). Each V row is read once for all heads.
-fn mix_values(view: &HeadView, s: &mut [f32], heads: usize, n: usize, rows: Option<&[u32]>, outs: &mut [f32]) {
+avx2_dispatch! {
+    /// `outs[h] (d,) = softmax(s_h) V` over `rows` (or `0..n`), `s` the `(heads, m)` logits
+    /// (softmaxed in place). Each V row is read once for all heads.
+    fn mix_values / mix_values_avx2 => mix_values_body(view: &HeadView, s: &mut [f32], heads: usize, n: usize, rows: Option<&[u32]>, outs: &mut [f32])
+}
+
+#[inline(always)]
+fn mix_values_body(view: &HeadView, s: &mut [f32], heads: usize, n: usize, rows: Option<&[u32]>, outs: &mut [f32]) {
     let d = view.head_dim();
     let m = rows.map_or(n, |r| r.len());
     let row = |i: usize| rows.map_or(i, |r| r[i] as usize);

@@ -5,14 +5,14 @@
 //! pair of FC `f` for every token of the page, so scoring with a subset of FCs streams only those
 //! planes. A V page is `(page, d)` in the model's dim order. TIP may read int8 copies of the planes
 //! instead (`quant`).
-/// Defines `pub fn $name(args)` that runs `$body(args)` compiled with AVX2 and FMA (as the
+/// Defines `fn $name(args)` (with the given visibility) that runs `$body(args)` compiled with AVX2 and FMA (as the
 /// `unsafe fn $fast`) where the CPU has both, checked at run time (x86-64's baseline is SSE2),
 /// else the portable `$body`. `$body` must be `#[inline(always)]` so each copy is compiled for
 /// its own target features.
 macro_rules! avx2_dispatch {
-    ($(#[$m:meta])* pub fn $name:ident / $fast:ident => $body:ident ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)?) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident / $fast:ident => $body:ident ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)?) => {
         $(#[$m])*
-        pub fn $name($($a: $t),*) $(-> $r)? {
+        $vis fn $name($($a: $t),*) $(-> $r)? {
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU has AVX2 and FMA (checked just above).
