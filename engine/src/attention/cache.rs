@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use fasa_kernels::cpu::{add_moments, quantize_page_block, FcMoments, HeadView, Q8View, QB};
 
 use super::calib::CaRecorder;
+use super::pagebuf::{Elem, PageBuf};
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
 use super::stats::AttnStats;
@@ -82,13 +83,13 @@ enum Tiering {
 #[derive(Default)]
 struct HeadPages {
     /// FASA-C: all FC planes `(n_fc, PAGE, 2)`; FASA-M: the resident ones `(R, PAGE, 2)`.
-    k: Vec<Box<[f32]>>,
+    k: Vec<PageBuf<f32>>,
     /// K rows `(PAGE, d)` in FC-pair order, for focused and dense attention.
-    kr: Vec<Box<[f32]>>,
-    v: Vec<Box<[f32]>>,
+    kr: Vec<PageBuf<f32>>,
+    v: Vec<PageBuf<f32>>,
     /// Quest bounds per page: `(PAGE/16, 2, d)`, elementwise min then max of rotated K in FC-pair
     /// order, over each 16-token Quest page.
-    bounds: Vec<Box<[f32]>>,
+    bounds: Vec<PageBuf<f32>>,
     /// FASA-M: the slow-tier page slot of each cache page (`kr`, `v`, `bounds` stay empty).
     slow: Vec<u32>,
     /// K moments of each plane over tokens `0..mom_n` (a few hundred bytes per head, not per
@@ -97,13 +98,13 @@ struct HeadPages {
     mom_n: usize,
     /// FASA-C: int8 scoring planes per page `(n_fc, 2, PAGE)` and scales `(n_fc, PAGE/QB)`
     /// (`fasa_kernels::cpu::quant`); blocks `0..q8_blocks` are quantised from the planes.
-    q8: Vec<Box<[i8]>>,
-    q8_scale: Vec<Box<[f32]>>,
+    q8: Vec<PageBuf<i8>>,
+    q8_scale: Vec<PageBuf<f32>>,
     q8_blocks: usize,
 }
 
 /// Adds token `t`'s pair of every plane (pages `k`, each `(planes, PAGE, 2)`) to `mom`.
-fn add_token(k: &[Box<[f32]>], mom: &mut [FcMoments], t: usize) {
+fn add_token(k: &[PageBuf<f32>], mom: &mut [FcMoments], t: usize) {
     let (p, i) = (t / PAGE, t % PAGE);
     for (j, m) in mom.iter_mut().enumerate() {
         add_moments(m, k[p][(j * PAGE + i) * 2], k[p][(j * PAGE + i) * 2 + 1]);
@@ -159,7 +160,7 @@ pub struct SlotState {
     pub capture: Option<super::capture::KvCapture>,
 }
 
-fn slices(v: &[Box<[f32]>]) -> Vec<&[f32]> {
+fn slices<T: Elem>(v: &[PageBuf<T>]) -> Vec<&[T]> {
     v.iter().map(|p| &p[..]).collect()
 }
 
@@ -332,12 +333,12 @@ impl SeqCache {
                         delta.fast -= page_bytes;
                     }
                     while hp.k.len() < pages {
-                        hp.k.push(vec![0.0; n_fc * PAGE * 2].into_boxed_slice());
-                        hp.kr.push(vec![0.0; PAGE * d].into_boxed_slice());
-                        hp.v.push(vec![0.0; PAGE * d].into_boxed_slice());
-                        hp.bounds.push(vec![0.0; PAGE / QUEST_PAGE * 2 * d].into_boxed_slice());
-                        hp.q8.push(vec![0; n_fc * 2 * PAGE].into_boxed_slice());
-                        hp.q8_scale.push(vec![0.0; n_fc * (PAGE / QB)].into_boxed_slice());
+                        hp.k.push(PageBuf::zeroed(n_fc * PAGE * 2));
+                        hp.kr.push(PageBuf::zeroed(PAGE * d));
+                        hp.v.push(PageBuf::zeroed(PAGE * d));
+                        hp.bounds.push(PageBuf::zeroed(PAGE / QUEST_PAGE * 2 * d));
+                        hp.q8.push(PageBuf::zeroed(n_fc * 2 * PAGE));
+                        hp.q8_scale.push(PageBuf::zeroed(n_fc * (PAGE / QB)));
                         delta.fast += page_bytes;
                     }
                 }
@@ -359,7 +360,7 @@ impl SeqCache {
                     while hp.k.len() < pages {
                         let p = self.slow.as_mut().expect("slow tier").alloc()?;
                         hp.slow.push(p);
-                        hp.k.push(vec![0.0; resident * PAGE * 2].into_boxed_slice());
+                        hp.k.push(PageBuf::zeroed(resident * PAGE * 2));
                         delta.fast += (fast_elems * 4) as isize;
                         delta.slow += (slow_elems * 4) as isize;
                     }

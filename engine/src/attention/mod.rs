@@ -7,6 +7,7 @@ pub mod config;
 pub mod fasa_c;
 pub mod gpu;
 pub mod op;
+pub mod pagebuf;
 pub mod profile;
 pub mod sparse;
 pub mod stats;

@@ -323,8 +323,13 @@ fn rerank_into(c: &GroupCtx, qs: &[&[f32]], cand: &[u32], rows: &mut Vec<u32>, k
     (cand.len() * c.view.head_dim()) as u64 * ELEM
 }
 
-/// Distinct elements over several sets: what the heads of one group read together.
+/// Distinct elements over several sets, each without repeats (selections and FC sets are):
+/// what the heads of one group read together.
 pub fn union_len<T: Ord + Copy>(sets: &[&[T]]) -> usize {
+    if let [one] = sets {
+        // Selections hold distinct elements: one set is its own union (no sort per step).
+        return one.len();
+    }
     let mut all: Vec<T> = sets.iter().flat_map(|s| s.iter().copied()).collect();
     all.sort_unstable();
     all.dedup();
