@@ -254,6 +254,9 @@ struct Outcome {
     moments_same: bool,
     /// The int8 planes (host upload's and append's quantiser) equal `cpu::quantize_page_block`'s.
     q8_same: bool,
+    /// The cache's K (host upload + append) holds every token's rounded K where
+    /// `GpuKvCache::k_index` says, and zeros elsewhere.
+    k_same: bool,
     exact_select: bool,
     near_tie_diffs: usize,
     fac_err: f64,
@@ -407,6 +410,22 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
             moments_same &= mom_len_h[b * c.n_kv + kv] == c.lens[b] as i32 && want.iter().flatten().zip(got).all(|(a, b)| a.to_bits() == b.to_bits());
         }
     }
+    // K layout: every stored element where k_index puts it (the kernels' k_off), the rest zero.
+    let k_h = st.clone_dtoh(&cache.k)?;
+    let mut k_want = vec![0u16; k_h.len()];
+    for b in 0..batch {
+        for kv in 0..c.n_kv {
+            let base = (b * c.n_kv + kv) * cache.l_max * c.d;
+            for t in 0..c.lens[b] {
+                for (slot, &f) in data.order[kv].iter().enumerate() {
+                    let o = base + cache.k_index(t, slot);
+                    k_want[o] = c.dt.encode(data.k[b][kv][t * c.d + 2 * f]);
+                    k_want[o + 1] = c.dt.encode(data.k[b][kv][t * c.d + 2 * f + 1]);
+                }
+            }
+        }
+    }
+    let k_same = k_h == k_want;
     // Int8 planes: every whole block quantised, values and scales equal to the CPU's bit for bit.
     let mut q8_same = true;
     if let Some(p) = &cache.q8 {
@@ -535,6 +554,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
         score_err: if sc_all.is_empty() { 0.0 } else { nerr(&sg, &sc_all) },
         moments_same,
         q8_same,
+        k_same,
         exact_select: exact,
         near_tie_diffs: near,
         fac_err: nerr(&fo, &fr),
@@ -586,9 +606,9 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
         Dtype::Bf16 => 1e-3,
     };
     eprintln!(
-        "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {} var_mass {} q8 {}: scores {:.2e}, moments {}, int8 planes {}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}",
+        "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {} var_mass {} q8 {}: scores {:.2e}, moments {}, int8 planes {}, K layout {}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}",
         c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group, c.var_mass, c.q8,
-        o.score_err, o.moments_same, o.q8_same, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same
+        o.score_err, o.moments_same, o.q8_same, o.k_same, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same
     );
     if c.var_mass {
         use std::sync::atomic::Ordering::Relaxed;
@@ -600,6 +620,7 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
     assert!(o.score_err <= score_tol, "TIP scores vs cpu::fc_scores / tip_group_mass: {:.3e}", o.score_err);
     assert!(o.moments_same, "K moments vs cpu::add_moments over tokens 0..len");
     assert!(o.q8_same, "int8 planes vs cpu::quantize_page_block over the whole blocks of 0..len");
+    assert!(o.k_same, "K (host writes + appends) vs GpuKvCache::k_index");
     assert!(o.exact_select, "select vs cpu::top_b");
     assert!(o.fac_err <= tol, "FAC vs cpu::attend_rows: {:.3e}", o.fac_err);
     assert!(o.dense_err <= tol, "dense vs cpu::attend_dense: {:.3e}", o.dense_err);
@@ -722,6 +743,21 @@ fn int8_blocks_follow_rewrites() {
     assert_eq!(blocks(&cache), 3, "block 2 quantised again by its last token");
     put(&mut cache, 159); // completes block 4, but block 3 is not quantised
     assert_eq!(blocks(&cache), 3);
+    // A rewrite with other values lands where k_index says (the old values gone), and nothing
+    // else changes.
+    let k2: Vec<f32> = k[10 * d..11 * d].iter().map(|x| -0.5 * x).collect();
+    let (kd, pd) = (st.clone_htod(&k2).unwrap(), st.clone_htod(&[10i32]).unwrap());
+    append(&g, &mut cache, &kd, &kd, &pd).unwrap();
+    let got = st.clone_dtoh(&cache.k).unwrap();
+    let mut want = vec![0u16; got.len()];
+    for t in (0..len).chain([159]) {
+        for s in 0..d / 2 {
+            let row = if t == 10 { &k2[..] } else { &k[t * d..(t + 1) * d] };
+            want[cache.k_index(t, s)] = Dtype::F16.encode(row[2 * s]);
+            want[cache.k_index(t, s) + 1] = Dtype::F16.encode(row[2 * s + 1]);
+        }
+    }
+    assert!(got == want, "K after host writes, appends and a rewrite vs GpuKvCache::k_index");
 }
 
 #[test]

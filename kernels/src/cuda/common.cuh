@@ -8,13 +8,20 @@ typedef unsigned long long u64;
 typedef signed char i8;
 
 // ---- Layout constants (mirrored in kernels/src/gpu/mod.rs) ----
-// K is stored as FC groups: per (sequence, KV head) `(n_grp, L_max, FCG, 2)` elements, i.e. a
-// token's FCs `8g..8g+8` are one 32-byte sector. TIP reads only the groups that hold the chosen
-// FCs (the engine orders FCs so the calibrated pool comes first); FAC reads a token's whole K as
-// `n_fc/8` aligned sectors instead of `n_fc` scattered 4-byte pieces.
+// K is stored as FC groups: a token's FCs `8g..8g+8` are one 32-byte sector, and KR consecutive
+// groups of a token one run of KR·32 bytes (per tile of KT tokens `(n_grp/KR, KT, KR·GE)`; k_off
+// in fasa.cu). TIP reads only the runs that hold the chosen FCs (the engine orders FCs so the
+// calibrated pool comes first: P = 16 is run 0); FAC reads a token's whole K as n_grp/KR runs.
+// KR = 2 because HBM is read in 64-byte units: with 32-byte pieces (KR = 1) FAC moved twice K's
+// bytes (GPU run 12; run 14: FAC 50 → 40 µs, 101 → 68 MB read at 16 × 128k). KR = 4 was no
+// faster; KR = 8 (256-byte rows) halved 16-bit TIP's speed. The int8 planes keep one 16-byte
+// piece per group (kq_off).
 #define FCG 8          // FCs per group
 #define GE 16          // elements per (token, group) = 32 bytes
-#define KT 64          // tokens per K tile: (n_grp, KT, GE) per tile, so dense reads are contiguous
+#define KT 64          // tokens per K tile, so dense reads are contiguous
+#ifndef KR
+#define KR 2           // groups per run (1, 2, 4 or 8; at most n_grp is used); the launcher may set it
+#endif
 #define MAXH 8         // most query heads sharing one selection (GQA group ≤ 8)
 #define MAXG 8         // most FC groups per head (d ≤ 128)
 #define NBIN 4096      // histogram bins of TIP scores: top 12 bits of the ordered key

@@ -3,8 +3,9 @@
 // benchmarks. Launchers: kernels/src/gpu/*.rs. CPU twins: kernels/src/cpu/*.rs.
 //
 // Buffers (element counts; T = 16-bit storage, f16 or bf16; accumulation in f32):
-//   k      (batch, n_kv, l_max/KT, n_grp, KT, GE)  rotated K in tiles of KT tokens; in a tile,
-//          FC group g of all its tokens is contiguous (KT·32 bytes); FCs in slot order (fc_of_slot)
+//   k      (batch, n_kv, l_max/KT, n_grp/r, KT, r·GE)  rotated K in tiles of KT tokens; in a tile,
+//          the r = min(KR, n_grp) groups g = r·i .. r·i+r−1 of a token are one run of r·32 bytes,
+//          and run i of all its tokens is contiguous (KT·r·32 bytes); FCs in slot order (fc_of_slot)
 //   v      (batch, n_kv, l_max, d)          V rows, model dim order
 //   q      (batch, n_q, d) f32              rotated queries, FC-pair order (2f, 2f+1 = FC f)
 //   fc_of_slot (n_kv, n_fc) i32             FC stored in slot s of a KV head (slot_of_fc: inverse)
@@ -16,8 +17,9 @@
 //   cand   (batch·n_sel, l_max) u64         candidates of the threshold bin (selection keys)
 //   mom    (batch, n_kv, n_fc, 5) f64       K moments per FC id [Σx, Σy, Σxx, Σxy, Σyy] over tokens
 //          0..mom_len (batch, n_kv) i32      (the variance-based FC choice)
-//   kq     (batch, n_kv, l_max/KT, n_grp, KT, GE) i8   int8 scoring planes: k's tile layout, one
-//          byte per element (16 B per token and group); only whole blocks of QB tokens
+//   kq     (batch, n_kv, l_max/KT, n_grp, KT, GE) i8   int8 scoring planes: tiles of KT tokens,
+//          group g of all its tokens contiguous, one byte per element (16 B per token and group;
+//          k's layout with r = 1, kq_off); only whole blocks of QB tokens
 //   ks     (batch, n_kv, l_max/QB, n_grp, FCG) f32    per block and slot: absmax/127 over the pair
 //   q8n    (batch, n_kv) i32                whole blocks quantised (a prefix; tokens from q8n·QB on
 //          are scored from k). Arithmetic as cpu::quantize_block, so both hold the same int8 values.
@@ -42,8 +44,16 @@ struct Dims {
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
 
-// Element offset of (token t, FC group g) inside one (sequence, KV head) K region.
+// Element offset of (token t, FC group g) inside one (sequence, KV head) K region: tile t/KT,
+// run g/r, token t%KT, group g%r of the run (r = min(KR, n_grp) groups per run).
 __device__ __forceinline__ size_t k_off(int t, int g, int n_grp) {
+    int r = min(KR, n_grp);
+    return (size_t)(t / KT) * n_grp * KT * GE + ((size_t)(g / r) * KT + (t % KT)) * r * GE + (g % r) * GE;
+}
+
+// Element (byte) offset of (token t, FC group g) in one (sequence, KV head) region of the int8
+// planes: one group per run, so TIP reads 16-byte pieces of only the chosen groups.
+__device__ __forceinline__ size_t kq_off(int t, int g, int n_grp) {
     return (((size_t)(t / KT) * n_grp + g) * KT + (t % KT)) * GE;
 }
 
@@ -73,7 +83,7 @@ __device__ void quant_block(const Dims& D, const u16* kb, i8* qb, float* sb, int
         size_t o = k_off(blk * QB + i, g, D.n_grp) + e;
         int x = ok ? (int)roundf(__fmul_rn(T::load(kb[o]), inv)) : 0;
         int y = ok ? (int)roundf(__fmul_rn(T::load(kb[o + 1]), inv)) : 0;
-        *(u16*)(qb + o) = (u16)((x & 0xff) | ((y & 0xff) << 8));
+        *(u16*)(qb + kq_off(blk * QB + i, g, D.n_grp) + e) = (u16)((x & 0xff) | ((y & 0xff) << 8));
     }
     sb[(size_t)blk * D.n_fc + j] = amax == 0.f ? 0.f : ok ? __fdiv_rn(amax, 127.f) : __int_as_float(0x7fc00000);
 }
@@ -326,7 +336,7 @@ __device__ __forceinline__ void tip_pass8(const Dims& D, const TipSrc& S, u32 gm
                 raw[u][j] = make_uint4(0, 0, 0, 0);
                 sl[u][j] = 0.f;
                 if (t < hi && gs[u] >= 0) {
-                    raw[u][j] = *(const uint4*)(S.kq + k_off(t, gs[u], D.n_grp));
+                    raw[u][j] = *(const uint4*)(S.kq + kq_off(t, gs[u], D.n_grp));
                     sl[u][j] = S.ks[(size_t)(t / QB) * D.n_fc + gs[u] * FCG + (tid & 7)];
                 }
             }
@@ -1086,7 +1096,11 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
         int lane = tid & 31, w = tid >> 5;
         int lpr = d >> 3, rpw = 32 / lpr, n_grp = d >> 4;
         int c = lane % lpr, rsub = lane / lpr;
-        size_t koff_c = (size_t)(c >> 1) * KT * GE + (c & 1) * 8; // piece c inside a token's tile column
+        // Lane c reads piece c (16 B) of a row's K: k_off(t, c/2) + (c&1)·8 = the token's part
+        // (below) + koff_c. The 4·rg lanes of one run read rg·32 contiguous bytes (whole 64-byte
+        // DRAM units for rg ≥ 2).
+        int rg = min(KR, n_grp);
+        size_t koff_c = (size_t)((c >> 1) / rg) * KT * rg * GE + ((c >> 1) % rg) * GE + (c & 1) * 8;
         float qr[QS ? 1 : H][8];
         if (!QS)
 #pragma unroll
@@ -1110,7 +1124,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                 kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
                 if (i < nr) {
                     u32 t = sel ? rows_s[i] : (u32)(r0 + i);
-                    kr[j] = ld_stream(kb + ((size_t)(t / KT) * n_grp * KT + (t % KT)) * GE + koff_c);
+                    kr[j] = ld_stream(kb + (size_t)(t / KT) * n_grp * KT * GE + (size_t)(t % KT) * rg * GE + koff_c);
                     vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
                 }
             }

@@ -1,24 +1,28 @@
 //! The GPU KV cache and its append op.
 //!
 //! Layout, per (sequence, KV head), `l_max` tokens (a multiple of `KT` = 64):
-//! - K `(l_max/KT, n_grp, KT, FCG, 2)`: tiles of 64 tokens; inside a tile, FC group `g` (FCs
-//!   `8g..8g+8` in slot order, 32 bytes per token) of all its tokens is contiguous. Slot `s` holds
+//! - K `(l_max/KT, n_grp/r, KT, r, FCG, 2)`, r = min(`KR`, n_grp) = 2: tiles of 64 tokens; FC
+//!   group `g` (FCs `8g..8g+8` in slot order) is 32 bytes of a token, and groups `2i, 2i+1` of a
+//!   token one 64-byte run; inside a tile, run `i` of all its tokens is contiguous. Slot `s` holds
 //!   FC `fc_of_slot[kv][s]`: put the calibrated pool first, so TIP streams only the first
-//!   `ceil(P/8)` groups of each tile (2 KiB runs), FAC reads a token's full K as `d/16` aligned
-//!   32-byte sectors of one 16 KiB tile, and dense attention reads whole tiles.
+//!   `ceil(P/16)` runs of each tile (4 KiB each), FAC reads a token's full K as `d/32` aligned
+//!   64-byte runs of one 16 KiB tile (HBM reads 64-byte units: with 32-byte pieces FAC moved
+//!   twice K's bytes, GPU run 12), and dense attention reads whole tiles. [`GpuKvCache::k_index`]
+//!   gives the offset.
 //! - V `(l_max, d)` in the model's dim order.
 //! - K moments `(n_fc, 5)` f64 per FC id, `[Σx, Σy, Σxx, Σxy, Σyy]` of its rotated pair over the
 //!   stored tokens `0..mom_len` (`cpu::FcMoments`): the variance-based FC choice reads them
 //!   instead of the K planes. f64 because the variance is a difference of large sums.
 //!
 //! - Optionally ([`GpuKvCache::enable_q8`]) the int8 scoring planes TIP reads instead of K for
-//!   whole blocks of `QB` = 32 tokens ([`Q8Planes`]; the format of `cpu::quant`).
+//!   whole blocks of `QB` = 32 tokens ([`Q8Planes`]; the format of `cpu::quant`), one 16-byte
+//!   piece per group (K's layout with r = 1), so TIP reads only the chosen groups.
 //!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
-//! groups give TIP FC granularity of 8 and FAC whole sectors.)
+//! groups give TIP FC granularity of 8, the 64-byte runs FAC whole DRAM units.)
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};
+use super::{cfg, k_run, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};
 
 /// Int8 copy of K for TIP, quantised as `cpu::quantize_block` from the stored 16-bit K: per
 /// (sequence, KV head), FC slot and block of `QB` tokens one f32 scale (absmax/127 over the
@@ -26,7 +30,8 @@ use super::{cfg, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};
 /// append op quantises a block when its last token is written and drops the blocks from a
 /// rewritten position on; TIP reads tokens from `min(blocks, len/QB)·QB` on from K.
 pub struct Q8Planes {
-    /// `(batch, n_kv, l_max/KT, n_grp, KT, GE)` i8: K's tile layout, one byte per element.
+    /// `(batch, n_kv, l_max/KT, n_grp, KT, GE)` i8: tiles of `KT` tokens, group `g` of all of
+    /// them contiguous, one byte per element.
     pub q: CudaSlice<i8>,
     /// `(batch, n_kv, l_max/QB, n_fc)` f32, slots in order: the dequantisation factors.
     pub scales: CudaSlice<f32>,
@@ -40,7 +45,7 @@ pub struct GpuKvCache {
     pub n_kv: usize,
     pub d: usize,
     pub l_max: usize,
-    /// `(batch, n_kv, n_grp, l_max, GE)` storage bits.
+    /// `(batch, n_kv, l_max/KT, n_grp/r, KT, r·GE)` storage bits ([`GpuKvCache::k_index`]).
     pub k: CudaSlice<u16>,
     /// `(batch, n_kv, l_max, d)` storage bits.
     pub v: CudaSlice<u16>,
@@ -155,6 +160,15 @@ impl GpuKvCache {
         self.d / 2 / FCG
     }
 
+    /// Offset in one (sequence, KV head) region of `k` of token `t`'s FC slot `s` (its x; y
+    /// follows): tile `t/KT`, run `g/r`, token `t%KT`, group `g%r` of the run, `g = s/FCG`, r =
+    /// min(`KR`, n_grp) (`k_off` in fasa.cu).
+    pub fn k_index(&self, t: usize, s: usize) -> usize {
+        let (n_grp, g) = (self.n_grp(), s / FCG);
+        let r = k_run().min(n_grp);
+        t / KT * n_grp * KT * GE + (g / r * KT + t % KT) * r * GE + (g % r) * GE + (s % FCG) * 2
+    }
+
     /// Dims with the cache's shape filled in.
     pub fn dims(&self, n_q: usize) -> Dims {
         Dims {
@@ -180,12 +194,10 @@ impl GpuKvCache {
         if len > l || v.len() != k.len() {
             return Err(GpuError::Shape(format!("{len} tokens do not fit l_max {l}")));
         }
-        let n_grp = self.n_grp();
         let mut kr = vec![0u16; l * d];
         for t in 0..len {
             for (s, &f) in self.order[kv].iter().enumerate() {
-                let (g, e) = (s / FCG, (s % FCG) * 2);
-                let o = ((t / KT * n_grp + g) * KT + t % KT) * GE + e;
+                let o = self.k_index(t, s);
                 kr[o] = self.dtype.encode(k[t * d + 2 * f]);
                 kr[o + 1] = self.dtype.encode(k[t * d + 2 * f + 1]);
             }

@@ -31,6 +31,9 @@ pub use decode::{DecodeConfig, FasaDecoder};
 
 /// FCs per K group: a token's FCs `8g..8g+8` are one 32-byte sector (`FCG` in common.cuh).
 pub const FCG: usize = 8;
+/// K groups per contiguous run of a token (`KR` in common.cuh): 2, so FAC's reads of a row are
+/// whole 64-byte DRAM units (with 1, FAC moved twice K's bytes: bench/RESULTS.md, GPU run 12).
+pub const KR: usize = 2;
 /// Elements per (token, group).
 pub const GE: usize = 2 * FCG;
 /// Tokens per K tile (`KT` in common.cuh); cache capacities are multiples of it.
@@ -49,6 +52,21 @@ pub const QB: usize = crate::cpu::QB;
 
 /// The CUDA sources, concatenated for NVRTC (which has no include path here).
 const SOURCE: &str = concat!("#define FASA_NVRTC\n", include_str!("../cuda/common.cuh"), "\n", include_str!("../cuda/fasa.cu"));
+
+/// Groups per K run in this process: [`KR`], or `FASA_GPU_KRUN` (1, 2, 4 or 8; benchmarks: 1 is
+/// the layout of GPU run 12). Read once: the compiled kernels and [`GpuKvCache`] must agree.
+pub fn k_run() -> usize {
+    static R: OnceLock<usize> = OnceLock::new();
+    *R.get_or_init(|| match std::env::var("FASA_GPU_KRUN").ok().and_then(|v| v.parse().ok()) {
+        Some(r @ (1 | 2 | 4 | 8)) => r,
+        _ => KR,
+    })
+}
+
+/// [`SOURCE`] with `KR` set to [`k_run`].
+fn source() -> String {
+    format!("#define KR {}\n{SOURCE}", k_run())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {
@@ -231,8 +249,9 @@ pub fn nvrtc_version() -> (i32, i32) {
 pub fn compile_ptx(arch: (i32, i32)) -> Result<String, GpuError> {
     let arch_s = format!("compute_{}{}", arch.0, arch.1);
     let ver = nvrtc_version();
+    let src = source();
     let mut h = DefaultHasher::new();
-    SOURCE.hash(&mut h);
+    src.hash(&mut h);
     let key = format!("fasa-{:016x}-{}-nvrtc{}.{}.ptx", h.finish(), arch_s, ver.0, ver.1);
     let dir = ptx_cache_dir();
     if let Some(d) = &dir {
@@ -244,7 +263,7 @@ pub fn compile_ptx(arch: (i32, i32)) -> Result<String, GpuError> {
         options: vec![format!("--gpu-architecture={arch_s}"), "-std=c++17".into(), "-lineinfo".into()],
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| GpuError::Compile {
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| GpuError::Compile {
         arch: arch_s.clone(),
         log: match e {
             cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
