@@ -129,14 +129,7 @@ fn mass_part(view: &HeadView, q8: Option<&Q8View>, qs: &[&[f32]], fcs: &[usize],
     let mut parts = Vec::with_capacity(qs.len());
     for h in e.chunks_exact_mut(m) {
         // Eight independent lanes for the max and the sum, so both vectorize.
-        let mut mx = [f32::NEG_INFINITY; 8];
-        let mut chunks = h.chunks_exact(8);
-        for c in &mut chunks {
-            for j in 0..8 {
-                mx[j] = mx[j].max(c[j]);
-            }
-        }
-        let max = chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max8(h);
         let mut acc = [0f32; 8];
         let mut chunks = h.chunks_exact_mut(8);
         for c in &mut chunks {
@@ -192,6 +185,20 @@ pub fn exp_neg(x: f32) -> f32 {
     f32::from_bits(((i + 127) << 23) as u32) * p
 }
 
+/// The largest of `x` (−∞ when empty), in eight independent lanes so it vectorizes; inlined into
+/// the AVX2 wrappers that call it.
+#[inline(always)]
+fn max8(x: &[f32]) -> f32 {
+    let mut mx = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for j in 0..8 {
+            mx[j] = mx[j].max(c[j]);
+        }
+    }
+    chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 avx2_dispatch! {
     /// Numerically stable softmax over `x`; `−∞` entries (masked) get exactly 0. The exponentials
     /// are `exp_neg`'s, eight lanes wide (libm's `expf` per element cost a third of dense
@@ -201,14 +208,7 @@ avx2_dispatch! {
 
 #[inline(always)]
 fn softmax(x: &mut [f32]) {
-    let mut mx = [f32::NEG_INFINITY; 8];
-    let mut chunks = x.chunks_exact(8);
-    for c in &mut chunks {
-        for j in 0..8 {
-            mx[j] = mx[j].max(c[j]);
-        }
-    }
-    let m = chunks.remainder().iter().chain(&mx).copied().fold(f32::NEG_INFINITY, f32::max);
+    let m = max8(x);
     let e = |v: f32| if v == f32::NEG_INFINITY { 0.0 } else { exp_neg(v - m) };
     let mut acc = [0f32; 8];
     let mut chunks = x.chunks_exact_mut(8);
