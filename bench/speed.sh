@@ -18,7 +18,13 @@ out=bench/speed
 mkdir -p "$out"
 command -v /usr/bin/time >/dev/null || { echo "speed.sh: needs /usr/bin/time (Debian package time)" >&2; exit 1; }
 cargo build --release -q -p fasa-bench --bin speed
+# Each engine starts after the machine has settled for SETTLE seconds (default 60): measured on the
+# 2-core VM, our decode at depth 8000 right after llama-bench exits ran 10–15 % slower than a
+# minute later (bench/RESULTS.md, runs 5–9); the pause is the same before both engines.
+settle=${FASA_BENCH_SETTLE:-60}
+sleep "$settle"
 FASA_BENCH_THREADS="$threads" FASA_BENCH_DEPTHS="$depth" bash bench/llama_cpp.sh "$out/llama.json"
+sleep "$settle"
 # Our speed binary prints one JSON object per (depth, mode); /usr/bin/time adds the peak RSS of
 # the whole process (ORT arenas included).
 /usr/bin/time -v -o "$out/fasa.time" target/release/speed --threads "$threads" --depth "$depth" --modes "$modes" >"$out/fasa.jsonl"
