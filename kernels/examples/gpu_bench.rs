@@ -59,6 +59,12 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
     .with_var_mass(var_mass)
 }
 
+/// A FASA row's variant: threshold (T/F), combine (f/c), TIP chunks, FAC lean (l/n), then
+/// `s<code>` of the int8 TIP kernel (`gpu::TIP8_PIPES`, 0: unpipelined).
+fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, lean: bool, pipe: usize) -> String {
+    format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" }, pipe)
+}
+
 fn time_graph(gpu: &Gpu, g: &cudarc::driver::CudaGraph, reps: usize) -> f64 {
     let ev = |s: &Arc<cudarc::driver::CudaStream>| s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
     for _ in 0..3 {
@@ -128,7 +134,7 @@ fn main() {
         bw_memcpy / 1e12
     )];
     lines.push(format!(
-        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8) = {:?}",
+        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8), tip8p 24, tip8p 32 = {:?}",
         gpu.occupancy(Dtype::F16).unwrap()
     ));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
@@ -269,57 +275,68 @@ fn main() {
             // block; combine fused into FAC's last block or launched apart), the fastest kept.
             // TIP blocks of one chunk or of the automatic number (`tip::chunks`) are timed too.
             // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
-            let mut best = (f64::INFINITY, true, false, 1, false);
+            // Also the int8 TIP kernels listed in FASA_BENCH_TIP8 (0 = unpipelined, or
+            // gpu::TIP8_PIPES codes; default: the decoder's).
+            let mut best = (f64::INFINITY, true, false, 1, false, 0usize);
             let mut all = Vec::new();
-            let auto = decs[0].tip_chunks;
-            // --targets: the decoder's threshold and FAC kernel, the combine fused or apart, and
-            // TIP blocks of the automatic, 2 and 4 chunks.
-            let chunk_opts: Vec<usize> = match (targets, auto > 1) {
-                (true, true) => [auto, 2, 4].into_iter().fold(Vec::new(), |mut v, c| {
-                    if !v.contains(&c) {
-                        v.push(c);
-                    }
-                    v
-                }),
-                (false, true) => vec![auto, 1],
-                _ => vec![auto],
-            };
-            let paths: Vec<(bool, bool, bool)> = if targets {
-                let (t, l) = (decs[0].thr_in_tip, decs[0].fac_lean);
-                vec![(t, false, l), (t, true, l)]
-            } else {
-                vec![(true, false, false), (true, false, true), (false, false, false), (false, false, true)]
-            };
-            for &ch in &chunk_opts {
-                for &(thr_in_tip, fused, lean) in &paths {
-                    for d in decs.iter_mut() {
-                        d.thr_in_tip = thr_in_tip;
-                        d.fused_combine = fused;
-                        d.tip_chunks = ch;
-                        d.fac_lean = lean;
-                    }
-                    let g = capture(&gpu, || {
-                        for (d, c) in decs.iter_mut().zip(&caches) {
-                            d.step(&gpu, c, &q, &lens, &mut out)?;
+            let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
+            let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
+            for &pipe in &pipe_opts {
+                for (d, c) in decs.iter_mut().zip(&caches) {
+                    d.set_tip8_pipe(&gpu, c, pipe).unwrap();
+                }
+                let auto = decs[0].tip_chunks;
+                // --targets: the decoder's threshold and FAC kernel, the combine fused or apart, and
+                // TIP blocks of the automatic, 2 and 4 chunks.
+                let chunk_opts: Vec<usize> = match (targets, auto > 1) {
+                    (true, true) => [auto, 2, 4].into_iter().fold(Vec::new(), |mut v, c| {
+                        if !v.contains(&c) {
+                            v.push(c);
                         }
-                        Ok(())
-                    })
-                    .unwrap();
-                    let ms = time_graph(&gpu, &g, 20) / layers as f64;
-                    all.push(format!("{}{}{}{}:{:.1}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" }, ms * 1e3));
-                    if ms < best.0 {
-                        best = (ms, thr_in_tip, fused, ch, lean);
+                        v
+                    }),
+                    (false, true) => vec![auto, 1],
+                    _ => vec![auto],
+                };
+                let paths: Vec<(bool, bool, bool)> = if targets {
+                    let (t, l) = (decs[0].thr_in_tip, decs[0].fac_lean);
+                    vec![(t, false, l), (t, true, l)]
+                } else {
+                    vec![(true, false, false), (true, false, true), (false, false, false), (false, false, true)]
+                };
+                for &ch in &chunk_opts {
+                    for &(thr_in_tip, fused, lean) in &paths {
+                        for d in decs.iter_mut() {
+                            d.thr_in_tip = thr_in_tip;
+                            d.fused_combine = fused;
+                            d.tip_chunks = ch;
+                            d.fac_lean = lean;
+                        }
+                        let g = capture(&gpu, || {
+                            for (d, c) in decs.iter_mut().zip(&caches) {
+                                d.step(&gpu, c, &q, &lens, &mut out)?;
+                            }
+                            Ok(())
+                        })
+                        .unwrap();
+                        let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                        let label = vlabel(thr_in_tip, fused, ch, lean, pipe);
+                        all.push(format!("{label}:{:.1}", ms * 1e3));
+                        if ms < best.0 {
+                            best = (ms, thr_in_tip, fused, ch, lean, pipe);
+                        }
                     }
                 }
             }
-            let (ms, thr_in_tip, fused, ch, lean) = best;
-            for d in decs.iter_mut() {
+            let (ms, thr_in_tip, fused, ch, lean, pipe) = best;
+            for (d, c) in decs.iter_mut().zip(&caches) {
+                d.set_tip8_pipe(&gpu, c, pipe).unwrap();
                 d.thr_in_tip = thr_in_tip;
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
                 d.fac_lean = lean;
             }
-            let variant = format!("{}{}{}{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" });
+            let variant = vlabel(thr_in_tip, fused, ch, lean, pipe);
             let (label, us) = pdl_switched(&gpu, || {
                 let g = capture(&gpu, || {
                     for (d, c) in decs.iter_mut().zip(&caches) {

@@ -342,24 +342,34 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let mut variants_same = true;
     let chunks0 = dec.tip_chunks;
     let lean0 = dec.fac_lean;
-    // Programmatic dependent launch switched for one, filter blocks of both sizes forced for two.
+    let st0 = dec.tip8_pipe;
+    // Programmatic dependent launch switched for one, filter blocks of both sizes forced for two;
+    // the int8 TIP unpipelined (0) and the other pipelined kernels for the last ones.
     let pdl0 = g.pdl();
-    for (thr_in_tip, fused, chunks, lean, pdl, ftok) in [
-        (false, true, 1, lean0, pdl0, 0),
-        (true, true, 2, lean0, pdl0, 0),
-        (false, false, 3, lean0, pdl0, 0),
-        (true, false, 3, lean0, pdl0, 0),
-        (true, false, chunks0, !lean0, pdl0, 0),
-        (false, true, 2, !lean0, pdl0, 0),
-        (true, false, chunks0, lean0, !pdl0, 0),
-        (true, false, chunks0, lean0, pdl0, 8192),
-        (false, false, chunks0, lean0, pdl0, 2048),
+    for (thr_in_tip, fused, chunks, lean, pdl, ftok, pipe) in [
+        (false, true, 1, lean0, pdl0, 0, st0),
+        (true, true, 2, lean0, pdl0, 0, st0),
+        (false, false, 3, lean0, pdl0, 0, st0),
+        (true, false, 3, lean0, pdl0, 0, st0),
+        (true, false, chunks0, !lean0, pdl0, 0, st0),
+        (false, true, 2, !lean0, pdl0, 0, st0),
+        (true, false, chunks0, lean0, !pdl0, 0, st0),
+        (true, false, chunks0, lean0, pdl0, 8192, st0),
+        (false, false, chunks0, lean0, pdl0, 2048, st0),
+        (true, false, 2, lean0, pdl0, 0, 0),
+        (true, false, 3, !lean0, pdl0, 0, 24),
+        (true, true, chunks0, lean0, pdl0, 0, 42),
+        (false, false, 1, lean0, pdl0, 0, 32),
+        (true, false, 3, lean0, pdl0, 0, 124),
+        (true, false, chunks0, lean0, pdl0, 0, 142),
+        (true, false, 2, lean0, pdl0, 0, 132),
     ] {
         dec.thr_in_tip = thr_in_tip;
         dec.fused_combine = fused;
         dec.tip_chunks = chunks;
         dec.fac_lean = lean;
         dec.filter_tok = ftok;
+        dec.tip8_pipe = pipe;
         g.set_pdl(pdl);
         st.memcpy_htod(&vec![u32::MAX; dec.sel.len()], &mut dec.sel)?;
         let mut o3 = st.clone_htod(&nan_out)?;
@@ -383,6 +393,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.fused_combine = false;
     dec.tip_chunks = chunks0;
     dec.fac_lean = lean0;
+    dec.tip8_pipe = st0;
     // Dense (the other FAC kernel variant must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;

@@ -431,6 +431,197 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
     flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
 }
 
+// Pipelined int8 TIP (`tip8p_<NS>x<JU>_*`, the summed score of tip_impl<T, true>). tip8 loads a
+// chunk's int8 pieces into registers and computes only once they arrive, so each warp alternates
+// one memory wait and one compute phase: 46–63 % of DRAM bandwidth at batch 16 of Llama shapes
+// (ncu, GPU run 12). Here each thread copies its own tokens' 16-byte pieces into shared memory
+// with cp.async, NS − 1 units ahead of the one it computes (a unit: JU of the thread's TIP_TPT
+// tokens of one chunk × up to two chosen groups), so loads stay in flight through the compute.
+// A thread reads back only the pieces it copied itself, and a warp only the scales its own lanes
+// copied (its 32 tokens are one QB block), so the loop needs no block barrier: cp.async.wait_group,
+// then __syncwarp for the scales. The launcher sizes nchunk so that the grid is about one wave of
+// resident blocks (tip::chunks_wave): fewer, longer blocks pay the prologue and the histogram
+// flush once and leave no tail wave.
+// FOLD = false: each element is dequantised (x · scale) as tip8 does, the same arithmetic in the
+// same order, so the same bits. FOLD = true: the warp folds the block's scales into q once
+// (q_e · scale_e in shared memory, as cpu::fc_scores_q8), one multiply fewer per element.
+// Dynamic shared memory: NS stages of tip8p_stage(JU) bytes.
+#define TIP8P_SC(JU) ((TIP_THREADS / 32) * (JU) * 2 * FCG) // floats per stage: (warp, j, group, FC)
+#define TIP8P_DATA(JU) (2 * TIP_THREADS * (JU) * 16)       // 2 groups × JU·TIP_THREADS tokens × 16 B
+#define TIP8P_STAGE(JU) (TIP8P_DATA(JU) + TIP8P_SC(JU) * 4)
+template <class T, int NS, int JU, bool FOLD>
+__device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+                           const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
+    pdl_begin();
+    constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
+    extern __shared__ __align__(16) unsigned char tip8p_dyn[];
+    __shared__ u32 sh_hist[NBIN];
+    __shared__ __align__(16) float qeff[1][MAXG * GE];
+    __shared__ __align__(16) float qf[FOLD ? TIP_THREADS / 32 : 1][JU][2][GE]; // per warp: q · scale
+    __shared__ bool chosen[64];
+    __shared__ int gl_s[MAXG];
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    int len = lens[b];
+    int t0 = blockIdx.x * TIP_TOK * nchunk;
+    if (t0 >= len) return;
+    int h0 = s * D.hps, kvh = kv_of_sel(D, s);
+    const int* fos = fc_of_slot + kvh * D.n_fc;
+    const int* pl = pool + s * D.pool;
+    for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
+    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[0][i] = 0.f;
+    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
+    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
+    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen);
+    if (tid < D.pool && chosen[tid]) {
+        int slot = pl[tid], f = fos[slot];
+        float a = 0.f, c = 0.f;
+        for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
+        qeff[0][2 * slot] = a;
+        qeff[0][2 * slot + 1] = c;
+    }
+    if (tid == 0) {
+        int n = 0;
+        for (u32 m = gmask; m; m &= m - 1) gl_s[n++] = __ffs(m) - 1;
+    }
+    __syncthreads();
+    int G = __popc(gmask), npairs = (G + 1) >> 1;
+    TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
+    int qlen = min(S.qlen, len);
+    int seg = b * D.n_sel + s;
+    float* sc = scores + (size_t)seg * D.l_max;
+    int nch = min(nchunk, (len - t0 + TIP_TOK - 1) / TIP_TOK);           // chunks holding tokens
+    int n8 = qlen > t0 ? min(nch, (qlen - t0 + TIP_TOK - 1) / TIP_TOK) : 0; // of them, with int8 tokens
+    int upc = NJ * npairs;                                                 // units per chunk
+    int nunit = n8 * upc;
+    // Unit i: chunk i / upc; of the rest r, the thread's tokens j = (r / npairs)·JU .. +JU and the
+    // groups gl_s[2p], gl_s[2p + 1] (p = r % npairs), so each token sees its groups in tip8's order.
+    auto issue = [&](int i) {
+        if (i < nunit) {
+            int ch = i / upc, r = i - ch * upc, jb = (r / npairs) * JU, p = r % npairs;
+            int tc = t0 + ch * TIP_TOK;
+            unsigned char* st = tip8p_dyn + (size_t)(i % NS) * TIP8P_STAGE(JU);
+            uint4* sd = (uint4*)st;
+            float* ssc = (float*)(st + TIP8P_DATA(JU));
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                if (2 * p + u < G) {
+                    int g = gl_s[2 * p + u];
+#pragma unroll
+                    for (int j = 0; j < JU; ++j) {
+                        int t = tc + (jb + j) * TIP_THREADS + tid;
+                        if (t < qlen) cp_async16(&sd[(u * JU + j) * TIP_THREADS + tid], S.kq + kq_off(t, g, D.n_grp));
+                    }
+                }
+            }
+            // Lanes 0 .. 4·JU − 1: the warp's (j, group, half) scale pieces of 4 floats.
+            int j = lane >> 2, u = (lane >> 1) & 1, piece = lane & 1;
+            int t = tc + (jb + j) * TIP_THREADS + w * 32;
+            if (lane < 4 * JU && 2 * p + u < G && t < qlen)
+                cp_async16(&ssc[((w * JU + j) * 2 + u) * FCG + piece * 4], S.ks + (size_t)(t / QB) * D.n_fc + gl_s[2 * p + u] * FCG + piece * 4);
+        }
+        cp_async_commit(); // (an empty group past the last unit keeps the wait count uniform)
+    };
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) issue(i);
+    int unit = 0;
+    for (int ch = 0; ch < nch; ++ch) {
+        int tc = t0 + ch * TIP_TOK;
+        float acc[TIP_TPT][1];
+#pragma unroll
+        for (int j = 0; j < TIP_TPT; ++j) acc[j][0] = 0.f;
+        if (ch < n8) {
+#pragma unroll
+            for (int jh = 0; jh < NJ; ++jh) {
+                for (int p = 0; p < npairs; ++p, ++unit) {
+                    __syncwarp(); // the warp's reads of the stage about to be refilled are done
+                    issue(unit + NS - 1);
+                    cp_async_wait<NS - 1>();
+                    __syncwarp(); // the scales copied by other lanes of the warp are visible
+                    const unsigned char* st = tip8p_dyn + (size_t)(unit % NS) * TIP8P_STAGE(JU);
+                    const uint4* sd = (const uint4*)st;
+                    const float* ssc = (const float*)(st + TIP8P_DATA(JU));
+                    if (FOLD) {
+                        // Lane: group u = lane / 16, element e = lane % 16, for each j.
+                        int u = lane >> 4, e = lane & 15;
+                        if (2 * p + u < G) {
+                            float qe = qeff[0][gl_s[2 * p + u] * GE + e];
+#pragma unroll
+                            for (int j = 0; j < JU; ++j) {
+                                int t = tc + (jh * JU + j) * TIP_THREADS + w * 32;
+                                float sv = t < qlen ? ssc[((w * JU + j) * 2 + u) * FCG + (e >> 1)] : 0.f;
+                                qf[FOLD ? w : 0][j][u][e] = __fmul_rn(qe, sv);
+                            }
+                        }
+                        __syncwarp();
+                    }
+#pragma unroll
+                    for (int u = 0; u < 2; ++u) {
+                        if (2 * p + u >= G) break; // uniform over the block
+                        int g = gl_s[2 * p + u];
+                        uint4 raw[JU];
+#pragma unroll
+                        for (int j = 0; j < JU; ++j) {
+                            int t = tc + (jh * JU + j) * TIP_THREADS + tid;
+                            raw[j] = t < qlen ? sd[(u * JU + j) * TIP_THREADS + tid] : make_uint4(0, 0, 0, 0);
+                        }
+#pragma unroll
+                        for (int half = 0; half < 2; ++half) {
+                            float f[JU][8];
+#pragma unroll
+                            for (int j = 0; j < JU; ++j) {
+                                unpack8_i8(half ? raw[j].z : raw[j].x, half ? raw[j].w : raw[j].y, f[j]);
+                                if (!FOLD) {
+                                    int t = tc + (jh * JU + j) * TIP_THREADS + tid;
+                                    float4 s4 = t < qlen ? *(const float4*)&ssc[((w * JU + j) * 2 + u) * FCG + half * 4]
+                                                         : make_float4(0.f, 0.f, 0.f, 0.f);
+                                    float sv[4] = {s4.x, s4.y, s4.z, s4.w};
+#pragma unroll
+                                    for (int e = 0; e < 4; ++e) {
+                                        f[j][2 * e] = __fmul_rn(f[j][2 * e], sv[e]);
+                                        f[j][2 * e + 1] = __fmul_rn(f[j][2 * e + 1], sv[e]);
+                                    }
+                                }
+                            }
+                            if (FOLD) {
+#pragma unroll
+                                for (int j = 0; j < JU; ++j) {
+                                    const float4* q4 = (const float4*)&qf[FOLD ? w : 0][j][u][half * 8];
+                                    float4 a = q4[0], c = q4[1];
+                                    float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+                                    for (int e = 0; e < 8; ++e) acc[jh * JU + j][0] += qe[e] * f[j][e];
+                                }
+                            } else {
+                                // tip_fma over this unit's JU tokens (the same operations as tip8's).
+                                const float4* q4 = (const float4*)&qeff[0][g * GE + half * 8];
+                                float4 a = q4[0], c = q4[1];
+                                float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+#pragma unroll
+                                for (int e = 0; e < 8; ++e)
+#pragma unroll
+                                    for (int j = 0; j < JU; ++j) acc[jh * JU + j][0] += qe[e] * f[j][e];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if (tc + TIP_TOK > qlen) tip_pass16<T, 1>(D, S.k, gmask, qeff, 1, tc, qlen, len, acc);
+#pragma unroll
+        for (int j = 0; j < TIP_TPT; ++j) {
+            int t = tc + j * TIP_THREADS + tid;
+            if (t < len) {
+                float a = acc[j][0];
+                if (t < D.sinks || t >= len - D.recent) a = POS_INF;
+                sc[t] = a;
+                atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
+            }
+        }
+    }
+    cp_async_wait<0>();
+    flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
+}
+
 // Online-softmax state (max m, Σexp(x − m) s) merge; an empty side is (−∞, 0).
 __device__ __forceinline__ void ml_merge(float& m, float& s, float m2, float s2) {
     float mn = fmaxf(m, m2);
@@ -1329,6 +1520,13 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
         tip_heads_impl<TY, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk);               \
     }
+// Pipelined int8 TIP `tip8p_<NS>x<JU>[f]_<dtype>` (f: FOLD), MINB resident blocks per SM.
+#define TIP8P_ENTRY(NAME, TY, NS, JU, MINB, FOLD)                                                                        \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, MINB) tip8p_##NS##x##JU##FOLD##_##NAME(                   \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) { \
+        tip8p_impl<TY, NS, JU, FOLD>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk); \
+    }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
                                              const int* slot_of_fc, double* mom, int* mom_len, i8* kq, float* ks,        \
@@ -1355,6 +1553,12 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
                                                                           u32* done, int* thr, int nchunk) {              \
         tip_impl<TY, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk);         \
     }                                                                                                                    \
+    TIP8P_ENTRY(NAME, TY, 2, 4, 2, false)                                                                               \
+    TIP8P_ENTRY(NAME, TY, 4, 2, 2, false)                                                                               \
+    TIP8P_ENTRY(NAME, TY, 3, 2, 3, false)                                                                               \
+    TIP8P_ENTRY(NAME, TY, 2, 4, 2, true)                                                                                \
+    TIP8P_ENTRY(NAME, TY, 4, 2, 2, true)                                                                                \
+    TIP8P_ENTRY(NAME, TY, 3, 2, 3, true)                                                                                \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \

@@ -60,8 +60,13 @@ pub struct FasaDecoder {
     /// FAC's last block per selection merges the partials (else, the default, a separate
     /// combine launch).
     pub fused_combine: bool,
-    /// Chunks of 1024 tokens per TIP block (`tip::chunks` by default).
+    /// Chunks of 1024 tokens per TIP block (`tip::chunks` by default, `tip::chunks_wave` for the
+    /// pipelined int8 TIP).
     pub tip_chunks: usize,
+    /// The pipelined int8 TIP kernel (a `gpu::TIP8_PIPES` code), or 0 for the unpipelined `tip8`
+    /// kernel (`gpu::tip8_pipe()` by default). Used by the summed-score int8 TIP only (the
+    /// paper's mode, selections of one head); set it with [`FasaDecoder::set_tip8_pipe`].
+    pub tip8_pipe: usize,
     /// Scores per select-filter block, 8192 or 2048; 0 (default): chosen by `select::filter`.
     pub filter_tok: usize,
     /// FAC over the selected rows with the lean kernels (`facl_h*`: q re-read from shared memory,
@@ -145,6 +150,8 @@ impl FasaDecoder {
         let st = &gpu.stream;
         let c = rerank.max(1);
         let heads_mass = cfg.group_mass && hps > 1;
+        let tip8_pipe = super::tip8_pipe();
+        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe)?;
         Ok(Self {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
@@ -170,7 +177,8 @@ impl FasaDecoder {
             // Measured (bench/RESULTS.md, GPU run 5): the separate combine launch beats the fused
             // last-block merge at every shape (77 → 34 µs at 8k, batch 1, B = 1024).
             fused_combine: false,
-            tip_chunks: tip::chunks(cache.l_max, segs, gpu.sm_count),
+            tip_chunks,
+            tip8_pipe,
             filter_tok: 0,
             fac_lean: segs >= 64,
             dense_lean: cache.batch * cache.n_kv * cache.l_max >= 1 << 18,
@@ -182,6 +190,29 @@ impl FasaDecoder {
 
     pub fn dims(&self) -> &Dims {
         &self.dims
+    }
+
+    /// Whether the TIP stage runs the pipelined int8 kernel `pipe`.
+    fn tip_pipelined(cfg: &DecodeConfig, hps: usize, pipe: usize) -> bool {
+        cfg.q8_tip && !(cfg.group_mass && hps > 1) && pipe != 0
+    }
+
+    /// The automatic TIP chunk count for the TIP kernel these settings run.
+    fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize) -> Result<usize, GpuError> {
+        Ok(if Self::tip_pipelined(cfg, hps, pipe) {
+            tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8p_blocks_per_sm(cache.dtype, pipe)? as usize)
+        } else {
+            tip::chunks(cache.l_max, segs, gpu.sm_count)
+        })
+    }
+
+    /// Switches the int8 TIP kernel (`pipe`: a `gpu::TIP8_PIPES` code, or 0 for `tip8`) and
+    /// resets `tip_chunks` to that kernel's automatic count.
+    pub fn set_tip8_pipe(&mut self, gpu: &Gpu, cache: &GpuKvCache, pipe: usize) -> Result<(), GpuError> {
+        self.tip8_pipe = pipe;
+        let segs = cache.batch * self.dims.n_sel as usize;
+        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, pipe)?;
+        Ok(())
     }
 
     /// Stage 1 only: scores and `sel` (the first `min(B, len)` rows of each selection).
@@ -221,7 +252,7 @@ impl FasaDecoder {
             tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
         } else {
-            tip::launch(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks)
+            tip::launch(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks, self.tip8_pipe)
         }
     }
 

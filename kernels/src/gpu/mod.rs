@@ -45,6 +45,13 @@ pub const MAX_HPS: usize = 8;
 /// Most selected rows one FAC block handles (`FAC_MAX_ROWS`; dense blocks take any number).
 pub const FAC_MAX_ROWS: usize = 1024;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
+/// The pipelined int8 TIP kernels compiled (`TIP8P_ENTRY` in fasa.cu), as `100·fold + 10·NS + JU`.
+pub const TIP8_PIPES: [usize; 6] = [24, 42, 32, 124, 142, 132];
+/// Default int8 TIP kernel ([`tip8_pipe`]): 2 stages of 4 tokens per thread, scales folded into
+/// q (GPU run 15, paper int8 step, Llama shapes: 16 × 128k 310.0 → 277.9 µs, 16 × 32k 134.9 →
+/// 120.7, 1 × 128k 57.5 → 43.8; unfolded 24: 295.4 / 122.0 / 45.9; 3 stages of 2 tokens at 3
+/// blocks/SM (32, 132) and 4 stages of 2 (42, 142) were slower at batch 16).
+pub const TIP8_PIPE: usize = 124;
 pub(crate) const MASS_TOK: usize = 2048; // 256 · MASS_TPT
 pub(crate) const RR_ROWS: usize = 256;
 /// Tokens per int8 quantisation block (`QB` in common.cuh, `cpu::QB`).
@@ -160,6 +167,8 @@ pub(crate) struct Funcs {
     /// The same two TIP kernels reading the int8 scoring planes for whole blocks (`tip8_*`,
     /// `tip8_heads_*`), and the block quantiser (`quant_blocks_*`), per dtype.
     pub tip8: [CudaFunction; 2],
+    /// The pipelined int8 TIP, per dtype and [`TIP8_PIPES`] entry.
+    pub tip8p: [[CudaFunction; TIP8_PIPES.len()]; 2],
     pub tip8_heads: [[CudaFunction; 3]; 2],
     pub quant_blocks: [CudaFunction; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
@@ -189,6 +198,11 @@ impl Funcs {
         if q8 { &self.tip8_heads[dt as usize][i] } else { &self.tip_heads[dt as usize][i] }
     }
 
+    /// The pipelined int8 TIP kernel of `pipe` (a [`TIP8_PIPES`] code), if compiled.
+    pub fn tip8p(&self, dt: Dtype, pipe: usize) -> Option<&CudaFunction> {
+        TIP8_PIPES.iter().position(|&p| p == pipe).map(|i| &self.tip8p[dt as usize][i])
+    }
+
     /// The FAC kernel compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8).
     /// `lean` picks the `facl_h*` kernels.
     pub fn fac(&self, dt: Dtype, hps: usize, lean: bool) -> &CudaFunction {
@@ -200,6 +214,29 @@ impl Funcs {
         };
         if lean { &self.facl[dt as usize][i] } else { &self.fac[dt as usize][i] }
     }
+}
+
+/// The int8 TIP kernel of new decoders: `FASA_GPU_TIP8` (0 = the unpipelined `tip8` kernel of
+/// GPU run 14, or a [`TIP8_PIPES`] code), else [`TIP8_PIPE`]. Read once.
+pub fn tip8_pipe() -> usize {
+    static R: OnceLock<usize> = OnceLock::new();
+    *R.get_or_init(|| match std::env::var("FASA_GPU_TIP8").ok().and_then(|v| v.parse().ok()) {
+        Some(r) if r == 0 || TIP8_PIPES.contains(&r) => r,
+        _ => TIP8_PIPE,
+    })
+}
+
+/// Stages NS, tokens per thread and unit JU, and whether the scales are folded into q, of a
+/// pipelined int8 TIP code `100·fold + 10·NS + JU` (kernel `tip8p_<NS>x<JU><fold>_<dtype>`).
+pub(crate) fn tip8_pipe_parts(pipe: usize) -> (usize, usize, bool) {
+    ((pipe % 100) / 10, pipe % 10, pipe >= 100)
+}
+
+/// Dynamic shared memory of the pipelined int8 TIP `pipe`: NS stages of two groups' 16-byte
+/// pieces of JU·256 tokens and their scales ((8 warps, JU, 2 groups, 8 FCs) f32) (`TIP8P_STAGE`).
+pub(crate) fn tip8p_smem(pipe: usize) -> usize {
+    let (ns, ju, _) = tip8_pipe_parts(pipe);
+    ns * (2 * 256 * ju * 16 + 8 * ju * 2 * 8 * 4)
 }
 
 #[derive(Clone, Copy)]
@@ -331,6 +368,18 @@ impl Gpu {
             let s = dt.suffix();
             Ok([get(&format!("facl_h1_{s}"))?, get(&format!("facl_h2_{s}"))?, get(&format!("facl_h4_{s}"))?, get(&format!("facl_h8_{s}"))?])
         };
+        // The pipelined TIP's stages are dynamic shared memory beyond the default 48 KB.
+        let tip8p = |dt: Dtype| -> Result<[CudaFunction; TIP8_PIPES.len()], DriverError> {
+            let s = dt.suffix();
+            let mut v = Vec::new();
+            for p in TIP8_PIPES {
+                let (ns, ju, fold) = tip8_pipe_parts(p);
+                let f = get(&format!("tip8p_{ns}x{ju}{fold}_{s}"))?;
+                f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, tip8p_smem(p) as i32)?;
+                v.push(f);
+            }
+            Ok(v.try_into().unwrap_or_else(|_| unreachable!("one kernel per TIP8_PIPES entry")))
+        };
         let f = Funcs {
             tip_mass: get("tip_mass")?,
             select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
@@ -346,6 +395,7 @@ impl Gpu {
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
+            tip8p: [tip8p(Dtype::F16)?, tip8p(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
         // PDL (sm_90+) only with FASA_GPU_PDL=1 (launch.rs: it made batch-1 steps slower).
@@ -393,8 +443,8 @@ impl Gpu {
 impl Gpu {
     /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for
     /// a group of 4, group-mass tip for 4 and 8 heads, then int8 tip and group-mass tip for 4
-    /// and 8 heads) for `dt`.
-    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 9], GpuError> {
+    /// and 8 heads, pipelined int8 tip 24 and 32) for `dt`.
+    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 11], GpuError> {
         let occ = |f: &CudaFunction, threads: u32| f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None);
         Ok([
             occ(self.f.tip(dt, false), 256)?,
@@ -406,7 +456,15 @@ impl Gpu {
             occ(self.f.tip(dt, true), 256)?,
             occ(self.f.tip_heads(dt, 4, true), 256)?,
             occ(self.f.tip_heads(dt, 8, true), 256)?,
+            self.tip8p_blocks_per_sm(dt, 24)?,
+            self.tip8p_blocks_per_sm(dt, 32)?,
         ])
+    }
+
+    /// Resident blocks per multiprocessor of the pipelined int8 TIP `pipe` ([`TIP8_PIPES`]).
+    pub fn tip8p_blocks_per_sm(&self, dt: Dtype, pipe: usize) -> Result<u32, GpuError> {
+        let f = self.f.tip8p(dt, pipe).ok_or_else(|| GpuError::Shape(format!("no int8 TIP kernel {pipe}")))?;
+        Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, tip8p_smem(pipe), None)?)
     }
 
     /// Copies `src` to `dst` with a plain 16-byte-per-thread kernel (the SM path, as attention

@@ -19,8 +19,9 @@ use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
 /// `thr = Some((done, thr))` the last block of each selection also finds the histogram's
 /// threshold bin for `dims.budget` into `thr (batch·n_sel, 2)` = (bin, rows above it) when
 /// `len > budget`; `done (batch·n_sel,)` is its block counter, zero on entry and on return.
-/// Each block scores `nchunk` chunks of `TIP_TOK` tokens (see [`chunks`]). `q8`: score whole
-/// quantised blocks from the int8 planes.
+/// Each block scores `nchunk` chunks of `TIP_TOK` tokens (see [`chunks`], [`chunks_wave`]). `q8`:
+/// score whole quantised blocks from the int8 planes, with the pipelined kernel `pipe` (a
+/// `gpu::TIP8_PIPES` code; 0: the unpipelined `tip8` of GPU run 14).
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
     gpu: &Gpu,
@@ -37,6 +38,7 @@ pub fn launch(
     hist: &mut CudaSlice<u32>,
     thr: Option<(&mut CudaSlice<u32>, &mut CudaSlice<i32>)>,
     nchunk: usize,
+    pipe: usize,
 ) -> Result<(), GpuError> {
     check(dims, q, pool, scores.len())?;
     check_mom(dims, mom)?;
@@ -46,7 +48,13 @@ pub fn launch(
     }
     check_q8(dims, q8)?;
     let null = 0u64;
-    let mut l = gpu.launcher(gpu.f.tip(dt, q8.is_some()));
+    let pipelined = q8.is_some() && pipe != 0;
+    let f = match pipelined {
+        true => gpu.f.tip8p(dt, pipe).ok_or_else(|| GpuError::Shape(format!("tip: no int8 TIP kernel {pipe}")))?,
+        false => gpu.f.tip(dt, q8.is_some()),
+    };
+    let smem = if pipelined { super::tip8p_smem(pipe) } else { 0 };
+    let mut l = gpu.launcher(f);
     l.arg(dims);
     arg_k(&mut l, k, q8);
     l.arg(q).arg(fc_of_slot).arg(pool);
@@ -63,9 +71,11 @@ pub fn launch(
     let nc = nchunk as i32;
     l.arg(&nc);
     let grid = ((dims.l_max as usize).div_ceil(TIP_TOK * nchunk), dims.n_sel as usize, dims.batch as usize);
+    let mut c = cfg(grid, 256);
+    c.shared_mem_bytes = smem as u32; // (its limit raised to this when the module was loaded)
     // SAFETY: buffer sizes checked against dims; each block reads tokens < lens[b] ≤ l_max of its
     // (b, kv) region and writes scores/hist of its own selection only.
-    unsafe { l.launch(cfg(grid, 256)) }?;
+    unsafe { l.launch(c) }?;
     Ok(())
 }
 
@@ -186,6 +196,16 @@ fn check_mom(d: &Dims, mom: Option<&CudaSlice<f64>>) -> Result<(), GpuError> {
 /// Llama shapes, 138.6 → 132.5 µs for the paper's int8 step.)
 pub fn chunks(l_max: usize, segs: usize, sm_count: usize) -> usize {
     (l_max.div_ceil(TIP_TOK) * segs).div_ceil((8 * sm_count).max(1)).clamp(1, 8)
+}
+
+/// Chunks of `TIP_TOK` tokens per block of the pipelined int8 TIP: as few blocks as fill the
+/// resident slots (`per_sm` blocks on each of `sm_count` multiprocessors) once, each a long
+/// contiguous run of tokens, so no tail wave is left and the prologue and histogram flush are
+/// paid once per block (16 × 128k, Llama shapes: 2 blocks per selection of 64 chunks each; at
+/// batch 1: 32 blocks of 1 to 4 chunks).
+pub fn chunks_wave(l_max: usize, segs: usize, sm_count: usize, per_sm: usize) -> usize {
+    let per_seg = (per_sm.max(1) * sm_count / segs.max(1)).max(1);
+    l_max.div_ceil(TIP_TOK).div_ceil(per_seg).max(1)
 }
 
 /// `scores`: elements of the per-token output per head (`(batch·n_sel, l_max)` at least).
