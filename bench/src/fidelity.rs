@@ -157,16 +157,24 @@ pub struct Results {
     pub profile_queries: usize,
     pub eval_sources: Vec<String>,
     pub eval_tokens: usize,
+    /// Activations of the weight matmuls in every run (dense included).
+    #[serde(default)]
+    pub activations: fasa_engine::Activations,
     pub rows: Vec<Row>,
     pub passkey: Vec<PasskeyRow>,
 }
 
 /// Loads the model with enough slots and context for `opts`.
 pub fn load_model(max_context: usize) -> Result<Model> {
+    load_model_with(max_context, Default::default())
+}
+
+pub fn load_model_with(max_context: usize, activations: fasa_engine::Activations) -> Result<Model> {
     let (m, o) = (fasa_engine::paths::default_model(), fasa_engine::paths::default_ort_library());
     let mut lo = fasa_engine::LoadOptions::new(m, o);
     lo.max_sequences = 3;
     lo.max_context = max_context;
+    lo.activations = activations;
     Model::load(&lo)
 }
 
@@ -368,6 +376,7 @@ pub fn run(model: &mut Model, opts: &FidelityOptions) -> Result<Results> {
         profile_queries: prof.queries,
         eval_sources: texts.iter().map(|(n, t)| format!("{n} (sha256 {})", &calibrate::sha256_hex(t)[..12])).collect(),
         eval_tokens: opts.eval_tokens,
+        activations: info.activations,
         rows,
         passkey: pk,
     })

@@ -65,6 +65,9 @@ enum Cmd {
         /// CI-sized run: 1k context, T = 32, fasa/oracle/streaming at B = 256 and 1024.
         #[arg(long)]
         quick: bool,
+        /// Activations of the weight matmuls (dense and every mode alike): int8 or f32.
+        #[arg(long, default_value = "int8")]
+        activations: fasa_engine::Activations,
     },
     /// Calibrate the dominant FCs and write the profile.
     Calibrate {
@@ -109,7 +112,7 @@ fn main() -> Result<()> {
     let command = std::env::args().map(|a| if a.contains([';', ' ']) { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
     let t0 = Instant::now();
     match Cli::parse().cmd {
-        Cmd::Fidelity { context, budget, modes, eval_tokens, text, profile, passkey, keys, out, json, md, section, no_plots, no_passkey, quick } => {
+        Cmd::Fidelity { context, budget, modes, eval_tokens, text, profile, passkey, keys, out, json, md, section, no_plots, no_passkey, quick, activations } => {
             let mut opts = if quick { FidelityOptions::quick() } else { FidelityOptions::full() };
             if !quick {
                 opts.contexts = context;
@@ -129,7 +132,7 @@ fn main() -> Result<()> {
                 s.config(256).map_err(anyhow::Error::msg)?;
             }
             let max = opts.contexts.iter().chain(&opts.passkey.lengths).copied().max().unwrap_or(1024) + 32;
-            let mut model = fidelity::load_model(max).context("loading the model (run scripts/setup)")?;
+            let mut model = fidelity::load_model_with(max, activations).context("loading the model (run scripts/setup)")?;
             let res = fidelity::run(&mut model, &opts)?;
             let info = RunInfo::now(command, t0.elapsed().as_secs_f64());
             report::write_all(&res, &info, &out, &json, &md, &section, no_plots)?;

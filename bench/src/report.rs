@@ -78,7 +78,7 @@ pub fn markdown(res: &Results, info: &RunInfo) -> String {
     let _ = writeln!(s, "Command: `{}`  ", info.command);
     let _ = writeln!(s, "Machine: {}; {}; {:.0} s  ", info.machine, info.date, info.seconds);
     let _ = writeln!(s, "Model: {} (sha256 {}…); profile: {} queries per head from {}  ", res.model, &res.model_sha256[..12.min(res.model_sha256.len())], res.profile_queries, res.profile_sources.join(", "));
-    let _ = writeln!(s, "Eval text: {}; last {} tokens of each context teacher-forced.\n", res.eval_sources.join(", "), res.eval_tokens);
+    let _ = writeln!(s, "Eval text: {}; last {} tokens of each context teacher-forced; {} activations in the weight matmuls.\n", res.eval_sources.join(", "), res.eval_tokens, res.activations.as_str());
     let pk: BTreeMap<(usize, usize, String), (usize, usize, usize)> = res.passkey.iter().map(|p| ((p.length, p.budget, p.spec.clone()), (p.hits, p.total, p.dense_hits))).collect();
     let mut contexts: Vec<usize> = res.rows.iter().map(|r| r.context).collect();
     contexts.dedup();

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fasa_engine::Activations;
 use clap::Parser;
 use serde::Deserialize;
 
@@ -40,6 +41,10 @@ pub struct Args {
     /// ONNX Runtime threads; 0 = all cores [default: 0].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Activations of the weight matmuls: int8 (as llama.cpp; faster) or f32 (exact products
+    /// with the GGUF weights) [default: int8].
+    #[arg(long, value_name = "int8|f32")]
+    pub activations: Option<Activations>,
     /// max_tokens of a job whose caller did not set it [default: 256].
     #[arg(long, value_name = "N")]
     pub default_max_tokens: Option<u32>,
@@ -96,6 +101,7 @@ struct FileConfig {
     max_queue: Option<usize>,
     max_context: Option<usize>,
     threads: Option<usize>,
+    activations: Option<Activations>,
     default_max_tokens: Option<u32>,
     job_linger_secs: Option<u64>,
     calibrate_on_load: Option<bool>,
@@ -114,6 +120,7 @@ pub struct Config {
     pub max_queue: usize,
     pub max_context: usize,
     pub threads: usize,
+    pub activations: Activations,
     pub default_max_tokens: u32,
     pub job_linger: Duration,
     pub calibrate_on_load: bool,
@@ -170,6 +177,7 @@ impl Config {
             max_queue: args.max_queue.or(file.max_queue).unwrap_or(16),
             max_context: args.max_context.or(file.max_context).unwrap_or(0),
             threads: args.threads.or(file.threads).unwrap_or(0),
+            activations: args.activations.or(file.activations).unwrap_or_default(),
             default_max_tokens: args.default_max_tokens.or(file.default_max_tokens).unwrap_or(256),
             job_linger: Duration::from_secs(args.job_linger.or(file.job_linger_secs).unwrap_or(60)),
             calibrate_on_load: !args.no_calibrate_on_load && file.calibrate_on_load.unwrap_or(true),
@@ -258,5 +266,11 @@ mod tests {
         assert!(e.contains("--headroom") && e.contains("lots"), "{e}");
         let c = Config::merge(&args(&["--headroom", "1.5GiB", "--no-calibrate-on-load", "--keep-alive", "5"]), FileConfig::default()).unwrap();
         assert_eq!((c.headroom, c.calibrate_on_load, c.keep_alive), (Some(3 << 29), false, Some(Duration::from_secs(5))));
+        assert_eq!(c.activations, Activations::Int8);
+        let c = Config::merge(&args(&["--activations", "f32"]), parse(Path::new("f"), "activations = \"int8\"\n").unwrap()).unwrap();
+        assert_eq!(c.activations, Activations::F32);
+        let e = parse(Path::new("f"), "activations = \"int4\"\n").unwrap_err().to_string();
+        assert!(e.contains("activations") && e.contains("int4"), "{e}");
+        assert!(Args::try_parse_from(["fasad", "--activations", "fp16"]).is_err());
     }
 }

@@ -43,6 +43,7 @@ pub fn run(config: Config) -> Result<(), ServiceError> {
     let plan = memory::plan_before_load(&config.model, &headroom, ask).map_err(ServiceError::Plan)?;
     let mut options = LoadOptions::new(&config.model, &config.ort_library);
     options.threads = config.threads;
+    options.activations = config.activations;
     let limits = match &plan {
         Ok(p) => {
             options.max_sequences = p.max_sessions;

@@ -46,6 +46,8 @@ pub trait Manager {
     fn pull_model(&self, name: &str) -> Result<OwnedObjectPath, Error>;
 
     #[zbus(property)]
+    fn activations(&self) -> zbus::Result<String>;
+    #[zbus(property)]
     fn attention_mode(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn token_budget(&self) -> zbus::Result<u32>;

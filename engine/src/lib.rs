@@ -23,6 +23,7 @@ pub mod sampler;
 pub mod detok;
 pub mod model;
 
+pub use graph::Activations;
 pub use model::{LoadOptions, Model, ModelInfo, Sequence};
 
 pub use config::{ModelConfig, RopeLayout};

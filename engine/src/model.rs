@@ -10,7 +10,7 @@ use ort::value::Tensor;
 use crate::attention::{AttnConfig, AttnStats, CachePool, CacheShape, FasaAttentionOp, KvVariant, SlotLease, OP_DOMAIN};
 use crate::detok::TextStream;
 use crate::gguf::GgufFile;
-use crate::graph::build_decoder;
+use crate::graph::{build_decoder, Activations};
 use crate::sampler::{self, Sampler};
 use crate::tokenizer::Tokenizer;
 use crate::{catalog, chat, runtime, EngineError, FinishReason, GenerateRequest, ModelConfig, Prompt, Result, Step};
@@ -36,11 +36,13 @@ pub struct LoadOptions {
     /// Decode attention on the GPU when one is usable (FASA-C only; `FASA_GPU=0` also turns it
     /// off). See `attention::gpu`.
     pub gpu: bool,
+    /// Activations of the weight matmuls: int8 (the default, as llama.cpp) or exact f32.
+    pub activations: Activations,
 }
 
 impl LoadOptions {
     pub fn new(model_path: impl Into<PathBuf>, ort_library: impl Into<PathBuf>) -> Self {
-        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0, kv_variant: KvVariant::FasaC, gpu: true }
+        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0, kv_variant: KvVariant::FasaC, gpu: true, activations: Activations::default() }
     }
 }
 
@@ -56,6 +58,9 @@ pub struct ModelInfo {
     pub weight_bytes: u64,
     /// sha256 of the GGUF file (checked against the catalog when the file is one of ours).
     pub sha256: String,
+    /// Activations of the weight matmuls.
+    #[serde(default)]
+    pub activations: Activations,
 }
 
 pub struct Model {
@@ -92,7 +97,7 @@ impl Model {
             return Err(EngineError::Unsupported(format!("head_dim {} / heads {}:{} have no RoPE pairs or GQA groups", config.head_dim, config.n_heads, config.n_kv_heads)));
         }
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let graph = build_decoder(&file, &config)?;
+        let graph = build_decoder(&file, &config, opts.activations)?;
         drop(file);
         let max_context = match opts.max_context {
             0 => config.context_length,
@@ -123,7 +128,7 @@ impl Model {
             .with_operators(domain)
             .map_err(ort::Error::from)?
             .commit_from_memory(&graph.onnx)?;
-        let info = ModelInfo { path: opts.model_path.clone(), config, max_context, max_sequences: pool.n_slots(), weight_bytes: graph.weight_bytes, sha256 };
+        let info = ModelInfo { path: opts.model_path.clone(), config, max_context, max_sequences: pool.n_slots(), weight_bytes: graph.weight_bytes, sha256, activations: opts.activations };
         let default_attention = pool.fit_config(AttnConfig::default().fit_pool(info.config.n_fcs()));
         Ok(Self { info, default_attention, tokenizer, session, pool })
     }

@@ -1,8 +1,9 @@
-//! The ONNX Runtime graph (4/8-bit weights, FasaAttention in dense mode) against the plain f32
-//! reference forward pass, on the real default model: several prompts, prefill and decode steps.
+//! The ONNX Runtime graph (4/8-bit weights, f32 activations, FasaAttention in dense mode)
+//! against the plain f32 reference forward pass, on the real default model: several prompts,
+//! prefill and decode steps.
 use fasa_engine::gguf::GgufFile;
 use fasa_engine::reference::ReferenceModel;
-use fasa_engine::{paths, LoadOptions, Model};
+use fasa_engine::{paths, Activations, LoadOptions, Model};
 
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
@@ -20,7 +21,8 @@ fn require_model() -> (std::path::PathBuf, std::path::PathBuf) {
 #[test]
 fn logits_match_reference_on_prompts_and_decode_steps() {
     let (m, o) = require_model();
-    let mut model = Model::load(&LoadOptions::new(&m, &o)).expect("load");
+    // Exact f32 activations: the int8 default is measured against this in `activations.rs`.
+    let mut model = Model::load(&LoadOptions { activations: Activations::F32, ..LoadOptions::new(&m, &o) }).expect("load");
     let mut reference = ReferenceModel::load(&GgufFile::open(&m).unwrap()).unwrap();
     let vocab = model.info().config.vocab_size;
     let prompts = ["The capital of France is", "fn main() { println!(\"hi\"); }\n// 12345", "Once upon a time, in a land far away, there lived"];

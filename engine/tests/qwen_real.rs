@@ -11,7 +11,7 @@ use std::time::Instant;
 use fasa_engine::catalog::QWEN25_CODER_05B;
 use fasa_engine::gguf::GgufFile;
 use fasa_engine::reference::ReferenceModel;
-use fasa_engine::{paths, AttnConfig, GenerateRequest, LoadOptions, Model, RopeLayout, Step};
+use fasa_engine::{paths, Activations, AttnConfig, GenerateRequest, LoadOptions, Model, RopeLayout, Step};
 
 fn qwen_path() -> std::path::PathBuf {
     let p = paths::models_dir().join(QWEN25_CODER_05B.file);
@@ -25,6 +25,8 @@ fn load() -> Model {
     let t = Instant::now();
     let mut opts = LoadOptions::new(qwen_path(), ort);
     (opts.max_sequences, opts.max_context) = (1, 4096);
+    // Against the f32 reference: exact f32 activations.
+    opts.activations = Activations::F32;
     // ORT registers the operator's domain in a process-wide table: concurrent loads race.
     static LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let model = {

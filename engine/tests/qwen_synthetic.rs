@@ -7,7 +7,7 @@ mod support;
 
 use fasa_engine::gguf::{GgmlType, GgufFile};
 use fasa_engine::reference::ReferenceModel;
-use fasa_engine::{paths, AttnConfig, GenerateRequest, LoadOptions, Model, RopeLayout, Step};
+use fasa_engine::{paths, Activations, AttnConfig, GenerateRequest, LoadOptions, Model, RopeLayout, Step};
 use support::{write_model, Types, LAYERS};
 
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {
@@ -22,6 +22,8 @@ fn load(path: &std::path::Path) -> Model {
     assert!(ort.is_file(), "ONNX Runtime library missing at {}: run scripts/setup", ort.display());
     let mut opts = LoadOptions::new(path, ort);
     (opts.max_sequences, opts.threads) = (1, 1);
+    // The exact weight conversion is what is checked: f32 activations.
+    opts.activations = Activations::F32;
     // ORT registers the operator's domain in a process-wide table: concurrent loads race
     // ("domain is already exist"), so the tests of this file load one at a time.
     static LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());

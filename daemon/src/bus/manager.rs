@@ -360,6 +360,13 @@ impl Manager {
         fasa_dbus::SHAPE_KEYS.iter().zip(values).map(|(k, v)| (k.to_string(), v as u64)).collect()
     }
 
+    /// Activations of the weight matmuls: int8 (as llama.cpp) or f32 (exact); empty while no
+    /// model is loaded.
+    #[zbus(property)]
+    fn activations(&self) -> String {
+        self.shared.model().map(|m| m.info.activations.as_str().to_string()).unwrap_or_default()
+    }
+
     /// Attention mode of requests that name none (dense, fasa, ...); empty while no model is loaded.
     #[zbus(property)]
     fn attention_mode(&self) -> String {

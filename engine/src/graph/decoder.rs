@@ -170,13 +170,54 @@ impl Ctx<'_> {
     }
 }
 
-pub fn build_decoder(f: &GgufFile, c: &ModelConfig) -> Result<DecoderGraph> {
+/// How the weight matmuls take their activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// Exact f32 products with the GGUF weights (the reference's logits to 1e-3).
+    F32,
+    /// Activations quantized to int8 per 32-element block inside `MatMulNBits`, as llama.cpp
+    /// does for its quantized weights (Q8_1 activations): the 4-bit products run on integer
+    /// SIMD. Logits differ from f32 by a few percent (relative L2); what that costs in
+    /// distribution, KL and top-1 agreement, is measured in `engine/tests/activations.rs`.
+    #[default]
+    Int8,
+}
+
+impl Activations {
+    fn accuracy_level(self) -> i64 {
+        match self {
+            Activations::F32 => 0,
+            Activations::Int8 => 4,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Int8 => "int8",
+        }
+    }
+}
+
+impl std::str::FromStr for Activations {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(Activations::F32),
+            "int8" => Ok(Activations::Int8),
+            _ => Err(format!("activations must be f32 or int8, not {s:?}")),
+        }
+    }
+}
+
+pub fn build_decoder(f: &GgufFile, c: &ModelConfig, activations: Activations) -> Result<DecoderGraph> {
     let (d_model, d) = (c.hidden, c.head_dim);
     let env_flag = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<i64>().ok());
     let mut x = Ctx {
         g: GraphBuilder::new("fasa-decoder"),
         f,
-        accuracy_level: env_flag("FASA_ACCURACY_LEVEL").unwrap_or(0),
+        accuracy_level: activations.accuracy_level(),
         skip_correction: env_flag("FASA_EXPERIMENT_NO_CORRECTION") == Some(1),
     };
     x.g.input("input_ids", dtype::INT64, &[None]);

@@ -7,4 +7,4 @@ pub mod proto;
 pub mod quant;
 
 pub use corr_op::{BlockCorrectionOp, CORR_OP_NAME};
-pub use decoder::{build_decoder, DecoderGraph};
+pub use decoder::{build_decoder, Activations, DecoderGraph};
