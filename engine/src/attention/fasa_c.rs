@@ -7,7 +7,7 @@
 //! list order by whichever thread is free (`run_in_order`); an item waits only for earlier items.
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use fasa_kernels::cpu::{attend_rows_group, attend_scored_rows_group, MassPart, QB};
 use ort::operator::ComputeContext;
@@ -85,15 +85,11 @@ fn run_in_order(ctx: &ComputeContext, threads: usize, n: usize, deps: impl Fn(us
     })
 }
 
-/// A group's selections and counters, handed from its selection item to its heads' items.
-#[derive(Default)]
+/// A group's selections and counters, set once by its selection item and then read, without a
+/// lock or a copy, by its heads' items.
 struct Chosen {
     sels: Vec<Selection>,
     stats: AttnStats,
-}
-
-fn lock(m: &Mutex<Chosen>) -> std::sync::MutexGuard<'_, Chosen> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Decodes one token for every KV group into `out` (`(H, d)`) and returns the counters.
@@ -108,7 +104,7 @@ pub(super) fn sparse_step(ctx: &ComputeContext, s: &Step, out: &SharedOut) -> or
     let parts = if !tip_fcs.is_empty() && tip_fcs.iter().all(Option::is_some) { s.threads } else { 0 };
     let bound = |i: usize| if i == parts { s.n } else { s.n * i / parts / QB * QB };
     let tip_parts: Vec<Mutex<(Vec<f32>, Vec<MassPart>)>> = (0..hkv * parts).map(|_| Default::default()).collect();
-    let chosen: Vec<Mutex<Chosen>> = (0..hkv).map(|_| Default::default()).collect();
+    let chosen: Vec<OnceLock<Chosen>> = (0..hkv).map(|_| OnceLock::new()).collect();
     // Items: [TIP parts: hkv × parts] [selection: hkv] [focused attention: hkv × group].
     let (sel0, att0) = (hkv * parts, hkv * parts + hkv);
     let deps = |i: usize| match i {
@@ -139,34 +135,31 @@ pub(super) fn sparse_step(ctx: &ComputeContext, s: &Step, out: &SharedOut) -> or
             if s.measure {
                 measure(&gc, &qs, &sels, &mut st);
             }
-            *lock(&chosen[g]) = Chosen { sels, stats: st };
+            // Set once: item `i` runs once, and its heads' items start after it is done.
+            let _ = chosen[g].set(Chosen { sels, stats: st });
         } else {
             let (g, h) = ((i - att0) / group, (i - att0) % group);
             let qh = g * group + h;
             let q = &s.q_fc[qh * d..(qh + 1) * d];
-            // This head's rows and, after a re-rank, its kept logits `(B,)` (copied: the other
-            // heads' items read the same selection).
-            let (rows, mut logits) = {
-                let c = lock(&chosen[g]);
-                let sel = &c.sels[if s.cfg.per_group { 0 } else { h }];
-                let b = sel.rows.len();
-                let lg = if sel.logits.is_empty() { vec![] } else { sel.logits[(if s.cfg.per_group { h } else { 0 }) * b..][..b].to_vec() };
-                (sel.rows.clone(), lg)
-            };
-            let mut o = vec![0f32; d];
+            let Some(c) = chosen[g].get() else { unreachable!("a head's item runs after its group's selection") };
+            let sel = &c.sels[if s.cfg.per_group { 0 } else { h }];
+            // SAFETY: each item writes only its own query head's row `(d,)` of `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(out.get().add(qh * d), d) };
             let view = s.pages[g].view();
-            if logits.is_empty() {
-                attend_rows_group(&view, &[q], &rows, s.scale, &mut o);
+            if sel.logits.is_empty() {
+                attend_rows_group(&view, &[q], &sel.rows, s.scale, o);
             } else {
-                attend_scored_rows_group(&view, &mut logits, &rows, &mut o);
+                // The kept logits `(B,)` of this head after the re-rank, copied: the softmax runs
+                // in place and the group's other heads read the same selection.
+                let b = sel.rows.len();
+                let mut logits = sel.logits[(if s.cfg.per_group { h } else { 0 }) * b..][..b].to_vec();
+                attend_scored_rows_group(&view, &mut logits, &sel.rows, o);
             }
-            // SAFETY: each item writes only its own query head's row.
-            unsafe { std::ptr::copy_nonoverlapping(o.as_ptr(), out.get().add(qh * d), d) };
         }
     })?;
     let mut stats = AttnStats::default();
-    for c in chosen {
-        stats.merge(&c.into_inner().unwrap_or_else(|e| e.into_inner()).stats);
+    for c in chosen.into_iter().filter_map(OnceLock::into_inner) {
+        stats.merge(&c.stats);
     }
     Ok(stats)
 }
