@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Baseline for our figures: llama.cpp's llama-bench on the default model, CPU only.
 #   bench/llama_cpp.sh [OUT.json [more llama-bench args...]]
-# Env: FASA_BENCH_THREADS (2), FASA_BENCH_DEPTHS (0,2048,8000), FASA_BENCH_REPS (3).
+# Env: FASA_BENCH_THREADS (2), FASA_BENCH_DEPTHS (0,2048,8000), FASA_BENCH_REPS (3),
+# FASA_BENCH_PROMPT (512; 0 = decode only).
 # The JSON goes to OUT.json, or to stdout; progress goes to stderr. llama.cpp is built once per
 # version into <cache>/llama.cpp/<version>/ from the source that the PyPI sdist of llama-cpp-python
 # vendors (vendor/llama.cpp): the package registries are all this project may reach.
@@ -68,7 +69,7 @@ fi
 
 # Depths 0, 2048 and 8000 (near the model's 8192 context): decode speed as the KV cache grows,
 # which is what sparse attention is about. 2 threads: the size of our CI and dev machines.
-args=(-m "$model" -t "${FASA_BENCH_THREADS:-2}" -p 512 -n 128 -d "${FASA_BENCH_DEPTHS:-0,2048,8000}" -r "${FASA_BENCH_REPS:-3}" -o json "${extra[@]}")
+args=(-m "$model" -t "${FASA_BENCH_THREADS:-2}" -p "${FASA_BENCH_PROMPT:-512}" -n 128 -d "${FASA_BENCH_DEPTHS:-0,2048,8000}" -r "${FASA_BENCH_REPS:-3}" -o json "${extra[@]}")
 if [[ "$out" == - ]]; then
   "$bin" "${args[@]}"
 else

@@ -3,6 +3,8 @@
 # GGUF, same depths, same thread count, in one run; prints a markdown table for RESULTS.md.
 #   bench/speed.sh [--threads N] [--depth 0,2048,8000] [--modes dense,fasa]
 # Run it on an otherwise idle machine: both sides are timed as whole processes, back to back.
+# For the decode ratio at one depth, quote bench/speed_pairs.sh: alternating pairs, the ratio per
+# pair, and what other processes took during each run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=2 depth=0,2048,8000 modes=dense,fasa
