@@ -13,7 +13,7 @@
 //! logit error of either path).
 mod support;
 
-use fasa_engine::{paths, AttnConfig, AttnStats, LoadOptions, Model};
+use fasa_engine::{paths, Activations, AttnConfig, AttnStats, LoadOptions, Model};
 use support::{write_model_ctx, Types, LAYERS};
 
 const PROMPT: usize = 320;
@@ -23,7 +23,9 @@ const BUDGET: usize = 64;
 fn load(path: &std::path::Path, gpu: bool) -> Model {
     let ort = paths::default_ort_library();
     assert!(ort.is_file(), "ONNX Runtime library missing at {}: run scripts/setup or set FASA_ORT_LIB", ort.display());
-    let opts = LoadOptions { max_sequences: 1, max_context: 512, gpu, ..LoadOptions::new(path, ort) };
+    // f32 activations: the test compares the attention paths, and int8 activation rounding
+    // would turn their fp16-vs-f32 differences into steps of whole quantization levels.
+    let opts = LoadOptions { max_sequences: 1, max_context: 512, gpu, activations: Activations::F32, ..LoadOptions::new(path, ort) };
     Model::load(&opts).expect("load the synthetic model")
 }
 

@@ -343,26 +343,33 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let chunks0 = dec.tip_chunks;
     let lean0 = dec.fac_lean;
     let st0 = dec.tip8_pipe;
-    // Programmatic dependent launch switched for one, filter blocks of both sizes forced for two;
-    // the int8 TIP unpipelined (0) and the other pipelined kernels for the last ones.
-    let pdl0 = g.pdl();
-    for (thr_in_tip, fused, chunks, lean, pdl, ftok, pipe) in [
-        (false, true, 1, lean0, pdl0, 0, st0),
-        (true, true, 2, lean0, pdl0, 0, st0),
-        (false, false, 3, lean0, pdl0, 0, st0),
-        (true, false, 3, lean0, pdl0, 0, st0),
-        (true, false, chunks0, !lean0, pdl0, 0, st0),
-        (false, true, 2, !lean0, pdl0, 0, st0),
-        (true, false, chunks0, lean0, !pdl0, 0, st0),
-        (true, false, chunks0, lean0, pdl0, 8192, st0),
-        (false, false, chunks0, lean0, pdl0, 2048, st0),
-        (true, false, 2, lean0, pdl0, 0, 0),
-        (true, false, 3, !lean0, pdl0, 0, 24),
-        (true, true, chunks0, lean0, pdl0, 0, 42),
-        (false, false, 1, lean0, pdl0, 0, 32),
-        (true, false, 3, lean0, pdl0, 0, 124),
-        (true, false, chunks0, lean0, pdl0, 0, 142),
-        (true, false, 2, lean0, pdl0, 0, 132),
+    // Programmatic dependent launch switched for three (the decoder's policy, twice, then forced
+    // for every launch as FASA_GPU_PDL does), filter blocks of both sizes forced for two; the int8
+    // TIP unpipelined (0) and the other pipelined kernels for others; each combine kernel forced
+    // for the last two.
+    let pdl0 = dec.pdl;
+    let forced0 = g.pdl_forced();
+    for (thr_in_tip, fused, chunks, lean, pdl, ftok, pipe, force, c8) in [
+        (false, true, 1, lean0, pdl0, 0, st0, None, None),
+        (true, true, 2, lean0, pdl0, 0, st0, None, None),
+        (false, false, 3, lean0, pdl0, 0, st0, None, None),
+        (true, false, 3, lean0, pdl0, 0, st0, None, None),
+        (true, false, chunks0, !lean0, pdl0, 0, st0, None, None),
+        (false, true, 2, !lean0, pdl0, 0, st0, None, None),
+        (true, false, chunks0, lean0, !pdl0, 0, st0, None, None),
+        (true, false, chunks0, lean0, pdl0, 8192, st0, None, None),
+        (false, false, chunks0, lean0, pdl0, 2048, st0, None, None),
+        (true, false, 2, lean0, pdl0, 0, 0, None, None),
+        (true, false, 3, !lean0, pdl0, 0, 24, None, None),
+        (true, true, chunks0, lean0, pdl0, 0, 42, None, None),
+        (false, false, 1, lean0, pdl0, 0, 32, None, None),
+        (true, false, 3, lean0, pdl0, 0, 124, None, None),
+        (true, false, chunks0, lean0, pdl0, 0, 142, None, None),
+        (true, false, 2, lean0, pdl0, 0, 132, None, None),
+        (true, false, chunks0, lean0, pdl0, 0, st0, Some(!pdl0), None),
+        (true, true, chunks0, !lean0, !pdl0, 0, st0, None, None),
+        (true, false, chunks0, lean0, pdl0, 0, st0, None, Some(true)),
+        (true, false, 2, !lean0, pdl0, 0, st0, None, Some(false)),
     ] {
         dec.thr_in_tip = thr_in_tip;
         dec.fused_combine = fused;
@@ -370,7 +377,12 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
         dec.fac_lean = lean;
         dec.filter_tok = ftok;
         dec.tip8_pipe = pipe;
-        g.set_pdl(pdl);
+        dec.pdl = pdl;
+        dec.combine8 = c8;
+        match force.or(forced0) {
+            Some(on) => g.set_pdl(on),
+            None => g.set_pdl_auto(),
+        }
         st.memcpy_htod(&vec![u32::MAX; dec.sel.len()], &mut dec.sel)?;
         let mut o3 = st.clone_htod(&nan_out)?;
         dec.step(g, &cache, &q, &lens_d, &mut o3)?;
@@ -387,7 +399,12 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
             None => false,
         };
     }
-    g.set_pdl(pdl0);
+    match forced0 {
+        Some(on) => g.set_pdl(on),
+        None => g.set_pdl_auto(),
+    }
+    dec.pdl = pdl0;
+    dec.combine8 = None;
     dec.filter_tok = 0;
     dec.thr_in_tip = true;
     dec.fused_combine = false;
@@ -403,6 +420,14 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.dense(g, &cache, &q, &lens_d, &mut outd2)?;
     dec.dense_lean = !dec.dense_lean;
     variants_same &= nerr(&st.clone_dtoh(&outd2)?, &outd_h) <= 1e-5;
+    // Both combine kernels over the dense partials (many splits).
+    for c8 in [false, true] {
+        dec.combine8 = Some(c8);
+        let mut outd3 = st.clone_htod(&nan_out)?;
+        dec.dense(g, &cache, &q, &lens_d, &mut outd3)?;
+        variants_same &= nerr(&st.clone_dtoh(&outd3)?, &outd_h) <= 1e-5;
+    }
+    dec.combine8 = None;
     st.synchronize()?;
 
     let group = c.n_q / c.n_kv;

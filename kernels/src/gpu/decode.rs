@@ -7,7 +7,17 @@
 //! (not on the lengths), so a step can be captured once in a CUDA graph and replayed.
 use cudarc::driver::{CudaGraph, CudaSlice};
 
+use super::launch::pdl_scope;
 use super::{fac, rerank, select, tip, Dims, Gpu, GpuError, GpuKvCache, NBIN};
+
+/// Selections per step (batch · n_sel) from which a decoder launches with programmatic dependent
+/// launch by default ([`FasaDecoder::pdl`]). GPU run 16 (Llama-3-8B shapes, 8 selections per
+/// sequence; on and off timed in turn, two calls): batch 1 (8 selections) PDL cost 1.7–3.2 µs on
+/// the paper steps at 32k and 6.3–7.4 µs on the default int8 step; batch 4 (32) within ±1.5 µs,
+/// the sign flipping between calls; batch 16 (128) it gained 0.5–1.6 µs at 32k in every mode, and
+/// 0.4–17.6 µs on the paper int8 step at 128k. So off at batch 1 and on from batch 4 of those
+/// shapes (32 selections), where it costs nothing measurable.
+pub const PDL_MIN_SEGS: usize = 32;
 
 /// The operator's mode, as `AttnConfig` on the CPU (engine): every knob of the default `fasa`
 /// mode and of the paper's recipe.
@@ -69,6 +79,12 @@ pub struct FasaDecoder {
     pub tip8_pipe: usize,
     /// Scores per select-filter block, 8192 or 2048; 0 (default): chosen by `select::filter`.
     pub filter_tok: usize,
+    /// The combine kernel whose walkers load 8 splits at once (`fac::combine`'s `c8`); `None`
+    /// (default): by the splits per walker.
+    pub combine8: Option<bool>,
+    /// Launch this decoder's kernels with programmatic dependent launch (unless `FASA_GPU_PDL` /
+    /// `Gpu::set_pdl` force it): default on from [`PDL_MIN_SEGS`] selections per step.
+    pub pdl: bool,
     /// FAC over the selected rows with the lean kernels (`facl_h*`: q re-read from shared memory,
     /// 4 instead of 3 blocks per SM for a group of 4). Default: on from 64 selections per step
     /// (GPU run 6: −3.5 to −12 µs at batch 16 of Llama-3-8B shapes, +0.2 to +0.5 µs at batch 1
@@ -180,6 +196,8 @@ impl FasaDecoder {
             tip_chunks,
             tip8_pipe,
             filter_tok: 0,
+            combine8: None,
+            pdl: segs >= PDL_MIN_SEGS,
             fac_lean: segs >= 64,
             dense_lean: cache.batch * cache.n_kv * cache.l_max >= 1 << 18,
             cfg: DecodeConfig { rerank, ..cfg },
@@ -217,6 +235,7 @@ impl FasaDecoder {
 
     /// Stage 1 only: scores and `sel` (the first `min(B, len)` rows of each selection).
     pub fn select(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
+        let _pdl = pdl_scope(self.pdl);
         let dt = cache.dtype;
         let c = self.cfg.rerank;
         let mut d1 = self.dims;
@@ -259,6 +278,7 @@ impl FasaDecoder {
     /// TIP alone (both launches of the group-mass stage 1), then the histogram zeroed again
     /// (stage timing in benchmarks).
     pub fn tip_only(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
+        let _pdl = pdl_scope(self.pdl);
         let dims = self.dims;
         self.tip(gpu, cache, &dims, q, lens)?;
         gpu.stream.memset_zeros(&mut self.hist)?;
@@ -267,6 +287,7 @@ impl FasaDecoder {
 
     /// One FASA step: `q (batch, n_q, d)` f32 rotated, FC-pair order → `out (batch, n_q, d)` f32.
     pub fn step(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        let _pdl = pdl_scope(self.pdl);
         self.select(gpu, cache, q, lens)?;
         let (rps, ns) = self.fac_split;
         if self.fused_combine {
@@ -274,16 +295,17 @@ impl FasaDecoder {
             fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused, self.fac_lean)
         } else {
             fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, None, self.fac_lean)?;
-            fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out)
+            fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out, self.combine8)
         }
     }
 
     /// Dense attention over the same cache (every row, every q head of a KV group together).
     pub fn dense(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+        let _pdl = pdl_scope(self.pdl);
         let (rps, ns) = self.dense_split;
         // Many splits: a separate combine launch merges them in parallel.
         fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None, self.dense_lean)?;
-        fac::combine(gpu, &self.dense_dims, ns, &self.po, &self.pml, out)
+        fac::combine(gpu, &self.dense_dims, ns, &self.po, &self.pml, out, self.combine8)
     }
 }
 

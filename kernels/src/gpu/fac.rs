@@ -80,13 +80,17 @@ pub fn partials(
     Ok(())
 }
 
-/// `out (batch, n_q, d)` f32, V's dim order.
-pub fn combine(gpu: &Gpu, dims: &Dims, n_split: usize, po: &CudaSlice<f32>, pml: &CudaSlice<f32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
+/// `out (batch, n_q, d)` f32, V's dim order. `c8`: the kernel whose walkers load 8 splits at once
+/// (`fac_combine8`), or `None` to choose by the splits per walker.
+pub fn combine(gpu: &Gpu, dims: &Dims, n_split: usize, po: &CudaSlice<f32>, pml: &CudaSlice<f32>, out: &mut CudaSlice<f32>, c8: Option<bool>) -> Result<(), GpuError> {
     if out.len() < (dims.batch * dims.n_q * dims.d) as usize {
         return Err(GpuError::Shape("fac::combine: out needs (batch, n_q, d)".into()));
     }
     let ns = n_split as i32;
-    let mut l = gpu.launcher(&gpu.f.fac_combine);
+    // Walkers (groups of d threads of the 512) with more than 4 splits each load 8 at once
+    // (fac_combine8; fasa.cu says where each wins).
+    let c8 = c8.unwrap_or(n_split.div_ceil(512 / (dims.d.max(1) as usize)) > 4);
+    let mut l = gpu.launcher(&gpu.f.fac_combine[c8 as usize]);
     l.arg(dims).arg(&ns).arg(po).arg(pml).arg(out);
     if dims.d > 128 {
         return Err(GpuError::Shape("fac::combine: d ≤ 128".into()));

@@ -4,9 +4,12 @@
 //! launched here begins with `pdl_begin()` (fasa.cu): `griddepcontrol.wait` before it touches
 //! global memory, so it sees everything the kernel before it wrote, whatever that kernel was.
 //! cudarc's own builder has no launch attributes, hence this one; it takes the same `arg` calls.
-//! Measured (GPU run 12, steps replayed as CUDA graphs, whose launch gaps are already small):
-//! 1–2.5 µs faster at batch 16 of Llama shapes, 2–8 µs slower at batch 1, so it is off unless
-//! asked for (`FASA_GPU_PDL=1`, [`Gpu::set_pdl`]).
+//! Measured (GPU runs 12 and 16, steps replayed as CUDA graphs): faster at batch 16 of Llama
+//! shapes, slower at batch 1, so it is a per-step policy: each decoder decides for its shape
+//! (`FasaDecoder::pdl`, on from [`super::decode::PDL_MIN_SEGS`] selections per step) and runs its
+//! launches inside [`pdl_scope`]; `FASA_GPU_PDL=0/1` or [`Gpu::set_pdl`] force it for every launch.
+//! Launches outside a scope (single ops) go without it unless forced.
+use std::cell::Cell;
 use std::ffi::c_void;
 use std::sync::atomic::Ordering;
 
@@ -29,21 +32,59 @@ pub(crate) struct Launch<'a> {
     args: Vec<Arg>,
 }
 
+/// PDL forced for every launch on a GPU (`Gpu::pdl` holds one of these).
+pub(crate) const PDL_AUTO: u8 = 0;
+pub(crate) const PDL_OFF: u8 = 1;
+pub(crate) const PDL_ON: u8 = 2;
+
+thread_local! {
+    /// The policy of the decode step being launched (or captured) on this thread.
+    static STEP_PDL: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Launches made on this thread until the guard drops use PDL when `on` (unless forced).
+pub(crate) fn pdl_scope(on: bool) -> PdlScope {
+    PdlScope(STEP_PDL.with(|c| c.replace(Some(on))))
+}
+
+pub(crate) struct PdlScope(Option<bool>);
+
+impl Drop for PdlScope {
+    fn drop(&mut self) {
+        STEP_PDL.with(|c| c.set(self.0));
+    }
+}
+
 impl Gpu {
-    /// A launch of `f` on this GPU's stream, with PDL when [`Gpu::set_pdl`] is on.
+    /// A launch of `f` on this GPU's stream (PDL: see the module doc).
     pub(crate) fn launcher<'a>(&'a self, f: &'a CudaFunction) -> Launch<'a> {
         Launch { gpu: self, f, args: Vec::with_capacity(16) }
     }
 
-    /// Programmatic dependent launch of the decode kernels (sm_90+, where `griddepcontrol`
-    /// exists; default off, see the module doc). Affects launches made (or captured) after the
-    /// call.
+    /// Forces programmatic dependent launch on or off for every decode launch made (or captured)
+    /// after the call, over each decoder's own policy (as `FASA_GPU_PDL=1` / `0`). sm_90+ only
+    /// (`griddepcontrol`); elsewhere it stays off.
     pub fn set_pdl(&self, on: bool) {
-        self.pdl.store(on && self.arch.0 >= 9, Ordering::Relaxed);
+        self.pdl.store(if on && self.arch.0 >= 9 { PDL_ON } else { PDL_OFF }, Ordering::Relaxed);
     }
 
+    /// Back to each decoder's own policy (the default without `FASA_GPU_PDL`).
+    pub fn set_pdl_auto(&self) {
+        self.pdl.store(PDL_AUTO, Ordering::Relaxed);
+    }
+
+    /// Whether PDL is forced on (`Some(true)`) or off, or left to the decoders (`None`).
+    pub fn pdl_forced(&self) -> Option<bool> {
+        match self.pdl.load(Ordering::Relaxed) {
+            PDL_ON => Some(true),
+            PDL_OFF => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Whether a launch made now on this thread uses PDL.
     pub fn pdl(&self) -> bool {
-        self.pdl.load(Ordering::Relaxed)
+        self.arch.0 >= 9 && self.pdl_forced().or_else(|| STEP_PDL.with(Cell::get)).unwrap_or(false)
     }
 }
 

@@ -18,7 +18,7 @@ pub mod tip;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
@@ -157,7 +157,8 @@ pub(crate) struct Funcs {
     pub select_filter: [CudaFunction; 2],
     pub select_refine: CudaFunction,
     pub rerank_mass: CudaFunction,
-    pub fac_combine: CudaFunction,
+    /// The split merge, walkers loading 1 or 8 splits at a time (`fac_combine`, `fac_combine8`).
+    pub fac_combine: [CudaFunction; 2],
     pub fill_random_f32: CudaFunction,
     pub copy_u4: CudaFunction,
     /// Per dtype: append, tip, rerank_scores, fill_random.
@@ -257,8 +258,8 @@ pub struct Gpu {
     #[allow(dead_code)]
     module: Arc<CudaModule>,
     pub(crate) f: Funcs,
-    /// Programmatic dependent launch of the decode kernels ([`Gpu::set_pdl`]).
-    pdl: AtomicBool,
+    /// Programmatic dependent launch forced on or off, or left to each decoder (`launch::PDL_*`).
+    pdl: AtomicU8,
 }
 
 /// Whether the driver and NVRTC libraries can be loaded (checked before any cudarc call).
@@ -385,7 +386,7 @@ impl Gpu {
             select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
             select_refine: get("select_refine")?,
             rerank_mass: get("rerank_mass")?,
-            fac_combine: get("fac_combine")?,
+            fac_combine: [get("fac_combine")?, get("fac_combine8")?],
             fill_random_f32: get("fill_random_f32")?,
             copy_u4: get("copy_u4")?,
             typed: [typed(Dtype::F16)?, typed(Dtype::Bf16)?],
@@ -398,9 +399,13 @@ impl Gpu {
             tip8p: [tip8p(Dtype::F16)?, tip8p(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
-        // PDL (sm_90+) only with FASA_GPU_PDL=1 (launch.rs: it made batch-1 steps slower).
-        let pdl = arch.0 >= 9 && std::env::var("FASA_GPU_PDL").is_ok_and(|v| v == "1");
-        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f, pdl: AtomicBool::new(pdl) }))
+        // PDL per decoder (launch.rs), unless FASA_GPU_PDL=1 / 0 forces it.
+        let pdl = match std::env::var("FASA_GPU_PDL").as_deref() {
+            Ok("1") if arch.0 >= 9 => launch::PDL_ON,
+            Ok("1" | "0") => launch::PDL_OFF,
+            _ => launch::PDL_AUTO,
+        };
+        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f, pdl: AtomicU8::new(pdl) }))
     }
 
     /// Device 0, or None (logged once) when there is no usable GPU: callers run the CPU path.
