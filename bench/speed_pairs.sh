@@ -26,7 +26,8 @@ command -v /usr/bin/time >/dev/null || { echo "speed_pairs.sh: needs /usr/bin/ti
 bash scripts/setup >&2
 # CPU seconds the whole machine was busy (/proc/stat, all CPUs) while a run lasted, beside the run's
 # own (/usr/bin/time): the difference is what other processes took, the noise a pair has to survive.
-busy() { awk '/^cpu /{print ($2+$3+$4+$7+$8+$9)/100}' /proc/stat; }
+hz=$(getconf CLK_TCK)
+busy() { awk -v hz="$hz" '/^cpu /{print ($2+$3+$4+$7+$8+$9)/hz}' /proc/stat; }
 timed() { # name, command...
   local name=$1 b0 b1; shift
   b0=$(busy)
