@@ -13,6 +13,10 @@
 //! `FASA_BENCH_SHAPES=16x32768,1x131072` keeps only those (batch × L) shapes and
 //! `FASA_BENCH_MODES=dense_inhouse,fasa_paper_group_int8` only those rows (profiling).
 //! `FASA_BENCH_BATCHES=1,4,16` sets the batch sizes (default 1 and 16).
+//! `FASA_BENCH_FACROWS=0,128,256` also times FASA rows with FAC blocks of those rows (0 = the
+//! decoder's split; variant suffix `r<rows>`). A FASA row's `before:` is the decoder's default
+//! before GPU run 17 (`fac::split` at every batch); a dense row's, before run 16 (no PDL, the
+//! 1-split combine).
 //! Every row also times its fastest variant with programmatic dependent launch on and off
 //! (`pdl:` / `nopdl:`, whatever the decoder's policy; the row's time is the policy's), in turn,
 //! twice each, the faster of each pair (`FASA_GPU_PDL=0/1` forces it for all launches, so both
@@ -23,7 +27,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
 use fasa_kernels::cpu::FcMoments;
-use fasa_kernels::gpu::{decode::capture, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuKvCache};
+use fasa_kernels::gpu::{decode::capture, fac, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuKvCache};
 
 /// Bytes per token and group of 8 FCs that int8 TIP reads: 16 B of pairs plus 8 f32 scales per
 /// 32 tokens (1 B per token).
@@ -65,8 +69,13 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
 
 /// A FASA row's variant: threshold (T/F), combine (f/c), TIP chunks, FAC lean (l/n), then
 /// `s<code>` of the int8 TIP kernel (`gpu::TIP8_PIPES`, 0: unpipelined).
-fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, lean: bool, pipe: usize) -> String {
-    format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" }, pipe)
+/// `fr`: FAC rows per block (`FasaDecoder::set_fac_rows`; 0 = the decoder's, not shown).
+fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, lean: bool, pipe: usize, fr: usize) -> String {
+    let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" }, pipe);
+    if fr > 0 {
+        l += &format!("r{fr}");
+    }
+    l
 }
 
 fn time_graph(gpu: &Gpu, g: &cudarc::driver::CudaGraph, reps: usize) -> f64 {
@@ -307,11 +316,16 @@ fn main() {
             // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
             // Also the int8 TIP kernels listed in FASA_BENCH_TIP8 (0 = unpipelined, or
             // gpu::TIP8_PIPES codes; default: the decoder's).
-            let mut best = (f64::INFINITY, true, false, 1, false, 0usize);
+            let mut best = (f64::INFINITY, true, false, 1, false, 0usize, 0usize);
             let mut all = Vec::new();
             let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
             let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
-            for &pipe in &pipe_opts {
+            // FASA_BENCH_FACROWS: FAC rows per block to time (0 = the decoder's, the default).
+            let fr_opts = nums("FASA_BENCH_FACROWS").unwrap_or_else(|| vec![0]);
+            for (fr, pipe) in fr_opts.iter().flat_map(|&fr| pipe_opts.iter().map(move |&p| (fr, p))) {
+                if decs.iter_mut().any(|d| d.set_fac_rows(fr).is_err()) {
+                    continue;
+                }
                 for (d, c) in decs.iter_mut().zip(&caches) {
                     d.set_tip8_pipe(&gpu, c, pipe).unwrap();
                 }
@@ -350,23 +364,24 @@ fn main() {
                         })
                         .unwrap();
                         let ms = time_graph(&gpu, &g, 20) / layers as f64;
-                        let label = vlabel(thr_in_tip, fused, ch, lean, pipe);
+                        let label = vlabel(thr_in_tip, fused, ch, lean, pipe, fr);
                         all.push(format!("{label}:{:.1}", ms * 1e3));
                         if ms < best.0 {
-                            best = (ms, thr_in_tip, fused, ch, lean, pipe);
+                            best = (ms, thr_in_tip, fused, ch, lean, pipe, fr);
                         }
                     }
                 }
             }
-            let (ms, thr_in_tip, fused, ch, lean, pipe) = best;
+            let (ms, thr_in_tip, fused, ch, lean, pipe, fr) = best;
             for (d, c) in decs.iter_mut().zip(&caches) {
                 d.set_tip8_pipe(&gpu, c, pipe).unwrap();
                 d.thr_in_tip = thr_in_tip;
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
                 d.fac_lean = lean;
+                d.set_fac_rows(fr).unwrap();
             }
-            let variant = vlabel(thr_in_tip, fused, ch, lean, pipe);
+            let variant = vlabel(thr_in_tip, fused, ch, lean, pipe, fr);
             let (on, off) = pdl_both(&mut decs, |decs| {
                 let g = capture(&gpu, || {
                     for (d, c) in decs.iter_mut().zip(&caches) {
@@ -378,12 +393,10 @@ fn main() {
                 time_graph(&gpu, &g, 20) / layers as f64 * 1e3
             });
             all.push(format!("pdl:{on:.1} nopdl:{off:.1}"));
-            // The decoder's default before GPU run 16 (no PDL, the 1-split combine), same variant.
-            let was = decs[0].pdl;
-            decs.iter_mut().for_each(|d| {
-                d.pdl = false;
-                d.combine8 = Some(false);
-            });
+            // The decoder's default before GPU run 17 (FAC split by fac::split everywhere), same
+            // variant otherwise.
+            let old_rows = fac::split(s.budget.min(s.len), s.batch * decs[0].dims().n_sel as usize, gpu.sm_count).0;
+            decs.iter_mut().for_each(|d| d.set_fac_rows(old_rows).unwrap());
             let g = capture(&gpu, || {
                 for (d, c) in decs.iter_mut().zip(&caches) {
                     d.step(&gpu, c, &q, &lens, &mut out)?;
@@ -392,10 +405,7 @@ fn main() {
             })
             .unwrap();
             all.push(format!("before:{:.1}", time_graph(&gpu, &g, 20) / layers as f64 * 1e3));
-            decs.iter_mut().for_each(|d| {
-                d.pdl = was;
-                d.combine8 = None;
-            });
+            decs.iter_mut().for_each(|d| d.set_fac_rows(fr).unwrap());
             // The row: the decoder's default (fastest variant, PDL by its policy), the fastest of
             // its three timings (the first of a series ran up to 8 % slow in GPU run 16).
             let ms = ms.min((if decs[0].pdl { on } else { off }) * 1e-3);

@@ -411,6 +411,25 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.tip_chunks = chunks0;
     dec.fac_lean = lean0;
     dec.tip8_pipe = st0;
+    // FAC in blocks of 32, 96 and 256 rows (one or several iterations per warp, 2 to 8
+    // splits), the combine fused once: the same selection, so the output within 1e-5 (rows
+    // summed in another order).
+    for (rows, fused) in [(32, false), (96, true), (256, false)] {
+        dec.fused_combine = fused;
+        if dec.set_fac_rows(rows).is_err() {
+            continue; // more splits than the partials hold at this shape
+        }
+        let mut o4 = st.clone_htod(&nan_out)?;
+        dec.step(g, &cache, &q, &lens_d, &mut o4)?;
+        let o4_h = st.clone_dtoh(&o4)?;
+        let sel4 = st.clone_dtoh(&dec.sel)?;
+        variants_same &= match near_tie_swaps(&sel_h, &sel4, &scores_h, cache.l_max, &c.lens, c.budget) {
+            Some(0) => nerr(&o4_h, &out_h) <= 1e-5,
+            _ => false,
+        };
+    }
+    dec.fused_combine = false;
+    dec.set_fac_rows(0)?;
     // Dense (the other FAC kernel variant must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;

@@ -119,7 +119,10 @@ pub struct FasaDecoder {
     xml: CudaSlice<f32>,
     po: CudaSlice<f32>,
     pml: CudaSlice<f32>,
+    /// FAC (rows per block, blocks per selection) of the steps, and the decoder's own choice
+    /// ([`FasaDecoder::set_fac_rows`] with 0 returns to it).
     fac_split: (usize, usize),
+    fac_split_auto: (usize, usize),
     dense_split: (usize, usize),
 }
 
@@ -160,7 +163,15 @@ impl FasaDecoder {
         dense_dims.n_sel = cache.n_kv as i32;
         dense_dims.budget = cache.l_max as i32;
         let segs = cache.batch * n_sel;
-        let fac_split = fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count);
+        // FAC split: one wave of resident blocks where the lean kernels run (fac::split_wave),
+        // else about 8 blocks per SM (fac::split).
+        let fac_lean = segs >= 64;
+        let fac_split = if fac_lean {
+            let per_sm = gpu.fac_blocks_per_sm(cache.dtype, hps, true)? as usize;
+            fac::split_wave(cfg.budget.min(cache.l_max), segs, gpu.sm_count, per_sm)
+        } else {
+            fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count)
+        };
         let dense_split = fac::split_dense(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count);
         let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
         let st = &gpu.stream;
@@ -188,6 +199,7 @@ impl FasaDecoder {
             po: st.alloc_zeros(part * cache.d)?,
             pml: st.alloc_zeros(part * 2)?,
             fac_split,
+            fac_split_auto: fac_split,
             dense_split,
             thr_in_tip: true,
             // Measured (bench/RESULTS.md, GPU run 5): the separate combine launch beats the fused
@@ -198,12 +210,31 @@ impl FasaDecoder {
             filter_tok: 0,
             combine8: None,
             pdl: segs >= PDL_MIN_SEGS,
-            fac_lean: segs >= 64,
+            fac_lean,
             dense_lean: cache.batch * cache.n_kv * cache.l_max >= 1 << 18,
             cfg: DecodeConfig { rerank, ..cfg },
             dims,
             dense_dims,
         })
+    }
+
+    /// FAC over the selected rows in blocks of `rows` (rounded up to 32, at most FAC_MAX_ROWS;
+    /// 0: the decoder's own choice), within the partial buffers' room.
+    pub fn set_fac_rows(&mut self, rows: usize) -> Result<(), GpuError> {
+        let n_rows = (self.dims.budget as usize).min(self.dims.l_max as usize);
+        let segs = (self.dims.batch * self.dims.n_sel) as usize;
+        let sp = if rows == 0 {
+            self.fac_split_auto
+        } else {
+            let r = rows.next_multiple_of(32).clamp(32, super::FAC_MAX_ROWS);
+            (r, n_rows.div_ceil(r).max(1))
+        };
+        let hps = self.dims.hps as usize;
+        if segs * sp.1 * hps * 2 > self.pml.len() {
+            return Err(GpuError::Shape(format!("fac: {} splits do not fit the partials", sp.1)));
+        }
+        self.fac_split = sp;
+        Ok(())
     }
 
     pub fn dims(&self) -> &Dims {

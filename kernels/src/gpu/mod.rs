@@ -466,6 +466,11 @@ impl Gpu {
         ])
     }
 
+    /// Resident blocks per multiprocessor of the FAC kernel for `hps` heads (`lean`: `facl_h*`).
+    pub fn fac_blocks_per_sm(&self, dt: Dtype, hps: usize, lean: bool) -> Result<u32, GpuError> {
+        Ok(self.f.fac(dt, hps, lean).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?)
+    }
+
     /// Resident blocks per multiprocessor of the pipelined int8 TIP `pipe` ([`TIP8_PIPES`]).
     pub fn tip8p_blocks_per_sm(&self, dt: Dtype, pipe: usize) -> Result<u32, GpuError> {
         let f = self.f.tip8p(dt, pipe).ok_or_else(|| GpuError::Shape(format!("no int8 TIP kernel {pipe}")))?;
