@@ -56,7 +56,7 @@ pub fn knobs(r: &Row) -> String {
     let c = &r.config.clone().for_context(r.context);
     match c.mode {
         Mode::Dense => "—".into(),
-        Mode::Oracle => format!("{}", if c.per_group { "group" } else { "head" }),
+        Mode::Oracle => (if c.per_group { "group" } else { "head" }).to_string(),
         Mode::Streaming => format!("{}+{}", c.sinks, c.recent),
         Mode::Quest => format!("pages 16, {}", if c.per_group { "group" } else { "head" }),
         _ => format!(

@@ -196,7 +196,7 @@ impl Fitter<'_> {
     /// Most sessions (≤ `cap`) of `context` tokens that fit.
     fn max_sessions(&self, r: &Rung, context: usize, cap: usize) -> usize {
         let one = self.need(r, context, 1);
-        let by = |need: u64, avail: u64| if need == 0 { usize::MAX } else { (avail / need).min(usize::MAX as u64) as usize };
+        let by = |need: u64, avail: u64| avail.checked_div(need).map_or(usize::MAX, |q| q.min(usize::MAX as u64) as usize);
         cap.min(by(one.fast, self.avail.fast)).min(by(one.slow, self.avail.slow))
     }
     /// Longest context (≤ `cap`, whole pages below it) for `sessions` sessions; 0 if none.
