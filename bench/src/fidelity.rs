@@ -165,11 +165,7 @@ pub struct Results {
 }
 
 /// Loads the model with enough slots and context for `opts`.
-pub fn load_model(max_context: usize) -> Result<Model> {
-    load_model_with(max_context, Default::default())
-}
-
-pub fn load_model_with(max_context: usize, activations: fasa_engine::Activations) -> Result<Model> {
+pub fn load_model(max_context: usize, activations: fasa_engine::Activations) -> Result<Model> {
     let (m, o) = (fasa_engine::paths::default_model(), fasa_engine::paths::default_ort_library());
     let mut lo = fasa_engine::LoadOptions::new(m, o);
     lo.max_sequences = 3;

@@ -132,14 +132,14 @@ fn main() -> Result<()> {
                 s.config(256).map_err(anyhow::Error::msg)?;
             }
             let max = opts.contexts.iter().chain(&opts.passkey.lengths).copied().max().unwrap_or(1024) + 32;
-            let mut model = fidelity::load_model_with(max, activations).context("loading the model (run scripts/setup)")?;
+            let mut model = fidelity::load_model(max, activations).context("loading the model (run scripts/setup)")?;
             let res = fidelity::run(&mut model, &opts)?;
             let info = RunInfo::now(command, t0.elapsed().as_secs_f64());
             report::write_all(&res, &info, &out, &json, &md, &section, no_plots)?;
             eprintln!("wrote {} and section {section} of {}", out.join(&json).display(), md.display());
         }
         Cmd::Calibrate { text, output, tokens, stride } => {
-            let mut model = fidelity::load_model(tokens + 8)?;
+            let mut model = fidelity::load_model(tokens + 8, Default::default())?;
             let texts = if text.is_empty() { calibrate::default_calibration_texts() } else { read_texts(&text)? };
             let opts = CalibrateOptions { max_tokens: tokens, stride, ..Default::default() };
             let mut last = -1.0;
@@ -154,7 +154,7 @@ fn main() -> Result<()> {
         }
         Cmd::Capture { context, layers, text, profile, dtype, out } => {
             let text = text.unwrap_or_else(|| std::path::Path::new(fasa_engine::calibrate::LICENSE_DIR).join("GPL-3"));
-            let mut model = fidelity::load_model(context)?;
+            let mut model = fidelity::load_model(context, Default::default())?;
             let opts = CaptureOptions { context, layers, text, profile, dtype };
             let bytes = capture::run(&mut model, &opts, &out)?;
             eprintln!("captured layers {:?} at {context} tokens: {} ({:.1} MiB) in {:.1} s", opts.layers, out.display(), bytes as f64 / (1 << 20) as f64, t0.elapsed().as_secs_f64());

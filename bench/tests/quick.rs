@@ -8,7 +8,7 @@ fn quick_harness_is_sane() {
     let mut opts = FidelityOptions::quick();
     // The committed profile when it fits this model, else a small calibration (not saved).
     let committed = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fidelity/profile.json");
-    let mut model = fidelity::load_model(1024 + 64).expect("load the model (run scripts/setup)");
+    let mut model = fidelity::load_model(1024 + 64, Default::default()).expect("load the model (run scripts/setup)");
     let fits = fasa_engine::attention::Profile::load(&committed).is_ok_and(|p| p.check(&model.info().config, &model.info().sha256).is_ok());
     if fits {
         opts.profile = Some(committed);

@@ -185,6 +185,8 @@ pub enum Activations {
 }
 
 impl Activations {
+    pub const ALL: [Activations; 2] = [Activations::F32, Activations::Int8];
+
     fn accuracy_level(self) -> i64 {
         match self {
             Activations::F32 => 0,
@@ -203,11 +205,7 @@ impl Activations {
 impl std::str::FromStr for Activations {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "f32" => Ok(Activations::F32),
-            "int8" => Ok(Activations::Int8),
-            _ => Err(format!("activations must be f32 or int8, not {s:?}")),
-        }
+        Self::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| format!("activations must be f32 or int8, not {s:?}"))
     }
 }
 

@@ -79,33 +79,34 @@ unsafe fn keep_from_avx2(scores: &[f32], lo: u64, lo_f: f32) -> Vec<u64> {
         let mut m = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(x, t)) as u32;
         while m != 0 {
             let j = i + m.trailing_zeros() as usize;
-            let p = pair(scores[j], j);
-            spare[len].write(p);
-            len += usize::from(p >= lo);
+            keep_pair(spare, &mut len, scores[j], j, lo);
             m &= m - 1;
         }
         i += 8;
     }
     for (j, &x) in scores.iter().enumerate().skip(i) {
-        let p = pair(x, j);
-        spare[len].write(p);
-        len += usize::from(p >= lo);
+        keep_pair(spare, &mut len, x, j, lo);
     }
     // SAFETY: the first `len` slots were written (each kept pair before `len` moved past it).
     unsafe { kept.set_len(len) };
     kept
 }
 
-/// Branch-free (every pair is written, the length advances only past kept ones): which scores
-/// pass is data, not a pattern.
+/// Writes score `x`'s pair at `len` and moves `len` past it only when it is kept (`≥ lo`):
+/// branch-free, since which scores pass is data, not a pattern.
+#[inline(always)]
+fn keep_pair(spare: &mut [std::mem::MaybeUninit<u64>], len: &mut usize, x: f32, j: usize, lo: u64) {
+    let p = pair(x, j);
+    spare[*len].write(p);
+    *len += usize::from(p >= lo);
+}
+
 fn keep_from_scalar(scores: &[f32], lo: u64) -> Vec<u64> {
     let mut kept = Vec::with_capacity(scores.len());
     let spare = &mut kept.spare_capacity_mut()[..scores.len()];
     let mut len = 0;
-    for (i, &x) in scores.iter().enumerate() {
-        let p = pair(x, i);
-        spare[len].write(p);
-        len += usize::from(p >= lo);
+    for (j, &x) in scores.iter().enumerate() {
+        keep_pair(spare, &mut len, x, j, lo);
     }
     // SAFETY: the first `len` slots were written (each kept pair before `len` moved past it).
     unsafe { kept.set_len(len) };
@@ -202,6 +203,15 @@ pub fn quest_score(q_fc: &[f32], bounds: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// A seeded LCG of `u32`s for the random cases.
+    fn lcg(seed: u64) -> impl FnMut() -> u32 {
+        let mut st = seed;
+        move || {
+            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (st >> 33) as u32
+        }
+    }
+
     #[test]
     fn top_b_keeps_largest_ascending_with_stable_ties() {
         let s = [0.1, 5.0, -1.0, 5.0, 3.0, f32::NAN, 2.0];
@@ -220,11 +230,7 @@ mod tests {
     /// NaNs, infinities and signed zeros.
     #[test]
     fn top_b_equals_a_full_sort() {
-        let mut st = 11u64;
-        let mut next = || {
-            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (st >> 33) as u32
-        };
+        let mut next = lcg(11);
         for round in 0..200 {
             // Every fourth round long and continuous: many histogram buckets, a crowded boundary.
             let n = 1 + (next() % if round % 4 == 3 { 9000 } else { 300 }) as usize;
@@ -257,11 +263,7 @@ mod tests {
     /// themselves (ties on the key, so the index decides), from NaN, ±0 and ±∞, and at 0.
     #[test]
     fn keep_from_vector_equals_scalar() {
-        let mut st = 5u64;
-        let mut next = || {
-            st = st.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (st >> 33) as u32
-        };
+        let mut next = lcg(5);
         for round in 0..300 {
             let n = (next() % 3000) as usize;
             let s: Vec<f32> = (0..n)
