@@ -380,32 +380,43 @@ __device__ __forceinline__ void tip_chunk(const Dims& D, const TipSrc& S, u32 gm
     }
 }
 
+// Prologue of the summed-score TIP kernels (tip_impl, tip8p_impl), block-wide: chooses the k
+// FCs of selection s's pool and writes the heads' summed q of the chosen FCs into qeff (MAXG·GE
+// floats, slot order, zero elsewhere; visible after the caller's next barrier). Returns the mask
+// of the FC groups holding them.
+__device__ u32 tip_setup(const Dims& D, const float* q, const int* fc_of_slot, const int* pool, const double* mom, int b, int s, int len,
+                         float* qeff) {
+    __shared__ bool chosen[64];
+    int tid = threadIdx.x, h0 = s * D.hps, kvh = kv_of_sel(D, s);
+    const int* fos = fc_of_slot + kvh * D.n_fc;
+    const int* pl = pool + s * D.pool;
+    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[i] = 0.f;
+    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
+    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
+    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen); // (its barriers order the zeroing)
+    if (tid < D.pool && chosen[tid]) {
+        int slot = pl[tid], f = fos[slot];
+        float a = 0.f, c = 0.f;
+        for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
+        qeff[2 * slot] = a;
+        qeff[2 * slot + 1] = c;
+    }
+    return gmask;
+}
+
 template <class T, bool Q8>
 __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                          const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
     pdl_begin();
     __shared__ u32 sh_hist[NBIN];
     __shared__ __align__(16) float qeff[1][MAXG * GE];
-    __shared__ bool chosen[64];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
-    int h0 = s * D.hps, kvh = kv_of_sel(D, s);
-    const int* fos = fc_of_slot + kvh * D.n_fc;
-    const int* pl = pool + s * D.pool;
+    int kvh = kv_of_sel(D, s);
     for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
-    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[0][i] = 0.f;
-    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
-    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
-    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen);
-    if (tid < D.pool && chosen[tid]) {
-        int slot = pl[tid], f = fos[slot];
-        float a = 0.f, c = 0.f;
-        for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
-        qeff[0][2 * slot] = a;
-        qeff[0][2 * slot + 1] = c;
-    }
+    u32 gmask = tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]);
     __syncthreads();
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
@@ -458,27 +469,14 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     __shared__ u32 sh_hist[NBIN];
     __shared__ __align__(16) float qeff[1][MAXG * GE];
     __shared__ __align__(16) float qf[FOLD ? TIP_THREADS / 32 : 1][JU][2][GE]; // per warp: q · scale
-    __shared__ bool chosen[64];
     __shared__ int gl_s[MAXG];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
-    int h0 = s * D.hps, kvh = kv_of_sel(D, s);
-    const int* fos = fc_of_slot + kvh * D.n_fc;
-    const int* pl = pool + s * D.pool;
+    int kvh = kv_of_sel(D, s);
     for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
-    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[0][i] = 0.f;
-    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
-    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
-    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen);
-    if (tid < D.pool && chosen[tid]) {
-        int slot = pl[tid], f = fos[slot];
-        float a = 0.f, c = 0.f;
-        for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
-        qeff[0][2 * slot] = a;
-        qeff[0][2 * slot + 1] = c;
-    }
+    u32 gmask = tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]);
     if (tid == 0) {
         int n = 0;
         for (u32 m = gmask; m; m &= m - 1) gl_s[n++] = __ffs(m) - 1;
@@ -1607,11 +1605,7 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         tip_impl<TY, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk);         \
     }                                                                                                                    \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, false)                                                                               \
-    TIP8P_ENTRY(NAME, TY, 4, 2, 2, false)                                                                               \
-    TIP8P_ENTRY(NAME, TY, 3, 2, 3, false)                                                                               \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, true)                                                                                \
-    TIP8P_ENTRY(NAME, TY, 4, 2, 2, true)                                                                                \
-    TIP8P_ENTRY(NAME, TY, 3, 2, 3, true)                                                                                \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \

@@ -45,8 +45,10 @@ pub const MAX_HPS: usize = 8;
 /// Most selected rows one FAC block handles (`FAC_MAX_ROWS`; dense blocks take any number).
 pub const FAC_MAX_ROWS: usize = 1024;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
-/// The pipelined int8 TIP kernels compiled (`TIP8P_ENTRY` in fasa.cu), as `100·fold + 10·NS + JU`.
-pub const TIP8_PIPES: [usize; 6] = [24, 42, 32, 124, 142, 132];
+/// The pipelined int8 TIP kernels compiled (`TIP8P_ENTRY` in fasa.cu), as `100·fold + 10·NS + JU`:
+/// the default and its unfolded twin (the same bits as `tip8`). GPU run 15 also timed 3 stages of
+/// 2 tokens (32, 132) and 4 of 2 (42, 142), slower at batch 16; no longer compiled.
+pub const TIP8_PIPES: [usize; 2] = [24, 124];
 /// Default int8 TIP kernel ([`tip8_pipe`]): 2 stages of 4 tokens per thread, scales folded into
 /// q (GPU run 15, paper int8 step, Llama shapes: 16 × 128k 310.0 → 277.9 µs, 16 × 32k 134.9 →
 /// 120.7, 1 × 128k 57.5 → 43.8; unfolded 24: 295.4 / 122.0 / 45.9; 3 stages of 2 tokens at 3
@@ -448,7 +450,7 @@ impl Gpu {
 impl Gpu {
     /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for
     /// a group of 4, group-mass tip for 4 and 8 heads, then int8 tip and group-mass tip for 4
-    /// and 8 heads, pipelined int8 tip 24 and 32) for `dt`.
+    /// and 8 heads, pipelined int8 tip 24 and 124) for `dt`.
     pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 11], GpuError> {
         let occ = |f: &CudaFunction, threads: u32| f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None);
         Ok([
@@ -462,7 +464,7 @@ impl Gpu {
             occ(self.f.tip_heads(dt, 4, true), 256)?,
             occ(self.f.tip_heads(dt, 8, true), 256)?,
             self.tip8p_blocks_per_sm(dt, 24)?,
-            self.tip8p_blocks_per_sm(dt, 32)?,
+            self.tip8p_blocks_per_sm(dt, 124)?,
         ])
     }
 
