@@ -265,6 +265,28 @@ fn main() {
             for d in decs.iter_mut() {
                 d.dense_lean = best.1;
             }
+            // FASA_BENCH_DENSEROWS: rows per dense block to time besides the decoder's split
+            // (`r<rows>`); the fastest kept.
+            let mut best_rows = 0;
+            for rows in list("FASA_BENCH_DENSEROWS").unwrap_or_default().iter().filter_map(|x| x.parse::<usize>().ok()) {
+                if decs.iter_mut().any(|d| d.set_dense_rows(rows).is_err()) {
+                    continue;
+                }
+                let g = capture(&gpu, || {
+                    for (d, c) in decs.iter_mut().zip(&caches) {
+                        d.dense(&gpu, c, &q, &lens, &mut out)?;
+                    }
+                    Ok(())
+                })
+                .unwrap();
+                let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                all.push(format!("r{rows}:{:.1}", ms * 1e3));
+                if ms < best.0 {
+                    best.0 = ms;
+                    best_rows = rows;
+                }
+            }
+            decs.iter_mut().for_each(|d| d.set_dense_rows(best_rows).unwrap());
             let pdl_policy = decs[0].pdl;
             let (on, off) = pdl_both(&mut decs, |decs| {
                 let g = capture(&gpu, || {
@@ -296,11 +318,15 @@ fn main() {
             });
             let ms = best.0.min((if decs[0].pdl { on } else { off }) * 1e-3);
             let dense_us = ms * 1e3;
+            let dense_label = match best_rows {
+                0 => (if best.1 { "l" } else { "n" }).to_string(),
+                r => format!("{}r{r}", if best.1 { "l" } else { "n" }),
+            };
             let tbps = dense_bytes / (ms * 1e-3) / 1e12;
             let l = format!(
                 "{},{},{},{},{},{},dense_inhouse,{},{:.2},{},{:.3},{:.2},1.00,1.00,,,{},{}",
                 s.model, s.batch, s.len, s.budget, s.k, n_fc, layers, dense_us, dense_bytes, tbps, tbps * 1e12 / bw,
-                if best.1 { "l" } else { "n" }, all.join(" ")
+                dense_label, all.join(" ")
             );
             println!("{l}");
             lines.push(l);

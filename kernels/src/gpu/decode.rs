@@ -124,6 +124,7 @@ pub struct FasaDecoder {
     fac_split: (usize, usize),
     fac_split_auto: (usize, usize),
     dense_split: (usize, usize),
+    dense_split_auto: (usize, usize),
 }
 
 impl FasaDecoder {
@@ -172,7 +173,9 @@ impl FasaDecoder {
         } else {
             fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count)
         };
-        let dense_split = fac::split_dense(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count);
+        let dense_lean = cache.batch * cache.n_kv * cache.l_max >= 1 << 18;
+        let dense_per_sm = gpu.fac_blocks_per_sm(cache.dtype, group, dense_lean)? as usize;
+        let dense_split = fac::split_dense(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count, dense_per_sm);
         let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
         let st = &gpu.stream;
         let c = rerank.max(1);
@@ -201,6 +204,7 @@ impl FasaDecoder {
             fac_split,
             fac_split_auto: fac_split,
             dense_split,
+            dense_split_auto: dense_split,
             thr_in_tip: true,
             // Measured (bench/RESULTS.md, GPU run 5): the separate combine launch beats the fused
             // last-block merge at every shape (77 → 34 µs at 8k, batch 1, B = 1024).
@@ -211,7 +215,7 @@ impl FasaDecoder {
             combine8: None,
             pdl: segs >= PDL_MIN_SEGS,
             fac_lean,
-            dense_lean: cache.batch * cache.n_kv * cache.l_max >= 1 << 18,
+            dense_lean,
             cfg: DecodeConfig { rerank, ..cfg },
             dims,
             dense_dims,
@@ -234,6 +238,25 @@ impl FasaDecoder {
             return Err(GpuError::Shape(format!("fac: {} splits do not fit the partials", sp.1)));
         }
         self.fac_split = sp;
+        Ok(())
+    }
+
+    /// Dense attention in blocks of `rows` cached rows (rounded up to 64; 0: the decoder's own
+    /// choice, `fac::split_dense`), within the partial buffers' room (benchmarks).
+    pub fn set_dense_rows(&mut self, rows: usize) -> Result<(), GpuError> {
+        let l_max = self.dims.l_max as usize;
+        let sp = match rows {
+            0 => self.dense_split_auto,
+            r => {
+                let r = r.next_multiple_of(64);
+                (r, l_max.div_ceil(r).max(1))
+            }
+        };
+        let n = (self.dense_dims.batch * self.dense_dims.n_sel * self.dense_dims.hps) as usize * sp.1;
+        if n * 2 > self.pml.len() {
+            return Err(GpuError::Shape(format!("dense: {} splits do not fit the partials", sp.1)));
+        }
+        self.dense_split = sp;
         Ok(())
     }
 
