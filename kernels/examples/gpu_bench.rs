@@ -116,6 +116,25 @@ fn pdl_both(decs: &mut [FasaDecoder], mut f: impl FnMut(&mut [FasaDecoder]) -> f
     (on, off)
 }
 
+/// Milliseconds per layer of `op` on every (decoder, cache) pair, captured as one graph and
+/// replayed.
+fn graph_ms(
+    gpu: &Gpu,
+    decs: &mut [FasaDecoder],
+    caches: &[GpuKvCache],
+    layers: usize,
+    mut op: impl FnMut(&mut FasaDecoder, &GpuKvCache) -> Result<(), fasa_kernels::gpu::GpuError>,
+) -> f64 {
+    let g = capture(gpu, || {
+        for (d, c) in decs.iter_mut().zip(caches) {
+            op(d, c)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    time_graph(gpu, &g, 20) / layers as f64
+}
+
 /// Device copy bandwidth (bytes read + written per second): through a copy kernel (the SM path
 /// attention uses) and through a memcpy node (copy engines), both in graphs.
 fn copy_bandwidth(gpu: &Gpu) -> (f64, f64) {
@@ -249,14 +268,7 @@ fn main() {
                 for d in decs.iter_mut() {
                     d.dense_lean = lean;
                 }
-                let g = capture(&gpu, || {
-                    for (d, c) in decs.iter_mut().zip(&caches) {
-                        d.dense(&gpu, c, &q, &lens, &mut out)?;
-                    }
-                    Ok(())
-                })
-                .unwrap();
-                let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.dense(&gpu, c, &q, &lens, &mut out));
                 all.push(format!("{}:{:.1}", if lean { "l" } else { "n" }, ms * 1e3));
                 if ms < best.0 {
                     best = (ms, lean);
@@ -272,14 +284,7 @@ fn main() {
                 if decs.iter_mut().any(|d| d.set_dense_rows(rows).is_err()) {
                     continue;
                 }
-                let g = capture(&gpu, || {
-                    for (d, c) in decs.iter_mut().zip(&caches) {
-                        d.dense(&gpu, c, &q, &lens, &mut out)?;
-                    }
-                    Ok(())
-                })
-                .unwrap();
-                let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.dense(&gpu, c, &q, &lens, &mut out));
                 all.push(format!("r{rows}:{:.1}", ms * 1e3));
                 if ms < best.0 {
                     best.0 = ms;
@@ -289,14 +294,7 @@ fn main() {
             decs.iter_mut().for_each(|d| d.set_dense_rows(best_rows).unwrap());
             let pdl_policy = decs[0].pdl;
             let (on, off) = pdl_both(&mut decs, |decs| {
-                let g = capture(&gpu, || {
-                    for (d, c) in decs.iter_mut().zip(&caches) {
-                        d.dense(&gpu, c, &q, &lens, &mut out)?;
-                    }
-                    Ok(())
-                })
-                .unwrap();
-                time_graph(&gpu, &g, 20) / layers as f64 * 1e3
+                graph_ms(&gpu, decs, &caches, layers, |d, c| d.dense(&gpu, c, &q, &lens, &mut out)) * 1e3
             });
             all.push(format!("pdl:{on:.1} nopdl:{off:.1}"));
             // Before GPU run 16: no PDL, the 1-split combine.
@@ -304,14 +302,7 @@ fn main() {
                 d.pdl = false;
                 d.combine8 = Some(false);
             });
-            let g = capture(&gpu, || {
-                for (d, c) in decs.iter_mut().zip(&caches) {
-                    d.dense(&gpu, c, &q, &lens, &mut out)?;
-                }
-                Ok(())
-            })
-            .unwrap();
-            all.push(format!("before:{:.1}", time_graph(&gpu, &g, 20) / layers as f64 * 1e3));
+            all.push(format!("before:{:.1}", graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.dense(&gpu, c, &q, &lens, &mut out)) * 1e3));
             decs.iter_mut().for_each(|d| {
                 d.pdl = pdl_policy;
                 d.combine8 = None;
@@ -382,14 +373,7 @@ fn main() {
                             d.tip_chunks = ch;
                             d.fac_lean = lean;
                         }
-                        let g = capture(&gpu, || {
-                            for (d, c) in decs.iter_mut().zip(&caches) {
-                                d.step(&gpu, c, &q, &lens, &mut out)?;
-                            }
-                            Ok(())
-                        })
-                        .unwrap();
-                        let ms = time_graph(&gpu, &g, 20) / layers as f64;
+                        let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
                         let label = vlabel(thr_in_tip, fused, ch, lean, pipe, fr);
                         all.push(format!("{label}:{:.1}", ms * 1e3));
                         if ms < best.0 {
@@ -409,49 +393,21 @@ fn main() {
             }
             let variant = vlabel(thr_in_tip, fused, ch, lean, pipe, fr);
             let (on, off) = pdl_both(&mut decs, |decs| {
-                let g = capture(&gpu, || {
-                    for (d, c) in decs.iter_mut().zip(&caches) {
-                        d.step(&gpu, c, &q, &lens, &mut out)?;
-                    }
-                    Ok(())
-                })
-                .unwrap();
-                time_graph(&gpu, &g, 20) / layers as f64 * 1e3
+                graph_ms(&gpu, decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out)) * 1e3
             });
             all.push(format!("pdl:{on:.1} nopdl:{off:.1}"));
             // The decoder's default before GPU run 17 (FAC split by fac::split everywhere), same
             // variant otherwise.
             let old_rows = fac::split(s.budget.min(s.len), s.batch * decs[0].dims().n_sel as usize, gpu.sm_count).0;
             decs.iter_mut().for_each(|d| d.set_fac_rows(old_rows).unwrap());
-            let g = capture(&gpu, || {
-                for (d, c) in decs.iter_mut().zip(&caches) {
-                    d.step(&gpu, c, &q, &lens, &mut out)?;
-                }
-                Ok(())
-            })
-            .unwrap();
-            all.push(format!("before:{:.1}", time_graph(&gpu, &g, 20) / layers as f64 * 1e3));
+            all.push(format!("before:{:.1}", graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out)) * 1e3));
             decs.iter_mut().for_each(|d| d.set_fac_rows(fr).unwrap());
             // The row: the decoder's default (fastest variant, PDL by its policy), the fastest of
             // its three timings (the first of a series ran up to 8 % slow in GPU run 16).
             let ms = ms.min((if decs[0].pdl { on } else { off }) * 1e-3);
             // Stages: TIP alone, TIP + select; FAC is the rest.
-            let g = capture(&gpu, || {
-                for (d, c) in decs.iter_mut().zip(&caches) {
-                    d.tip_only(&gpu, c, &q, &lens)?;
-                }
-                Ok(())
-            })
-            .unwrap();
-            let tip_us = time_graph(&gpu, &g, 20) / layers as f64 * 1e3;
-            let g = capture(&gpu, || {
-                for (d, c) in decs.iter_mut().zip(&caches) {
-                    d.select(&gpu, c, &q, &lens)?;
-                }
-                Ok(())
-            })
-            .unwrap();
-            let select_us = time_graph(&gpu, &g, 20) / layers as f64 * 1e3;
+            let tip_us = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.tip_only(&gpu, c, &q, &lens)) * 1e3;
+            let select_us = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.select(&gpu, c, &q, &lens)) * 1e3;
             // Bytes the method must read: the FC groups holding the pool's chosen FCs of every
             // token (16-bit: 32 B per token and group; int8: 16 B and one f32 scale per FC and
             // block of 32 tokens, 17 B; the partial last block's 16-bit groups not counted), plus
