@@ -11,13 +11,14 @@ use super::launch::pdl_scope;
 use super::{fac, rerank, select, tip, Dims, Gpu, GpuError, GpuKvCache, NBIN};
 
 /// Selections per step (batch · n_sel) from which a decoder launches with programmatic dependent
-/// launch by default ([`FasaDecoder::pdl`]). GPU run 16 (Llama-3-8B shapes, 8 selections per
-/// sequence; on and off timed in turn, two calls): batch 1 (8 selections) PDL cost 1.7–3.2 µs on
-/// the paper steps at 32k and 6.3–7.4 µs on the default int8 step; batch 4 (32) within ±1.5 µs,
-/// the sign flipping between calls; batch 16 (128) it gained 0.5–1.6 µs at 32k in every mode, and
-/// 0.4–17.6 µs on the paper int8 step at 128k. So off at batch 1 and on from batch 4 of those
-/// shapes (32 selections), where it costs nothing measurable.
-pub const PDL_MIN_SEGS: usize = 32;
+/// launch by default ([`FasaDecoder::pdl`]): every step. GPU run 16 had it off below 32
+/// selections, when each kernel let the next one launch from its start (batch 1: PDL cost 1.7–3.2
+/// µs on the paper steps at 32k). Since run 18 the next kernel launches once this one's blocks
+/// have exited (`pdl_begin` in common.cuh), and PDL gained in every mode at batch 1 (Llama-3-8B
+/// shapes, on and off in turn, same call: paper int8 28.8 → 28.2 µs at 32k and 41.6 → 40.9 at
+/// 128k, dense 58.9 → 58.4 and 198.3 → 198.0, default int8 56.7 → 56.1 and 132.1 → 131.6), and
+/// was as fast or faster at batch 16.
+pub const PDL_MIN_SEGS: usize = 1;
 
 /// The operator's mode, as `AttnConfig` on the CPU (engine): every knob of the default `fasa`
 /// mode and of the paper's recipe.

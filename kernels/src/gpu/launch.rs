@@ -1,13 +1,14 @@
 //! Kernel launches of the decode chain (TIP → select → FAC → combine), optionally with Hopper's
-//! programmatic dependent launch (PDL): a launch may start while the kernel before it in the
-//! stream still runs, so its blocks are placed and waiting when that one ends. Every kernel
-//! launched here begins with `pdl_begin()` (fasa.cu): `griddepcontrol.wait` before it touches
-//! global memory, so it sees everything the kernel before it wrote, whatever that kernel was.
+//! programmatic dependent launch (PDL): a launch may start before the kernel before it in the
+//! stream has completed (once that one's blocks have exited), so its launch overlaps that one's
+//! tail. Every kernel launched here begins with `pdl_begin()` (common.cuh): `griddepcontrol.wait`
+//! before it touches global memory, so it sees everything the kernel before it wrote, whatever
+//! that kernel was.
 //! cudarc's own builder has no launch attributes, hence this one; it takes the same `arg` calls.
-//! Measured (GPU runs 12 and 16, steps replayed as CUDA graphs): faster at batch 16 of Llama
-//! shapes, slower at batch 1, so it is a per-step policy: each decoder decides for its shape
-//! (`FasaDecoder::pdl`, on from [`super::decode::PDL_MIN_SEGS`] selections per step) and runs its
-//! launches inside [`pdl_scope`]; `FASA_GPU_PDL=0/1` or [`Gpu::set_pdl`] force it for every launch.
+//! It is a per-step policy: each decoder decides for its shape (`FasaDecoder::pdl`, on from
+//! [`super::decode::PDL_MIN_SEGS`] selections per step: since GPU run 18 every step, faster at
+//! batch 1 and 16 of Llama shapes in graphs) and runs its launches inside [`pdl_scope`];
+//! `FASA_GPU_PDL=0/1` or [`Gpu::set_pdl`] force it for every launch.
 //! Launches outside a scope (single ops) go without it unless forced.
 use std::cell::Cell;
 use std::ffi::c_void;
