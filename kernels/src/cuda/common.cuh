@@ -72,10 +72,10 @@ __device__ __forceinline__ void unpack8_i8(u32 a, u32 b, float* f) {
 // its writes are visible. The next kernel may launch once every block of this one has exited
 // (the implicit trigger), so its launch overlaps this one's tail and completion. An explicit
 // trigger at the start (griddepcontrol.launch_dependents: the next kernel's blocks placed early,
-// waiting here) was GPU runs 12–17's choice; it cost 0.6–3.8 µs at batch 1 (paper int8 step,
-// 1 × 32k: 31.6 vs 28.6 without PDL; with the implicit trigger 27.8), and the implicit one is
-// as fast or faster at batch 16 (16 × 128k 261.3 vs 264.2 µs; GPU run 18, same call). Without
-// the launch attribute it is a no-op.
+// waiting here) was GPU runs 12–17's choice; with it PDL cost 1.2–3.0 µs at batch 1 (paper int8
+// step: 31.6 vs 28.6 µs without PDL at 1 × 32k, 42.6 vs 41.4 at 1 × 128k; with the implicit
+// trigger 27.8 and 40.9), and the implicit one is as fast or faster at batch 16 (16 × 128k 261.3
+// vs 264.2 µs; GPU run 18, same call). Without the launch attribute it is a no-op.
 __device__ __forceinline__ void pdl_begin() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
