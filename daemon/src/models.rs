@@ -84,7 +84,14 @@ pub fn saved_profile(state_dir: &Path, info: &ModelInfo) -> Option<Profile> {
     }
     match Profile::load(&path) {
         Ok(p) => match p.check(&info.config, &info.sha256) {
-            Ok(()) => Some(p),
+            Ok(()) => {
+                // A ranking from the other activations is used as it is (the FC ranks come from
+                // attention, which the matmul rounding barely moves); said once, for provenance.
+                if let Some(a) = p.activations.filter(|&a| a != info.activations) {
+                    log::info!("the profile {} was calibrated with {} activations; the model runs {}", path.display(), a.as_str(), info.activations.as_str());
+                }
+                Some(p)
+            }
             Err(why) => {
                 log::warn!("ignoring the profile {}: {why}; calibrate again (`fasactl calibrate`)", path.display());
                 None

@@ -172,7 +172,9 @@ pub fn calibrate(model: &mut Model, texts: &[(String, String)], opts: &Calibrate
     let rec = model.set_recorder(slot, None).ok_or_else(|| EngineError::Runtime("the CA recorder vanished from its slot".into()))?;
     drop(lease);
     progress(1.0);
-    Ok(profile_from(&rec, &c, &model.info().sha256, opts.ca_k, sources))
+    let mut p = profile_from(&rec, &c, &model.info().sha256, opts.ca_k, sources);
+    p.activations = Some(model.info().activations);
+    Ok(p)
 }
 
 /// Ranks the FCs of every (layer, head) by mean CA at `ca_k` (or the largest measured K below
@@ -215,6 +217,7 @@ pub fn profile_from(rec: &CaRecorder, c: &crate::ModelConfig, model_sha256: &str
         sources,
         layers,
         uncalibrated: rank_ki.is_none(),
+        activations: None, // (calibrate records the model's)
     }
 }
 

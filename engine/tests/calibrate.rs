@@ -32,6 +32,7 @@ fn top_fcs_are_stable_across_disjoint_texts() {
     for p in [&a, &b] {
         p.check(&info.config, &info.sha256).unwrap();
         assert!(!p.uncalibrated);
+        assert_eq!(p.activations, Some(info.activations), "the profile records the activations it was made under");
         assert_eq!((p.ca_k, p.k_values.clone(), p.queries), (64, vec![32, 64], 48));
         assert_eq!(p.sources.len(), 1);
         let h = &p.layers[3].kv_heads[0];
@@ -46,4 +47,11 @@ fn top_fcs_are_stable_across_disjoint_texts() {
     let path = dir.path().join("profile.json");
     a.save(&path).unwrap();
     assert_eq!(Profile::load(&path).unwrap(), a);
+    // A profile saved before the field existed reads as "not recorded".
+    let mut old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(old.as_object_mut().unwrap().remove("activations").is_some());
+    std::fs::write(&path, old.to_string()).unwrap();
+    let p = Profile::load(&path).unwrap();
+    assert_eq!(p.activations, None);
+    assert_eq!(Profile { activations: a.activations, ..p }, a);
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{EngineError, ModelConfig, Result, RopeLayout};
+use crate::{Activations, EngineError, ModelConfig, Result, RopeLayout};
 
 pub const SCHEMA: u32 = 1;
 
@@ -57,6 +57,10 @@ pub struct Profile {
     /// True for the built-in ranking used before any calibration.
     #[serde(default)]
     pub uncalibrated: bool,
+    /// How the weight matmuls took their activations while the profile was calibrated (`None`:
+    /// not recorded, profiles from before 2026-11-30, and the heuristic ranking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activations: Option<Activations>,
 }
 
 impl Profile {
@@ -77,6 +81,7 @@ impl Profile {
             sources: vec![],
             layers: vec![layer; c.n_layers],
             uncalibrated: true,
+            activations: None,
         }
     }
 

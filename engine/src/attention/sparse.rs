@@ -391,6 +391,7 @@ mod tests {
             sources: vec![],
             layers: vec![LayerProfile { kv_heads: vec![h.clone()], q_heads: vec![h] }],
             uncalibrated: false,
+            activations: None,
         }
     }
 

@@ -78,6 +78,7 @@ fn geometric_profile(s: &Shapes) -> Profile {
         sources: vec![],
         layers: vec![LayerProfile { kv_heads: vec![head.clone(); s.n_kv_heads], q_heads: vec![head; s.n_heads] }; s.n_layers],
         uncalibrated: false,
+        activations: None,
     }
 }
 
