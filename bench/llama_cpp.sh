@@ -2,7 +2,8 @@
 # Baseline for our figures: llama.cpp's llama-bench on the default model, CPU only.
 #   bench/llama_cpp.sh [OUT.json [more llama-bench args...]]
 # Env: FASA_BENCH_THREADS (2), FASA_BENCH_DEPTHS (0,2048,8000), FASA_BENCH_REPS (3),
-# FASA_BENCH_PROMPT (512; 0 = decode only).
+# FASA_BENCH_PROMPT (512; 0 = decode only), FASA_BENCH_NO_SETUP (1: skip scripts/setup, for
+# callers that ran it already).
 # The JSON goes to OUT.json, or to stdout; progress goes to stderr. llama.cpp is built once per
 # version into <cache>/llama.cpp/<version>/ from the source that the PyPI sdist of llama-cpp-python
 # vendors (vendor/llama.cpp): the package registries are all this project may reach.
@@ -19,7 +20,7 @@ extra=("${@:2}")
 if [[ -n "${FASA_CACHE_DIR:-}" ]]; then cache="$FASA_CACHE_DIR"
 elif [[ -n "${XDG_CACHE_HOME:-}" ]]; then cache="$XDG_CACHE_HOME/fasa"
 else cache="${HOME:-}/.cache/fasa"; fi
-bash scripts/setup >&2
+[[ "${FASA_BENCH_NO_SETUP:-0}" == 1 ]] || bash scripts/setup >&2
 model="${FASA_MODEL:-$cache/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 
 dir="$cache/llama.cpp/$LLAMA_CPP_PYTHON"

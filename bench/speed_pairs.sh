@@ -35,7 +35,7 @@ timed() { # name, command...
   b1=$(busy)
   echo "$b0 $b1" >>"$out/$name.time"
 }
-llama() { FASA_BENCH_THREADS="$threads" FASA_BENCH_DEPTHS="$depth" FASA_BENCH_PROMPT=0 FASA_BENCH_REPS=1 timed "llama-$1" bash bench/llama_cpp.sh "$out/llama-$1.json" 2>/dev/null; }
+llama() { FASA_BENCH_NO_SETUP=1 FASA_BENCH_THREADS="$threads" FASA_BENCH_DEPTHS="$depth" FASA_BENCH_PROMPT=0 FASA_BENCH_REPS=1 timed "llama-$1" bash bench/llama_cpp.sh "$out/llama-$1.json" 2>/dev/null; }
 ours() { timed "fasa-$1" sh -c 'exec "$@" >"$0"' "$out/fasa-$1.jsonl" target/release/speed --threads "$threads" --depth "$depth" --modes "$modes"; }
 for ((i = 1; i <= pairs; i++)); do
   if ((i % 2)); then llama "$i"; ours "$i"; else ours "$i"; llama "$i"; fi
