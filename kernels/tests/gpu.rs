@@ -863,7 +863,7 @@ fn ties_case(len: usize) {
 }
 
 #[test]
-#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs libnvrtc, no GPU: scripts/test runs it again with the NVRTC of scripts/setup --nvrtc")]
 fn nvrtc_compiles_for_orin_and_hopper() {
     // Needs only libnvrtc (no GPU): both targets compile.
     fasa_kernels::gpu::libraries_present().ok();
