@@ -212,6 +212,11 @@ mod tests {
         }
     }
 
+    /// The special scores the random cases mix in: NaN, +∞, −∞, −0, +0 for `k` 0..5, else `None`.
+    fn special(k: u32) -> Option<f32> {
+        [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 0.0].get(k as usize).copied()
+    }
+
     #[test]
     fn top_b_keeps_largest_ascending_with_stable_ties() {
         let s = [0.1, 5.0, -1.0, 5.0, 3.0, f32::NAN, 2.0];
@@ -235,14 +240,10 @@ mod tests {
             // Every fourth round long and continuous: many histogram buckets, a crowded boundary.
             let n = 1 + (next() % if round % 4 == 3 { 9000 } else { 300 }) as usize;
             let s: Vec<f32> = (0..n)
-                .map(|_| match next() % 10 {
-                    0 => f32::NAN,
-                    1 => f32::INFINITY,
-                    2 => f32::NEG_INFINITY,
-                    3 => -0.0,
-                    4 => 0.0,
-                    _ if round % 4 == 3 => ((next() % 100_000) as f32 * 1e-5).exp2() * 1e-4,
-                    _ => (next() % 7) as f32 - 3.0 + if round % 2 == 0 { 0.0 } else { (next() % 1000) as f32 / 1000.0 },
+                .map(|_| match special(next() % 10) {
+                    Some(x) => x,
+                    None if round % 4 == 3 => ((next() % 100_000) as f32 * 1e-5).exp2() * 1e-4,
+                    None => (next() % 7) as f32 - 3.0 + if round % 2 == 0 { 0.0 } else { (next() % 1000) as f32 / 1000.0 },
                 })
                 .collect();
             let b = (next() as usize) % (n + 2);
@@ -267,13 +268,9 @@ mod tests {
         for round in 0..300 {
             let n = (next() % 3000) as usize;
             let s: Vec<f32> = (0..n)
-                .map(|_| match next() % 12 {
-                    0 => f32::NAN,
-                    1 => f32::INFINITY,
-                    2 => f32::NEG_INFINITY,
-                    3 => -0.0,
-                    4 => 0.0,
-                    _ => (next() % 9) as f32 - 4.0 + if round % 2 == 0 { 0.0 } else { (next() % 1000) as f32 / 997.0 },
+                .map(|_| match special(next() % 12) {
+                    Some(x) => x,
+                    None => (next() % 9) as f32 - 4.0 + if round % 2 == 0 { 0.0 } else { (next() % 1000) as f32 / 997.0 },
                 })
                 .collect();
             let mut bounds = vec![0, u64::MAX, pair(f32::NAN, 0), pair(0.0, 7), pair(-0.0, 0), pair(f32::INFINITY, 3), pair(f32::NEG_INFINITY, 0)];

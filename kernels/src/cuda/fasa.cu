@@ -415,6 +415,21 @@ __device__ u32 pool_groups(const Dims& D, const int* pl) {
     return gm;
 }
 
+// The summed-score TIP kernels' output for the thread's tokens tc + j·TIP_THREADS + tid of one
+// chunk: sink and recent rows forced to +∞, the score into sc, its bin into the block histogram.
+__device__ __forceinline__ void tip_store(const Dims& D, const float (&acc)[TIP_TPT][1], int tc, int len, float* sc, u32* sh_hist) {
+#pragma unroll
+    for (int j = 0; j < TIP_TPT; ++j) {
+        int t = tc + j * TIP_THREADS + threadIdx.x;
+        if (t < len) {
+            float a = acc[j][0];
+            if (t < D.sinks || t >= len - D.recent) a = POS_INF;
+            sc[t] = a;
+            atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
+        }
+    }
+}
+
 template <class T, bool Q8>
 __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                          const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
@@ -439,16 +454,7 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
         if (tc >= len) break;
         float acc[TIP_TPT][1];
         tip_chunk<T, 1, Q8>(D, S, gmask, qeff, 1, tc, len, acc);
-#pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j) {
-            int t = tc + j * TIP_THREADS + tid;
-            if (t < len) {
-                float a = acc[j][0];
-                if (t < D.sinks || t >= len - D.recent) a = POS_INF;
-                sc[t] = a;
-                atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
-            }
-        }
+        tip_store(D, acc, tc, len, sc, sh_hist);
     }
     flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
 }
@@ -624,16 +630,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
             }
         }
         if (tc + TIP_TOK > qlen) tip_pass16<T, 1>(D, S.k, gmask, qeff, 1, tc, qlen, len, acc);
-#pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j) {
-            int t = tc + j * TIP_THREADS + tid;
-            if (t < len) {
-                float a = acc[j][0];
-                if (t < D.sinks || t >= len - D.recent) a = POS_INF;
-                sc[t] = a;
-                atomicAdd(&sh_hist[okey(a) >> BIN_SHIFT], 1u);
-            }
-        }
+        tip_store(D, acc, tc, len, sc, sh_hist);
     }
     cp_async_wait<0>();
     flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));

@@ -10,16 +10,6 @@ use cudarc::driver::{CudaGraph, CudaSlice};
 use super::launch::pdl_scope;
 use super::{fac, rerank, select, tip, Dims, Gpu, GpuError, GpuKvCache, NBIN};
 
-/// Selections per step (batch · n_sel) from which a decoder launches with programmatic dependent
-/// launch by default ([`FasaDecoder::pdl`]): every step. GPU run 16 had it off below 32
-/// selections, when each kernel let the next one launch from its start (batch 1: PDL cost 1.7–3.2
-/// µs on the paper steps at 32k). Since run 18 the next kernel launches once this one's blocks
-/// have exited (`pdl_begin` in common.cuh), and PDL gained in every mode at batch 1 (Llama-3-8B
-/// shapes, on and off in turn, same call: paper int8 28.8 → 28.2 µs at 32k and 41.6 → 40.9 at
-/// 128k, dense 58.9 → 58.4 and 198.3 → 198.0, default int8 56.7 → 56.1 and 132.1 → 131.6), and
-/// was as fast or faster at batch 16.
-pub const PDL_MIN_SEGS: usize = 1;
-
 /// The operator's mode, as `AttnConfig` on the CPU (engine): every knob of the default `fasa`
 /// mode and of the paper's recipe.
 #[derive(Debug, Clone)]
@@ -84,7 +74,13 @@ pub struct FasaDecoder {
     /// (default): by the splits per walker.
     pub combine8: Option<bool>,
     /// Launch this decoder's kernels with programmatic dependent launch (unless `FASA_GPU_PDL` /
-    /// `Gpu::set_pdl` force it): default on from [`PDL_MIN_SEGS`] selections per step.
+    /// `Gpu::set_pdl` force it): on by default. GPU run 16 had it off below 32 selections per
+    /// step, when each kernel let the next one launch from its start (batch 1: PDL cost 1.7–3.2 µs
+    /// on the paper steps at 32k). Since run 18 the next kernel launches once this one's blocks
+    /// have exited (`pdl_begin` in common.cuh), and PDL gained in every mode at batch 1 (Llama-3-8B
+    /// shapes, on and off in turn, same call: paper int8 28.8 → 28.2 µs at 32k and 41.6 → 40.9 at
+    /// 128k, dense 58.9 → 58.4 and 198.3 → 198.0, default int8 56.7 → 56.1 and 132.1 → 131.6), and
+    /// was as fast or faster at batch 16.
     pub pdl: bool,
     /// FAC over the selected rows with the lean kernels (`facl_h*`: q re-read from shared memory,
     /// 4 instead of 3 blocks per SM for a group of 4). Default: on from 64 selections per step
@@ -214,7 +210,7 @@ impl FasaDecoder {
             tip8_pipe,
             filter_tok: 0,
             combine8: None,
-            pdl: segs >= PDL_MIN_SEGS,
+            pdl: true,
             fac_lean,
             dense_lean,
             cfg: DecodeConfig { rerank, ..cfg },
@@ -234,10 +230,7 @@ impl FasaDecoder {
             let r = rows.next_multiple_of(32).clamp(32, super::FAC_MAX_ROWS);
             (r, n_rows.div_ceil(r).max(1))
         };
-        let hps = self.dims.hps as usize;
-        if segs * sp.1 * hps * 2 > self.pml.len() {
-            return Err(GpuError::Shape(format!("fac: {} splits do not fit the partials", sp.1)));
-        }
+        self.check_partials("fac", segs * self.dims.hps as usize, sp.1)?;
         self.fac_split = sp;
         Ok(())
     }
@@ -253,11 +246,17 @@ impl FasaDecoder {
                 (r, l_max.div_ceil(r).max(1))
             }
         };
-        let n = (self.dense_dims.batch * self.dense_dims.n_sel * self.dense_dims.hps) as usize * sp.1;
-        if n * 2 > self.pml.len() {
-            return Err(GpuError::Shape(format!("dense: {} splits do not fit the partials", sp.1)));
-        }
+        let d = &self.dense_dims;
+        self.check_partials("dense", (d.batch * d.n_sel * d.hps) as usize, sp.1)?;
         self.dense_split = sp;
+        Ok(())
+    }
+
+    /// Whether `splits` partials of each of `heads` (selection, head) pairs fit the buffers.
+    fn check_partials(&self, what: &str, heads: usize, splits: usize) -> Result<(), GpuError> {
+        if heads * splits * 2 > self.pml.len() {
+            return Err(GpuError::Shape(format!("{what}: {splits} splits do not fit the partials")));
+        }
         Ok(())
     }
 

@@ -5,9 +5,8 @@
 //! before it touches global memory, so it sees everything the kernel before it wrote, whatever
 //! that kernel was.
 //! cudarc's own builder has no launch attributes, hence this one; it takes the same `arg` calls.
-//! It is a per-step policy: each decoder decides for its shape (`FasaDecoder::pdl`, on from
-//! [`super::decode::PDL_MIN_SEGS`] selections per step: since GPU run 18 every step, faster at
-//! batch 1 and 16 of Llama shapes in graphs) and runs its launches inside [`pdl_scope`];
+//! It is a per-decoder switch (`FasaDecoder::pdl`, on by default since GPU run 18: faster at
+//! batch 1 and 16 of Llama shapes in graphs); a decoder runs its launches inside [`pdl_scope`];
 //! `FASA_GPU_PDL=0/1` or [`Gpu::set_pdl`] force it for every launch.
 //! Launches outside a scope (single ops) go without it unless forced.
 use std::cell::Cell;
