@@ -44,7 +44,7 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -
 if [ "${FASA_NCU:-0}" = 1 ] && [ -n "$NCU" ]; then
   for sh in $(tr , ' ' <<<"${FASA_NCU_SHAPES:-16x32768}"); do
     FASA_GPU_PDL=0 FASA_BENCH_SHAPES=$sh FASA_BENCH_MODES=fasa_paper_group_int8 timeout 150 "$NCU" --clock-control none \
-      -k 'regex:^(tip8_f16|select_filter_v[28]|facl?_h4_f16|fac_combine)$' -c 4 \
+      -k 'regex:^(tip8p?_.*f16|select_filter_v[28]|facl?_h4_f16|facm_d128_f16|fac_combine)$' -c 4 \
       --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
       --section WarpStateStats --section SchedulerStats "$STAGE/gpu_bench" --targets /tmp/ncu-bench.csv > "$OUT/ncu_$sh.txt" 2>&1
     echo "== ncu $sh"

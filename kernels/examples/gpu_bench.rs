@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
 use fasa_kernels::cpu::FcMoments;
-use fasa_kernels::gpu::{decode::capture, fac, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuKvCache};
+use fasa_kernels::gpu::{decode::capture, fac, DecodeConfig, Dtype, FacKernel, FasaDecoder, Gpu, GpuKvCache};
 
 /// Bytes per token and group of 8 FCs that int8 TIP reads: 16 B of pairs plus 8 f32 scales per
 /// 32 tokens (1 B per token).
@@ -67,11 +67,11 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
     .with_var_mass(var_mass)
 }
 
-/// A FASA row's variant: threshold (T/F), combine (f/c), TIP chunks, FAC lean (l/n), then
+/// A FASA row's variant: threshold (T/F), combine (f/c), TIP chunks, FAC kernel (n/l/m), then
 /// `s<code>` of the int8 TIP kernel (`gpu::TIP8_PIPES`, 0: unpipelined).
 /// `fr`: FAC rows per block (`FasaDecoder::set_fac_rows`; 0 = the decoder's, not shown).
-fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, lean: bool, pipe: usize, fr: usize) -> String {
-    let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, if lean { "l" } else { "n" }, pipe);
+fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize) -> String {
+    let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, fk.letter(), pipe);
     if fr > 0 {
         l += &format!("r{fr}");
     }
@@ -174,7 +174,7 @@ fn main() {
         bw_memcpy / 1e12
     )];
     lines.push(format!(
-        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8), tip8p 24, tip8p 124 = {:?}",
+        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8), tip8p 24, tip8p 124, facm(d=128) = {:?}",
         gpu.occupancy(Dtype::F16).unwrap()
     ));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
@@ -261,21 +261,22 @@ fn main() {
         } else {
             let cfg = config(s, &pools, paper);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
-            // Both FAC kernel variants (n = registers-for-q, l = lean), the faster kept.
-            let mut best = (f64::INFINITY, false);
+            // Every FAC kernel family (n = registers-for-q, l = lean, m = tensor cores), the
+            // fastest kept.
+            let mut best = (f64::INFINITY, FacKernel::Reg);
             let mut all = Vec::new();
-            for lean in [false, true] {
+            for fk in FacKernel::ALL {
                 for d in decs.iter_mut() {
-                    d.dense_lean = lean;
+                    d.dense_kernel = fk;
                 }
                 let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.dense(&gpu, c, &q, &lens, &mut out));
-                all.push(format!("{}:{:.1}", if lean { "l" } else { "n" }, ms * 1e3));
+                all.push(format!("{}:{:.1}", fk.letter(), ms * 1e3));
                 if ms < best.0 {
-                    best = (ms, lean);
+                    best = (ms, fk);
                 }
             }
             for d in decs.iter_mut() {
-                d.dense_lean = best.1;
+                d.dense_kernel = best.1;
             }
             // FASA_BENCH_DENSEROWS: rows per dense block to time besides the decoder's split
             // (`r<rows>`); the fastest kept.
@@ -310,8 +311,8 @@ fn main() {
             let ms = best.0.min((if decs[0].pdl { on } else { off }) * 1e-3);
             let dense_us = ms * 1e3;
             let dense_label = match best_rows {
-                0 => (if best.1 { "l" } else { "n" }).to_string(),
-                r => format!("{}r{r}", if best.1 { "l" } else { "n" }),
+                0 => best.1.letter().to_string(),
+                r => format!("{}r{r}", best.1.letter()),
             };
             let tbps = dense_bytes / (ms * 1e-3) / 1e12;
             let l = format!(
@@ -333,7 +334,7 @@ fn main() {
             // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
             // Also the int8 TIP kernels listed in FASA_BENCH_TIP8 (0 = unpipelined, or
             // gpu::TIP8_PIPES codes; default: the decoder's).
-            let mut best = (f64::INFINITY, true, false, 1, false, 0usize, 0usize);
+            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize);
             let mut all = Vec::new();
             let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
             let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
@@ -359,39 +360,42 @@ fn main() {
                     (false, true) => vec![auto, 1],
                     _ => vec![auto],
                 };
-                let paths: Vec<(bool, bool, bool)> = if targets {
-                    let (t, l) = (decs[0].thr_in_tip, decs[0].fac_lean);
-                    vec![(t, false, l), (t, true, l)]
+                // Every FAC kernel family with the decoder's threshold (--targets: with both
+                // combines for the decoder's FAC kernel).
+                let (t, fk0) = (decs[0].thr_in_tip, decs[0].fac_kernel);
+                let mut paths: Vec<(bool, bool, FacKernel)> = FacKernel::ALL.into_iter().map(|fk| (t, false, fk)).collect();
+                if targets {
+                    paths.push((t, true, fk0));
                 } else {
-                    vec![(true, false, false), (true, false, true), (false, false, false), (false, false, true)]
-                };
+                    paths.extend([(!t, false, FacKernel::Reg), (!t, false, FacKernel::Lean)]);
+                }
                 for &ch in &chunk_opts {
-                    for &(thr_in_tip, fused, lean) in &paths {
+                    for &(thr_in_tip, fused, fk) in &paths {
                         for d in decs.iter_mut() {
                             d.thr_in_tip = thr_in_tip;
                             d.fused_combine = fused;
                             d.tip_chunks = ch;
-                            d.fac_lean = lean;
+                            d.fac_kernel = fk;
                         }
                         let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
-                        let label = vlabel(thr_in_tip, fused, ch, lean, pipe, fr);
+                        let label = vlabel(thr_in_tip, fused, ch, fk, pipe, fr);
                         all.push(format!("{label}:{:.1}", ms * 1e3));
                         if ms < best.0 {
-                            best = (ms, thr_in_tip, fused, ch, lean, pipe, fr);
+                            best = (ms, thr_in_tip, fused, ch, fk, pipe, fr);
                         }
                     }
                 }
             }
-            let (ms, thr_in_tip, fused, ch, lean, pipe, fr) = best;
+            let (ms, thr_in_tip, fused, ch, fk, pipe, fr) = best;
             for (d, c) in decs.iter_mut().zip(&caches) {
                 d.set_tip8_pipe(&gpu, c, pipe).unwrap();
                 d.thr_in_tip = thr_in_tip;
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
-                d.fac_lean = lean;
+                d.fac_kernel = fk;
                 d.set_fac_rows(fr).unwrap();
             }
-            let variant = vlabel(thr_in_tip, fused, ch, lean, pipe, fr);
+            let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr);
             let (on, off) = pdl_both(&mut decs, |decs| {
                 graph_ms(&gpu, decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out)) * 1e3
             });

@@ -10,7 +10,7 @@ use fasa_kernels::cpu::{
     add_moments, attend_dense, attend_rows, choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, quantize_page_block, row_logits,
     softmax_in_place, tip_group_mass, top_b, FcMoments, HeadView, Q8View, QB,
 };
-use fasa_kernels::gpu::{append::append, decode::capture, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache};
+use fasa_kernels::gpu::{append::append, decode::capture, DecodeConfig, Dtype, FacKernel, FasaDecoder, Gpu, GpuError, GpuKvCache};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -341,7 +341,9 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     // to the defaults.
     let mut variants_same = true;
     let chunks0 = dec.tip_chunks;
-    let lean0 = dec.fac_lean;
+    let fac0 = dec.fac_kernel;
+    // The two other FAC kernel families, each forced for three variants.
+    let others: Vec<FacKernel> = FacKernel::ALL.into_iter().filter(|&k| k != fac0).collect();
     let st0 = dec.tip8_pipe;
     // Programmatic dependent launch switched for three (the decoder's policy, twice, then forced
     // for every launch as FASA_GPU_PDL does), filter blocks of both sizes forced for two; the int8
@@ -349,30 +351,32 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     // for the last two.
     let pdl0 = dec.pdl;
     let forced0 = g.pdl_forced();
-    for (thr_in_tip, fused, chunks, lean, pdl, ftok, pipe, force, c8) in [
-        (false, true, 1, lean0, pdl0, 0, st0, None, None),
-        (true, true, 2, lean0, pdl0, 0, st0, None, None),
-        (false, false, 3, lean0, pdl0, 0, st0, None, None),
-        (true, false, 3, lean0, pdl0, 0, st0, None, None),
-        (true, false, chunks0, !lean0, pdl0, 0, st0, None, None),
-        (false, true, 2, !lean0, pdl0, 0, st0, None, None),
-        (true, false, chunks0, lean0, !pdl0, 0, st0, None, None),
-        (true, false, chunks0, lean0, pdl0, 8192, st0, None, None),
-        (false, false, chunks0, lean0, pdl0, 2048, st0, None, None),
-        (true, false, 2, lean0, pdl0, 0, 0, None, None),
-        (true, false, 3, !lean0, pdl0, 0, 24, None, None),
-        (true, true, chunks0, lean0, pdl0, 0, 24, None, None),
-        (false, false, 1, lean0, pdl0, 0, 124, None, None),
-        (true, false, 3, lean0, pdl0, 0, 124, None, None),
-        (true, false, chunks0, lean0, pdl0, 0, st0, Some(!pdl0), None),
-        (true, true, chunks0, !lean0, !pdl0, 0, st0, None, None),
-        (true, false, chunks0, lean0, pdl0, 0, st0, None, Some(true)),
-        (true, false, 2, !lean0, pdl0, 0, st0, None, Some(false)),
+    for (thr_in_tip, fused, chunks, fk, pdl, ftok, pipe, force, c8) in [
+        (false, true, 1, fac0, pdl0, 0, st0, None, None),
+        (true, true, 2, fac0, pdl0, 0, st0, None, None),
+        (false, false, 3, fac0, pdl0, 0, st0, None, None),
+        (true, false, 3, fac0, pdl0, 0, st0, None, None),
+        (true, false, chunks0, others[0], pdl0, 0, st0, None, None),
+        (false, true, 2, others[1], pdl0, 0, st0, None, None),
+        (true, false, chunks0, fac0, !pdl0, 0, st0, None, None),
+        (true, false, chunks0, fac0, pdl0, 8192, st0, None, None),
+        (false, false, chunks0, fac0, pdl0, 2048, st0, None, None),
+        (true, false, 2, fac0, pdl0, 0, 0, None, None),
+        (true, false, 3, others[0], pdl0, 0, 24, None, None),
+        (true, true, chunks0, fac0, pdl0, 0, 24, None, None),
+        (false, false, 1, fac0, pdl0, 0, 124, None, None),
+        (true, false, 3, fac0, pdl0, 0, 124, None, None),
+        (false, true, 2, others[1], pdl0, 0, 224, None, None),
+        (true, false, 3, fac0, pdl0, 0, 224, None, None),
+        (true, false, chunks0, fac0, pdl0, 0, st0, Some(!pdl0), None),
+        (true, true, chunks0, others[1], !pdl0, 0, st0, None, None),
+        (true, false, chunks0, fac0, pdl0, 0, st0, None, Some(true)),
+        (true, false, 2, others[0], pdl0, 0, st0, None, Some(false)),
     ] {
         dec.thr_in_tip = thr_in_tip;
         dec.fused_combine = fused;
         dec.tip_chunks = chunks;
-        dec.fac_lean = lean;
+        dec.fac_kernel = fk;
         dec.filter_tok = ftok;
         dec.tip8_pipe = pipe;
         dec.pdl = pdl;
@@ -407,7 +411,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.thr_in_tip = true;
     dec.fused_combine = false;
     dec.tip_chunks = chunks0;
-    dec.fac_lean = lean0;
+    dec.fac_kernel = fac0;
     dec.tip8_pipe = st0;
     // FAC in blocks of 32, 96 and 256 rows (one or several iterations per warp, 2 to 8
     // splits), the combine fused once: the same selection, so the output within 1e-5 (rows
@@ -428,15 +432,20 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     }
     dec.fused_combine = false;
     dec.set_fac_rows(0)?;
-    // Dense (the other FAC kernel variant must give the same output).
+    // Dense (the other FAC kernel families must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;
     let outd_h = st.clone_dtoh(&outd)?;
-    dec.dense_lean = !dec.dense_lean;
-    let mut outd2 = st.clone_htod(&nan_out)?;
-    dec.dense(g, &cache, &q, &lens_d, &mut outd2)?;
-    dec.dense_lean = !dec.dense_lean;
-    variants_same &= nerr(&st.clone_dtoh(&outd2)?, &outd_h) <= 1e-5;
+    let dense0 = dec.dense_kernel;
+    for kind in FacKernel::ALL.into_iter().filter(|&k| k != dense0) {
+        dec.dense_kernel = kind;
+        let mut outd2 = st.clone_htod(&nan_out)?;
+        dec.dense(g, &cache, &q, &lens_d, &mut outd2)?;
+        let e = nerr(&st.clone_dtoh(&outd2)?, &outd_h);
+        println!("  dense {kind:?} vs {dense0:?}: {e:.2e}");
+        variants_same &= e <= 1e-5;
+    }
+    dec.dense_kernel = dense0;
     // Both combine kernels over the dense partials (many splits).
     for c8 in [false, true] {
         dec.combine8 = Some(c8);

@@ -459,33 +459,51 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
     flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
 }
 
-// Pipelined int8 TIP (`tip8p_<NS>x<JU>_*`, the summed score of tip_impl<T, true>). tip8 loads a
-// chunk's int8 pieces into registers and computes only once they arrive, so each warp alternates
-// one memory wait and one compute phase: 46–63 % of DRAM bandwidth at batch 16 of Llama shapes
-// (ncu, GPU run 12). Here each thread copies its own tokens' 16-byte pieces into shared memory
-// with cp.async, NS − 1 units ahead of the one it computes (a unit: JU of the thread's TIP_TPT
-// tokens of one chunk × up to two chosen groups), so loads stay in flight through the compute.
-// A thread reads back only the pieces it copied itself, and a warp only the scales its own lanes
-// copied (its 32 tokens are one QB block), so the loop needs no block barrier: cp.async.wait_group,
-// then __syncwarp for the scales. The launcher sizes nchunk so that the grid is about one wave of
-// resident blocks (tip::chunks_wave): fewer, longer blocks pay the prologue and the histogram
-// flush once and leave no tail wave.
-// FOLD = false: each element is dequantised (x · scale) as tip8 does, the same arithmetic in the
-// same order, so the same bits. FOLD = true: the warp folds the block's scales into q once
-// (q_e · scale_e in shared memory, as cpu::fc_scores_q8), one multiply fewer per element.
+// Pipelined int8 TIP (`tip8p_<NS>x<JU><mode>_*`, the summed score of tip_impl<T, true>). tip8
+// loads a chunk's int8 pieces into registers and computes only once they arrive, so each warp
+// alternates one memory wait and one compute phase: 46–63 % of DRAM bandwidth at batch 16 of
+// Llama shapes (ncu, GPU run 12). Here each thread copies its own tokens' 16-byte pieces into
+// shared memory with cp.async, NS − 1 units ahead of the one it computes (a unit: JU of the
+// thread's TIP_TPT tokens of one chunk × up to two chosen groups), so loads stay in flight
+// through the compute. A thread reads back only the pieces it copied itself, and a warp only the
+// scales its own lanes copied (its 32 tokens are one QB block), so the loop needs no block
+// barrier: cp.async.wait_group, then __syncwarp for the scales. The launcher sizes nchunk so that
+// the grid is about one wave of resident blocks (tip::chunks_wave): fewer, longer blocks pay the
+// prologue and the histogram flush once and leave no tail wave.
+// MODE 0 (`false`): each element is dequantised (x · scale) as tip8 does, the same arithmetic in
+// the same order, so the same bits. MODE 1 (`true`): the warp folds the block's scales into q
+// once (q_e · scale_e in shared memory, as cpu::fc_scores_q8), one multiply fewer per element.
+// MODE 2 (`int`): the folded q of the block and group pair, y = q_e·scale_e·127/max|·|, is
+// written as three int8 terms y ≈ Q1 + Q2/254 + Q3/254² (error ≤ 2^-17 of max|y|, 6e-8 of the
+// largest element), and each term's dot product with the int8 pieces is exact in int32 (dp4a, 4
+// elements an instruction): per element 3/4 instruction instead of 3 (byte permute, subtract,
+// FMA), which bounded MODE 1 (ncu, GPU run 18: 0.66 issued per scheduler at 56 % of DRAM).
 // Dynamic shared memory: NS stages of tip8p_stage(JU) bytes.
 #define TIP8P_SC(JU) ((TIP_THREADS / 32) * (JU) * 2 * FCG) // floats per stage: (warp, j, group, FC)
 #define TIP8P_DATA(JU) (2 * TIP_THREADS * (JU) * 16)       // 2 groups × JU·TIP_THREADS tokens × 16 B
 #define TIP8P_STAGE(JU) (TIP8P_DATA(JU) + TIP8P_SC(JU) * 4)
-template <class T, int NS, int JU, bool FOLD>
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ float warp_max_abs(float x) { // (sm_80+: one redux over the bits)
+    u32 r;
+    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(__float_as_uint(fabsf(x))));
+    return __uint_as_float(r);
+}
+template <class T, int NS, int JU, int MODE>
 __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                            const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
     pdl_begin();
     constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
+    constexpr int NW = TIP_THREADS / 32;
     extern __shared__ __align__(16) unsigned char tip8p_dyn[];
     __shared__ u32 sh_hist[NBIN];
     __shared__ __align__(16) float qeff[1][MAXG * GE];
-    __shared__ __align__(16) float qf[FOLD ? TIP_THREADS / 32 : 1][JU][2][GE]; // per warp: q · scale
+    __shared__ __align__(16) float qf[MODE == 1 ? NW : 1][JU][2][GE];    // per warp: q · scale
+    __shared__ __align__(16) i8 qq[MODE == 2 ? NW : 1][JU][3][2][GE];   // per warp: its int8 terms
+    __shared__ float sq[MODE == 2 ? NW : 1][JU];                          // and their scale
     __shared__ int gl_s[MAXG];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     int len = lens[b];
@@ -510,38 +528,43 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     float* sc = scores + (size_t)seg * D.l_max;
     int nch = min(nchunk, (len - t0 + TIP_TOK - 1) / TIP_TOK);           // chunks holding tokens
     int n8 = qlen > t0 ? min(nch, (qlen - t0 + TIP_TOK - 1) / TIP_TOK) : 0; // of them, with int8 tokens
-    int upc = NJ * npairs;                                                 // units per chunk
-    int nunit = n8 * upc;
-    // Unit i: chunk i / upc; of the rest r, the thread's tokens j = (r / npairs)·JU .. +JU and the
-    // groups gl_s[2p], gl_s[2p + 1] (p = r % npairs), so each token sees its groups in tip8's order.
-    auto issue = [&](int i) {
-        if (i < nunit) {
-            int ch = i / upc, r = i - ch * upc, jb = (r / npairs) * JU, p = r % npairs;
-            int tc = t0 + ch * TIP_TOK;
-            unsigned char* st = tip8p_dyn + (size_t)(i % NS) * TIP8P_STAGE(JU);
+    int nunit = n8 * NJ * npairs;
+    // Units go in loop order: chunk ich, the thread's tokens j = ijh·JU .. +JU, group pair ip
+    // (groups gl_s[2ip], gl_s[2ip + 1]), so each token sees its groups in tip8's order. The
+    // thread's tokens j and j + 1 are TIP_THREADS apart: TIP_THREADS / KT tiles of the planes.
+    int ich = 0, ijh = 0, ip = 0, issued = 0;
+    const size_t jstep = (size_t)(TIP_THREADS / KT) * D.n_grp * KT * GE;
+    auto issue = [&]() {
+        if (issued < nunit) {
+            int tc = t0 + ich * TIP_TOK, jb = ijh * JU;
+            unsigned char* st = tip8p_dyn + (size_t)(issued % NS) * TIP8P_STAGE(JU);
             uint4* sd = (uint4*)st;
             float* ssc = (float*)(st + TIP8P_DATA(JU));
+            int t = tc + jb * TIP_THREADS + tid;
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
-                if (2 * p + u < G) {
-                    int g = gl_s[2 * p + u];
+                if (2 * ip + u < G) {
+                    const i8* src = S.kq + kq_off(t, gl_s[2 * ip + u], D.n_grp);
 #pragma unroll
-                    for (int j = 0; j < JU; ++j) {
-                        int t = tc + (jb + j) * TIP_THREADS + tid;
-                        if (t < qlen) cp_async16(&sd[(u * JU + j) * TIP_THREADS + tid], S.kq + kq_off(t, g, D.n_grp));
-                    }
+                    for (int j = 0; j < JU; ++j)
+                        if (t + j * TIP_THREADS < qlen) cp_async16(&sd[(u * JU + j) * TIP_THREADS + tid], src + j * jstep);
                 }
             }
             // Lanes 0 .. 4·JU − 1: the warp's (j, group, half) scale pieces of 4 floats.
             int j = lane >> 2, u = (lane >> 1) & 1, piece = lane & 1;
-            int t = tc + (jb + j) * TIP_THREADS + w * 32;
-            if (lane < 4 * JU && 2 * p + u < G && t < qlen)
-                cp_async16(&ssc[((w * JU + j) * 2 + u) * FCG + piece * 4], S.ks + (size_t)(t / QB) * D.n_fc + gl_s[2 * p + u] * FCG + piece * 4);
+            int tw = tc + (jb + j) * TIP_THREADS + w * 32;
+            if (lane < 4 * JU && 2 * ip + u < G && tw < qlen)
+                cp_async16(&ssc[((w * JU + j) * 2 + u) * FCG + piece * 4], S.ks + (size_t)(tw / QB) * D.n_fc + gl_s[2 * ip + u] * FCG + piece * 4);
+            if (++ip == npairs) {
+                ip = 0;
+                if (++ijh == NJ) { ijh = 0; ++ich; }
+            }
         }
+        ++issued;
         cp_async_commit(); // (an empty group past the last unit keeps the wait count uniform)
     };
 #pragma unroll
-    for (int i = 0; i < NS - 1; ++i) issue(i);
+    for (int i = 0; i < NS - 1; ++i) issue();
     if (fixed) {
         tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]); // the same groups: all chosen
         __syncthreads();
@@ -557,26 +580,42 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
             for (int jh = 0; jh < NJ; ++jh) {
                 for (int p = 0; p < npairs; ++p, ++unit) {
                     __syncwarp(); // the warp's reads of the stage about to be refilled are done
-                    issue(unit + NS - 1);
+                    issue();
                     cp_async_wait<NS - 1>();
                     __syncwarp(); // the scales copied by other lanes of the warp are visible
                     const unsigned char* st = tip8p_dyn + (size_t)(unit % NS) * TIP8P_STAGE(JU);
                     const uint4* sd = (const uint4*)st;
                     const float* ssc = (const float*)(st + TIP8P_DATA(JU));
-                    if (FOLD) {
+                    if (MODE >= 1) {
                         // Lane: group u = lane / 16, element e = lane % 16, for each j.
                         int u = lane >> 4, e = lane & 15;
-                        if (2 * p + u < G) {
-                            float qe = qeff[0][gl_s[2 * p + u] * GE + e];
+                        bool on = 2 * p + u < G;
+                        float qe = on ? qeff[0][gl_s[2 * p + u] * GE + e] : 0.f;
 #pragma unroll
-                            for (int j = 0; j < JU; ++j) {
-                                int t = tc + (jh * JU + j) * TIP_THREADS + w * 32;
-                                float sv = t < qlen ? ssc[((w * JU + j) * 2 + u) * FCG + (e >> 1)] : 0.f;
-                                qf[FOLD ? w : 0][j][u][e] = __fmul_rn(qe, sv);
+                        for (int j = 0; j < JU; ++j) {
+                            int t = tc + (jh * JU + j) * TIP_THREADS + w * 32;
+                            float sv = on && t < qlen ? ssc[((w * JU + j) * 2 + u) * FCG + (e >> 1)] : 0.f;
+                            float x = __fmul_rn(qe, sv);
+                            if (MODE == 1) {
+                                if (on) qf[MODE == 1 ? w : 0][j][u][e] = x;
+                            } else {
+                                float mx = warp_max_abs(x); // over the pair's 32 elements
+                                float inv = mx > 0.f ? 127.f / mx : 0.f;
+                                float y = x * inv, r = rintf(y);
+                                i8* qt = &qq[MODE == 2 ? w : 0][j][0][u][e];
+                                qt[0] = (i8)(int)r;
+                                y = (y - r) * 254.f;
+                                r = rintf(y);
+                                qt[2 * GE] = (i8)(int)r;
+                                qt[4 * GE] = (i8)(int)rintf((y - r) * 254.f);
+                                if (lane == 0) sq[MODE == 2 ? w : 0][j] = mx * (1.f / 127.f);
                             }
                         }
                         __syncwarp();
                     }
+                    int di[JU][3]; // MODE 2: the three terms' exact dot products
+#pragma unroll
+                    for (int j = 0; j < JU; ++j) di[j][0] = di[j][1] = di[j][2] = 0;
 #pragma unroll
                     for (int u = 0; u < 2; ++u) {
                         if (2 * p + u >= G) break; // uniform over the block
@@ -587,13 +626,26 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                             int t = tc + (jh * JU + j) * TIP_THREADS + tid;
                             raw[j] = t < qlen ? sd[(u * JU + j) * TIP_THREADS + tid] : make_uint4(0, 0, 0, 0);
                         }
+                        if (MODE == 2) {
+#pragma unroll
+                            for (int j = 0; j < JU; ++j)
+#pragma unroll
+                                for (int x = 0; x < 3; ++x) {
+                                    int4 qw = *(const int4*)&qq[MODE == 2 ? w : 0][j][x][u][0];
+                                    int d = dp4a((int)raw[j].x, qw.x, di[j][x]);
+                                    d = dp4a((int)raw[j].y, qw.y, d);
+                                    d = dp4a((int)raw[j].z, qw.z, d);
+                                    di[j][x] = dp4a((int)raw[j].w, qw.w, d);
+                                }
+                            continue;
+                        }
 #pragma unroll
                         for (int half = 0; half < 2; ++half) {
                             float f[JU][8];
 #pragma unroll
                             for (int j = 0; j < JU; ++j) {
                                 unpack8_i8(half ? raw[j].z : raw[j].x, half ? raw[j].w : raw[j].y, f[j]);
-                                if (!FOLD) {
+                                if (MODE == 0) {
                                     int t = tc + (jh * JU + j) * TIP_THREADS + tid;
                                     float4 s4 = t < qlen ? *(const float4*)&ssc[((w * JU + j) * 2 + u) * FCG + half * 4]
                                                          : make_float4(0.f, 0.f, 0.f, 0.f);
@@ -605,10 +657,10 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                                     }
                                 }
                             }
-                            if (FOLD) {
+                            if (MODE == 1) {
 #pragma unroll
                                 for (int j = 0; j < JU; ++j) {
-                                    const float4* q4 = (const float4*)&qf[FOLD ? w : 0][j][u][half * 8];
+                                    const float4* q4 = (const float4*)&qf[MODE == 1 ? w : 0][j][u][half * 8];
                                     float4 a = q4[0], c = q4[1];
                                     float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
 #pragma unroll
@@ -626,6 +678,11 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                             }
                         }
                     }
+                    if (MODE == 2)
+#pragma unroll
+                        for (int j = 0; j < JU; ++j)
+                            acc[jh * JU + j][0] += sq[MODE == 2 ? w : 0][j] *
+                                                   fmaf((float)di[j][2], 1.f / 64516.f, fmaf((float)di[j][1], 1.f / 254.f, (float)di[j][0]));
                 }
             }
         }
@@ -1246,6 +1303,9 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
 // registers per lane, so more blocks fit per multiprocessor (run 6).
 #define FACL_U(H) ((H) >= 8 ? 2 : 4)
 #define FACL_MINB(H) ((H) >= 8 ? 3 : (H) >= 4 ? 4 : (H) >= 2 ? 5 : 6)
+#ifndef FACM_MINB
+#define FACM_MINB 3 // tensor-core FAC (facm_impl)
+#endif
 
 // Four floats from shared memory; volatile so the compiler does not hoist q out of the row loop
 // back into registers (the point of the lean variant).
@@ -1266,36 +1326,90 @@ __device__ __forceinline__ uint4 ld_stream(const u16* p) {
 __device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out);
 __device__ bool last_block(u32* done, int seg, int n);
 
+// One FAC block's place (fac_impl, facm_impl): selection seg = (b, s) of KV head kvh, its rows
+// r0 .. r0 + nr, and its partial's slots pm (hps, 2) and o_out (hps, d).
+struct FacBlk {
+    int seg, b, s, kvh, r0, nr;
+    float* pm;
+    float* o_out;
+};
+
+// Shared memory of a FAC block for H heads: q, the selected rows, and each warp's partial.
+template <int H> struct FacSmem {
+    __align__(16) float q_s[H][128];
+    u32 rows_s[FAC_MAX_ROWS];
+    float wm[FAC_NW][H], wl[FAC_NW][H];
+    __align__(16) float wo[FAC_NW][H][128];
+};
+
+// Block-wide prologue of the FAC kernels: with no rows, writes the block's empty partial and
+// returns false; else loads the heads' q, scaled, in slot order into q_s (with zero_pad, heads
+// past hps and dims past d as zeros) and the block's selected rows into rows_s.
+template <int H>
+__device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, const int* lens, const u32* sel, int rows_per_split,
+                          int n_split, float* po, float* pml, bool zero_pad, FacSmem<H>& sm, FacBlk& B) {
+    float (*q_s)[128] = sm.q_s;
+    u32* rows_s = sm.rows_s;
+    int tid = threadIdx.x;
+    B.s = blockIdx.y;
+    B.b = blockIdx.z;
+    B.seg = B.b * D.n_sel + B.s;
+    int len = lens[B.b];
+    int n_rows = sel ? min(D.budget, len) : len;
+    B.r0 = blockIdx.x * rows_per_split;
+    B.nr = min(rows_per_split, n_rows - B.r0);
+    B.pm = pml + ((size_t)B.seg * n_split + blockIdx.x) * D.hps * 2;
+    B.o_out = po + ((size_t)B.seg * n_split + blockIdx.x) * D.hps * D.d;
+    B.kvh = kv_of_sel(D, B.s);
+    if (B.nr <= 0) {
+        for (int i = tid; i < D.hps * D.d; i += blockDim.x) B.o_out[i] = 0.f;
+        for (int h = tid; h < D.hps; h += blockDim.x) { B.pm[2 * h] = NEG_INF; B.pm[2 * h + 1] = 0.f; }
+        return false;
+    }
+    load_q_slots(D, q, fc_of_slot + B.kvh * D.n_fc, B.b, B.s * D.hps, D.scale, q_s);
+    if (zero_pad)
+        for (int i = tid; i < H * 128; i += blockDim.x)
+            if (i / 128 >= D.hps || i % 128 >= D.d) q_s[i / 128][i % 128] = 0.f;
+    if (sel)
+        for (int i = tid; i < B.nr; i += blockDim.x) rows_s[i] = sel[(size_t)B.seg * D.budget + B.r0 + i];
+    __syncthreads();
+    return true;
+}
+
+// Block-wide epilogue: merges the warps' unnormalized (wm max, wl Σexp, wo output) per head into
+// the block's partial, relative to its own max.
+template <int H>
+__device__ void fac_end(const Dims& D, const FacBlk& B, const FacSmem<H>& sm) {
+    const float(*wm)[H] = sm.wm;
+    const float(*wl)[H] = sm.wl;
+    const float(*wo)[H][128] = sm.wo;
+    __syncthreads();
+    for (int i = threadIdx.x; i < D.hps * D.d; i += blockDim.x) {
+        int h = i / D.d, j = i % D.d;
+        float M = NEG_INF;
+#pragma unroll
+        for (int x = 0; x < FAC_NW; ++x) M = fmaxf(M, wm[x][h]);
+        float L = 0.f, O = 0.f;
+#pragma unroll
+        for (int x = 0; x < FAC_NW; ++x) {
+            float e = wm[x][h] == NEG_INF ? 0.f : __expf(wm[x][h] - M);
+            L += e * wl[x][h];
+            O += e * wo[x][h][j];
+        }
+        B.o_out[i] = O;
+        if (j == 0) { B.pm[2 * h] = M; B.pm[2 * h + 1] = L; }
+    }
+}
+
 template <class T, int H, int U = FAC_U, bool QS = false>
 __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                          int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
     pdl_begin();
-    __shared__ __align__(16) float q_s[H][128];
-    __shared__ u32 rows_s[FAC_MAX_ROWS];
-    __shared__ float wm[FAC_NW][H], wl[FAC_NW][H];
-    __shared__ __align__(16) float wo[FAC_NW][H][128];
-    int sp = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
-    int seg = b * D.n_sel + s;
-    int len = lens[b];
-    int n_rows = sel ? min(D.budget, len) : len;
-    int r0 = sp * rows_per_split;
-    int nr = min(rows_per_split, n_rows - r0);
-    int hps = D.hps, d = D.d;
-    float* pm = pml + ((size_t)seg * n_split + sp) * hps * 2;
-    float* o_out = po + ((size_t)seg * n_split + sp) * hps * d;
-    if (nr <= 0) {
-        for (int i = tid; i < hps * d; i += blockDim.x) o_out[i] = 0.f;
-        for (int h = tid; h < hps; h += blockDim.x) { pm[2 * h] = NEG_INF; pm[2 * h + 1] = 0.f; }
-    } else {
-        int h0 = s * hps, kvh = kv_of_sel(D, s);
-        load_q_slots(D, q, fc_of_slot + kvh * D.n_fc, b, h0, D.scale, q_s);
-        if (QS) // heads past hps and dims past d read as zeros
-            for (int i = tid; i < H * 128; i += blockDim.x)
-                if (i / 128 >= hps || i % 128 >= d) q_s[i / 128][i % 128] = 0.f;
-        if (sel)
-            for (int i = tid; i < nr; i += blockDim.x) rows_s[i] = sel[(size_t)seg * D.budget + r0 + i];
-        __syncthreads();
-        size_t bk = (size_t)b * D.n_kv + kvh;
+    __shared__ FacSmem<H> sm;
+    FacBlk B;
+    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, sm, B)) {
+        int tid = threadIdx.x, nr = B.nr, r0 = B.r0, hps = D.hps, d = D.d;
+        size_t bk = (size_t)B.b * D.n_kv + B.kvh;
         const u16* kb = k + bk * D.l_max * d;
         const u16* vb = v + bk * D.l_max * d;
         int lane = tid & 31, w = tid >> 5;
@@ -1311,7 +1425,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
 #pragma unroll
             for (int h = 0; h < (QS ? 1 : H); ++h)
 #pragma unroll
-                for (int e = 0; e < 8; ++e) qr[h][e] = h < hps ? q_s[h][c * 8 + e] : 0.f;
+                for (int e = 0; e < 8; ++e) qr[h][e] = h < hps ? sm.q_s[h][c * 8 + e] : 0.f;
         float m[H], l[H], acc[H][8];
 #pragma unroll
         for (int h = 0; h < H; ++h) {
@@ -1328,7 +1442,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                 int i = base + j * rpw + rsub;
                 kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
                 if (i < nr) {
-                    u32 t = sel ? rows_s[i] : (u32)(r0 + i);
+                    u32 t = sel ? sm.rows_s[i] : (u32)(r0 + i);
                     kr[j] = ld_stream(kb + (size_t)(t / KT) * n_grp * KT * GE + (size_t)(t % KT) * rg * GE + koff_c);
                     vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
                 }
@@ -1343,7 +1457,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                 for (int h = 0; h < H; ++h) {
                     float a = 0.f;
                     if (QS) {
-                        float4 qa = lds4(&q_s[h][c * 8]), qb = lds4(&q_s[h][c * 8 + 4]);
+                        float4 qa = lds4(&sm.q_s[h][c * 8]), qb = lds4(&sm.q_s[h][c * 8 + 4]);
                         a += qa.x * f[0]; a += qa.y * f[1]; a += qa.z * f[2]; a += qa.w * f[3];
                         a += qb.x * f[4]; a += qb.y * f[5]; a += qb.z * f[6]; a += qb.w * f[7];
                     } else {
@@ -1410,31 +1524,189 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
 #pragma unroll
             for (int h = 0; h < H; ++h) {
                 if (h < hps) {
-                    *(float4*)&wo[w][h][c * 8] = make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
-                    *(float4*)&wo[w][h][c * 8 + 4] = make_float4(acc[h][4], acc[h][5], acc[h][6], acc[h][7]);
-                    if (c == 0) { wm[w][h] = m[h]; wl[w][h] = l[h]; }
+                    *(float4*)&sm.wo[w][h][c * 8] = make_float4(acc[h][0], acc[h][1], acc[h][2], acc[h][3]);
+                    *(float4*)&sm.wo[w][h][c * 8 + 4] = make_float4(acc[h][4], acc[h][5], acc[h][6], acc[h][7]);
+                    if (c == 0) { sm.wm[w][h] = m[h]; sm.wl[w][h] = l[h]; }
                 }
             }
         }
-        __syncthreads();
-        // Merge the warps: partial of the block, relative to its own max.
-        for (int i = tid; i < hps * d; i += blockDim.x) {
-            int h = i / d, j = i % d;
-            float M = NEG_INF;
-#pragma unroll
-            for (int x = 0; x < FAC_NW; ++x) M = fmaxf(M, wm[x][h]);
-            float L = 0.f, O = 0.f;
-#pragma unroll
-            for (int x = 0; x < FAC_NW; ++x) {
-                float e = wm[x][h] == NEG_INF ? 0.f : __expf(wm[x][h] - M);
-                L += e * wl[x][h];
-                O += e * wo[x][h][j];
-            }
-            o_out[i] = O;
-            if (j == 0) { pm[2 * h] = M; pm[2 * h + 1] = L; }
-        }
+        fac_end<H>(D, B, sm);
     }
-    if (out && last_block(done, seg, n_split)) combine_seg(D, seg, b, s, n_split, po, pml, out);
+    if (out && last_block(done, B.seg, n_split)) combine_seg(D, B.seg, B.b, B.s, n_split, po, pml, out);
+}
+
+// The 16-bit tensor-core operations of one storage type (sm_80+): pairs packed as .f16x2 or
+// .bf16x2 (element 0 in the low half), and mma.sync m16n8k16 with f32 accumulation.
+template <class T> struct Mma;
+template <> struct Mma<F16> {
+    static constexpr int NS = 2; // split_pair terms
+    static __device__ __forceinline__ u32 pack(float x0, float x1) { u32 r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x1), "f"(x0)); return r; }
+    static __device__ __forceinline__ float lo(u32 x) { return h2f((u16)(x & 0xffffu)); }
+    static __device__ __forceinline__ float hi(u32 x) { return h2f((u16)(x >> 16)); }
+    static __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Mma<BF16> {
+    static constexpr int NS = 3;
+    static __device__ __forceinline__ u32 pack(float x0, float x1) { u32 r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(x1), "f"(x0)); return r; }
+    static __device__ __forceinline__ float lo(u32 x) { return __uint_as_float(x << 16); }
+    static __device__ __forceinline__ float hi(u32 x) { return __uint_as_float(x & 0xffff0000u); }
+    static __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+};
+
+// (x0, x1) as a sum of Mma<T>::NS 16-bit pairs, each the rounding of what the ones before left:
+// two f16 pairs hold the f32 pair to ~2^-22 relative, three bf16 pairs to ~2^-24, so NS mma with
+// 16-bit operands give the products of f32 operands.
+template <class T> __device__ __forceinline__ void split_pair(float x0, float x1, u32 (&r)[Mma<T>::NS]) {
+#pragma unroll
+    for (int i = 0; i < Mma<T>::NS; ++i) {
+        r[i] = Mma<T>::pack(x0, x1);
+        x0 -= Mma<T>::lo(r[i]);
+        x1 -= Mma<T>::hi(r[i]);
+    }
+}
+
+// Half i of row x's V pieces (the lane's 16-bit elements i = 0 .. DD/8 − 1 as u32 pairs) paired
+// with the same half of row y, x's in the low half: one column pair of a Vᵀ fragment.
+template <int NW> __device__ __forceinline__ u32 pair_half(const u32 (&x)[NW], const u32 (&y)[NW], int i) {
+    return __byte_perm(x[i >> 1], y[i >> 1], (i & 1) ? 0x7632 : 0x5410);
+}
+
+// 4/5 on tensor cores (`facm_d<DD>_*`, sm_80+): fac_impl's partials from mma.sync m16n8k16.
+// Each warp takes tiles of 16 rows (two n-tiles of 8, rows T0 = base .. +7, T1 = base + 8 ..).
+//   S (16 × 8 per n-tile) = Q (16 × DD: the ≤ 8 heads as rows 0..7, rows 8..15 zero) · Kᵀ;
+//   Oᵀ (DD × 8) += Vᵀ (16 dims per m-tile × the 16 rows) · Pᵀ (16 rows × 8 heads).
+// S's accumulator layout (lane = 4g + c: head g, rows 2c, 2c + 1 of each n-tile) is Pᵀ's operand
+// layout, so P never leaves the lane. A dot product does not care in which order its dims are
+// summed, so lanes load whole 16-byte pieces: K row T[g] piece p = c + 4i is slice 2i + hh's
+// (b0, b1) = words (2hh, 2hh + 1), and Q's fragment takes the same dims; V row T0[2c + e] and
+// T1[2c + e] dims 8g .. 8g + 7 (and 64 + 8g .., d = 128: 8 lanes read one row's 128 contiguous
+// bytes per load) are Vᵀ's rows g and g + 8 of each m-tile. q and p go in as sums of 16-bit
+// pairs (split_pair: NS mma each), so products are those of f32 q and p, as fac_impl's.
+// Per lane: Q fragments NS·DD/8 registers, accumulators DD/4, one tile's K and V loads DD/2.
+template <class T, int DD>
+__device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
+                          int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
+    pdl_begin();
+    constexpr int NKS = DD / 16;  // k-slices of S, m-tiles of Oᵀ
+    constexpr int NPT = DD / 32;  // K pieces per lane and row (4 lanes a row)
+    constexpr int VP = DD / 64;   // V pieces per lane and row (8 lanes a row)
+    constexpr int NGRP = DD / 16; // K groups per row
+    __shared__ FacSmem<MAXH> sm;
+    FacBlk B;
+    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, true, sm, B)) {
+        int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3, nr = B.nr, hps = D.hps;
+        size_t bk = (size_t)B.b * D.n_kv + B.kvh;
+        const u16* kb = k + bk * D.l_max * DD;
+        const u16* vb = v + bk * D.l_max * DD;
+        constexpr int rg = KR < NGRP ? KR : NGRP;
+        constexpr int NS = Mma<T>::NS;
+        u32 qa[NKS][2][NS]; // Q's (a0, a2) of each k-slice, as NS split terms
+        int koff[NPT];
+#pragma unroll
+        for (int i = 0; i < NPT; ++i) {
+            int p = c + 4 * i;
+            koff[i] = ((p >> 1) / rg) * KT * rg * GE + ((p >> 1) % rg) * GE + (p & 1) * 8;
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                const float* qp = &sm.q_s[g][8 * p + 4 * hh];
+                split_pair<T>(qp[0], qp[1], qa[2 * i + hh][0]);
+                split_pair<T>(qp[2], qp[3], qa[2 * i + hh][1]);
+            }
+        }
+        float m = NEG_INF, l = 0.f, acc[NKS][4];
+#pragma unroll
+        for (int mt = 0; mt < NKS; ++mt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
+        for (int base = w * 16; base < nr; base += FAC_NW * 16) {
+            uint4 kr[2][NPT], vr[4][VP];
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                int i = base + 8 * nt + g;
+                u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
+                const u16* kt = kb + (size_t)(t / KT) * NGRP * KT * GE + (size_t)(t % KT) * rg * GE;
+#pragma unroll
+                for (int pi = 0; pi < NPT; ++pi) kr[nt][pi] = i < nr ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int x = 0; x < 4; ++x) {
+                int i = base + 8 * (x >> 1) + 2 * c + (x & 1);
+                u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
+#pragma unroll
+                for (int vp = 0; vp < VP; ++vp) vr[x][vp] = i < nr ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
+            }
+            // S: sc[nt][e] = head g's score of row base + 8nt + 2c + e.
+            float sc[2][2];
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+                float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int ks = 0; ks < NKS; ++ks) {
+                    const uint4& kp = kr[nt][ks >> 1];
+                    u32 b0 = (ks & 1) ? kp.z : kp.x, b1 = (ks & 1) ? kp.w : kp.y;
+#pragma unroll
+                    for (int x = 0; x < NS; ++x) Mma<T>::mma(s4, qa[ks][0][x], 0u, qa[ks][1][x], 0u, b0, b1);
+                }
+#pragma unroll
+                for (int e = 0; e < 2; ++e) sc[nt][e] = base + 8 * nt + 2 * c + e < nr ? s4[e] : NEG_INF;
+            }
+            // Online softmax of head g over the tile (its 16 rows are the lanes of one quad).
+            float mx = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float mn = fmaxf(m, mx); // finite: row base is in every tile
+            float al = m == NEG_INF ? 0.f : __expf(m - mn);
+            m = mn;
+            float p[2][2];
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) p[nt][e] = sc[nt][e] == NEG_INF ? 0.f : __expf(sc[nt][e] - mn);
+            l = l * al + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+            // Oᵀ's columns are heads 2c, 2c + 1: their rescale factors from quads 2c, 2c + 1.
+            float al0 = __shfl_sync(0xffffffffu, al, 8 * c), al1 = __shfl_sync(0xffffffffu, al, 8 * c + 4);
+            u32 pb[2][NS]; // Pᵀ's (b0, b1) as split terms
+            split_pair<T>(p[0][0], p[0][1], pb[0]);
+            split_pair<T>(p[1][0], p[1][1], pb[1]);
+            u32 vw[4][4 * VP];
+#pragma unroll
+            for (int x = 0; x < 4; ++x)
+#pragma unroll
+                for (int vp = 0; vp < VP; ++vp) {
+                    vw[x][4 * vp] = vr[x][vp].x; vw[x][4 * vp + 1] = vr[x][vp].y;
+                    vw[x][4 * vp + 2] = vr[x][vp].z; vw[x][4 * vp + 3] = vr[x][vp].w;
+                }
+#pragma unroll
+            for (int mt = 0; mt < NKS; ++mt) {
+                acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
+                u32 a0 = pair_half(vw[0], vw[1], mt), a1 = pair_half(vw[0], vw[1], NKS + mt);
+                u32 a2 = pair_half(vw[2], vw[3], mt), a3 = pair_half(vw[2], vw[3], NKS + mt);
+#pragma unroll
+                for (int x = 0; x < NS; ++x) Mma<T>::mma(acc[mt], a0, a1, a2, a3, pb[0][x], pb[1][x]);
+            }
+        }
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        if (c == 0 && g < hps) { sm.wm[w][g] = m; sm.wl[w][g] = l; }
+        // Oᵀ rows g, g + 8 of m-tile mt are the lane's halves mt and NKS + mt: dims dim_of(·).
+        auto dim_of = [&](int i) { return i < 8 ? 8 * g + i : 64 + 8 * g + (i - 8); };
+#pragma unroll
+        for (int mt = 0; mt < NKS; ++mt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (2 * c + e < hps) {
+                    sm.wo[w][2 * c + e][dim_of(mt)] = acc[mt][e];
+                    sm.wo[w][2 * c + e][dim_of(NKS + mt)] = acc[mt][2 + e];
+                }
+        fac_end<MAXH>(D, B, sm);
+    }
+    if (out && last_block(done, B.seg, n_split)) combine_seg(D, B.seg, B.b, B.s, n_split, po, pml, out);
 }
 
 // (max M, Σ e·l, Σ e·o) of head h, dim j over splits sp0, sp0 + step, … < n_split, e = exp(m − M):
@@ -1576,6 +1848,13 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
         fac_impl<TY, HH, FACL_U(HH), true>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out); \
     }
+// Tensor-core FAC for head dim DD, every group size (≤ MAXH heads).
+#define FACM_ENTRY(NAME, TY, DD)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FAC_THREADS, FACM_MINB) facm_d##DD##_##NAME(                           \
+        Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
+        facm_impl<TY, DD>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);              \
+    }
 #define TIP_HEADS_ENTRY(NAME, TY, HH)                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_heads_h##HH##_##NAME(                                  \
         Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom, const int* lens,  \
@@ -1587,12 +1866,13 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
         tip_heads_impl<TY, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk);               \
     }
-// Pipelined int8 TIP `tip8p_<NS>x<JU>[f]_<dtype>` (f: FOLD), MINB resident blocks per SM.
-#define TIP8P_ENTRY(NAME, TY, NS, JU, MINB, FOLD)                                                                        \
-    extern "C" __global__ void __launch_bounds__(TIP_THREADS, MINB) tip8p_##NS##x##JU##FOLD##_##NAME(                   \
+// Pipelined int8 TIP `tip8p_<NS>x<JU><MN>_<dtype>` (MN: false, true, int for MODE 0, 1, 2),
+// MINB resident blocks per SM.
+#define TIP8P_ENTRY(NAME, TY, NS, JU, MINB, MODE, MN)                                                                    \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, MINB) tip8p_##NS##x##JU##MN##_##NAME(                     \
         Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
         const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) { \
-        tip8p_impl<TY, NS, JU, FOLD>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk); \
+        tip8p_impl<TY, NS, JU, MODE>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk); \
     }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
@@ -1620,8 +1900,9 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
                                                                           u32* done, int* thr, int nchunk) {              \
         tip_impl<TY, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk);         \
     }                                                                                                                    \
-    TIP8P_ENTRY(NAME, TY, 2, 4, 2, false)                                                                               \
-    TIP8P_ENTRY(NAME, TY, 2, 4, 2, true)                                                                                \
+    TIP8P_ENTRY(NAME, TY, 2, 4, 2, 0, false)                                                                            \
+    TIP8P_ENTRY(NAME, TY, 2, 4, 2, 1, true)                                                                             \
+    TIP8P_ENTRY(NAME, TY, 2, 4, 2, 2, int)                                                                              \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \
@@ -1634,6 +1915,8 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     FAC_ENTRY(NAME, TY, 2)                                                                                              \
     FAC_ENTRY(NAME, TY, 4)                                                                                              \
     FAC_ENTRY(NAME, TY, 8)                                                                                              \
+    FACM_ENTRY(NAME, TY, 64)                                                                                            \
+    FACM_ENTRY(NAME, TY, 128)                                                                                           \
     extern "C" __global__ void fill_random_##NAME(u16* x, u64 n, u32 seed, float amp) {                                  \
         for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)                \
             x[i] = TY::store(amp * hash_unit(i, seed));                                                                  \

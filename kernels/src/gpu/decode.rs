@@ -8,7 +8,7 @@
 use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::launch::pdl_scope;
-use super::{fac, rerank, select, tip, Dims, Gpu, GpuError, GpuKvCache, NBIN};
+use super::{fac, rerank, select, tip, Dims, FacKernel, Gpu, GpuError, GpuKvCache, NBIN};
 
 /// The operator's mode, as `AttnConfig` on the CPU (engine): every knob of the default `fasa`
 /// mode and of the paper's recipe.
@@ -82,14 +82,21 @@ pub struct FasaDecoder {
     /// 128k, dense 58.9 → 58.4 and 198.3 → 198.0, default int8 56.7 → 56.1 and 132.1 → 131.6), and
     /// was as fast or faster at batch 16.
     pub pdl: bool,
-    /// FAC over the selected rows with the lean kernels (`facl_h*`: q re-read from shared memory,
-    /// 4 instead of 3 blocks per SM for a group of 4). Default: on from 64 selections per step
-    /// (GPU run 6: −3.5 to −12 µs at batch 16 of Llama-3-8B shapes, +0.2 to +0.5 µs at batch 1
-    /// and at SmolLM2 batch 16 = 48 selections).
-    pub fac_lean: bool,
-    /// Dense attention with the lean kernels. Default: on from 2^18 cached rows (batch · KV heads ·
-    /// l_max) per step (run 6: 82.8 → 76.7 µs at 32k batch 1; slower at 8k batch 1).
-    pub dense_lean: bool,
+    /// The FAC kernel over the selected rows. Default: the tensor-core kernels (`facm_d*`, d = 64
+    /// or 128) from 32 selections per step; GPU run 19, same calls: paper int8 step at Llama-3-8B
+    /// shapes, B = 1024, 16 × 32k 104.2 → 101.2 µs and 16 × 128k 242.2 → 239.6 against the lean
+    /// kernels (each at its own one-wave split), SmolLM2 16 × 8k (48 selections) 36.5 → 34.7
+    /// against `fac_h*`. Other d: the lean kernels from 64 selections (`facl_h*`, GPU run 6: −3.5
+    /// to −12 µs at batch 16). Below 32, `fac_h*` (Llama 1 × 32k: 27.9 µs against 28.5 on tensor
+    /// cores; 1 × 8k 26.1 against 26.8).
+    pub fac_kernel: FacKernel,
+    /// The dense attention kernel. Default: the tensor-core kernels for d = 64 or 128 from 2^16
+    /// cached rows (batch · KV heads · l_max) per step (GPU run 19, same call and split, Llama-3-8B
+    /// shapes, lean or `fac_h*` → tensor cores: 16 × 32k 741.7 → 549.6 µs, 99 % of the copy
+    /// bandwidth; 16 × 128k 2918.4 → 2078.7; 1 × 128k 200.4 → 137.9; 1 × 32k 61.6 → 43.8; 1 × 8k
+    /// 23.5 → 19.0; below, SmolLM2 1 × 8k, 12.7 on `fac_h*` against 13.3); other d the lean kernels
+    /// from 2^18 rows (run 6: 82.8 → 76.7 µs at 32k batch 1; slower at 8k batch 1), else `fac_h*`.
+    pub dense_kernel: FacKernel,
     dims: Dims,
     dense_dims: Dims,
     pool: CudaSlice<i32>,
@@ -161,17 +168,27 @@ impl FasaDecoder {
         dense_dims.n_sel = cache.n_kv as i32;
         dense_dims.budget = cache.l_max as i32;
         let segs = cache.batch * n_sel;
-        // FAC split: one wave of resident blocks where the lean kernels run (fac::split_wave),
-        // else about 8 blocks per SM (fac::split).
-        let fac_lean = segs >= 64;
-        let fac_split = if fac_lean {
-            let per_sm = gpu.fac_blocks_per_sm(cache.dtype, hps, true)? as usize;
+        // FAC kernel (measurements at `fac_kernel`) and split: one wave of resident blocks from 64
+        // selections per step (fac::split_wave), else about 8 blocks per SM (fac::split).
+        let mma = matches!(cache.d, 64 | 128);
+        let fac_kernel = match (segs, mma) {
+            (32.., true) => FacKernel::Mma,
+            (64.., false) => FacKernel::Lean,
+            _ => FacKernel::Reg,
+        };
+        let fac_split = if segs >= 64 {
+            let per_sm = gpu.fac_blocks_per_sm(cache.dtype, hps, fac_kernel, cache.d)? as usize;
             fac::split_wave(cfg.budget.min(cache.l_max), segs, gpu.sm_count, per_sm)
         } else {
             fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count)
         };
-        let dense_lean = cache.batch * cache.n_kv * cache.l_max >= 1 << 18;
-        let dense_per_sm = gpu.fac_blocks_per_sm(cache.dtype, group, dense_lean)? as usize;
+        let rows = cache.batch * cache.n_kv * cache.l_max;
+        let dense_kernel = match (mma, rows) {
+            (true, 65536..) => FacKernel::Mma,
+            (_, 262144..) => FacKernel::Lean,
+            _ => FacKernel::Reg,
+        };
+        let dense_per_sm = gpu.fac_blocks_per_sm(cache.dtype, group, dense_kernel, cache.d)? as usize;
         let dense_split = fac::split_dense(cache.l_max, cache.batch * cache.n_kv, gpu.sm_count, dense_per_sm);
         let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
         let st = &gpu.stream;
@@ -211,8 +228,8 @@ impl FasaDecoder {
             filter_tok: 0,
             combine8: None,
             pdl: true,
-            fac_lean,
-            dense_lean,
+            fac_kernel,
+            dense_kernel,
             cfg: DecodeConfig { rerank, ..cfg },
             dims,
             dense_dims,
@@ -346,9 +363,9 @@ impl FasaDecoder {
         let (rps, ns) = self.fac_split;
         if self.fused_combine {
             let fused = Some((&mut self.done_fac, &mut *out));
-            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused, self.fac_lean)
+            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused, self.fac_kernel)
         } else {
-            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, None, self.fac_lean)?;
+            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, None, self.fac_kernel)?;
             fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out, self.combine8)
         }
     }
@@ -358,7 +375,7 @@ impl FasaDecoder {
         let _pdl = pdl_scope(self.pdl);
         let (rps, ns) = self.dense_split;
         // Many splits: a separate combine launch merges them in parallel.
-        fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None, self.dense_lean)?;
+        fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None, self.dense_kernel)?;
         fac::combine(gpu, &self.dense_dims, ns, &self.po, &self.pml, out, self.combine8)
     }
 }

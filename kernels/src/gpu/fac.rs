@@ -3,7 +3,7 @@
 //! blocks (`rows_per_split` each, fused softmax per block) and `combine` merges the partials.
 use cudarc::driver::CudaSlice;
 
-use super::{cfg, Dims, Dtype, Gpu, GpuError, FAC_MAX_ROWS};
+use super::{cfg, Dims, Dtype, FacKernel, Gpu, GpuError, FAC_MAX_ROWS};
 
 /// Rows per block and blocks per selection of FAC over `n_rows` selected rows and `n_seg`
 /// selections (split-K): about 8 blocks per multiprocessor (3 are resident for a group of 4, so
@@ -66,7 +66,7 @@ pub fn partials(
     po: &mut CudaSlice<f32>,
     pml: &mut CudaSlice<f32>,
     fused: Option<(&mut CudaSlice<u32>, &mut CudaSlice<f32>)>,
-    lean: bool,
+    kind: FacKernel,
 ) -> Result<(), GpuError> {
     let segs = (dims.batch * dims.n_sel) as usize;
     if let Some((done, out)) = &fused {
@@ -84,7 +84,7 @@ pub fn partials(
     }
     let (rps, ns) = (rows_per_split as i32, n_split as i32);
     let null = 0u64;
-    let f = gpu.f.fac(dt, hps, lean);
+    let f = gpu.f.fac(dt, hps, kind, dims.d as usize)?;
     let mut l = gpu.launcher(f);
     l.arg(dims).arg(k).arg(v).arg(q).arg(fc_of_slot).arg(lens);
     match sel {

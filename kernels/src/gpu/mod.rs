@@ -45,15 +45,19 @@ pub const MAX_HPS: usize = 8;
 /// Most selected rows one FAC block handles (`FAC_MAX_ROWS`; dense blocks take any number).
 pub const FAC_MAX_ROWS: usize = 1024;
 pub(crate) const TIP_TOK: usize = 1024; // TIP_THREADS · TIP_TPT
-/// The pipelined int8 TIP kernels compiled (`TIP8P_ENTRY` in fasa.cu), as `100·fold + 10·NS + JU`:
-/// the default and its unfolded twin (the same bits as `tip8`). GPU run 15 also timed 3 stages of
-/// 2 tokens (32, 132) and 4 of 2 (42, 142), slower at batch 16; no longer compiled.
-pub const TIP8_PIPES: [usize; 2] = [24, 124];
-/// Default int8 TIP kernel ([`tip8_pipe`]): 2 stages of 4 tokens per thread, scales folded into
-/// q (GPU run 15, paper int8 step, Llama shapes: 16 × 128k 310.0 → 277.9 µs, 16 × 32k 134.9 →
-/// 120.7, 1 × 128k 57.5 → 43.8; unfolded 24: 295.4 / 122.0 / 45.9; 3 stages of 2 tokens at 3
-/// blocks/SM (32, 132) and 4 stages of 2 (42, 142) were slower at batch 16).
-pub const TIP8_PIPE: usize = 124;
+/// The pipelined int8 TIP kernels compiled (`TIP8P_ENTRY` in fasa.cu), as `100·mode + 10·NS + JU`
+/// (mode 0: unfolded, the same bits as `tip8`; 1: scales folded into q; 2: folded q as three int8
+/// terms, integer dot products). GPU run 15 also timed 3 stages of 2 tokens (32, 132) and 4 of 2
+/// (42, 142), slower at batch 16; no longer compiled.
+pub const TIP8_PIPES: [usize; 3] = [24, 124, 224];
+/// Default int8 TIP kernel ([`tip8_pipe`]): 2 stages of 4 tokens per thread, the folded q as
+/// int8 terms (GPU run 19, paper int8 step, Llama shapes, same call: 1 × 32k 28.2 → 28.0 µs,
+/// 1 × 128k 39.7 → 38.7, 16 × 128k 240.7 → 239.6 with the tensor-core FAC, TIP alone 16 × 128k
+/// 192 → 172 µs; 16 × 32k 101.2 vs 101.8, a tie). Before: 124, scales folded into q (GPU run
+/// 15: 16 × 128k 310.0 → 277.9 µs, 16 × 32k 134.9 → 120.7, 1 × 128k 57.5 → 43.8 against
+/// the unfolded 24: 295.4 / 122.0 / 45.9; 3 stages of 2 tokens at 3 blocks/SM (32, 132) and 4
+/// stages of 2 (42, 142) were slower at batch 16).
+pub const TIP8_PIPE: usize = 224;
 pub(crate) const MASS_TOK: usize = 2048; // 256 · MASS_TPT
 pub(crate) const RR_ROWS: usize = 256;
 /// Tokens per int8 quantisation block (`QB` in common.cuh, `cpu::QB`).
@@ -178,6 +182,33 @@ pub(crate) struct Funcs {
     pub fac: [[CudaFunction; 4]; 2],
     /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
     pub facl: [[CudaFunction; 4]; 2],
+    /// Per dtype, the tensor-core FAC/dense kernels for d = 64 and 128 (`facm_d*`).
+    pub facm: [[CudaFunction; 2]; 2],
+}
+
+/// Which FAC/dense kernel family runs (same partials, same split; `fac::partials`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FacKernel {
+    /// `fac_h*`: each lane holds its dims of q in registers (CUDA cores).
+    Reg,
+    /// `facl_h*`: q re-read from shared memory at each use, more blocks per SM.
+    Lean,
+    /// `facm_d*`: tensor cores (mma.sync m16n8k16, f32 accumulation; q and p as hi + lo 16-bit
+    /// pairs); head dim 64 or 128 only, any group of ≤ 8 heads.
+    Mma,
+}
+
+impl FacKernel {
+    pub const ALL: [FacKernel; 3] = [FacKernel::Reg, FacKernel::Lean, FacKernel::Mma];
+
+    /// One letter for benchmark labels: n, l, m.
+    pub fn letter(self) -> char {
+        match self {
+            FacKernel::Reg => 'n',
+            FacKernel::Lean => 'l',
+            FacKernel::Mma => 'm',
+        }
+    }
 }
 
 impl Funcs {
@@ -206,16 +237,22 @@ impl Funcs {
         TIP8_PIPES.iter().position(|&p| p == pipe).map(|i| &self.tip8p[dt as usize][i])
     }
 
-    /// The FAC kernel compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8).
-    /// `lean` picks the `facl_h*` kernels.
-    pub fn fac(&self, dt: Dtype, hps: usize, lean: bool) -> &CudaFunction {
+    /// The FAC kernel of family `kind` for `hps` heads of dim `d`: of `Reg` and `Lean` the one
+    /// compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8); `Mma` needs d = 64 or 128.
+    pub fn fac(&self, dt: Dtype, hps: usize, kind: FacKernel, d: usize) -> Result<&CudaFunction, GpuError> {
         let i = match hps {
             0 | 1 => 0,
             2 => 1,
             3 | 4 => 2,
             _ => 3,
         };
-        if lean { &self.facl[dt as usize][i] } else { &self.fac[dt as usize][i] }
+        match (kind, d) {
+            (FacKernel::Reg, _) => Ok(&self.fac[dt as usize][i]),
+            (FacKernel::Lean, _) => Ok(&self.facl[dt as usize][i]),
+            (FacKernel::Mma, 64) => Ok(&self.facm[dt as usize][0]),
+            (FacKernel::Mma, 128) => Ok(&self.facm[dt as usize][1]),
+            (FacKernel::Mma, _) => Err(GpuError::Shape(format!("fac: the tensor-core kernels need d = 64 or 128, not {d}"))),
+        }
     }
 }
 
@@ -231,8 +268,8 @@ pub fn tip8_pipe() -> usize {
 
 /// Stages NS, tokens per thread and unit JU, and whether the scales are folded into q, of a
 /// pipelined int8 TIP code `100·fold + 10·NS + JU` (kernel `tip8p_<NS>x<JU><fold>_<dtype>`).
-pub(crate) fn tip8_pipe_parts(pipe: usize) -> (usize, usize, bool) {
-    ((pipe % 100) / 10, pipe % 10, pipe >= 100)
+pub(crate) fn tip8_pipe_parts(pipe: usize) -> (usize, usize, &'static str) {
+    ((pipe % 100) / 10, pipe % 10, ["false", "true", "int"][(pipe / 100).min(2)])
 }
 
 /// Dynamic shared memory of the pipelined int8 TIP `pipe`: NS stages of two groups' 16-byte
@@ -371,13 +408,17 @@ impl Gpu {
             let s = dt.suffix();
             Ok([get(&format!("facl_h1_{s}"))?, get(&format!("facl_h2_{s}"))?, get(&format!("facl_h4_{s}"))?, get(&format!("facl_h8_{s}"))?])
         };
+        let facm = |dt: Dtype| -> Result<[CudaFunction; 2], DriverError> {
+            let s = dt.suffix();
+            Ok([get(&format!("facm_d64_{s}"))?, get(&format!("facm_d128_{s}"))?])
+        };
         // The pipelined TIP's stages are dynamic shared memory beyond the default 48 KB.
         let tip8p = |dt: Dtype| -> Result<[CudaFunction; TIP8_PIPES.len()], DriverError> {
             let s = dt.suffix();
             let mut v = Vec::new();
             for p in TIP8_PIPES {
-                let (ns, ju, fold) = tip8_pipe_parts(p);
-                let f = get(&format!("tip8p_{ns}x{ju}{fold}_{s}"))?;
+                let (ns, ju, mode) = tip8_pipe_parts(p);
+                let f = get(&format!("tip8p_{ns}x{ju}{mode}_{s}"))?;
                 f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, tip8p_smem(p) as i32)?;
                 v.push(f);
             }
@@ -398,6 +439,7 @@ impl Gpu {
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
+            facm: [facm(Dtype::F16)?, facm(Dtype::Bf16)?],
             tip8p: [tip8p(Dtype::F16)?, tip8p(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
@@ -450,14 +492,14 @@ impl Gpu {
 impl Gpu {
     /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for
     /// a group of 4, group-mass tip for 4 and 8 heads, then int8 tip and group-mass tip for 4
-    /// and 8 heads, pipelined int8 tip 24 and 124) for `dt`.
-    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 11], GpuError> {
+    /// and 8 heads, pipelined int8 tip 24 and 124, tensor-core fac for d = 128) for `dt`.
+    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 12], GpuError> {
         let occ = |f: &CudaFunction, threads: u32| f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None);
         Ok([
             occ(self.f.tip(dt, false), 256)?,
             occ(&self.f.select_filter[0], 256)?,
-            occ(self.f.fac(dt, 4, false), 128)?,
-            occ(self.f.fac(dt, 4, true), 128)?,
+            occ(self.f.fac(dt, 4, FacKernel::Reg, 128)?, 128)?,
+            occ(self.f.fac(dt, 4, FacKernel::Lean, 128)?, 128)?,
             occ(self.f.tip_heads(dt, 4, false), 256)?,
             occ(self.f.tip_heads(dt, 8, false), 256)?,
             occ(self.f.tip(dt, true), 256)?,
@@ -465,12 +507,13 @@ impl Gpu {
             occ(self.f.tip_heads(dt, 8, true), 256)?,
             self.tip8p_blocks_per_sm(dt, 24)?,
             self.tip8p_blocks_per_sm(dt, 124)?,
+            occ(self.f.fac(dt, 4, FacKernel::Mma, 128)?, 128)?,
         ])
     }
 
-    /// Resident blocks per multiprocessor of the FAC kernel for `hps` heads (`lean`: `facl_h*`).
-    pub fn fac_blocks_per_sm(&self, dt: Dtype, hps: usize, lean: bool) -> Result<u32, GpuError> {
-        Ok(self.f.fac(dt, hps, lean).occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?)
+    /// Resident blocks per multiprocessor of the FAC kernel `kind` for `hps` heads of dim `d`.
+    pub fn fac_blocks_per_sm(&self, dt: Dtype, hps: usize, kind: FacKernel, d: usize) -> Result<u32, GpuError> {
+        Ok(self.f.fac(dt, hps, kind, d)?.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?)
     }
 
     /// Resident blocks per multiprocessor of the pipelined int8 TIP `pipe` ([`TIP8_PIPES`]).
