@@ -1303,8 +1303,11 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
 // registers per lane, so more blocks fit per multiprocessor (run 6).
 #define FACL_U(H) ((H) >= 8 ? 2 : 4)
 #define FACL_MINB(H) ((H) >= 8 ? 3 : (H) >= 4 ? 4 : (H) >= 2 ? 5 : 6)
+#ifndef FACM_TU
+#define FACM_TU 2 // tensor-core FAC (facm_impl): tiles of 16 rows per warp iteration
+#endif
 #ifndef FACM_MINB
-#define FACM_MINB 3 // tensor-core FAC (facm_impl)
+#define FACM_MINB (FACM_TU > 1 ? 2 : 3) // and its resident blocks per SM
 #endif
 
 // Four floats from shared memory; volatile so the compiler does not hoist q out of the row loop
@@ -1589,7 +1592,7 @@ template <int NW> __device__ __forceinline__ u32 pair_half(const u32 (&x)[NW], c
 // bytes per load) are Vᵀ's rows g and g + 8 of each m-tile. q and p go in as sums of 16-bit
 // pairs (split_pair: NS mma each), so products are those of f32 q and p, as fac_impl's.
 // Per lane: Q fragments NS·DD/8 registers, accumulators DD/4, one tile's K and V loads DD/2.
-template <class T, int DD>
+template <class T, int DD, int TU>
 __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                           int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
     pdl_begin();
@@ -1624,71 +1627,83 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
         for (int mt = 0; mt < NKS; ++mt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-        for (int base = w * 16; base < nr; base += FAC_NW * 16) {
-            uint4 kr[2][NPT], vr[4][VP];
+        // TU tiles per iteration, all their loads issued before any is used.
+        for (int base = w * 16 * TU; base < nr; base += FAC_NW * 16 * TU) {
+            uint4 kr_t[TU][2][NPT], vr_t[TU][4][VP];
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-                int i = base + 8 * nt + g;
-                u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
-                const u16* kt = kb + (size_t)(t / KT) * NGRP * KT * GE + (size_t)(t % KT) * rg * GE;
+            for (int tt = 0; tt < TU; ++tt) {
+                int tb = base + 16 * tt;
 #pragma unroll
-                for (int pi = 0; pi < NPT; ++pi) kr[nt][pi] = i < nr ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
-            }
+                for (int nt = 0; nt < 2; ++nt) {
+                    int i = tb + 8 * nt + g;
+                    u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
+                    const u16* kt = kb + (size_t)(t / KT) * NGRP * KT * GE + (size_t)(t % KT) * rg * GE;
 #pragma unroll
-            for (int x = 0; x < 4; ++x) {
-                int i = base + 8 * (x >> 1) + 2 * c + (x & 1);
-                u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
-#pragma unroll
-                for (int vp = 0; vp < VP; ++vp) vr[x][vp] = i < nr ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
-            }
-            // S: sc[nt][e] = head g's score of row base + 8nt + 2c + e.
-            float sc[2][2];
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-                float s4[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                for (int ks = 0; ks < NKS; ++ks) {
-                    const uint4& kp = kr[nt][ks >> 1];
-                    u32 b0 = (ks & 1) ? kp.z : kp.x, b1 = (ks & 1) ? kp.w : kp.y;
-#pragma unroll
-                    for (int x = 0; x < NS; ++x) Mma<T>::mma(s4, qa[ks][0][x], 0u, qa[ks][1][x], 0u, b0, b1);
+                    for (int pi = 0; pi < NPT; ++pi) kr_t[tt][nt][pi] = i < nr ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
                 }
 #pragma unroll
-                for (int e = 0; e < 2; ++e) sc[nt][e] = base + 8 * nt + 2 * c + e < nr ? s4[e] : NEG_INF;
-            }
-            // Online softmax of head g over the tile (its 16 rows are the lanes of one quad).
-            float mx = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            float mn = fmaxf(m, mx); // finite: row base is in every tile
-            float al = m == NEG_INF ? 0.f : __expf(m - mn);
-            m = mn;
-            float p[2][2];
+                for (int x = 0; x < 4; ++x) {
+                    int i = tb + 8 * (x >> 1) + 2 * c + (x & 1);
+                    u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
 #pragma unroll
-            for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) p[nt][e] = sc[nt][e] == NEG_INF ? 0.f : __expf(sc[nt][e] - mn);
-            l = l * al + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
-            // Oᵀ's columns are heads 2c, 2c + 1: their rescale factors from quads 2c, 2c + 1.
-            float al0 = __shfl_sync(0xffffffffu, al, 8 * c), al1 = __shfl_sync(0xffffffffu, al, 8 * c + 4);
-            u32 pb[2][NS]; // Pᵀ's (b0, b1) as split terms
-            split_pair<T>(p[0][0], p[0][1], pb[0]);
-            split_pair<T>(p[1][0], p[1][1], pb[1]);
-            u32 vw[4][4 * VP];
-#pragma unroll
-            for (int x = 0; x < 4; ++x)
-#pragma unroll
-                for (int vp = 0; vp < VP; ++vp) {
-                    vw[x][4 * vp] = vr[x][vp].x; vw[x][4 * vp + 1] = vr[x][vp].y;
-                    vw[x][4 * vp + 2] = vr[x][vp].z; vw[x][4 * vp + 3] = vr[x][vp].w;
+                    for (int vp = 0; vp < VP; ++vp) vr_t[tt][x][vp] = i < nr ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
                 }
+            }
 #pragma unroll
-            for (int mt = 0; mt < NKS; ++mt) {
-                acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
-                u32 a0 = pair_half(vw[0], vw[1], mt), a1 = pair_half(vw[0], vw[1], NKS + mt);
-                u32 a2 = pair_half(vw[2], vw[3], mt), a3 = pair_half(vw[2], vw[3], NKS + mt);
+            for (int tt = 0; tt < TU; ++tt) {
+                int tb = base + 16 * tt;
+                if (tb >= nr) break; // (warp-uniform)
+                const uint4(&kr)[2][NPT] = kr_t[tt];
+                const uint4(&vr)[4][VP] = vr_t[tt];
+                // S: sc[nt][e] = head g's score of row tb + 8nt + 2c + e.
+                float sc[2][2];
 #pragma unroll
-                for (int x = 0; x < NS; ++x) Mma<T>::mma(acc[mt], a0, a1, a2, a3, pb[0][x], pb[1][x]);
+                for (int nt = 0; nt < 2; ++nt) {
+                    float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int ks = 0; ks < NKS; ++ks) {
+                        const uint4& kp = kr[nt][ks >> 1];
+                        u32 b0 = (ks & 1) ? kp.z : kp.x, b1 = (ks & 1) ? kp.w : kp.y;
+#pragma unroll
+                        for (int x = 0; x < NS; ++x) Mma<T>::mma(s4, qa[ks][0][x], 0u, qa[ks][1][x], 0u, b0, b1);
+                    }
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) sc[nt][e] = tb + 8 * nt + 2 * c + e < nr ? s4[e] : NEG_INF;
+                }
+                // Online softmax of head g over the tile (its 16 rows are the lanes of one quad).
+                float mx = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                float mn = fmaxf(m, mx); // finite: row tb is in the tile
+                float al = m == NEG_INF ? 0.f : __expf(m - mn);
+                m = mn;
+                float p[2][2];
+#pragma unroll
+                for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) p[nt][e] = sc[nt][e] == NEG_INF ? 0.f : __expf(sc[nt][e] - mn);
+                l = l * al + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+                // Oᵀ's columns are heads 2c, 2c + 1: their rescale factors from quads 2c, 2c + 1.
+                float al0 = __shfl_sync(0xffffffffu, al, 8 * c), al1 = __shfl_sync(0xffffffffu, al, 8 * c + 4);
+                u32 pb[2][NS]; // Pᵀ's (b0, b1) as split terms
+                split_pair<T>(p[0][0], p[0][1], pb[0]);
+                split_pair<T>(p[1][0], p[1][1], pb[1]);
+                u32 vw[4][4 * VP];
+#pragma unroll
+                for (int x = 0; x < 4; ++x)
+#pragma unroll
+                    for (int vp = 0; vp < VP; ++vp) {
+                        vw[x][4 * vp] = vr[x][vp].x; vw[x][4 * vp + 1] = vr[x][vp].y;
+                        vw[x][4 * vp + 2] = vr[x][vp].z; vw[x][4 * vp + 3] = vr[x][vp].w;
+                    }
+#pragma unroll
+                for (int mt = 0; mt < NKS; ++mt) {
+                    acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
+                    u32 a0 = pair_half(vw[0], vw[1], mt), a1 = pair_half(vw[0], vw[1], NKS + mt);
+                    u32 a2 = pair_half(vw[2], vw[3], mt), a3 = pair_half(vw[2], vw[3], NKS + mt);
+#pragma unroll
+                    for (int x = 0; x < NS; ++x) Mma<T>::mma(acc[mt], a0, a1, a2, a3, pb[0][x], pb[1][x]);
+                }
             }
         }
         l += __shfl_xor_sync(0xffffffffu, l, 1);
@@ -1853,7 +1868,7 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     extern "C" __global__ void __launch_bounds__(FAC_THREADS, FACM_MINB) facm_d##DD##_##NAME(                           \
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
-        facm_impl<TY, DD>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);              \
+        facm_impl<TY, DD, FACM_TU>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);     \
     }
 #define TIP_HEADS_ENTRY(NAME, TY, HH)                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_heads_h##HH##_##NAME(                                  \

@@ -76,9 +76,22 @@ pub fn k_run() -> usize {
     })
 }
 
-/// [`SOURCE`] with `KR` set to [`k_run`].
+/// Row tiles of 16 per warp iteration of the tensor-core FAC (`FACM_TU` in fasa.cu): 2, or
+/// `FASA_GPU_FACM_TU` (1 to 3; benchmarks). Two tiles' loads in flight per warp at 2 blocks per
+/// SM beat one tile's at 3 (GPU run 19, two alternations in one call, µs: dense 16 × 32k 549 →
+/// 515, 16 × 128k 2077 → 1968, 1 × 128k 137.8 → 133.2, 1 × 32k 43.8 → 42.7; paper int8 step
+/// 16 × 32k 101.1 → 99.6, 16 × 128k 239.1 → 237.6). Read once.
+pub fn facm_tiles() -> usize {
+    static R: OnceLock<usize> = OnceLock::new();
+    *R.get_or_init(|| match std::env::var("FASA_GPU_FACM_TU").ok().and_then(|v| v.parse().ok()) {
+        Some(t @ 1..=3) => t,
+        _ => 2,
+    })
+}
+
+/// [`SOURCE`] with `KR` set to [`k_run`] and `FACM_TU` to [`facm_tiles`].
 fn source() -> String {
-    format!("#define KR {}\n{SOURCE}", k_run())
+    format!("#define KR {}\n#define FACM_TU {}\n{SOURCE}", k_run(), facm_tiles())
 }
 
 #[derive(Debug, thiserror::Error)]
