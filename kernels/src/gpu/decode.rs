@@ -90,12 +90,12 @@ pub struct FasaDecoder {
     /// to −12 µs at batch 16). Below 32, `fac_h*` (Llama 1 × 32k: 27.9 µs against 28.5 on tensor
     /// cores; 1 × 8k 26.1 against 26.8).
     pub fac_kernel: FacKernel,
-    /// The dense attention kernel. Default: the tensor-core kernels for d = 64 or 128 from 2^16
-    /// cached rows (batch · KV heads · l_max) per step (GPU run 19, same call and split, Llama-3-8B
-    /// shapes, lean or `fac_h*` → tensor cores: 16 × 32k 741.7 → 549.6 µs, 99 % of the copy
-    /// bandwidth; 16 × 128k 2918.4 → 2078.7; 1 × 128k 200.4 → 137.9; 1 × 32k 61.6 → 43.8; 1 × 8k
-    /// 23.5 → 19.0; below, SmolLM2 1 × 8k, 12.7 on `fac_h*` against 13.3); other d the lean kernels
-    /// from 2^18 rows (run 6: 82.8 → 76.7 µs at 32k batch 1; slower at 8k batch 1), else `fac_h*`.
+    /// The dense attention kernel. Default: the tensor-core kernels for d = 64 or 128 (GPU run
+    /// 19, same call and split, fastest other kernel → tensor cores, Llama-3-8B shapes: 16 × 32k
+    /// 743.6 → 514.1 µs, 106 % of the copy bandwidth; 16 × 128k 2872.7 → 1955.0; 1 × 128k 239.7 →
+    /// 134.7; 1 × 32k 69.4 → 43.1; 1 × 8k 23.6 → 18.8; SmolLM2 1 × 8k 12.8 → 11.0, 16 × 8k 51.4 →
+    /// 41.2); other d the lean kernels from 2^18 cached rows (batch · KV heads · l_max) per step
+    /// (run 6: 82.8 → 76.7 µs at 32k batch 1; slower at 8k batch 1), else `fac_h*`.
     pub dense_kernel: FacKernel,
     dims: Dims,
     dense_dims: Dims,
@@ -182,10 +182,9 @@ impl FasaDecoder {
         } else {
             fac::split(cfg.budget.min(cache.l_max), segs, gpu.sm_count)
         };
-        let rows = cache.batch * cache.n_kv * cache.l_max;
-        let dense_kernel = match (mma, rows) {
-            (true, 65536..) => FacKernel::Mma,
-            (_, 262144..) => FacKernel::Lean,
+        let dense_kernel = match (mma, cache.batch * cache.n_kv * cache.l_max) {
+            (true, _) => FacKernel::Mma,
+            (false, 262144..) => FacKernel::Lean,
             _ => FacKernel::Reg,
         };
         let dense_per_sm = gpu.fac_blocks_per_sm(cache.dtype, group, dense_kernel, cache.d)? as usize;
