@@ -1591,7 +1591,9 @@ template <int NW> __device__ __forceinline__ u32 pair_half(const u32 (&x)[NW], c
 // T1[2c + e] dims 8g .. 8g + 7 (and 64 + 8g .., d = 128: 8 lanes read one row's 128 contiguous
 // bytes per load) are Vᵀ's rows g and g + 8 of each m-tile. q and p go in as sums of 16-bit
 // pairs (split_pair: NS mma each), so products are those of f32 q and p, as fac_impl's.
-// Per lane: Q fragments NS·DD/8 registers, accumulators DD/4, one tile's K and V loads DD/2.
+// Per lane: Q fragments NS·DD/8 registers, accumulators DD/4, and TU tiles' K and V loads DD/2
+// each: with TU = 2 (FACM_TU), 255 registers at d = 128 and 2 blocks per SM, which beat one tile
+// at 3 blocks per SM at every target shape (bench/RESULTS.md, GPU run 19).
 template <class T, int DD, int TU>
 __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                           int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
