@@ -8,8 +8,9 @@
 //!
 //! Run on the device: bench/gpu/run.sh. `--quick` times a few shapes only; `--targets` the four
 //! shapes of issue 5's targets (Llama-3-8B, batch 1 and 16, 32k and 128k, B = 1024) with the
-//! paper's rows and the engine's default int8 row: the decoder's threshold and FAC kernel, the
-//! combine fused or apart, TIP blocks of the automatic, 2 and 4 chunks.
+//! paper's rows and the engine's default int8 row: the decoder's threshold, every FAC kernel family
+//! (at the decoder's split), the combine fused or apart for the decoder's FAC kernel, TIP blocks of
+//! the automatic, 2 and 4 chunks.
 //! `FASA_BENCH_SHAPES=16x32768,1x131072` keeps only those (batch × L) shapes and
 //! `FASA_BENCH_MODES=dense_inhouse,fasa_paper_group_int8` only those rows (profiling).
 //! `FASA_BENCH_BATCHES=1,4,16` sets the batch sizes (default 1 and 16).
@@ -174,7 +175,7 @@ fn main() {
         bw_memcpy / 1e12
     )];
     lines.push(format!(
-        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8), tip8p 24, tip8p 124, facm(d=128) = {:?}",
+        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8), tip8p 24, tip8p 124, tip8p 224, facm(d=128) = {:?}",
         gpu.occupancy(Dtype::F16).unwrap()
     ));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
@@ -265,7 +266,7 @@ fn main() {
             // fastest kept.
             let mut best = (f64::INFINITY, FacKernel::Reg);
             let mut all = Vec::new();
-            for fk in FacKernel::ALL {
+            for fk in FacKernel::ALL.into_iter().filter(|k| k.supports(s.d)) {
                 for d in decs.iter_mut() {
                     d.dense_kernel = fk;
                 }
@@ -363,7 +364,7 @@ fn main() {
                 // Every FAC kernel family with the decoder's threshold (--targets: with both
                 // combines for the decoder's FAC kernel).
                 let (t, fk0) = (decs[0].thr_in_tip, decs[0].fac_kernel);
-                let mut paths: Vec<(bool, bool, FacKernel)> = FacKernel::ALL.into_iter().map(|fk| (t, false, fk)).collect();
+                let mut paths: Vec<(bool, bool, FacKernel)> = FacKernel::ALL.into_iter().filter(|k| k.supports(s.d)).map(|fk| (t, false, fk)).collect();
                 if targets {
                     paths.push((t, true, fk0));
                 } else {

@@ -474,10 +474,11 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
 // the same order, so the same bits. MODE 1 (`true`): the warp folds the block's scales into q
 // once (q_e · scale_e in shared memory, as cpu::fc_scores_q8), one multiply fewer per element.
 // MODE 2 (`int`): the folded q of the block and group pair, y = q_e·scale_e·127/max|·|, is
-// written as three int8 terms y ≈ Q1 + Q2/254 + Q3/254² (error ≤ 2^-17 of max|y|, 6e-8 of the
-// largest element), and each term's dot product with the int8 pieces is exact in int32 (dp4a, 4
-// elements an instruction): per element 3/4 instruction instead of 3 (byte permute, subtract,
-// FMA), which bounded MODE 1 (ncu, GPU run 18: 0.66 issued per scheduler at 56 % of DRAM).
+// written as three int8 terms y ≈ Q1 + Q2/254 + Q3/254² (|y − Σ| ≤ 0.5/254², 6e-8 of max|y|;
+// ~2e-7 with the f32 scalings), and each term's dot product with the int8 pieces is exact in
+// int32 (dp4a, 4 elements an instruction): per element 3/4 instruction instead of 3 (byte
+// permute, subtract, FMA), which bounded MODE 1 (ncu, GPU run 18: 0.66 issued per scheduler at
+// 56 % of DRAM).
 // Dynamic shared memory: NS stages of tip8p_stage(JU) bytes.
 #define TIP8P_SC(JU) ((TIP_THREADS / 32) * (JU) * 2 * FCG) // floats per stage: (warp, j, group, FC)
 #define TIP8P_DATA(JU) (2 * TIP_THREADS * (JU) * 16)       // 2 groups × JU·TIP_THREADS tokens × 16 B
@@ -600,7 +601,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                                 if (on) qf[MODE == 1 ? w : 0][j][u][e] = x;
                             } else {
                                 float mx = warp_max_abs(x); // over the pair's 32 elements
-                                float inv = mx > 0.f ? 127.f / mx : 0.f;
+                                float inv = mx > 1e-30f ? 127.f / mx : 0.f; // (no ∞ from a denormal max)
                                 float y = x * inv, r = rintf(y);
                                 i8* qt = &qq[MODE == 2 ? w : 0][j][0][u][e];
                                 qt[0] = (i8)(int)r;
@@ -1563,8 +1564,9 @@ template <> struct Mma<BF16> {
 };
 
 // (x0, x1) as a sum of Mma<T>::NS 16-bit pairs, each the rounding of what the ones before left:
-// two f16 pairs hold the f32 pair to ~2^-22 relative, three bf16 pairs to ~2^-24, so NS mma with
-// 16-bit operands give the products of f32 operands.
+// two f16 pairs hold an f32 pair to ~2^-22 relative (to ~3e-8 absolute below 6e-5, where the
+// second term is subnormal), three bf16 pairs to ~2^-24, so NS mma with 16-bit operands give
+// nearly the products of f32 operands.
 template <class T> __device__ __forceinline__ void split_pair(float x0, float x1, u32 (&r)[Mma<T>::NS]) {
 #pragma unroll
     for (int i = 0; i < Mma<T>::NS; ++i) {
@@ -1591,9 +1593,12 @@ template <int NW> __device__ __forceinline__ u32 pair_half(const u32 (&x)[NW], c
 // T1[2c + e] dims 8g .. 8g + 7 (and 64 + 8g .., d = 128: 8 lanes read one row's 128 contiguous
 // bytes per load) are Vᵀ's rows g and g + 8 of each m-tile. q and p go in as sums of 16-bit
 // pairs (split_pair: NS mma each), so products are those of f32 q and p, as fac_impl's.
-// Per lane: Q fragments NS·DD/8 registers, accumulators DD/4, and TU tiles' K and V loads DD/2
-// each: with TU = 2 (FACM_TU), 255 registers at d = 128 and 2 blocks per SM, which beat one tile
-// at 3 blocks per SM at every target shape (bench/RESULTS.md, GPU run 19).
+// The products are exact, the tensor cores' f32 sums are not rounded as IEEE adds are, and the
+// second fp16 term of a pair below ~6e-5 is subnormal (absolute error ≤ 3e-8 per q or p element).
+// Tests: the dense output within 2.4–3.0e-7 of fac_impl's, FAC and dense within 1.2e-6 of the CPU
+// on captured K/V (GPU run 19). Per lane: Q fragments NS·DD/8 registers, accumulators DD/4, and
+// DD/2 for each of the TU tiles' K and V loads: with TU = 2 (FACM_TU), 255 registers at d = 128
+// and 2 blocks per SM, which beat one tile at 3 blocks per SM at every target shape (run 19).
 template <class T, int DD, int TU>
 __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                           int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {

@@ -88,14 +88,17 @@ pub struct FasaDecoder {
     /// kernels (each at its own one-wave split), SmolLM2 16 × 8k (48 selections) 36.5 → 34.7
     /// against `fac_h*`. Other d: the lean kernels from 64 selections (`facl_h*`, GPU run 6: −3.5
     /// to −12 µs at batch 16). Below 32, `fac_h*` (Llama 1 × 32k: 27.9 µs against 28.5 on tensor
-    /// cores; 1 × 8k 26.1 against 26.8).
+    /// cores; 1 × 8k 26.1 against 26.8). Setting it keeps the split, which is sized for the
+    /// default kernel's blocks per SM ([`FasaDecoder::set_fac_rows`] sets another); `Mma` with d
+    /// other than 64 or 128 fails at the step with `GpuError::Shape`.
     pub fac_kernel: FacKernel,
     /// The dense attention kernel. Default: the tensor-core kernels for d = 64 or 128 (GPU run
     /// 19, same call and split, fastest other kernel → tensor cores, Llama-3-8B shapes: 16 × 32k
     /// 743.6 → 514.1 µs, 106 % of the copy bandwidth; 16 × 128k 2872.7 → 1955.0; 1 × 128k 239.7 →
     /// 134.7; 1 × 32k 69.4 → 43.1; 1 × 8k 23.6 → 18.8; SmolLM2 1 × 8k 12.8 → 11.0, 16 × 8k 51.4 →
     /// 41.2); other d the lean kernels from 2^18 cached rows (batch · KV heads · l_max) per step
-    /// (run 6: 82.8 → 76.7 µs at 32k batch 1; slower at 8k batch 1), else `fac_h*`.
+    /// (run 6: 82.8 → 76.7 µs at 32k batch 1; slower at 8k batch 1), else `fac_h*`. Setting it
+    /// keeps the split, as for `fac_kernel`.
     pub dense_kernel: FacKernel,
     dims: Dims,
     dense_dims: Dims,

@@ -8,7 +8,7 @@ use super::{cfg, Dims, Dtype, FacKernel, Gpu, GpuError, FAC_MAX_ROWS};
 /// Rows per block and blocks per selection of FAC over `n_rows` selected rows and `n_seg`
 /// selections (split-K): about 8 blocks per multiprocessor (3 are resident for a group of 4, so
 /// several waves keep the tail short), 32..=FAC_MAX_ROWS rows each. The decoder's split below 64
-/// selections per step (the register kernels); from there [`split_wave`].
+/// selections per step; from there [`split_wave`] (for the kernel it runs: `FasaDecoder::fac_kernel`).
 pub fn split(n_rows: usize, n_seg: usize, sm_count: usize) -> (usize, usize) {
     let want = (8 * sm_count).div_ceil(n_seg.max(1)).max(1);
     let rows = n_rows.div_ceil(want).next_multiple_of(32).clamp(32, FAC_MAX_ROWS);
@@ -18,7 +18,7 @@ pub fn split(n_rows: usize, n_seg: usize, sm_count: usize) -> (usize, usize) {
 /// Rows per block and blocks per selection as one wave of resident blocks (`per_sm` on each of
 /// `sm_count` multiprocessors), 32..=FAC_MAX_ROWS rows each: every block's rows are one
 /// selection's, so blocks take the same time and a second, partial wave is a tail. The decoder
-/// takes it where it runs the lean kernels (from 64 selections per step). GPU run 17 (Llama-3-8B
+/// takes it from 64 selections per step, for its FAC kernel's blocks per SM. GPU run 17 (Llama-3-8B
 /// shapes, B = 1024, 4 lean blocks per SM): 16 selections' worth of 32k or 128k get 512 blocks of
 /// 256 rows instead of [`split`]'s 1024 of 128 (1.94 waves); paper int8 step, same series: 16 ×
 /// 32k 118.8 → 112.6 µs, 16 × 128k 275.9 → 270.2; blocks of 64, 192, 384, 512 rows were slower

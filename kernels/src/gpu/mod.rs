@@ -83,10 +83,7 @@ pub fn k_run() -> usize {
 /// 16 × 32k 101.1 → 99.6, 16 × 128k 239.1 → 237.6). Read once.
 pub fn facm_tiles() -> usize {
     static R: OnceLock<usize> = OnceLock::new();
-    *R.get_or_init(|| match std::env::var("FASA_GPU_FACM_TU").ok().and_then(|v| v.parse().ok()) {
-        Some(t @ 1..=3) => t,
-        _ => 2,
-    })
+    *R.get_or_init(|| std::env::var("FASA_GPU_FACM_TU").ok().and_then(|v| v.parse().ok()).filter(|t| (1..=3).contains(t)).unwrap_or(2))
 }
 
 /// [`SOURCE`] with `KR` set to [`k_run`] and `FACM_TU` to [`facm_tiles`].
@@ -206,13 +203,18 @@ pub enum FacKernel {
     Reg,
     /// `facl_h*`: q re-read from shared memory at each use, more blocks per SM.
     Lean,
-    /// `facm_d*`: tensor cores (mma.sync m16n8k16, f32 accumulation; q and p as hi + lo 16-bit
-    /// pairs); head dim 64 or 128 only, any group of ≤ 8 heads.
+    /// `facm_d*`: tensor cores (mma.sync m16n8k16, f32 accumulation; q and p as sums of 16-bit
+    /// pairs, two for fp16 and three for bf16); head dim 64 or 128 only, any group of ≤ 8 heads.
     Mma,
 }
 
 impl FacKernel {
     pub const ALL: [FacKernel; 3] = [FacKernel::Reg, FacKernel::Lean, FacKernel::Mma];
+
+    /// Whether the family has kernels for head dim `d` (`Mma`: 64 and 128 only).
+    pub fn supports(self, d: usize) -> bool {
+        self != FacKernel::Mma || matches!(d, 64 | 128)
+    }
 
     /// One letter for benchmark labels: n, l, m.
     pub fn letter(self) -> char {
@@ -279,8 +281,9 @@ pub fn tip8_pipe() -> usize {
     })
 }
 
-/// Stages NS, tokens per thread and unit JU, and whether the scales are folded into q, of a
-/// pipelined int8 TIP code `100·fold + 10·NS + JU` (kernel `tip8p_<NS>x<JU><fold>_<dtype>`).
+/// Stages NS, tokens per thread and unit JU, and the mode's name (`false` unfolded, `true` scales
+/// folded into q, `int` int8 terms) of a pipelined int8 TIP code `100·mode + 10·NS + JU` (kernel
+/// `tip8p_<NS>x<JU><mode>_<dtype>`); only [`TIP8_PIPES`] codes are compiled.
 pub(crate) fn tip8_pipe_parts(pipe: usize) -> (usize, usize, &'static str) {
     ((pipe % 100) / 10, pipe % 10, ["false", "true", "int"][(pipe / 100).min(2)])
 }
@@ -505,8 +508,8 @@ impl Gpu {
 impl Gpu {
     /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for
     /// a group of 4, group-mass tip for 4 and 8 heads, then int8 tip and group-mass tip for 4
-    /// and 8 heads, pipelined int8 tip 24 and 124, tensor-core fac for d = 128) for `dt`.
-    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 12], GpuError> {
+    /// and 8 heads, pipelined int8 tip 24, 124 and 224, tensor-core fac for d = 128) for `dt`.
+    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 13], GpuError> {
         let occ = |f: &CudaFunction, threads: u32| f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None);
         Ok([
             occ(self.f.tip(dt, false), 256)?,
@@ -520,6 +523,7 @@ impl Gpu {
             occ(self.f.tip_heads(dt, 8, true), 256)?,
             self.tip8p_blocks_per_sm(dt, 24)?,
             self.tip8p_blocks_per_sm(dt, 124)?,
+            self.tip8p_blocks_per_sm(dt, 224)?,
             occ(self.f.fac(dt, 4, FacKernel::Mma, 128)?, 128)?,
         ])
     }
