@@ -266,7 +266,7 @@ fn main() {
             // fastest kept.
             let mut best = (f64::INFINITY, FacKernel::Reg);
             let mut all = Vec::new();
-            for fk in FacKernel::ALL.into_iter().filter(|k| k.supports(s.d)) {
+            for fk in FacKernel::for_dim(s.d) {
                 for d in decs.iter_mut() {
                     d.dense_kernel = fk;
                 }
@@ -364,7 +364,7 @@ fn main() {
                 // Every FAC kernel family with the decoder's threshold (--targets: with both
                 // combines for the decoder's FAC kernel).
                 let (t, fk0) = (decs[0].thr_in_tip, decs[0].fac_kernel);
-                let mut paths: Vec<(bool, bool, FacKernel)> = FacKernel::ALL.into_iter().filter(|k| k.supports(s.d)).map(|fk| (t, false, fk)).collect();
+                let mut paths: Vec<(bool, bool, FacKernel)> = FacKernel::for_dim(s.d).map(|fk| (t, false, fk)).collect();
                 if targets {
                     paths.push((t, true, fk0));
                 } else {

@@ -343,7 +343,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let chunks0 = dec.tip_chunks;
     let fac0 = dec.fac_kernel;
     // The two other FAC kernel families, each forced for three variants.
-    let others: Vec<FacKernel> = FacKernel::ALL.into_iter().filter(|&k| k != fac0 && k.supports(c.d)).collect();
+    let others: Vec<FacKernel> = FacKernel::for_dim(c.d).filter(|&k| k != fac0).collect();
     let others = [others[0], *others.last().unwrap_or(&others[0])];
     let st0 = dec.tip8_pipe;
     // Programmatic dependent launch switched for three (the decoder's policy, twice, then forced
@@ -438,7 +438,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;
     let outd_h = st.clone_dtoh(&outd)?;
     let dense0 = dec.dense_kernel;
-    for kind in FacKernel::ALL.into_iter().filter(|&k| k != dense0 && k.supports(c.d)) {
+    for kind in FacKernel::for_dim(c.d).filter(|&k| k != dense0) {
         dec.dense_kernel = kind;
         let mut outd2 = st.clone_htod(&nan_out)?;
         dec.dense(g, &cache, &q, &lens_d, &mut outd2)?;

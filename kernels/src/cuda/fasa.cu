@@ -44,8 +44,21 @@ struct Dims {
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
 
-// Element offset of (token t, FC group g) inside one (sequence, KV head) K region: tile t/KT,
-// run g/r, token t%KT, group g%r of the run (r = min(KR, n_grp) groups per run).
+// Element offsets inside one (sequence, KV head) K region, in two parts that add up: token t's
+// (tile t/KT, token t%KT of it), and its 16-byte piece p's (group p/2: run g/r, group g%r of the
+// run, half p%2), r = min(KR, n_grp) groups per run. Row readers (FAC, dense) add a lane's fixed
+// piece part to each row's token part.
+__device__ __forceinline__ size_t k_tok(int t, int n_grp) {
+    int r = min(KR, n_grp);
+    return (size_t)(t / KT) * n_grp * KT * GE + (size_t)(t % KT) * r * GE;
+}
+__device__ __forceinline__ int k_piece(int p, int n_grp) {
+    int r = min(KR, n_grp), g = p >> 1;
+    return (g / r) * KT * r * GE + (g % r) * GE + (p & 1) * 8;
+}
+// Element offset of (token t ≥ 0, FC group g): k_tok(t) + k_piece(2g), in the grouping the TIP
+// kernels were measured with (written through the two parts, ptxas allocates their registers
+// differently).
 __device__ __forceinline__ size_t k_off(int t, int g, int n_grp) {
     int r = min(KR, n_grp);
     return (size_t)(t / KT) * n_grp * KT * GE + ((size_t)(g / r) * KT + (t % KT)) * r * GE + (g % r) * GE;
@@ -507,6 +520,9 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     __shared__ float sq[MODE == 2 ? NW : 1][JU];                          // and their scale
     __shared__ int gl_s[MAXG];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    auto& qf_w = qf[MODE == 1 ? w : 0]; // this warp's (the modes without them keep one unused copy)
+    auto& qq_w = qq[MODE == 2 ? w : 0];
+    auto& sq_w = sq[MODE == 2 ? w : 0];
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
@@ -598,18 +614,18 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                             float sv = on && t < qlen ? ssc[((w * JU + j) * 2 + u) * FCG + (e >> 1)] : 0.f;
                             float x = __fmul_rn(qe, sv);
                             if (MODE == 1) {
-                                if (on) qf[MODE == 1 ? w : 0][j][u][e] = x;
+                                if (on) qf_w[j][u][e] = x;
                             } else {
                                 float mx = warp_max_abs(x); // over the pair's 32 elements
                                 float inv = mx > 1e-30f ? 127.f / mx : 0.f; // (no ∞ from a denormal max)
                                 float y = x * inv, r = rintf(y);
-                                i8* qt = &qq[MODE == 2 ? w : 0][j][0][u][e];
+                                i8* qt = &qq_w[j][0][u][e];
                                 qt[0] = (i8)(int)r;
                                 y = (y - r) * 254.f;
                                 r = rintf(y);
                                 qt[2 * GE] = (i8)(int)r;
                                 qt[4 * GE] = (i8)(int)rintf((y - r) * 254.f);
-                                if (lane == 0) sq[MODE == 2 ? w : 0][j] = mx * (1.f / 127.f);
+                                if (lane == 0) sq_w[j] = mx * (1.f / 127.f);
                             }
                         }
                         __syncwarp();
@@ -632,7 +648,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                             for (int j = 0; j < JU; ++j)
 #pragma unroll
                                 for (int x = 0; x < 3; ++x) {
-                                    int4 qw = *(const int4*)&qq[MODE == 2 ? w : 0][j][x][u][0];
+                                    int4 qw = *(const int4*)&qq_w[j][x][u][0];
                                     int d = dp4a((int)raw[j].x, qw.x, di[j][x]);
                                     d = dp4a((int)raw[j].y, qw.y, d);
                                     d = dp4a((int)raw[j].z, qw.z, d);
@@ -661,7 +677,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                             if (MODE == 1) {
 #pragma unroll
                                 for (int j = 0; j < JU; ++j) {
-                                    const float4* q4 = (const float4*)&qf[MODE == 1 ? w : 0][j][u][half * 8];
+                                    const float4* q4 = (const float4*)&qf_w[j][u][half * 8];
                                     float4 a = q4[0], c = q4[1];
                                     float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
 #pragma unroll
@@ -681,9 +697,10 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                     }
                     if (MODE == 2)
 #pragma unroll
-                        for (int j = 0; j < JU; ++j)
-                            acc[jh * JU + j][0] += sq[MODE == 2 ? w : 0][j] *
-                                                   fmaf((float)di[j][2], 1.f / 64516.f, fmaf((float)di[j][1], 1.f / 254.f, (float)di[j][0]));
+                        for (int j = 0; j < JU; ++j) {
+                            float y = fmaf((float)di[j][2], 1.f / 64516.f, fmaf((float)di[j][1], 1.f / 254.f, (float)di[j][0]));
+                            acc[jh * JU + j][0] += sq_w[j] * y;
+                        }
                 }
             }
         }
@@ -1336,6 +1353,8 @@ struct FacBlk {
     int seg, b, s, kvh, r0, nr;
     float* pm;
     float* o_out;
+    // Row i (< nr) of the block: the i-th selected (rows_s, loaded by fac_begin) or r0 + i (dense).
+    __device__ u32 row(const u32* rows_s, const u32* sel, int i) const { return sel ? rows_s[i] : (u32)(r0 + i); }
 };
 
 // Shared memory of a FAC block for H heads: q, the selected rows, and each warp's partial.
@@ -1412,18 +1431,16 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
     __shared__ FacSmem<H> sm;
     FacBlk B;
     if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, sm, B)) {
-        int tid = threadIdx.x, nr = B.nr, r0 = B.r0, hps = D.hps, d = D.d;
+        int tid = threadIdx.x, nr = B.nr, hps = D.hps, d = D.d;
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
         const u16* kb = k + bk * D.l_max * d;
         const u16* vb = v + bk * D.l_max * d;
         int lane = tid & 31, w = tid >> 5;
         int lpr = d >> 3, rpw = 32 / lpr, n_grp = d >> 4;
         int c = lane % lpr, rsub = lane / lpr;
-        // Lane c reads piece c (16 B) of a row's K: k_off(t, c/2) + (c&1)·8 = the token's part
-        // (below) + koff_c. The 4·rg lanes of one run read rg·32 contiguous bytes (whole 64-byte
-        // DRAM units for rg ≥ 2).
-        int rg = min(KR, n_grp);
-        size_t koff_c = (size_t)((c >> 1) / rg) * KT * rg * GE + ((c >> 1) % rg) * GE + (c & 1) * 8;
+        // Lane c reads piece c (16 B) of a row's K: k_tok(t) + koff_c. The 4·r lanes of one run
+        // read r·32 contiguous bytes (whole 64-byte DRAM units for r = min(KR, n_grp) ≥ 2).
+        int koff_c = k_piece(c, n_grp);
         float qr[QS ? 1 : H][8];
         if (!QS)
 #pragma unroll
@@ -1446,8 +1463,8 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                 int i = base + j * rpw + rsub;
                 kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
                 if (i < nr) {
-                    u32 t = sel ? sm.rows_s[i] : (u32)(r0 + i);
-                    kr[j] = ld_stream(kb + (size_t)(t / KT) * n_grp * KT * GE + (size_t)(t % KT) * rg * GE + koff_c);
+                    u32 t = B.row(sm.rows_s, sel, i);
+                    kr[j] = ld_stream(kb + k_tok(t, n_grp) + koff_c);
                     vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
                 }
             }
@@ -1614,14 +1631,13 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
         const u16* kb = k + bk * D.l_max * DD;
         const u16* vb = v + bk * D.l_max * DD;
-        constexpr int rg = KR < NGRP ? KR : NGRP;
         constexpr int NS = Mma<T>::NS;
         u32 qa[NKS][2][NS]; // Q's (a0, a2) of each k-slice, as NS split terms
         int koff[NPT];
 #pragma unroll
         for (int i = 0; i < NPT; ++i) {
             int p = c + 4 * i;
-            koff[i] = ((p >> 1) / rg) * KT * rg * GE + ((p >> 1) % rg) * GE + (p & 1) * 8;
+            koff[i] = k_piece(p, NGRP);
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const float* qp = &sm.q_s[g][8 * p + 4 * hh];
@@ -1643,15 +1659,14 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt) {
                     int i = tb + 8 * nt + g;
-                    u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
-                    const u16* kt = kb + (size_t)(t / KT) * NGRP * KT * GE + (size_t)(t % KT) * rg * GE;
+                    const u16* kt = kb + k_tok(i < nr ? B.row(sm.rows_s, sel, i) : 0u, NGRP);
 #pragma unroll
                     for (int pi = 0; pi < NPT; ++pi) kr_t[tt][nt][pi] = i < nr ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
                 }
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {
                     int i = tb + 8 * (x >> 1) + 2 * c + (x & 1);
-                    u32 t = i < nr ? (sel ? sm.rows_s[i] : (u32)(B.r0 + i)) : 0u;
+                    u32 t = i < nr ? B.row(sm.rows_s, sel, i) : 0u;
 #pragma unroll
                     for (int vp = 0; vp < VP; ++vp) vr_t[tt][x][vp] = i < nr ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
                 }

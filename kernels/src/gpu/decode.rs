@@ -173,7 +173,7 @@ impl FasaDecoder {
         let segs = cache.batch * n_sel;
         // FAC kernel (measurements at `fac_kernel`) and split: one wave of resident blocks from 64
         // selections per step (fac::split_wave), else about 8 blocks per SM (fac::split).
-        let mma = matches!(cache.d, 64 | 128);
+        let mma = FacKernel::Mma.supports(cache.d);
         let fac_kernel = match (segs, mma) {
             (32.., true) => FacKernel::Mma,
             (64.., false) => FacKernel::Lean,

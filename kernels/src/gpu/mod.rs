@@ -216,6 +216,11 @@ impl FacKernel {
         self != FacKernel::Mma || matches!(d, 64 | 128)
     }
 
+    /// The families with kernels for head dim `d`, in [`FacKernel::ALL`]'s order.
+    pub fn for_dim(d: usize) -> impl Iterator<Item = FacKernel> {
+        Self::ALL.into_iter().filter(move |k| k.supports(d))
+    }
+
     /// One letter for benchmark labels: n, l, m.
     pub fn letter(self) -> char {
         match self {
