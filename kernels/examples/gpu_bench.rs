@@ -70,11 +70,16 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
 
 /// A FASA row's variant: threshold (T/F), combine (f/c), TIP chunks, FAC kernel (n/l/m), then
 /// `s<code>` of the int8 TIP kernel (`gpu::TIP8_PIPES`, 0: unpipelined).
-/// `fr`: FAC rows per block (`FasaDecoder::set_fac_rows`; 0 = the decoder's, not shown).
-fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize) -> String {
+/// `fr`: FAC rows per block (`FasaDecoder::set_fac_rows`; 0 = the decoder's, not shown); `hp`:
+/// the pipelined group-mass int8 TIP (`FasaDecoder::tip8_heads_pipe`; off shown as `u`, for the
+/// rows that run it).
+fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool) -> String {
     let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, fk.letter(), pipe);
     if fr > 0 {
         l += &format!("r{fr}");
+    }
+    if !hp {
+        l += "u";
     }
     l
 }
@@ -335,17 +340,21 @@ fn main() {
             // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
             // Also the int8 TIP kernels listed in FASA_BENCH_TIP8 (0 = unpipelined, or
             // gpu::TIP8_PIPES codes; default: the decoder's).
-            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize);
+            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true);
             let mut all = Vec::new();
             let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
             let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
             // FASA_BENCH_FACROWS: FAC rows per block to time (0 = the decoder's, the default).
             let fr_opts = nums("FASA_BENCH_FACROWS").unwrap_or_else(|| vec![0]);
-            for (fr, pipe) in fr_opts.iter().flat_map(|&fr| pipe_opts.iter().map(move |&p| (fr, p))) {
+            // The default's int8 rows: the group-mass TIP pipelined and not (`u`).
+            let hp_opts: &[bool] = if q8 && mode.4 { &[true, false] } else { &[true] };
+            let opts = fr_opts.iter().flat_map(|&fr| pipe_opts.iter().map(move |&p| (fr, p)));
+            for (fr, pipe, hp) in opts.flat_map(|(fr, p)| hp_opts.iter().map(move |&hp| (fr, p, hp))) {
                 if decs.iter_mut().any(|d| d.set_fac_rows(fr).is_err()) {
                     continue;
                 }
                 for (d, c) in decs.iter_mut().zip(&caches) {
+                    d.tip8_heads_pipe = hp;
                     d.set_tip8_pipe(&gpu, c, pipe).unwrap();
                 }
                 let auto = decs[0].tip_chunks;
@@ -379,16 +388,17 @@ fn main() {
                             d.fac_kernel = fk;
                         }
                         let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
-                        let label = vlabel(thr_in_tip, fused, ch, fk, pipe, fr);
+                        let label = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp);
                         all.push(format!("{label}:{:.1}", ms * 1e3));
                         if ms < best.0 {
-                            best = (ms, thr_in_tip, fused, ch, fk, pipe, fr);
+                            best = (ms, thr_in_tip, fused, ch, fk, pipe, fr, hp);
                         }
                     }
                 }
             }
-            let (ms, thr_in_tip, fused, ch, fk, pipe, fr) = best;
+            let (ms, thr_in_tip, fused, ch, fk, pipe, fr, hp) = best;
             for (d, c) in decs.iter_mut().zip(&caches) {
+                d.tip8_heads_pipe = hp;
                 d.set_tip8_pipe(&gpu, c, pipe).unwrap();
                 d.thr_in_tip = thr_in_tip;
                 d.fused_combine = fused;
@@ -396,7 +406,7 @@ fn main() {
                 d.fac_kernel = fk;
                 d.set_fac_rows(fr).unwrap();
             }
-            let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr);
+            let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp);
             let (on, off) = pdl_both(&mut decs, |decs| {
                 graph_ms(&gpu, decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out)) * 1e3
             });

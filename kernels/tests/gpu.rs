@@ -374,6 +374,8 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
         (true, false, chunks0, fac0, pdl0, 0, st0, None, Some(true)),
         (true, false, 2, others[0], pdl0, 0, st0, None, Some(false)),
     ] {
+        // (the group-mass int8 TIP unpipelined where the summed one is: tip8_heads_h*)
+        dec.tip8_heads_pipe = pipe != 0;
         dec.thr_in_tip = thr_in_tip;
         dec.fused_combine = fused;
         dec.tip_chunks = chunks;
@@ -409,6 +411,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.pdl = pdl0;
     dec.combine8 = None;
     dec.filter_tok = 0;
+    dec.tip8_heads_pipe = true;
     dec.thr_in_tip = true;
     dec.fused_combine = false;
     dec.tip_chunks = chunks0;

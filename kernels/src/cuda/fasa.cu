@@ -472,6 +472,87 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
     flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
 }
 
+// Online-softmax state (max m, Σexp(x − m) s) merge; an empty side is (−∞, 0).
+__device__ __forceinline__ void ml_merge(float& m, float& s, float m2, float s2) {
+    float mn = fmaxf(m, m2);
+    if (mn == NEG_INF) return;
+    s = s * expf(m - mn) + s2 * expf(m2 - mn);
+    m = mn;
+}
+
+// Prologue of the per-head TIP kernels (tip_heads_impl, tip8p_impl with NQ > 1), block-wide:
+// chooses the k FCs of selection s's pool and writes each head's q of the chosen FCs into qh
+// (H × MAXG·GE floats, slot order, zero elsewhere; visible after the caller's next barrier).
+// Returns the mask of the FC groups holding them.
+template <int H>
+__device__ u32 tip_setup_heads(const Dims& D, const float* q, const int* fc_of_slot, const int* pool, const double* mom, int b, int s,
+                               int len, float (*qh)[MAXG * GE]) {
+    __shared__ bool chosen[64];
+    int tid = threadIdx.x, h0 = s * D.hps, kvh = kv_of_sel(D, s);
+    const int* fos = fc_of_slot + kvh * D.n_fc;
+    const int* pl = pool + s * D.pool;
+    for (int i = tid; i < H * MAXG * GE; i += blockDim.x) (&qh[0][0])[i] = 0.f;
+    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
+    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
+    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen); // (its barriers order the zeroing)
+    if (tid < D.pool && chosen[tid]) {
+        int slot = pl[tid], f = fos[slot];
+        for (int h = 0; h < D.hps; ++h) {
+            qh[h][2 * slot] = qb[h * D.d + 2 * f];
+            qh[h][2 * slot + 1] = qb[h * D.d + 2 * f + 1];
+        }
+    }
+    return gmask;
+}
+
+// The per-head TIP kernels' output for the thread's tokens tc + j·TIP_THREADS + tid of one chunk:
+// x_h = scale·ŝ_h into xs (hps, l_max) and into the thread's online-softmax state per head.
+template <int H>
+__device__ __forceinline__ void heads_store(const Dims& D, const float (&acc)[TIP_TPT][H], int tc, int len, float* xs, float (&ml_m)[H],
+                                            float (&ml_s)[H]) {
+#pragma unroll
+    for (int j = 0; j < TIP_TPT; ++j) {
+        int t = tc + j * TIP_THREADS + threadIdx.x;
+        if (t < len) {
+#pragma unroll
+            for (int h = 0; h < H; ++h) {
+                if (h < D.hps) {
+                    float x = __fmul_rn(D.scale, acc[j][h]); // as the CPU: ŝ, then · scale
+                    xs[(size_t)h * D.l_max + t] = x;
+                    if (x > ml_m[h]) { ml_s[h] = ml_s[h] * expf(ml_m[h] - x) + 1.f; ml_m[h] = x; }
+                    else ml_s[h] += expf(x - ml_m[h]);
+                }
+            }
+        }
+    }
+}
+
+// Block-wide: the threads' per-head (max, Σexp) merged into out (hps, 2): warps merge their
+// lanes, then thread h merges the warps.
+template <int H>
+__device__ void heads_flush(const Dims& D, const float (&ml_m)[H], const float (&ml_s)[H], float* out) {
+    __shared__ float red[H][TIP_THREADS / 32][2];
+    int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+#pragma unroll
+    for (int h = 0; h < H; ++h) {
+        if (h < D.hps) {
+            float m = ml_m[h], sm = ml_s[h];
+            for (int o = 16; o > 0; o >>= 1) {
+                float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, sm, o);
+                ml_merge(m, sm, m2, s2);
+            }
+            if (lane == 0) { red[h][w][0] = m; red[h][w][1] = sm; }
+        }
+    }
+    __syncthreads();
+    if (tid < D.hps) {
+        float m = NEG_INF, sm = 0.f;
+        for (int i = 0; i < TIP_THREADS / 32; ++i) ml_merge(m, sm, red[tid][i][0], red[tid][i][1]);
+        out[tid * 2] = m;
+        out[tid * 2 + 1] = sm;
+    }
+}
+
 // Pipelined int8 TIP (`tip8p_<NS>x<JU><mode>_*`, the summed score of tip_impl<T, true>). tip8
 // loads a chunk's int8 pieces into registers and computes only once they arrive, so each warp
 // alternates one memory wait and one compute phase: 46–63 % of DRAM bandwidth at batch 16 of
@@ -492,6 +573,11 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
 // int32 (dp4a, 4 elements an instruction): per element 3/4 instruction instead of 3 (byte
 // permute, subtract, FMA), which bounded MODE 1 (ncu, GPU run 18: 0.66 issued per scheduler at
 // 56 % of DRAM).
+// NQ > 1 (`tip8ph_h*`, MODE 0 only): the group-mass stage 1 of tip_heads_impl<T, H, true> with
+// this pipeline: per-head q (tip_setup_heads), NQ accumulators per token, and tip_heads' outputs
+// (xh, per-block (max, Σexp)) in place of scores and histogram; the same arithmetic in the same
+// order as tip8_heads (per token). GPU run 20 (default int8 step, Llama shapes, same call):
+// 16 × 32k 371.4 → 347.5 µs, 1 × 128k 131.2 → 111.7, 16 × 128k 1225.2 → 1176.7; 1 × 32k a tie.
 // Dynamic shared memory: NS stages of tip8p_stage(JU) bytes.
 #define TIP8P_SC(JU) ((TIP_THREADS / 32) * (JU) * 2 * FCG) // floats per stage: (warp, j, group, FC)
 #define TIP8P_DATA(JU) (2 * TIP_THREADS * (JU) * 16)       // 2 groups × JU·TIP_THREADS tokens × 16 B
@@ -506,15 +592,17 @@ __device__ __forceinline__ float warp_max_abs(float x) { // (sm_80+: one redux o
     asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(__float_as_uint(fabsf(x))));
     return __uint_as_float(r);
 }
-template <class T, int NS, int JU, int MODE>
+template <class T, int NS, int JU, int MODE, int NQ>
 __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
-                           const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
+                           const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk,
+                           float* pml) {
+    static_assert(NQ == 1 || MODE == 0, "per-head scores: MODE 0 only");
     pdl_begin();
     constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
     constexpr int NW = TIP_THREADS / 32;
     extern __shared__ __align__(16) unsigned char tip8p_dyn[];
-    __shared__ u32 sh_hist[NBIN];
-    __shared__ __align__(16) float qeff[1][MAXG * GE];
+    __shared__ u32 sh_hist[NQ == 1 ? NBIN : 1];
+    __shared__ __align__(16) float qeff[NQ][MAXG * GE];                  // summed q (NQ = 1) or per head
     __shared__ __align__(16) float qf[MODE == 1 ? NW : 1][JU][2][GE];    // per warp: q · scale
     __shared__ __align__(16) i8 qq[MODE == 2 ? NW : 1][JU][3][2][GE];   // per warp: its int8 terms
     __shared__ float sq[MODE == 2 ? NW : 1][JU];                          // and their scale
@@ -527,13 +615,18 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
     int kvh = kv_of_sel(D, s);
-    for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
+    if (NQ == 1)
+        for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     // With every pool FC chosen (P ≤ k, the paper's fixed set) the groups to read are the pool's,
     // known before q: the first loads go out before the FC choice and q's loads (tip_setup below),
     // whose chain of dependent global loads was most of a block's time at batch 1.
     bool fixed = D.pool <= D.k;
-    u32 gmask = fixed ? pool_groups(D, pool + s * D.pool) : tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]);
+    auto setup = [&]() -> u32 {
+        if constexpr (NQ == 1) return tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]);
+        else return tip_setup_heads<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
+    };
+    u32 gmask = fixed ? pool_groups(D, pool + s * D.pool) : setup();
     if (tid == 0) {
         int n = 0;
         for (u32 m = gmask; m; m &= m - 1) gl_s[n++] = __ffs(m) - 1;
@@ -583,15 +676,22 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
 #pragma unroll
     for (int i = 0; i < NS - 1; ++i) issue();
     if (fixed) {
-        tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]); // the same groups: all chosen
+        setup(); // the same groups: all chosen
         __syncthreads();
     }
+    const int nq = NQ == 1 ? 1 : D.hps;
+    float* xs = scores + (size_t)seg * nq * D.l_max; // (NQ > 1: xh (hps, l_max) per selection)
+    float ml_m[NQ], ml_s[NQ];                        // (NQ > 1: online softmax per head)
+#pragma unroll
+    for (int h = 0; h < NQ; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
     int unit = 0;
     for (int ch = 0; ch < nch; ++ch) {
         int tc = t0 + ch * TIP_TOK;
-        float acc[TIP_TPT][1];
+        float acc[TIP_TPT][NQ];
 #pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j) acc[j][0] = 0.f;
+        for (int j = 0; j < TIP_TPT; ++j)
+#pragma unroll
+            for (int h = 0; h < NQ; ++h) acc[j][h] = 0.f;
         if (ch < n8) {
 #pragma unroll
             for (int jh = 0; jh < NJ; ++jh) {
@@ -685,13 +785,18 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                                 }
                             } else {
                                 // tip_fma over this unit's JU tokens (the same operations as tip8's).
-                                const float4* q4 = (const float4*)&qeff[0][g * GE + half * 8];
-                                float4 a = q4[0], c = q4[1];
-                                float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
 #pragma unroll
-                                for (int e = 0; e < 8; ++e)
+                                for (int h = 0; h < NQ; ++h) {
+                                    if (h < nq) {
+                                        const float4* q4 = (const float4*)&qeff[h][g * GE + half * 8];
+                                        float4 a = q4[0], c = q4[1];
+                                        float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
 #pragma unroll
-                                    for (int j = 0; j < JU; ++j) acc[jh * JU + j][0] += qe[e] * f[j][e];
+                                        for (int e = 0; e < 8; ++e)
+#pragma unroll
+                                            for (int j = 0; j < JU; ++j) acc[jh * JU + j][h] += qe[e] * f[j][e];
+                                    }
+                                }
                             }
                         }
                     }
@@ -704,19 +809,13 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                 }
             }
         }
-        if (tc + TIP_TOK > qlen) tip_pass16<T, 1>(D, S.k, gmask, qeff, 1, tc, qlen, len, acc);
-        tip_store(D, acc, tc, len, sc, sh_hist);
+        if (tc + TIP_TOK > qlen) tip_pass16<T, NQ>(D, S.k, gmask, qeff, nq, tc, qlen, len, acc);
+        if constexpr (NQ == 1) tip_store(D, acc, tc, len, sc, sh_hist);
+        else heads_store<NQ>(D, acc, tc, len, xs, ml_m, ml_s);
     }
     cp_async_wait<0>();
-    flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
-}
-
-// Online-softmax state (max m, Σexp(x − m) s) merge; an empty side is (−∞, 0).
-__device__ __forceinline__ void ml_merge(float& m, float& s, float m2, float s2) {
-    float mn = fmaxf(m, m2);
-    if (mn == NEG_INF) return;
-    s = s * expf(m - mn) + s2 * expf(m2 - mn);
-    m = mn;
+    if constexpr (NQ == 1) flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
+    else heads_flush<NQ>(D, ml_m, ml_s, pml + ((size_t)seg * gridDim.x + blockIdx.x) * nq * 2);
 }
 
 // tip_heads: xh (batch·n_sel, hps, l_max) f32 scaled per-head FC scores; pml (batch·n_sel,
@@ -729,26 +828,12 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
                                const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {
     pdl_begin();
     __shared__ __align__(16) float qh[H][MAXG * GE]; // chosen FCs' q per head, slot order, zero elsewhere
-    __shared__ bool chosen[64];
-    __shared__ float red[H][TIP_THREADS / 32][2];
-    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int s = blockIdx.y, b = blockIdx.z;
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
-    int h0 = s * D.hps, kvh = kv_of_sel(D, s), hps = D.hps;
-    const int* fos = fc_of_slot + kvh * D.n_fc;
-    const int* pl = pool + s * D.pool;
-    for (int i = tid; i < H * MAXG * GE; i += blockDim.x) (&qh[0][0])[i] = 0.f;
-    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
-    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
-    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen);
-    if (tid < D.pool && chosen[tid]) {
-        int slot = pl[tid], f = fos[slot];
-        for (int h = 0; h < hps; ++h) {
-            qh[h][2 * slot] = qb[h * D.d + 2 * f];
-            qh[h][2 * slot + 1] = qb[h * D.d + 2 * f + 1];
-        }
-    }
+    int kvh = kv_of_sel(D, s), hps = D.hps;
+    u32 gmask = tip_setup_heads<H>(D, q, fc_of_slot, pool, mom, b, s, len, qh);
     __syncthreads();
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
@@ -761,43 +846,9 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
         if (tc >= len) break;
         float acc[TIP_TPT][H];
         tip_chunk<T, H, Q8>(D, S, gmask, qh, hps, tc, len, acc);
-#pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j) {
-            int t = tc + j * TIP_THREADS + tid;
-            if (t < len) {
-#pragma unroll
-                for (int h = 0; h < H; ++h) {
-                    if (h < hps) {
-                        float x = __fmul_rn(D.scale, acc[j][h]); // as the CPU: ŝ, then · scale
-                        xs[(size_t)h * D.l_max + t] = x;
-                        if (x > ml_m[h]) { ml_s[h] = ml_s[h] * expf(ml_m[h] - x) + 1.f; ml_m[h] = x; }
-                        else ml_s[h] += expf(x - ml_m[h]);
-                    }
-                }
-            }
-        }
+        heads_store<H>(D, acc, tc, len, xs, ml_m, ml_s);
     }
-    // Per head: warps merge their lanes, then thread h merges the warps.
-    int lane = tid & 31, w = tid >> 5;
-#pragma unroll
-    for (int h = 0; h < H; ++h) {
-        if (h < hps) {
-            float m = ml_m[h], sm = ml_s[h];
-            for (int o = 16; o > 0; o >>= 1) {
-                float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, sm, o);
-                ml_merge(m, sm, m2, s2);
-            }
-            if (lane == 0) { red[h][w][0] = m; red[h][w][1] = sm; }
-        }
-    }
-    __syncthreads();
-    if (tid < hps) {
-        float m = NEG_INF, sm = 0.f;
-        for (int i = 0; i < TIP_THREADS / 32; ++i) ml_merge(m, sm, red[tid][i][0], red[tid][i][1]);
-        float* o = pml + (((size_t)seg * gridDim.x + blockIdx.x) * hps + tid) * 2;
-        o[0] = m;
-        o[1] = sm;
-    }
+    heads_flush<H>(D, ml_m, ml_s, pml + ((size_t)seg * gridDim.x + blockIdx.x) * hps * 2);
 }
 
 // tip_mass: scores(t) = Σ_h exp(x_h(t) − M_h) / Z_h (heads in order, as cpu::tip_group_mass
@@ -1909,7 +1960,17 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, MINB) tip8p_##NS##x##JU##MN##_##NAME(                     \
         Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
         const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) { \
-        tip8p_impl<TY, NS, JU, MODE>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk); \
+        tip8p_impl<TY, NS, JU, MODE, 1>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk, \
+                                        nullptr);                                                                        \
+    }
+// Pipelined per-head int8 TIP `tip8ph_h<H>_<dtype>` (group-mass stage 1, tip8_heads' outputs and
+// arithmetic): 2 stages of JU tokens per thread, MODE 0.
+#define TIP8PH_ENTRY(NAME, TY, HH, JU)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip8ph_h##HH##_##NAME(                                 \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
+        tip8p_impl<TY, 2, JU, 0, HH>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr, nullptr,   \
+                                     nchunk, pml);                                                                       \
     }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
@@ -1940,6 +2001,9 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 0, false)                                                                            \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 1, true)                                                                             \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 2, int)                                                                              \
+    TIP8PH_ENTRY(NAME, TY, 2, 4)                                                                                        \
+    TIP8PH_ENTRY(NAME, TY, 4, 4)                                                                                        \
+    TIP8PH_ENTRY(NAME, TY, 8, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \

@@ -68,6 +68,12 @@ pub struct FasaDecoder {
     /// kernel (`gpu::tip8_pipe()` by default). Used by the summed-score int8 TIP only (the
     /// paper's mode, selections of one head); set it with [`FasaDecoder::set_tip8_pipe`].
     pub tip8_pipe: usize,
+    /// The group-mass stage 1 over int8 planes runs the pipelined per-head kernel (`tip8ph_h*`)
+    /// rather than `tip8_heads_h*`: on by default (GPU run 20, default int8 step, Llama-3-8B
+    /// shapes, B = 1024, fastest variant of each, same call: 16 × 32k 371.4 → 347.5 µs, 1 × 128k
+    /// 131.2 → 111.7, 16 × 128k 1225.2 → 1176.7; 1 × 32k 56.0 vs 56.8, a tie). Set it with
+    /// [`FasaDecoder::set_tip8_heads_pipe`] (the chunk count follows).
+    pub tip8_heads_pipe: bool,
     /// Scores per select-filter block, 8192 or 2048; 0 (default): chosen by `select::filter`.
     pub filter_tok: usize,
     /// The combine kernel whose walkers load 8 splits at once (`fac::combine`'s `c8`); `None`
@@ -197,7 +203,7 @@ impl FasaDecoder {
         let c = rerank.max(1);
         let heads_mass = cfg.group_mass && hps > 1;
         let tip8_pipe = super::tip8_pipe();
-        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe)?;
+        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe, true)?;
         Ok(Self {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
@@ -227,6 +233,7 @@ impl FasaDecoder {
             fused_combine: false,
             tip_chunks,
             tip8_pipe,
+            tip8_heads_pipe: true,
             filter_tok: 0,
             combine8: None,
             pdl: true,
@@ -288,10 +295,14 @@ impl FasaDecoder {
         cfg.q8_tip && !(cfg.group_mass && hps > 1) && pipe != 0
     }
 
-    /// The automatic TIP chunk count for the TIP kernel these settings run.
-    fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize) -> Result<usize, GpuError> {
+    /// The automatic TIP chunk count for the TIP kernel these settings run (`heads_pipe`: the
+    /// group-mass int8 stage 1 pipelined).
+    fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool) -> Result<usize, GpuError> {
+        let heads8 = cfg.q8_tip && cfg.group_mass && hps > 1;
         Ok(if Self::tip_pipelined(cfg, hps, pipe) {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8p_blocks_per_sm(cache.dtype, pipe)? as usize)
+        } else if heads8 && heads_pipe {
+            tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8ph_blocks_per_sm(cache.dtype, hps)? as usize)
         } else {
             tip::chunks(cache.l_max, segs, gpu.sm_count)
         })
@@ -302,7 +313,16 @@ impl FasaDecoder {
     pub fn set_tip8_pipe(&mut self, gpu: &Gpu, cache: &GpuKvCache, pipe: usize) -> Result<(), GpuError> {
         self.tip8_pipe = pipe;
         let segs = cache.batch * self.dims.n_sel as usize;
-        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, pipe)?;
+        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, pipe, self.tip8_heads_pipe)?;
+        Ok(())
+    }
+
+    /// Switches the group-mass int8 stage 1 between the pipelined kernel (`on`) and
+    /// `tip8_heads_h*`, and resets `tip_chunks` to that kernel's automatic count.
+    pub fn set_tip8_heads_pipe(&mut self, gpu: &Gpu, cache: &GpuKvCache, on: bool) -> Result<(), GpuError> {
+        self.tip8_heads_pipe = on;
+        let segs = cache.batch * self.dims.n_sel as usize;
+        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, self.tip8_pipe, on)?;
         Ok(())
     }
 
@@ -341,7 +361,8 @@ impl FasaDecoder {
         };
         let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
         if self.cfg.group_mass && dims.hps > 1 {
-            tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks)?;
+            let pipe = self.tip8_heads_pipe;
+            tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
         } else {
             tip::launch(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks, self.tip8_pipe)

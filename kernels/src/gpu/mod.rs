@@ -187,6 +187,8 @@ pub(crate) struct Funcs {
     /// The pipelined int8 TIP, per dtype and [`TIP8_PIPES`] entry.
     pub tip8p: [[CudaFunction; TIP8_PIPES.len()]; 2],
     pub tip8_heads: [[CudaFunction; 3]; 2],
+    /// The group-mass int8 TIP pipelined as `tip8p` (`tip8ph_h*`), per dtype and head bound.
+    pub tip8ph: [[CudaFunction; 3]; 2],
     pub quant_blocks: [CudaFunction; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
@@ -242,14 +244,14 @@ impl Funcs {
     }
 
     /// The group-mass TIP kernel compiled for the smallest head bound ≥ `hps` (2, 4, 8), from
-    /// the int8 planes (`q8`) or the 16-bit K only.
-    pub fn tip_heads(&self, dt: Dtype, hps: usize, q8: bool) -> &CudaFunction {
-        let i = match hps {
-            0..=2 => 0,
-            3 | 4 => 1,
-            _ => 2,
-        };
-        if q8 { &self.tip8_heads[dt as usize][i] } else { &self.tip_heads[dt as usize][i] }
+    /// the int8 planes (`q8`; `pipelined`: `tip8ph_h*`) or the 16-bit K only.
+    pub fn tip_heads(&self, dt: Dtype, hps: usize, q8: bool, pipelined: bool) -> &CudaFunction {
+        let i = heads_bound(hps);
+        match (q8, pipelined) {
+            (true, true) => &self.tip8ph[dt as usize][i],
+            (true, false) => &self.tip8_heads[dt as usize][i],
+            (false, _) => &self.tip_heads[dt as usize][i],
+        }
     }
 
     /// The pipelined int8 TIP kernel of `pipe` (a [`TIP8_PIPES`] code), if compiled.
@@ -291,6 +293,21 @@ pub fn tip8_pipe() -> usize {
 /// `tip8p_<NS>x<JU><mode>_<dtype>`); only [`TIP8_PIPES`] codes are compiled.
 pub(crate) fn tip8_pipe_parts(pipe: usize) -> (usize, usize, &'static str) {
     ((pipe % 100) / 10, pipe % 10, ["false", "true", "int"][(pipe / 100).min(2)])
+}
+
+/// Index of the smallest compiled head bound (2, 4, 8) ≥ `hps`.
+fn heads_bound(hps: usize) -> usize {
+    match hps {
+        0..=2 => 0,
+        3 | 4 => 1,
+        _ => 2,
+    }
+}
+
+/// Dynamic shared memory of the pipelined group-mass int8 TIP for `hps` heads: 2 stages of JU =
+/// 4 tokens (2 for the 8-head kernel, whose accumulators take the registers), as [`tip8p_smem`].
+pub(crate) fn tip8ph_smem(hps: usize) -> usize {
+    tip8p_smem(if heads_bound(hps) == 2 { 22 } else { 24 })
 }
 
 /// Dynamic shared memory of the pipelined int8 TIP `pipe`: NS stages of two groups' 16-byte
@@ -445,6 +462,16 @@ impl Gpu {
             }
             Ok(v.try_into().unwrap_or_else(|_| unreachable!("one kernel per TIP8_PIPES entry")))
         };
+        let tip8ph = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
+            let s = dt.suffix();
+            let mut v = Vec::new();
+            for h in [2, 4, 8] {
+                let f = get(&format!("tip8ph_h{h}_{s}"))?;
+                f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, tip8ph_smem(h) as i32)?;
+                v.push(f);
+            }
+            Ok(v.try_into().unwrap_or_else(|_| unreachable!("three head bounds")))
+        };
         let f = Funcs {
             tip_mass: get("tip_mass")?,
             select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
@@ -457,6 +484,7 @@ impl Gpu {
             tip_heads: [tip_heads(Dtype::F16)?, tip_heads(Dtype::Bf16)?],
             tip8: [get("tip8_f16")?, get("tip8_bf16")?],
             tip8_heads: [tip8_heads(Dtype::F16)?, tip8_heads(Dtype::Bf16)?],
+            tip8ph: [tip8ph(Dtype::F16)?, tip8ph(Dtype::Bf16)?],
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
@@ -521,11 +549,11 @@ impl Gpu {
             occ(&self.f.select_filter[0], 256)?,
             occ(self.f.fac(dt, 4, FacKernel::Reg, 128)?, 128)?,
             occ(self.f.fac(dt, 4, FacKernel::Lean, 128)?, 128)?,
-            occ(self.f.tip_heads(dt, 4, false), 256)?,
-            occ(self.f.tip_heads(dt, 8, false), 256)?,
+            occ(self.f.tip_heads(dt, 4, false, false), 256)?,
+            occ(self.f.tip_heads(dt, 8, false, false), 256)?,
             occ(self.f.tip(dt, true), 256)?,
-            occ(self.f.tip_heads(dt, 4, true), 256)?,
-            occ(self.f.tip_heads(dt, 8, true), 256)?,
+            occ(self.f.tip_heads(dt, 4, true, false), 256)?,
+            occ(self.f.tip_heads(dt, 8, true, false), 256)?,
             self.tip8p_blocks_per_sm(dt, 24)?,
             self.tip8p_blocks_per_sm(dt, 124)?,
             self.tip8p_blocks_per_sm(dt, 224)?,
@@ -536,6 +564,12 @@ impl Gpu {
     /// Resident blocks per multiprocessor of the FAC kernel `kind` for `hps` heads of dim `d`.
     pub fn fac_blocks_per_sm(&self, dt: Dtype, hps: usize, kind: FacKernel, d: usize) -> Result<u32, GpuError> {
         Ok(self.f.fac(dt, hps, kind, d)?.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?)
+    }
+
+    /// Resident blocks per multiprocessor of the pipelined group-mass int8 TIP for `hps` heads.
+    pub fn tip8ph_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
+        let f = self.f.tip_heads(dt, hps, true, true);
+        Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, tip8ph_smem(hps), None)?)
     }
 
     /// Resident blocks per multiprocessor of the pipelined int8 TIP `pipe` ([`TIP8_PIPES`]).

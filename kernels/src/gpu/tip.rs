@@ -82,7 +82,9 @@ pub fn launch(
 /// Group-mass TIP, first half: `xh (batch·n_sel, hps, l_max)` scaled per-head FC scores
 /// `scale·ŝ_h(t)` and `pml (batch·n_sel, ceil(l_max/(TIP_TOK·nchunk)), hps, 2)` each block's
 /// per-head (max, Σexp) over its tokens. FC choice and other arguments as [`launch`]; `nchunk`
-/// must be passed on to [`mass`].
+/// must be passed on to [`mass`]. `pipelined` (with `q8`): the kernel that copies its int8
+/// pieces into shared memory ahead of the compute as the summed-score `tip8p` does (`tip8ph_h*`;
+/// the same operations per token as `tip8_heads_*`); size `nchunk` with [`chunks_wave`].
 #[allow(clippy::too_many_arguments)]
 pub fn launch_heads(
     gpu: &Gpu,
@@ -98,6 +100,7 @@ pub fn launch_heads(
     xh: &mut CudaSlice<f32>,
     pml: &mut CudaSlice<f32>,
     nchunk: usize,
+    pipelined: bool,
 ) -> Result<(), GpuError> {
     check(dims, q, pool, xh.len() / (dims.hps.max(1) as usize))?;
     check_mom(dims, mom)?;
@@ -111,7 +114,8 @@ pub fn launch_heads(
     check_q8(dims, q8)?;
     let null = 0u64;
     let nc = nchunk as i32;
-    let mut l = gpu.launcher(gpu.f.tip_heads(dt, hps, q8.is_some()));
+    let pipelined = pipelined && q8.is_some();
+    let mut l = gpu.launcher(gpu.f.tip_heads(dt, hps, q8.is_some(), pipelined));
     l.arg(dims);
     arg_k(&mut l, k, q8);
     l.arg(q).arg(fc_of_slot).arg(pool);
@@ -122,7 +126,9 @@ pub fn launch_heads(
     l.arg(lens).arg(xh).arg(pml).arg(&nc);
     // SAFETY: sizes checked; each block reads tokens < lens[b] ≤ l_max of its (b, kv) region and writes its
     // own selection's xh rows and its own pml entry.
-    unsafe { l.launch(cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256)) }?;
+    let mut c = cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256);
+    c.shared_mem_bytes = if pipelined { super::tip8ph_smem(hps) as u32 } else { 0 };
+    unsafe { l.launch(c) }?;
     Ok(())
 }
 
