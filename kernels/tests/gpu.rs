@@ -778,6 +778,10 @@ fn int8_tip_matches_cpu() {
         check(Case { q8: true, pool: d / 4, sinks: 4, recent: 32, var_mass: true, ..base(dt, d, n_q, n_kv) }, &mut r);
     }
     check(Case { q8: true, per_group: false, pool: 32, sinks: 4, recent: 16, var_mass: true, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
+    // Groups of 2 (the 2-head group-mass kernels), and the paper's fixed FC set (P = k) under the
+    // group mass: the pipelined per-head TIP's copies then go out before its FC choice.
+    check(Case { q8: true, pool: 32, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::Bf16, 128, 16, 8) }, &mut r);
+    check(Case { q8: true, var_mass: true, ..base(Dtype::F16, 64, 16, 4) }, &mut r);
     check(Case { q8: true, pool: 16, sinks: 4, recent: 32, rerank: 1024, lens: vec![3000, 1000, 200, 1], var_mass: true, ..base(Dtype::F16, 64, 14, 2) }, &mut r);
     check(Case { q8: true, lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, pool: 32, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
 }

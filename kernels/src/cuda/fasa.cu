@@ -277,9 +277,10 @@ __device__ __forceinline__ TipSrc tip_src(const Dims& D, const u16* k, const i8*
 // shared memory once for TIP_TPT tokens. (Unpacking per head instead, to hold fewer registers, and
 // a variant squeezed to 3 blocks/SM were both slower: GPU run of the group-mass stage 1, 345 → 371
 // µs TIP at 32k, batch 16, Llama shapes.)
-template <int NQ>
-__device__ __forceinline__ void tip_fma(const float (*qv)[MAXG * GE], int nq, int g, int half, const float (&f)[TIP_TPT][8],
-                                        float (&acc)[TIP_TPT][NQ]) {
+// N tokens' half-groups f into acc[j0 .. j0 + N) (the pipelined TIP passes a unit of JU tokens).
+template <int NQ, int N = TIP_TPT>
+__device__ __forceinline__ void tip_fma(const float (*qv)[MAXG * GE], int nq, int g, int half, const float (&f)[N][8],
+                                        float (&acc)[TIP_TPT][NQ], int j0 = 0) {
 #pragma unroll
     for (int h = 0; h < NQ; ++h) {
         if (h < nq) {
@@ -289,7 +290,7 @@ __device__ __forceinline__ void tip_fma(const float (*qv)[MAXG * GE], int nq, in
 #pragma unroll
             for (int e = 0; e < 8; ++e)
 #pragma unroll
-                for (int j = 0; j < TIP_TPT; ++j) acc[j][h] += qe[e] * f[j][e];
+                for (int j = 0; j < N; ++j) acc[j0 + j][h] += qe[e] * f[j][e];
         }
     }
 }
@@ -615,7 +616,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
     int kvh = kv_of_sel(D, s);
-    if (NQ == 1)
+    if constexpr (NQ == 1)
         for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     // With every pool FC chosen (P ≤ k, the paper's fixed set) the groups to read are the pool's,
@@ -784,19 +785,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                                     for (int e = 0; e < 8; ++e) acc[jh * JU + j][0] += qe[e] * f[j][e];
                                 }
                             } else {
-                                // tip_fma over this unit's JU tokens (the same operations as tip8's).
-#pragma unroll
-                                for (int h = 0; h < NQ; ++h) {
-                                    if (h < nq) {
-                                        const float4* q4 = (const float4*)&qeff[h][g * GE + half * 8];
-                                        float4 a = q4[0], c = q4[1];
-                                        float qe[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
-#pragma unroll
-                                        for (int e = 0; e < 8; ++e)
-#pragma unroll
-                                            for (int j = 0; j < JU; ++j) acc[jh * JU + j][h] += qe[e] * f[j][e];
-                                    }
-                                }
+                                tip_fma<NQ, JU>(qeff, nq, g, half, f, acc, jh * JU); // (as tip8's, this unit's tokens)
                             }
                         }
                     }
