@@ -394,26 +394,34 @@ __device__ __forceinline__ void tip_chunk(const Dims& D, const TipSrc& S, u32 gm
     }
 }
 
-// Prologue of the summed-score TIP kernels (tip_impl, tip8p_impl), block-wide: chooses the k
-// FCs of selection s's pool and writes the heads' summed q of the chosen FCs into qeff (MAXG·GE
-// floats, slot order, zero elsewhere; visible after the caller's next barrier). Returns the mask
-// of the FC groups holding them.
+// Prologue of the TIP kernels, block-wide: chooses the k FCs of selection s's pool and writes the
+// q of the chosen FCs into qv (NQ × MAXG·GE floats, slot order, zero elsewhere; visible after the
+// caller's next barrier): with NQ = 1 the heads' sum (tip_impl, tip8p_impl), else each head's
+// (tip_heads_impl, tip8p_impl with NQ > 1). Returns the mask of the FC groups holding them.
+template <int NQ>
 __device__ u32 tip_setup(const Dims& D, const float* q, const int* fc_of_slot, const int* pool, const double* mom, int b, int s, int len,
-                         float* qeff) {
+                         float (*qv)[MAXG * GE]) {
     __shared__ bool chosen[64];
     int tid = threadIdx.x, h0 = s * D.hps, kvh = kv_of_sel(D, s);
     const int* fos = fc_of_slot + kvh * D.n_fc;
     const int* pl = pool + s * D.pool;
-    for (int i = tid; i < MAXG * GE; i += blockDim.x) qeff[i] = 0.f;
+    for (int i = tid; i < NQ * MAXG * GE; i += blockDim.x) (&qv[0][0])[i] = 0.f;
     const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
     const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
     u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen); // (its barriers order the zeroing)
     if (tid < D.pool && chosen[tid]) {
         int slot = pl[tid], f = fos[slot];
-        float a = 0.f, c = 0.f;
-        for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
-        qeff[2 * slot] = a;
-        qeff[2 * slot + 1] = c;
+        if constexpr (NQ == 1) {
+            float a = 0.f, c = 0.f;
+            for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
+            qv[0][2 * slot] = a;
+            qv[0][2 * slot + 1] = c;
+        } else {
+            for (int h = 0; h < D.hps; ++h) {
+                qv[h][2 * slot] = qb[h * D.d + 2 * f];
+                qv[h][2 * slot + 1] = qb[h * D.d + 2 * f + 1];
+            }
+        }
     }
     return gmask;
 }
@@ -456,7 +464,7 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
     if (t0 >= len) return;
     int kvh = kv_of_sel(D, s);
     for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
-    u32 gmask = tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]);
+    u32 gmask = tip_setup<1>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
     __syncthreads();
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
@@ -479,31 +487,6 @@ __device__ __forceinline__ void ml_merge(float& m, float& s, float m2, float s2)
     if (mn == NEG_INF) return;
     s = s * expf(m - mn) + s2 * expf(m2 - mn);
     m = mn;
-}
-
-// Prologue of the per-head TIP kernels (tip_heads_impl, tip8p_impl with NQ > 1), block-wide:
-// chooses the k FCs of selection s's pool and writes each head's q of the chosen FCs into qh
-// (H × MAXG·GE floats, slot order, zero elsewhere; visible after the caller's next barrier).
-// Returns the mask of the FC groups holding them.
-template <int H>
-__device__ u32 tip_setup_heads(const Dims& D, const float* q, const int* fc_of_slot, const int* pool, const double* mom, int b, int s,
-                               int len, float (*qh)[MAXG * GE]) {
-    __shared__ bool chosen[64];
-    int tid = threadIdx.x, h0 = s * D.hps, kvh = kv_of_sel(D, s);
-    const int* fos = fc_of_slot + kvh * D.n_fc;
-    const int* pl = pool + s * D.pool;
-    for (int i = tid; i < H * MAXG * GE; i += blockDim.x) (&qh[0][0])[i] = 0.f;
-    const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
-    const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
-    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen); // (its barriers order the zeroing)
-    if (tid < D.pool && chosen[tid]) {
-        int slot = pl[tid], f = fos[slot];
-        for (int h = 0; h < D.hps; ++h) {
-            qh[h][2 * slot] = qb[h * D.d + 2 * f];
-            qh[h][2 * slot + 1] = qb[h * D.d + 2 * f + 1];
-        }
-    }
-    return gmask;
 }
 
 // The per-head TIP kernels' output for the thread's tokens tc + j·TIP_THREADS + tid of one chunk:
@@ -574,8 +557,8 @@ __device__ void heads_flush(const Dims& D, const float (&ml_m)[H], const float (
 // int32 (dp4a, 4 elements an instruction): per element 3/4 instruction instead of 3 (byte
 // permute, subtract, FMA), which bounded MODE 1 (ncu, GPU run 18: 0.66 issued per scheduler at
 // 56 % of DRAM).
-// NQ > 1 (`tip8ph_h*`, MODE 0 only): the group-mass stage 1 of tip_heads_impl<T, H, true> with
-// this pipeline: per-head q (tip_setup_heads), NQ accumulators per token, and tip_heads' outputs
+// NQ > 1 (`tip8ph_h*x*`, MODE 0 only): the group-mass stage 1 of tip_heads_impl<T, H, true> with
+// this pipeline: per-head q (tip_setup<NQ>), NQ accumulators per token, and tip_heads' outputs
 // (xh, per-block (max, Σexp)) in place of scores and histogram; the same arithmetic in the same
 // order as tip8_heads (per token). GPU run 20 (default int8 step, Llama shapes, same call):
 // 16 × 32k 371.4 → 347.5 µs, 1 × 128k 131.2 → 111.7, 16 × 128k 1225.2 → 1176.7; 1 × 32k a tie.
@@ -623,11 +606,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     // known before q: the first loads go out before the FC choice and q's loads (tip_setup below),
     // whose chain of dependent global loads was most of a block's time at batch 1.
     bool fixed = D.pool <= D.k;
-    auto setup = [&]() -> u32 {
-        if constexpr (NQ == 1) return tip_setup(D, q, fc_of_slot, pool, mom, b, s, len, qeff[0]);
-        else return tip_setup_heads<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
-    };
-    u32 gmask = fixed ? pool_groups(D, pool + s * D.pool) : setup();
+    u32 gmask = fixed ? pool_groups(D, pool + s * D.pool) : tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
     if (tid == 0) {
         int n = 0;
         for (u32 m = gmask; m; m &= m - 1) gl_s[n++] = __ffs(m) - 1;
@@ -636,7 +615,8 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     int G = __popc(gmask), npairs = (G + 1) >> 1;
     int qlen = min(S.qlen, len);
     int seg = b * D.n_sel + s;
-    float* sc = scores + (size_t)seg * D.l_max;
+    const int nq = NQ == 1 ? 1 : D.hps;
+    float* xs = scores + (size_t)seg * nq * D.l_max; // (NQ > 1: xh (hps, l_max) per selection)
     int nch = min(nchunk, (len - t0 + TIP_TOK - 1) / TIP_TOK);           // chunks holding tokens
     int n8 = qlen > t0 ? min(nch, (qlen - t0 + TIP_TOK - 1) / TIP_TOK) : 0; // of them, with int8 tokens
     int nunit = n8 * NJ * npairs;
@@ -677,11 +657,9 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
 #pragma unroll
     for (int i = 0; i < NS - 1; ++i) issue();
     if (fixed) {
-        setup(); // the same groups: all chosen
+        tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff); // the same groups: all chosen
         __syncthreads();
     }
-    const int nq = NQ == 1 ? 1 : D.hps;
-    float* xs = scores + (size_t)seg * nq * D.l_max; // (NQ > 1: xh (hps, l_max) per selection)
     float ml_m[NQ], ml_s[NQ];                        // (NQ > 1: online softmax per head)
 #pragma unroll
     for (int h = 0; h < NQ; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
@@ -799,7 +777,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
             }
         }
         if (tc + TIP_TOK > qlen) tip_pass16<T, NQ>(D, S.k, gmask, qeff, nq, tc, qlen, len, acc);
-        if constexpr (NQ == 1) tip_store(D, acc, tc, len, sc, sh_hist);
+        if constexpr (NQ == 1) tip_store(D, acc, tc, len, xs, sh_hist);
         else heads_store<NQ>(D, acc, tc, len, xs, ml_m, ml_s);
     }
     cp_async_wait<0>();
@@ -822,7 +800,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
     int kvh = kv_of_sel(D, s), hps = D.hps;
-    u32 gmask = tip_setup_heads<H>(D, q, fc_of_slot, pool, mom, b, s, len, qh);
+    u32 gmask = tip_setup<H>(D, q, fc_of_slot, pool, mom, b, s, len, qh);
     __syncthreads();
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
@@ -1361,12 +1339,10 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
 // registers per lane, so more blocks fit per multiprocessor (run 6).
 #define FACL_U(H) ((H) >= 8 ? 2 : 4)
 #define FACL_MINB(H) ((H) >= 8 ? 3 : (H) >= 4 ? 4 : (H) >= 2 ? 5 : 6)
-#ifndef FACM_TU
+#ifndef FACM_TU  // (gpu::source() sets it from gpu::facm_tiles; this is for the source alone)
 #define FACM_TU 2 // tensor-core FAC (facm_impl): tiles of 16 rows per warp iteration
 #endif
-#ifndef FACM_MINB
 #define FACM_MINB (FACM_TU > 1 ? 2 : 3) // and its resident blocks per SM
-#endif
 
 // Four floats from shared memory; volatile so the compiler does not hoist q out of the row loop
 // back into registers (the point of the lean variant).
@@ -1952,10 +1928,11 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         tip8p_impl<TY, NS, JU, MODE, 1>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk, \
                                         nullptr);                                                                        \
     }
-// Pipelined per-head int8 TIP `tip8ph_h<H>_<dtype>` (group-mass stage 1, tip8_heads' outputs and
-// arithmetic): 2 stages of JU tokens per thread, MODE 0.
+// Pipelined per-head int8 TIP `tip8ph_h<H>x<JU>_<dtype>` (group-mass stage 1, tip8_heads' outputs
+// and arithmetic): 2 stages of JU tokens per thread, MODE 0. JU is in the name because the launcher
+// sizes the stages' shared memory from it (gpu::TIP8PH_JU).
 #define TIP8PH_ENTRY(NAME, TY, HH, JU)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip8ph_h##HH##_##NAME(                                 \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip8ph_h##HH##x##JU##_##NAME(                          \
         Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
         const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
         tip8p_impl<TY, 2, JU, 0, HH>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr, nullptr,   \

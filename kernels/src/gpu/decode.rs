@@ -201,9 +201,9 @@ impl FasaDecoder {
         let part = (segs * fac_split.1 * hps).max(cache.batch * cache.n_kv * dense_split.1 * group);
         let st = &gpu.stream;
         let c = rerank.max(1);
-        let heads_mass = cfg.group_mass && hps > 1;
-        let tip8_pipe = super::tip8_pipe();
-        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe, true)?;
+        let heads_mass = Self::heads_mass(&cfg, hps);
+        let (tip8_pipe, tip8_heads_pipe) = (super::tip8_pipe(), true);
+        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe, tip8_heads_pipe)?;
         Ok(Self {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
@@ -233,7 +233,7 @@ impl FasaDecoder {
             fused_combine: false,
             tip_chunks,
             tip8_pipe,
-            tip8_heads_pipe: true,
+            tip8_heads_pipe,
             filter_tok: 0,
             combine8: None,
             pdl: true,
@@ -290,15 +290,21 @@ impl FasaDecoder {
         &self.dims
     }
 
+    /// Whether stage 1 scores a selection by its heads' softmax mass (two launches, per-head
+    /// scores) rather than by their summed score.
+    fn heads_mass(cfg: &DecodeConfig, hps: usize) -> bool {
+        cfg.group_mass && hps > 1
+    }
+
     /// Whether the TIP stage runs the pipelined int8 kernel `pipe`.
     fn tip_pipelined(cfg: &DecodeConfig, hps: usize, pipe: usize) -> bool {
-        cfg.q8_tip && !(cfg.group_mass && hps > 1) && pipe != 0
+        cfg.q8_tip && !Self::heads_mass(cfg, hps) && pipe != 0
     }
 
     /// The automatic TIP chunk count for the TIP kernel these settings run (`heads_pipe`: the
     /// group-mass int8 stage 1 pipelined).
     fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool) -> Result<usize, GpuError> {
-        let heads8 = cfg.q8_tip && cfg.group_mass && hps > 1;
+        let heads8 = cfg.q8_tip && Self::heads_mass(cfg, hps);
         Ok(if Self::tip_pipelined(cfg, hps, pipe) {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8p_blocks_per_sm(cache.dtype, pipe)? as usize)
         } else if heads8 && heads_pipe {
@@ -312,17 +318,20 @@ impl FasaDecoder {
     /// resets `tip_chunks` to that kernel's automatic count.
     pub fn set_tip8_pipe(&mut self, gpu: &Gpu, cache: &GpuKvCache, pipe: usize) -> Result<(), GpuError> {
         self.tip8_pipe = pipe;
-        let segs = cache.batch * self.dims.n_sel as usize;
-        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, pipe, self.tip8_heads_pipe)?;
-        Ok(())
+        self.reset_tip_chunks(gpu, cache)
     }
 
     /// Switches the group-mass int8 stage 1 between the pipelined kernel (`on`) and
     /// `tip8_heads_h*`, and resets `tip_chunks` to that kernel's automatic count.
     pub fn set_tip8_heads_pipe(&mut self, gpu: &Gpu, cache: &GpuKvCache, on: bool) -> Result<(), GpuError> {
         self.tip8_heads_pipe = on;
+        self.reset_tip_chunks(gpu, cache)
+    }
+
+    /// `tip_chunks` back to the automatic count of the TIP kernel the decoder's settings run.
+    fn reset_tip_chunks(&mut self, gpu: &Gpu, cache: &GpuKvCache) -> Result<(), GpuError> {
         let segs = cache.batch * self.dims.n_sel as usize;
-        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, self.tip8_pipe, on)?;
+        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, self.tip8_pipe, self.tip8_heads_pipe)?;
         Ok(())
     }
 
@@ -360,7 +369,7 @@ impl FasaDecoder {
             (true, None) => return Err(GpuError::Shape("int8 TIP asked for, but the cache has no int8 planes: call GpuKvCache::enable_q8".into())),
         };
         let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
-        if self.cfg.group_mass && dims.hps > 1 {
+        if Self::heads_mass(&self.cfg, dims.hps as usize) {
             let pipe = self.tip8_heads_pipe;
             tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)

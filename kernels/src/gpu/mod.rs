@@ -187,7 +187,7 @@ pub(crate) struct Funcs {
     /// The pipelined int8 TIP, per dtype and [`TIP8_PIPES`] entry.
     pub tip8p: [[CudaFunction; TIP8_PIPES.len()]; 2],
     pub tip8_heads: [[CudaFunction; 3]; 2],
-    /// The group-mass int8 TIP pipelined as `tip8p` (`tip8ph_h*`), per dtype and head bound.
+    /// The group-mass int8 TIP pipelined as `tip8p` (`tip8ph_h*x*`), per dtype and head bound.
     pub tip8ph: [[CudaFunction; 3]; 2],
     pub quant_blocks: [CudaFunction; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
@@ -244,7 +244,7 @@ impl Funcs {
     }
 
     /// The group-mass TIP kernel compiled for the smallest head bound ≥ `hps` (2, 4, 8), from
-    /// the int8 planes (`q8`; `pipelined`: `tip8ph_h*`) or the 16-bit K only.
+    /// the int8 planes (`q8`; `pipelined`: `tip8ph_h*x*`) or the 16-bit K only.
     pub fn tip_heads(&self, dt: Dtype, hps: usize, q8: bool, pipelined: bool) -> &CudaFunction {
         let i = heads_bound(hps);
         match (q8, pipelined) {
@@ -268,12 +268,11 @@ impl Funcs {
             3 | 4 => 2,
             _ => 3,
         };
-        match (kind, d) {
-            (FacKernel::Reg, _) => Ok(&self.fac[dt as usize][i]),
-            (FacKernel::Lean, _) => Ok(&self.facl[dt as usize][i]),
-            (FacKernel::Mma, 64) => Ok(&self.facm[dt as usize][0]),
-            (FacKernel::Mma, 128) => Ok(&self.facm[dt as usize][1]),
-            (FacKernel::Mma, _) => Err(GpuError::Shape(format!("fac: the tensor-core kernels need d = 64 or 128, not {d}"))),
+        match kind {
+            FacKernel::Reg => Ok(&self.fac[dt as usize][i]),
+            FacKernel::Lean => Ok(&self.facl[dt as usize][i]),
+            FacKernel::Mma if kind.supports(d) => Ok(&self.facm[dt as usize][usize::from(d == 128)]),
+            FacKernel::Mma => Err(GpuError::Shape(format!("fac: the tensor-core kernels need d = 64 or 128, not {d}"))),
         }
     }
 }
@@ -304,10 +303,14 @@ fn heads_bound(hps: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of the pipelined group-mass int8 TIP for `hps` heads: 2 stages of JU =
-/// 4 tokens (2 for the 8-head kernel, whose accumulators take the registers), as [`tip8p_smem`].
+/// Tokens per thread and unit JU of the pipelined group-mass int8 TIP for 2, 4 and 8 heads (2
+/// stages each; 8 heads' accumulators leave registers for 2): the kernels are `tip8ph_h<H>x<JU>_*`,
+/// so a JU that differs from the source's finds no kernel rather than too little shared memory.
+const TIP8PH_JU: [usize; 3] = [4, 4, 2];
+
+/// Dynamic shared memory of the pipelined group-mass int8 TIP for `hps` heads, as [`tip8p_smem`].
 pub(crate) fn tip8ph_smem(hps: usize) -> usize {
-    tip8p_smem(if heads_bound(hps) == 2 { 22 } else { 24 })
+    tip8p_smem(20 + TIP8PH_JU[heads_bound(hps)])
 }
 
 /// Dynamic shared memory of the pipelined int8 TIP `pipe`: NS stages of two groups' 16-byte
@@ -450,27 +453,25 @@ impl Gpu {
             let s = dt.suffix();
             Ok([get(&format!("facm_d64_{s}"))?, get(&format!("facm_d128_{s}"))?])
         };
-        // The pipelined TIP's stages are dynamic shared memory beyond the default 48 KB.
+        // The pipelined TIP kernels' stages are dynamic shared memory beyond the default 48 KB.
+        let get_dyn = |name: &str, smem: usize| -> Result<CudaFunction, DriverError> {
+            let f = get(name)?;
+            f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)?;
+            Ok(f)
+        };
         let tip8p = |dt: Dtype| -> Result<[CudaFunction; TIP8_PIPES.len()], DriverError> {
             let s = dt.suffix();
             let mut v = Vec::new();
             for p in TIP8_PIPES {
                 let (ns, ju, mode) = tip8_pipe_parts(p);
-                let f = get(&format!("tip8p_{ns}x{ju}{mode}_{s}"))?;
-                f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, tip8p_smem(p) as i32)?;
-                v.push(f);
+                v.push(get_dyn(&format!("tip8p_{ns}x{ju}{mode}_{s}"), tip8p_smem(p))?);
             }
             Ok(v.try_into().unwrap_or_else(|_| unreachable!("one kernel per TIP8_PIPES entry")))
         };
         let tip8ph = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
             let s = dt.suffix();
-            let mut v = Vec::new();
-            for h in [2, 4, 8] {
-                let f = get(&format!("tip8ph_h{h}_{s}"))?;
-                f.set_attribute(cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, tip8ph_smem(h) as i32)?;
-                v.push(f);
-            }
-            Ok(v.try_into().unwrap_or_else(|_| unreachable!("three head bounds")))
+            let [a, b, c] = [2, 4, 8].map(|h| get_dyn(&format!("tip8ph_h{h}x{}_{s}", TIP8PH_JU[heads_bound(h)]), tip8ph_smem(h)));
+            Ok([a?, b?, c?])
         };
         let f = Funcs {
             tip_mass: get("tip_mass")?,
@@ -557,7 +558,7 @@ impl Gpu {
             self.tip8p_blocks_per_sm(dt, 24)?,
             self.tip8p_blocks_per_sm(dt, 124)?,
             self.tip8p_blocks_per_sm(dt, 224)?,
-            occ(self.f.fac(dt, 4, FacKernel::Mma, 128)?, 128)?,
+            self.fac_blocks_per_sm(dt, 4, FacKernel::Mma, 128)?,
         ])
     }
 
@@ -568,8 +569,7 @@ impl Gpu {
 
     /// Resident blocks per multiprocessor of the pipelined group-mass int8 TIP for `hps` heads.
     pub fn tip8ph_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
-        let f = self.f.tip_heads(dt, hps, true, true);
-        Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, tip8ph_smem(hps), None)?)
+        Ok(self.f.tip_heads(dt, hps, true, true).occupancy_max_active_blocks_per_multiprocessor(256, tip8ph_smem(hps), None)?)
     }
 
     /// Resident blocks per multiprocessor of the pipelined int8 TIP `pipe` ([`TIP8_PIPES`]).
