@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use cudarc::driver::sys::CUevent_flags;
 use fasa_kernels::cpu::FcMoments;
-use fasa_kernels::gpu::{decode::capture, fac, DecodeConfig, Dtype, FacKernel, FasaDecoder, Gpu, GpuKvCache};
+use fasa_kernels::gpu::{decode::capture, fac, trace, tracing, DecodeConfig, Dtype, FacKernel, FasaDecoder, Gpu, GpuKvCache};
 
 /// Bytes per token and group of 8 FCs that int8 TIP reads: 16 B of pairs plus 8 f32 scales per
 /// 32 tokens (1 B per token).
@@ -139,6 +139,33 @@ fn graph_ms(
     })
     .unwrap();
     time_graph(gpu, &g, 20) / layers as f64
+}
+
+/// The stage timeline of `op` over every (decoder, cache) pair, as `graph_ms` captures it
+/// (`FASA_GPU_TRACE=1` builds): three replays after three warm ones.
+fn trace_graph(
+    gpu: &Gpu,
+    decs: &mut [FasaDecoder],
+    caches: &[GpuKvCache],
+    mut op: impl FnMut(&mut FasaDecoder, &GpuKvCache) -> Result<(), fasa_kernels::gpu::GpuError>,
+) -> String {
+    let g = capture(gpu, || {
+        for (d, c) in decs.iter_mut().zip(caches) {
+            op(d, c)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    for _ in 0..3 {
+        g.launch().unwrap();
+    }
+    gpu.stream.synchronize().unwrap();
+    gpu.trace_take().unwrap();
+    for _ in 0..3 {
+        g.launch().unwrap();
+    }
+    gpu.stream.synchronize().unwrap();
+    trace::report(&gpu.trace_take().unwrap())
 }
 
 /// Device copy bandwidth (bytes read + written per second): through a copy kernel (the SM path
@@ -304,6 +331,10 @@ fn main() {
                 graph_ms(&gpu, decs, &caches, layers, |d, c| d.dense(&gpu, c, &q, &lens, &mut out)) * 1e3
             });
             all.push(format!("pdl:{on:.1} nopdl:{off:.1}"));
+            if tracing() {
+                let t = trace_graph(&gpu, &mut decs, &caches, |d, c| d.dense(&gpu, c, &q, &lens, &mut out));
+                println!("# {} {}x{} dense_inhouse: {t}", s.model, s.batch, s.len);
+            }
             // Before GPU run 16: no PDL, the 1-split combine.
             decs.iter_mut().for_each(|d| {
                 d.pdl = false;
@@ -411,6 +442,10 @@ fn main() {
                 graph_ms(&gpu, decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out)) * 1e3
             });
             all.push(format!("pdl:{on:.1} nopdl:{off:.1}"));
+            if tracing() {
+                let t = trace_graph(&gpu, &mut decs, &caches, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
+                println!("# {} {}x{} {name} {variant}: {t}", s.model, s.batch, s.len);
+            }
             // The decoder's default before GPU run 17 (FAC split by fac::split everywhere), same
             // variant otherwise.
             let old_rows = fac::split(s.budget.min(s.len), s.batch * decs[0].dims().n_sel as usize, gpu.sm_count).0;

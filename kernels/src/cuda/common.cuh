@@ -82,6 +82,60 @@ __device__ __forceinline__ void pdl_begin() {
 #endif
 }
 
+// Stage timeline (benchmarks; `FASA_GPU_TRACE=1` compiles it in, gpu::Gpu::trace_take reads it):
+// thread 0 of each block of the decode chain appends (tag, launch time, time past
+// griddepcontrol.wait, exit time) in %globaltimer ns. Without FASA_TRACE the scope is empty.
+enum TraceTag { TR_TIP = 1, TR_MASS, TR_FILTER, TR_REFINE, TR_RERANK, TR_FAC, TR_COMBINE,
+                // marks (trace_mark): TIP's setup done, its loop done, its histogram added, its
+                // threshold found; filter's scores classified, its rows written; refine's
+                // candidates loaded (value: their count), its radix passes done (value: passes),
+                // its rows written; FAC's rows and q loaded, its loop done
+                TR_MARK = 16, M_TIP_SETUP = TR_MARK, M_TIP_LOOP, M_TIP_FLUSH, M_TIP_THR, M_FLT_SCAN, M_FLT_WRITE,
+                M_REF_LOAD, M_REF_PASS, M_REF_WRITE, M_FAC_BEGIN, M_FAC_LOOP };
+#ifdef FASA_TRACE
+#define FASA_TRACE_N (1 << 18)
+__device__ u64 fasa_trace[FASA_TRACE_N * 4];
+__device__ u32 fasa_trace_n;
+__device__ __forceinline__ u64 gtimer() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+struct TraceScope {
+    int tag;
+    u64 pre, post;
+    __device__ explicit TraceScope(int t) : tag(t), pre(gtimer()), post(pre) {}
+    __device__ void waited() { post = gtimer(); }
+    __device__ ~TraceScope() {
+        if (threadIdx.x != 0) return;
+        u64 end = gtimer();
+        u32 i = atomicAdd(&fasa_trace_n, 1u);
+        if (i < FASA_TRACE_N) {
+            u64* e = fasa_trace + 4 * (size_t)i;
+            e[0] = tag; e[1] = pre; e[2] = post; e[3] = end;
+        }
+    }
+};
+// A point inside a kernel (tag ≥ TR_MARK): when thread 0 of the block passed it, and a value.
+__device__ __forceinline__ void trace_mark(int tag, u64 val = 0) {
+    if (threadIdx.x != 0) return;
+    u64 t = gtimer();
+    u32 i = atomicAdd(&fasa_trace_n, 1u);
+    if (i < FASA_TRACE_N) {
+        u64* e = fasa_trace + 4 * (size_t)i;
+        e[0] = tag; e[1] = t; e[2] = t; e[3] = val;
+    }
+}
+#else
+struct TraceScope {
+    __device__ explicit TraceScope(int) {}
+    __device__ void waited() {}
+};
+__device__ __forceinline__ void trace_mark(int, u64 = 0) {}
+#endif
+// pdl_begin() inside a trace scope of this tag, which closes when the enclosing function returns.
+#define PDL_BEGIN(TAG) TraceScope trace_scope_(TAG); pdl_begin(); trace_scope_.waited()
+
 // Order-preserving u32 key of a float (larger float → larger key); -0 is folded into +0 so
 // equal scores tie, as on the CPU.
 __device__ __forceinline__ u32 okey(float f) {

@@ -9,7 +9,9 @@
 //   v      (batch, n_kv, l_max, d)          V rows, model dim order
 //   q      (batch, n_q, d) f32              rotated queries, FC-pair order (2f, 2f+1 = FC f)
 //   fc_of_slot (n_kv, n_fc) i32             FC stored in slot s of a KV head (slot_of_fc: inverse)
-//   pool   (n_sel, P) i32                   calibrated FC pool of each selection, as slots
+//   pool   (2, n_sel, P) i32                calibrated FC pool of each selection, as slots, then the
+//                                           FC ids in those slots (fc_of_slot of them, for TIP's
+//                                           fixed-set prologue)
 //   lens   (batch,) i32                     tokens cached per sequence
 //   scores (batch·n_sel, l_max) f32         TIP scores; hist (batch·n_sel, NBIN) u32
 //   thr    (batch·n_sel, 2) i32             threshold bin and rows above it (TIP's last block)
@@ -242,12 +244,14 @@ __device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg
     u32* hg = hist + (size_t)seg * NBIN;
     for (int i = threadIdx.x; i < NBIN; i += blockDim.x)
         if (sh_hist[i]) atomicAdd(&hg[i], sh_hist[i]);
+    trace_mark(M_TIP_FLUSH);
     // The selection's last block finds the threshold bin once (thr[seg] = (tb, above)), so the
     // filter blocks and the refine step need not scan the histogram each.
     if (done && last_block(done, seg, nblk) && len > D.budget) {
         __shared__ int tb, above;
         find_threshold(hg, D.budget, &tb, &above);
         if (threadIdx.x == 0) { thr[2 * seg] = tb; thr[2 * seg + 1] = above; }
+        trace_mark(M_TIP_THR);
     }
 }
 
@@ -426,13 +430,13 @@ __device__ u32 tip_setup(const Dims& D, const float* q, const int* fc_of_slot, c
     return gmask;
 }
 
-// The FC groups holding selection s's whole pool pl (block-wide): tip_setup's mask when every
-// pool FC is chosen (P ≤ k).
-__device__ u32 pool_groups(const Dims& D, const int* pl) {
+// The FC groups holding a selection's whole pool (block-wide; slot: the thread's pool slot, or
+// −1): tip_setup's mask when every pool FC is chosen (P ≤ k).
+__device__ u32 pool_groups(int slot) {
     __shared__ u32 gm;
     if (threadIdx.x == 0) gm = 0;
     __syncthreads();
-    if ((int)threadIdx.x < D.pool) atomicOr(&gm, 1u << (pl[threadIdx.x] / FCG));
+    if (slot >= 0) atomicOr(&gm, 1u << (slot / FCG));
     __syncthreads();
     return gm;
 }
@@ -455,7 +459,7 @@ __device__ __forceinline__ void tip_store(const Dims& D, const float (&acc)[TIP_
 template <class T, bool Q8>
 __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                          const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
-    pdl_begin();
+    PDL_BEGIN(TR_TIP);
     __shared__ u32 sh_hist[NBIN];
     __shared__ __align__(16) float qeff[1][MAXG * GE];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
@@ -581,7 +585,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                            const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk,
                            float* pml) {
     static_assert(NQ == 1 || MODE == 0, "per-head scores: MODE 0 only");
-    pdl_begin();
+    PDL_BEGIN(TR_TIP);
     constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
     constexpr int NW = TIP_THREADS / 32;
     extern __shared__ __align__(16) unsigned char tip8p_dyn[];
@@ -597,16 +601,28 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     auto& sq_w = sq[MODE == 2 ? w : 0];
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
+    // With every pool FC chosen (P ≤ k, the paper's fixed set) the groups to read are the pool's
+    // and q needs no FC choice: the pool thread's slot and FC id (pool's second half) go out with
+    // lens, its q values right after, and all before the K copies, which would otherwise queue
+    // them behind every block's (GPU run 21's timeline, 1 × 32k: a 4 µs prologue of a 10 µs TIP,
+    // the loads of tip_setup's chain pool → fc_of_slot → q issued after the copies).
+    bool fixed = D.pool <= D.k;
+    int qslot = -1;
+    float2 qr[MAXH];
+    if (fixed && tid < D.pool) {
+        qslot = pool[s * D.pool + tid];
+        int f = pool[(D.n_sel + s) * D.pool + tid];
+        const float* qb = q + ((size_t)b * D.n_q + s * D.hps) * D.d + 2 * f;
+#pragma unroll
+        for (int h = 0; h < MAXH; ++h)
+            if (h < D.hps) qr[h] = *(const float2*)(qb + h * D.d);
+    }
     if (t0 >= len) return;
     int kvh = kv_of_sel(D, s);
     if constexpr (NQ == 1)
         for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
-    // With every pool FC chosen (P ≤ k, the paper's fixed set) the groups to read are the pool's,
-    // known before q: the first loads go out before the FC choice and q's loads (tip_setup below),
-    // whose chain of dependent global loads was most of a block's time at batch 1.
-    bool fixed = D.pool <= D.k;
-    u32 gmask = fixed ? pool_groups(D, pool + s * D.pool) : tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
+    u32 gmask = fixed ? pool_groups(qslot) : tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
     if (tid == 0) {
         int n = 0;
         for (u32 m = gmask; m; m &= m - 1) gl_s[n++] = __ffs(m) - 1;
@@ -657,9 +673,26 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
 #pragma unroll
     for (int i = 0; i < NS - 1; ++i) issue();
     if (fixed) {
-        tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff); // the same groups: all chosen
+        // tip_setup's q for the fixed set (every pool FC chosen), operation for operation.
+        for (int i = tid; i < NQ * MAXG * GE; i += blockDim.x) (&qeff[0][0])[i] = 0.f;
+        __syncthreads();
+        if (qslot >= 0) {
+            if constexpr (NQ == 1) {
+                float a = 0.f, c = 0.f;
+#pragma unroll
+                for (int h = 0; h < MAXH; ++h)
+                    if (h < D.hps) { a += qr[h].x; c += qr[h].y; }
+                qeff[0][2 * qslot] = a;
+                qeff[0][2 * qslot + 1] = c;
+            } else {
+#pragma unroll
+                for (int h = 0; h < NQ; ++h)
+                    if (h < D.hps) { qeff[h][2 * qslot] = qr[h].x; qeff[h][2 * qslot + 1] = qr[h].y; }
+            }
+        }
         __syncthreads();
     }
+    trace_mark(M_TIP_SETUP);
     float ml_m[NQ], ml_s[NQ];                        // (NQ > 1: online softmax per head)
 #pragma unroll
     for (int h = 0; h < NQ; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
@@ -781,6 +814,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
         else heads_store<NQ>(D, acc, tc, len, xs, ml_m, ml_s);
     }
     cp_async_wait<0>();
+    trace_mark(M_TIP_LOOP);
     if constexpr (NQ == 1) flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
     else heads_flush<NQ>(D, ml_m, ml_s, pml + ((size_t)seg * gridDim.x + blockIdx.x) * nq * 2);
 }
@@ -793,7 +827,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
 template <class T, int H, bool Q8>
 __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                                const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {
-    pdl_begin();
+    PDL_BEGIN(TR_TIP);
     __shared__ __align__(16) float qh[H][MAXG * GE]; // chosen FCs' q per head, slot order, zero elsewhere
     int s = blockIdx.y, b = blockIdx.z;
     int len = lens[b];
@@ -825,7 +859,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
 #define MASS_TOK (256 * MASS_TPT)
 extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* xh, const float* pml, const int* lens, int nchunk,
                                                            float* scores, u32* hist, u32* done, int* thr) {
-    pdl_begin();
+    PDL_BEGIN(TR_MASS);
     __shared__ u32 sh_hist[NBIN];
     __shared__ float mh[MAXH], izh[MAXH];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
@@ -1014,6 +1048,8 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
         cp_async_wait<0>();
     }
     __syncthreads();
+    trace_mark(M_REF_LOAD, m);
+    int passes = 0;
     u32* out = sel + (size_t)seg * D.budget;
     if (active && need > 0) {
         if (need < m) {
@@ -1032,6 +1068,7 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
                 val = (val & ~((u64)255 << sh)) | ((u64)dg << sh);
                 mask |= (u64)255 << sh;
                 bool done = in_dg == need; // every key with this prefix is kept
+                ++passes;
                 __syncthreads();
                 if (done) break;
             }
@@ -1039,6 +1076,7 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
         } else {
             val = 0; // need == m: every candidate is kept
         }
+        trace_mark(M_REF_PASS, passes);
         // Each thread keeps from its own run of candidates; one scan gives the write positions
         // after the rows the filter already wrote (none in re-rank mode).
         int per = (m + blockDim.x - 1) / blockDim.x;
@@ -1053,6 +1091,7 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
         }
     }
     __syncthreads();
+    trace_mark(M_REF_WRITE);
     if (!rerank) {
         u32* hg = hist + (size_t)seg * NBIN;
         for (int i = tid; i < NBIN; i += blockDim.x) hg[i] = 0;
@@ -1134,6 +1173,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
         }
         u32 tot;
         u32 pos = block_excl_scan(cnt, &tot);
+        trace_mark(M_FLT_SCAN);
         if (tid == 0) {
             base_a = tot >> 16 ? atomicAdd(&sel_cnt[seg], tot >> 16) : 0u;
             base_c = tot & 0xffffu ? atomicAdd(&cand_cnt[seg], tot & 0xffffu) : 0u;
@@ -1150,8 +1190,11 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
             else cs[pc++] = ((u64)key << 32) | (u64)(0xffffffffu - (u32)t);
         }
     }
-    if (last_block(done, seg, (len + TOK - 1) / TOK))
+    trace_mark(M_FLT_WRITE);
+    if (last_block(done, seg, (len + TOK - 1) / TOK)) {
+        TraceScope tr(TR_REFINE);
         refine_seg(D, seg, len, hist, thr, sel, sel_cnt, cand, cand_cnt, 0);
+    }
 }
 
 #define FILTER_ENTRY(V)                                                                                                  \
@@ -1159,7 +1202,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
                                                                              const int* thr, const int* lens, u32* sel, \
                                                                              u32* sel_cnt, u64* cand, u32* cand_cnt,    \
                                                                              u32* done) {                               \
-        pdl_begin();                                                                                                     \
+        PDL_BEGIN(TR_FILTER);                                                                                            \
         filter_impl<V>(D, scores, hist, thr, lens, sel, sel_cnt, cand, cand_cnt, done);                                 \
     }
 FILTER_ENTRY(8)
@@ -1168,7 +1211,7 @@ FILTER_ENTRY(2)
 // refine_seg alone, one block per selection (grid (n_sel, batch), block 256).
 extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* hist, const int* thr, const int* lens, u32* sel,
                                                                 u32* sel_cnt, const u64* cand, u32* cand_cnt, int rerank) {
-    pdl_begin();
+    PDL_BEGIN(TR_REFINE);
     int s = blockIdx.x, b = blockIdx.y;
     refine_seg(D, b * D.n_sel + s, lens[b], hist, thr, sel, sel_cnt, cand, cand_cnt, rerank);
 }
@@ -1237,7 +1280,7 @@ __device__ __forceinline__ void load_q_slots(const Dims& D, const float* q, cons
 template <class T>
 __device__ void rerank_scores_impl(Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* lens, const u32* selc,
                                    int C, float* rr) {
-    pdl_begin();
+    PDL_BEGIN(TR_RERANK);
     __shared__ float q_s[MAXH][128];
     __shared__ u32 rows[RR_ROWS];
     int s = blockIdx.y, b = blockIdx.z;
@@ -1283,7 +1326,7 @@ __device__ float block_reduce(float x, bool is_max) {
 extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int* lens, const u32* selc, int C, const float* rr,
                                                               const float* scores, float* mass, u64* cand, u32* cand_cnt,
                                                               u32* sel, u32* sel_cnt) {
-    pdl_begin();
+    PDL_BEGIN(TR_RERANK);
     int s = blockIdx.x, b = blockIdx.y, tid = threadIdx.x;
     int seg = b * D.n_sel + s;
     int len = lens[b];
@@ -1443,10 +1486,11 @@ __device__ void fac_end(const Dims& D, const FacBlk& B, const FacSmem<H>& sm) {
 template <class T, int H, int U = FAC_U, bool QS = false>
 __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                          int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
-    pdl_begin();
+    PDL_BEGIN(TR_FAC);
     __shared__ FacSmem<H> sm;
     FacBlk B;
     if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, sm, B)) {
+        trace_mark(M_FAC_BEGIN);
         int tid = threadIdx.x, nr = B.nr, hps = D.hps, d = D.d;
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
         const u16* kb = k + bk * D.l_max * d;
@@ -1567,6 +1611,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                 }
             }
         }
+        trace_mark(M_FAC_LOOP);
         fac_end<H>(D, B, sm);
     }
     if (out && last_block(done, B.seg, n_split)) combine_seg(D, B.seg, B.b, B.s, n_split, po, pml, out);
@@ -1635,7 +1680,7 @@ template <int NW> __device__ __forceinline__ u32 pair_half(const u32 (&x)[NW], c
 template <class T, int DD, int TU>
 __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
                           int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
-    pdl_begin();
+    PDL_BEGIN(TR_FAC);
     constexpr int NKS = DD / 16;  // k-slices of S, m-tiles of Oᵀ
     constexpr int NPT = DD / 32;  // K pieces per lane and row (4 lanes a row)
     constexpr int VP = DD / 64;   // V pieces per lane and row (8 lanes a row)
@@ -1643,6 +1688,7 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
     __shared__ FacSmem<MAXH> sm;
     FacBlk B;
     if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, true, sm, B)) {
+        trace_mark(M_FAC_BEGIN);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3, nr = B.nr, hps = D.hps;
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
         const u16* kb = k + bk * D.l_max * DD;
@@ -1757,6 +1803,7 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
                     sm.wo[w][2 * c + e][dim_of(mt)] = acc[mt][e];
                     sm.wo[w][2 * c + e][dim_of(NKS + mt)] = acc[mt][2 + e];
                 }
+        trace_mark(M_FAC_LOOP);
         fac_end<MAXH>(D, B, sm);
     }
     if (out && last_block(done, B.seg, n_split)) combine_seg(D, B.seg, B.b, B.s, n_split, po, pml, out);
@@ -1872,11 +1919,11 @@ __device__ void fac_combine_impl(Dims D, int n_split, const float* po, const flo
     }
 }
 extern "C" __global__ void __launch_bounds__(FAC_CMB) fac_combine(Dims D, int n_split, const float* po, const float* pml, float* out) {
-    pdl_begin();
+    PDL_BEGIN(TR_COMBINE);
     fac_combine_impl<false>(D, n_split, po, pml, out);
 }
 extern "C" __global__ void __launch_bounds__(FAC_CMB) fac_combine8(Dims D, int n_split, const float* po, const float* pml, float* out) {
-    pdl_begin();
+    PDL_BEGIN(TR_COMBINE);
     fac_combine_impl<true>(D, n_split, po, pml, out);
 }
 

@@ -154,8 +154,9 @@ impl FasaDecoder {
         if cfg.pools.len() != n_sel || cfg.pools.iter().any(|l| l.len() < p) || p > 64 || cfg.budget == 0 {
             return Err(GpuError::Shape(format!("need {n_sel} FC pools of ≥ {p} FCs and a budget ≥ 1")));
         }
-        // Pool FC ids → slots of the selection's KV head.
-        let mut pool = Vec::with_capacity(n_sel * p);
+        // Pool FC ids → slots of the selection's KV head; then the FC ids themselves (`pool`'s
+        // second half, fasa.cu's buffer list).
+        let mut pool = Vec::with_capacity(2 * n_sel * p);
         for (s, l) in cfg.pools.iter().enumerate() {
             let kv = s * hps / group;
             for &f in &l[..p] {
@@ -163,6 +164,7 @@ impl FasaDecoder {
                 pool.push(slot as i32);
             }
         }
+        pool.extend(cfg.pools.iter().flat_map(|l| l[..p].iter().map(|&f| f as i32)));
         let rerank = if cfg.rerank > cfg.budget { cfg.rerank.min(cache.l_max) } else { 0 };
         let mut dims = cache.dims(cfg.n_q);
         dims.hps = hps as i32;

@@ -14,6 +14,7 @@ mod launch;
 pub mod rerank;
 pub mod select;
 pub mod tip;
+pub mod trace;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -86,9 +87,18 @@ pub fn facm_tiles() -> usize {
     *R.get_or_init(|| std::env::var("FASA_GPU_FACM_TU").ok().and_then(|v| v.parse().ok()).filter(|t| (1..=3).contains(t)).unwrap_or(2))
 }
 
-/// [`SOURCE`] with `KR` set to [`k_run`] and `FACM_TU` to [`facm_tiles`].
+/// Whether the kernels record their stage timeline (`FASA_GPU_TRACE=1`; benchmarks,
+/// [`Gpu::trace_take`]). Read once.
+pub fn tracing() -> bool {
+    static R: OnceLock<bool> = OnceLock::new();
+    *R.get_or_init(|| std::env::var("FASA_GPU_TRACE").is_ok_and(|v| v == "1"))
+}
+
+/// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], and `FASA_TRACE` when
+/// [`tracing`].
 fn source() -> String {
-    format!("#define KR {}\n#define FACM_TU {}\n{SOURCE}", k_run(), facm_tiles())
+    let trace = if tracing() { "#define FASA_TRACE\n" } else { "" };
+    format!("{trace}#define KR {}\n#define FACM_TU {}\n{SOURCE}", k_run(), facm_tiles())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -335,7 +345,6 @@ pub struct Gpu {
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
     pub sm_count: usize,
-    #[allow(dead_code)]
     module: Arc<CudaModule>,
     pub(crate) f: Funcs,
     /// Programmatic dependent launch forced on or off, or left to each decoder (`launch::PDL_*`).

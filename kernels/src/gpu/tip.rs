@@ -13,9 +13,9 @@ use super::launch::Launch;
 use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
 
 /// `scores (batch·n_sel, l_max)` f32 and `hist (batch·n_sel, NBIN)` (must be zero on entry; the
-/// select op zeroes it again). `q (batch, n_q, d)` f32 FC-pair order; `pool (n_sel, P)` slots;
-/// `lens (batch,)`. `mom`: the cache's K moments (`GpuKvCache::mom`) to choose FCs by variance,
-/// else by norm. Uses `dims.{hps, n_sel, pool, k, sinks, recent, budget}`. With
+/// select op zeroes it again). `q (batch, n_q, d)` f32 FC-pair order; `pool (2, n_sel, P)`: the
+/// pool's slots, then the FC ids in them; `lens (batch,)`. `mom`: the cache's K moments
+/// (`GpuKvCache::mom`) to choose FCs by variance, else by norm. Uses `dims.{hps, n_sel, pool, k, sinks, recent, budget}`. With
 /// `thr = Some((done, thr))` the last block of each selection also finds the histogram's
 /// threshold bin for `dims.budget` into `thr (batch·n_sel, 2)` = (bin, rows above it) when
 /// `len > budget`; `done (batch·n_sel,)` is its block counter, zero on entry and on return.
@@ -225,7 +225,7 @@ fn check(d: &Dims, q: &CudaSlice<f32>, pool: &CudaSlice<i32>, scores: usize) -> 
         && d.pool <= d.n_fc
         && d.k >= 1
         && q.len() >= (d.batch * d.n_q * d.d) as usize
-        && pool.len() >= (d.n_sel * d.pool) as usize
+        && pool.len() >= (2 * d.n_sel * d.pool) as usize
         && scores >= (d.batch * d.n_sel * d.l_max) as usize;
     if ok {
         Ok(())
