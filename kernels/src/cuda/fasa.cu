@@ -78,6 +78,12 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
 }
+// 4-byte asynchronous copy (through L1), in the same groups.
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+    u32 a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(a), "l"(gmem) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
@@ -1427,33 +1433,55 @@ template <int H> struct FacSmem {
 // Block-wide prologue of the FAC kernels: with no rows, writes the block's empty partial and
 // returns false; else loads the heads' q, scaled, in slot order into q_s (with zero_pad, heads
 // past hps and dims past d as zeros) and the block's selected rows into rows_s.
+// Every load goes out at once, none waiting on another: the length, the block's slots of the
+// selected rows (inside the selection's budget whatever the length), q in model order and the
+// FC order; q is put in slot order in shared memory (the warps' partial outputs `wo`, written
+// only at the loop's end, hold the first two). GPU run 21's timeline had 2 µs from the wait to
+// the loop at batch 1 in the chains lens → rows and fc_of_slot → q.
 template <int H>
 __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, const int* lens, const u32* sel, int rows_per_split,
                           int n_split, float* po, float* pml, bool zero_pad, FacSmem<H>& sm, FacBlk& B) {
+    static_assert(FAC_NW >= 2 && H * 128 >= 64, "q and the FC order fit in wo[0], wo[1]");
     float (*q_s)[128] = sm.q_s;
     u32* rows_s = sm.rows_s;
+    float* qn = &sm.wo[0][0][0]; // (hps, d) model order
+    int* fo = (int*)&sm.wo[1][0][0];
     int tid = threadIdx.x;
     B.s = blockIdx.y;
     B.b = blockIdx.z;
     B.seg = B.b * D.n_sel + B.s;
-    int len = lens[B.b];
-    int n_rows = sel ? min(D.budget, len) : len;
+    B.kvh = kv_of_sel(D, B.s);
     B.r0 = blockIdx.x * rows_per_split;
+    int len = lens[B.b];
+    // Copies straight into shared memory: no registers held across the prologue.
+    if (sel) {
+        const u32* sg = sel + (size_t)B.seg * D.budget + B.r0;
+        for (int i = tid; i < rows_per_split && B.r0 + i < D.budget; i += blockDim.x) cp_async4(&rows_s[i], &sg[i]);
+    }
+    const float* qg = q + ((size_t)B.b * D.n_q + B.s * D.hps) * D.d;
+    int nqe = D.hps * D.d;
+    for (int i = tid; i < nqe; i += blockDim.x) cp_async4(&qn[i], &qg[i]);
+    if (tid < D.n_fc) cp_async4(&fo[tid], &fc_of_slot[B.kvh * D.n_fc + tid]);
+    cp_async_commit();
+    int n_rows = sel ? min(D.budget, len) : len;
     B.nr = min(rows_per_split, n_rows - B.r0);
     B.pm = pml + ((size_t)B.seg * n_split + blockIdx.x) * D.hps * 2;
     B.o_out = po + ((size_t)B.seg * n_split + blockIdx.x) * D.hps * D.d;
-    B.kvh = kv_of_sel(D, B.s);
     if (B.nr <= 0) {
+        cp_async_wait<0>(); // (before the block's shared memory is released)
         for (int i = tid; i < D.hps * D.d; i += blockDim.x) B.o_out[i] = 0.f;
         for (int h = tid; h < D.hps; h += blockDim.x) { B.pm[2 * h] = NEG_INF; B.pm[2 * h + 1] = 0.f; }
         return false;
     }
-    load_q_slots(D, q, fc_of_slot + B.kvh * D.n_fc, B.b, B.s * D.hps, D.scale, q_s);
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int i = tid; i < nqe; i += blockDim.x) {
+        int h = i / D.d, j = i % D.d;
+        q_s[h][j] = D.scale * qn[h * D.d + 2 * fo[j >> 1] + (j & 1)];
+    }
     if (zero_pad)
         for (int i = tid; i < H * 128; i += blockDim.x)
             if (i / 128 >= D.hps || i % 128 >= D.d) q_s[i / 128][i % 128] = 0.f;
-    if (sel)
-        for (int i = tid; i < B.nr; i += blockDim.x) rows_s[i] = sel[(size_t)B.seg * D.budget + B.r0 + i];
     __syncthreads();
     return true;
 }

@@ -94,11 +94,18 @@ pub fn tracing() -> bool {
     *R.get_or_init(|| std::env::var("FASA_GPU_TRACE").is_ok_and(|v| v == "1"))
 }
 
-/// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], and `FASA_TRACE` when
-/// [`tracing`].
+/// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], `FASA_TRACE` when
+/// [`tracing`], and the macros of `FASA_GPU_DEFINES=NAME[=VALUE],…` (benchmarks: a kernel
+/// change and the code before it timed in one run, on one GPU).
 fn source() -> String {
     let trace = if tracing() { "#define FASA_TRACE\n" } else { "" };
-    format!("{trace}#define KR {}\n#define FACM_TU {}\n{SOURCE}", k_run(), facm_tiles())
+    let defs: String = std::env::var("FASA_GPU_DEFINES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
+        .collect();
+    format!("{trace}{defs}#define KR {}\n#define FACM_TU {}\n{SOURCE}", k_run(), facm_tiles())
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -52,13 +52,14 @@ struct Launch {
     post1: u64,
     end: u64,
     refine: Option<(u64, u64)>,
-    /// Per mark: first and last time, and the values recorded with it.
-    marks: std::collections::BTreeMap<u64, (u64, u64, Vec<u64>)>,
+    /// Per mark: the blocks' times and values.
+    marks: std::collections::BTreeMap<u64, (Vec<u64>, Vec<u64>)>,
 }
 
 /// A report of `entries` (from [`Gpu::trace_take`] after replays of a graph of decode steps):
 /// per kernel of the step, medians over the steps of its launch, first and last wait return and
-/// last exit in µs from the step's first block past its wait, and the step's span and period.
+/// last exit in µs from the step's first block past its wait, of its marks the blocks' first,
+/// median and last time (and the values recorded), and the step's span and period.
 /// Entries are split into launches where the kernel changes (in order of wait return: a kernel
 /// waits for the one before it); refine entries belong to the filter launch around them.
 pub fn report(entries: &[[u64; 4]]) -> String {
@@ -69,9 +70,9 @@ pub fn report(entries: &[[u64; 4]]) -> String {
         let [tag, pre, post, end] = *x;
         if tag >= TR_MARK {
             if let Some(l) = launches.last_mut() {
-                let m = l.marks.entry(tag).or_insert((post, post, Vec::new()));
-                *m = (m.0.min(post), m.1.max(post), std::mem::take(&mut m.2));
-                m.2.push(end);
+                let m = l.marks.entry(tag).or_default();
+                m.0.push(post);
+                m.1.push(end);
             }
             continue;
         }
@@ -133,13 +134,14 @@ pub fn report(entries: &[[u64; 4]]) -> String {
         }
         for (mt, _) in steps[idx[0]][p].marks.iter() {
             let ok: Vec<usize> = idx.iter().copied().filter(|&i| steps[i][p].marks.contains_key(mt)).collect();
+            // The blocks' first, median and last time (medians over the steps).
             let g = |k: usize| med(ok.iter().map(|&i| {
-                let m = &steps[i][p].marks[mt];
-                rel([m.0, m.1][k], steps[i][0].post0)
+                let t = &steps[i][p].marks[mt].0; // sorted: entries were
+                rel(t[[0, t.len() / 2, t.len() - 1][k]], steps[i][0].post0)
             }).collect());
-            let vals: Vec<f64> = ok.iter().flat_map(|&i| steps[i][p].marks[mt].2.iter().map(|&v| v as f64)).collect();
+            let vals: Vec<f64> = ok.iter().flat_map(|&i| steps[i][p].marks[mt].1.iter().map(|&v| v as f64)).collect();
             let name = MARKS.get((mt - TR_MARK) as usize).unwrap_or(&"?");
-            out += &format!(" {name} {:.1}..{:.1}", g(0), g(1));
+            out += &format!(" {name} {:.1}/{:.1}/{:.1}", g(0), g(1), g(2));
             if vals.iter().any(|&v| v != 0.0) {
                 out += &format!(" (value median {:.0}, max {:.0})", med(vals.clone()), vals.iter().cloned().fold(0.0, f64::max));
             }
@@ -179,7 +181,7 @@ mod tests {
         let r = report(&e);
         assert!(r.starts_with("trace (2 steps"), "{r}");
         assert!(r.contains("tip[2] launch -2.0 wait 0.0..0.5 exit 11.0;"), "{r}");
-        assert!(r.contains("filter[1] launch 11.0 wait 12.0..12.0 exit 16.0 (refine 14.0..15.5) r.load 14.5..14.5 (value median 600, max 600);"), "{r}");
+        assert!(r.contains("filter[1] launch 11.0 wait 12.0..12.0 exit 16.0 (refine 14.0..15.5) r.load 14.5/14.5/14.5 (value median 600, max 600);"), "{r}");
         assert!(r.contains("combine[1] launch 25.0 wait 26.0..26.0 exit 28.0;"), "{r}");
         assert!(r.contains("span 28.0, period 100.0 (timer step 500 ns)"), "{r}");
     }
