@@ -3,8 +3,9 @@
 //! CPU default; `fasa_default_old`: by query norm, scores summed), each of the paper's and the
 //! default's also with TIP reading the int8 scoring planes (`*_int8`), and in-house dense, over
 //! the same cache; plus the device copy bandwidth.
-//! Each step runs over several layers' caches in turn (together ≥ 4× the L2), captured in one CUDA
-//! graph; times are per layer. Prints CSV (and writes it to the path given as first argument).
+//! Each step runs over several layers' caches in turn (as many as make the bytes of dense and of
+//! the paper's int8 row each ≥ 4× the L2), captured in one CUDA graph; times are per layer.
+//! Prints CSV (and writes it to the path given as first argument).
 //!
 //! Run on the device: bench/gpu/run.sh. `--quick` times a few shapes only; `--targets` the four
 //! shapes of issue 5's targets (Llama-3-8B, batch 1 and 16, 32k and 128k, B = 1024) with the
@@ -238,7 +239,13 @@ fn main() {
     }
     for s in &shapes {
         let layer_bytes = 2 * s.batch * s.n_kv * s.len * s.d * 2;
-        let layers = (4 * l2).div_ceil(layer_bytes).clamp(1, 32);
+        // FASA rows read far fewer bytes per layer than dense (the paper's int8 row the fewest: its
+        // planes and B rows), so the layers are as many as make those ≥ 4× the L2 too. (Until GPU
+        // run 21 the count came from dense bytes alone: one layer at 1 × 128k and two at 1 × 32k,
+        // whose 36 and 2 × 9 MB of int8 planes fit the 60 MiB L2, so stage 1 was timed partly from
+        // it.)
+        let fasa_bytes = s.batch * s.n_kv * (s.len * s.k.div_ceil(8) * INT8_GROUP_BYTES as usize + s.budget.min(s.len) * s.d * 4);
+        let layers = (4 * l2).div_ceil(layer_bytes.min(fasa_bytes)).clamp(1, 32);
         let mut caches = Vec::new();
         for l in 0..layers {
             let mut c = GpuKvCache::new(&gpu, Dtype::F16, s.batch, s.n_kv, s.d, s.len, None).unwrap();
