@@ -123,6 +123,19 @@ fn pdl_both(decs: &mut [FasaDecoder], mut f: impl FnMut(&mut [FasaDecoder]) -> f
     (on, off)
 }
 
+type Op<'a> = dyn FnMut(&mut FasaDecoder, &GpuKvCache) -> Result<(), fasa_kernels::gpu::GpuError> + 'a;
+
+/// `op` on every (decoder, cache) pair, captured as one graph.
+fn capture_all(gpu: &Gpu, decs: &mut [FasaDecoder], caches: &[GpuKvCache], op: &mut Op) -> cudarc::driver::CudaGraph {
+    capture(gpu, || {
+        for (d, c) in decs.iter_mut().zip(caches) {
+            op(d, c)?;
+        }
+        Ok(())
+    })
+    .unwrap()
+}
+
 /// Milliseconds per layer of `op` on every (decoder, cache) pair, captured as one graph and
 /// replayed.
 fn graph_ms(
@@ -132,13 +145,7 @@ fn graph_ms(
     layers: usize,
     mut op: impl FnMut(&mut FasaDecoder, &GpuKvCache) -> Result<(), fasa_kernels::gpu::GpuError>,
 ) -> f64 {
-    let g = capture(gpu, || {
-        for (d, c) in decs.iter_mut().zip(caches) {
-            op(d, c)?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    let g = capture_all(gpu, decs, caches, &mut op);
     time_graph(gpu, &g, 20) / layers as f64
 }
 
@@ -150,13 +157,7 @@ fn trace_graph(
     caches: &[GpuKvCache],
     mut op: impl FnMut(&mut FasaDecoder, &GpuKvCache) -> Result<(), fasa_kernels::gpu::GpuError>,
 ) -> String {
-    let g = capture(gpu, || {
-        for (d, c) in decs.iter_mut().zip(caches) {
-            op(d, c)?;
-        }
-        Ok(())
-    })
-    .unwrap();
+    let g = capture_all(gpu, decs, caches, &mut op);
     for _ in 0..3 {
         g.launch().unwrap();
     }

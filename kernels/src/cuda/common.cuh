@@ -101,30 +101,26 @@ __device__ __forceinline__ u64 gtimer() {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     return t;
 }
+// One entry, by thread 0 of the block (entries past FASA_TRACE_N are dropped).
+__device__ __forceinline__ void trace_put(u64 tag, u64 a, u64 b, u64 c) {
+    if (threadIdx.x != 0) return;
+    u32 i = atomicAdd(&fasa_trace_n, 1u);
+    if (i < FASA_TRACE_N) {
+        u64* e = fasa_trace + 4 * (size_t)i;
+        e[0] = tag; e[1] = a; e[2] = b; e[3] = c;
+    }
+}
 struct TraceScope {
     int tag;
     u64 pre, post;
     __device__ explicit TraceScope(int t) : tag(t), pre(gtimer()), post(pre) {}
     __device__ void waited() { post = gtimer(); }
-    __device__ ~TraceScope() {
-        if (threadIdx.x != 0) return;
-        u64 end = gtimer();
-        u32 i = atomicAdd(&fasa_trace_n, 1u);
-        if (i < FASA_TRACE_N) {
-            u64* e = fasa_trace + 4 * (size_t)i;
-            e[0] = tag; e[1] = pre; e[2] = post; e[3] = end;
-        }
-    }
+    __device__ ~TraceScope() { trace_put(tag, pre, post, gtimer()); }
 };
 // A point inside a kernel (tag ≥ TR_MARK): when thread 0 of the block passed it, and a value.
 __device__ __forceinline__ void trace_mark(int tag, u64 val = 0) {
-    if (threadIdx.x != 0) return;
     u64 t = gtimer();
-    u32 i = atomicAdd(&fasa_trace_n, 1u);
-    if (i < FASA_TRACE_N) {
-        u64* e = fasa_trace + 4 * (size_t)i;
-        e[0] = tag; e[1] = t; e[2] = t; e[3] = val;
-    }
+    trace_put(tag, t, t, val);
 }
 #else
 struct TraceScope {
