@@ -209,8 +209,8 @@ fn main() {
         bw_memcpy / 1e12
     )];
     lines.push(format!(
-        "# resident blocks/SM (f16): tip, filter, fac(H=4), facl(H=4), tip_heads(H=4), tip_heads(H=8), tip8, tip8_heads(H=4), tip8_heads(H=8), tip8p 24, tip8p 124, tip8p 224, facm(d=128) = {:?}",
-        gpu.occupancy(Dtype::F16).unwrap()
+        "# resident blocks/SM (f16): {}",
+        gpu.occupancy(Dtype::F16).unwrap().iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
     ));
     lines.push("model,batch,L,B,k,P,mode,layers,us_per_layer,kv_bytes,TBps,frac_copy,speedup_vs_dense,byte_limit,tip_us,select_us,variant,variants_us".into());
     println!("{}", lines.join("\n"));

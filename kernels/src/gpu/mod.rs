@@ -556,25 +556,23 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// Resident blocks per multiprocessor of the main kernels (tip, filter, fac and lean fac for
-    /// a group of 4, group-mass tip for 4 and 8 heads, then int8 tip and group-mass tip for 4
-    /// and 8 heads, pipelined int8 tip 24, 124 and 224, tensor-core fac for d = 128) for `dt`.
-    pub fn occupancy(&self, dt: Dtype) -> Result<[u32; 13], GpuError> {
+    /// Resident blocks per multiprocessor of the main kernels for `dt`, each with its label.
+    pub fn occupancy(&self, dt: Dtype) -> Result<Vec<(&'static str, u32)>, GpuError> {
         let occ = |f: &CudaFunction, threads: u32| f.occupancy_max_active_blocks_per_multiprocessor(threads, 0, None);
-        Ok([
-            occ(self.f.tip(dt, false), 256)?,
-            occ(&self.f.select_filter[0], 256)?,
-            occ(self.f.fac(dt, 4, FacKernel::Reg, 128)?, 128)?,
-            occ(self.f.fac(dt, 4, FacKernel::Lean, 128)?, 128)?,
-            occ(self.f.tip_heads(dt, 4, false, false), 256)?,
-            occ(self.f.tip_heads(dt, 8, false, false), 256)?,
-            occ(self.f.tip(dt, true), 256)?,
-            occ(self.f.tip_heads(dt, 4, true, false), 256)?,
-            occ(self.f.tip_heads(dt, 8, true, false), 256)?,
-            self.tip8p_blocks_per_sm(dt, 24)?,
-            self.tip8p_blocks_per_sm(dt, 124)?,
-            self.tip8p_blocks_per_sm(dt, 224)?,
-            self.fac_blocks_per_sm(dt, 4, FacKernel::Mma, 128)?,
+        Ok(vec![
+            ("tip", occ(self.f.tip(dt, false), 256)?),
+            ("filter", occ(&self.f.select_filter[0], 256)?),
+            ("fac(H=4)", occ(self.f.fac(dt, 4, FacKernel::Reg, 128)?, 128)?),
+            ("facl(H=4)", occ(self.f.fac(dt, 4, FacKernel::Lean, 128)?, 128)?),
+            ("tip_heads(H=4)", occ(self.f.tip_heads(dt, 4, false, false), 256)?),
+            ("tip_heads(H=8)", occ(self.f.tip_heads(dt, 8, false, false), 256)?),
+            ("tip8", occ(self.f.tip(dt, true), 256)?),
+            ("tip8_heads(H=4)", occ(self.f.tip_heads(dt, 4, true, false), 256)?),
+            ("tip8_heads(H=8)", occ(self.f.tip_heads(dt, 8, true, false), 256)?),
+            ("tip8p 24", self.tip8p_blocks_per_sm(dt, 24)?),
+            ("tip8p 124", self.tip8p_blocks_per_sm(dt, 124)?),
+            ("tip8p 224", self.tip8p_blocks_per_sm(dt, 224)?),
+            ("facm(d=128)", self.fac_blocks_per_sm(dt, 4, FacKernel::Mma, 128)?),
         ])
     }
 
