@@ -404,6 +404,32 @@ __device__ __forceinline__ void tip_chunk(const Dims& D, const TipSrc& S, u32 gm
     }
 }
 
+// q of one chosen FC into qv (NQ × MAXG·GE, slot order) at its pool slot, from qh(h), the FC's
+// pair of head h: the heads' sum in head order (NQ = 1, as the CPU) or each head's.
+template <int NQ, class Q>
+__device__ __forceinline__ void put_slot_q(const Dims& D, float (*qv)[MAXG * GE], int slot, Q qh) {
+    if constexpr (NQ == 1) {
+        float a = 0.f, c = 0.f;
+#pragma unroll
+        for (int h = 0; h < MAXH; ++h)
+            if (h < D.hps) {
+                float2 x = qh(h);
+                a += x.x;
+                c += x.y;
+            }
+        qv[0][2 * slot] = a;
+        qv[0][2 * slot + 1] = c;
+    } else {
+#pragma unroll
+        for (int h = 0; h < NQ; ++h)
+            if (h < D.hps) {
+                float2 x = qh(h);
+                qv[h][2 * slot] = x.x;
+                qv[h][2 * slot + 1] = x.y;
+            }
+    }
+}
+
 // Prologue of the TIP kernels, block-wide: chooses the k FCs of selection s's pool and writes the
 // q of the chosen FCs into qv (NQ × MAXG·GE floats, slot order, zero elsewhere; visible after the
 // caller's next barrier): with NQ = 1 the heads' sum (tip_impl, tip8p_impl), else each head's
@@ -420,18 +446,8 @@ __device__ u32 tip_setup(const Dims& D, const float* q, const int* fc_of_slot, c
     const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
     u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen); // (its barriers order the zeroing)
     if (tid < D.pool && chosen[tid]) {
-        int slot = pl[tid], f = fos[slot];
-        if constexpr (NQ == 1) {
-            float a = 0.f, c = 0.f;
-            for (int h = 0; h < D.hps; ++h) { a += qb[h * D.d + 2 * f]; c += qb[h * D.d + 2 * f + 1]; }
-            qv[0][2 * slot] = a;
-            qv[0][2 * slot + 1] = c;
-        } else {
-            for (int h = 0; h < D.hps; ++h) {
-                qv[h][2 * slot] = qb[h * D.d + 2 * f];
-                qv[h][2 * slot + 1] = qb[h * D.d + 2 * f + 1];
-            }
-        }
+        int f = fos[pl[tid]];
+        put_slot_q<NQ>(D, qv, pl[tid], [&](int h) { return make_float2(qb[h * D.d + 2 * f], qb[h * D.d + 2 * f + 1]); });
     }
     return gmask;
 }
@@ -682,20 +698,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
         // tip_setup's q for the fixed set (every pool FC chosen), operation for operation.
         for (int i = tid; i < NQ * MAXG * GE; i += blockDim.x) (&qeff[0][0])[i] = 0.f;
         __syncthreads();
-        if (qslot >= 0) {
-            if constexpr (NQ == 1) {
-                float a = 0.f, c = 0.f;
-#pragma unroll
-                for (int h = 0; h < MAXH; ++h)
-                    if (h < D.hps) { a += qr[h].x; c += qr[h].y; }
-                qeff[0][2 * qslot] = a;
-                qeff[0][2 * qslot + 1] = c;
-            } else {
-#pragma unroll
-                for (int h = 0; h < NQ; ++h)
-                    if (h < D.hps) { qeff[h][2 * qslot] = qr[h].x; qeff[h][2 * qslot + 1] = qr[h].y; }
-            }
-        }
+        if (qslot >= 0) put_slot_q<NQ>(D, qeff, qslot, [&](int h) { return qr[h]; });
         __syncthreads();
     }
     trace_mark(M_TIP_SETUP);

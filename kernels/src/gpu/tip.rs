@@ -15,7 +15,8 @@ use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
 /// `scores (batch·n_sel, l_max)` f32 and `hist (batch·n_sel, NBIN)` (must be zero on entry; the
 /// select op zeroes it again). `q (batch, n_q, d)` f32 FC-pair order; `pool (2, n_sel, P)`: the
 /// pool's slots, then the FC ids in them; `lens (batch,)`. `mom`: the cache's K moments
-/// (`GpuKvCache::mom`) to choose FCs by variance, else by norm. Uses `dims.{hps, n_sel, pool, k, sinks, recent, budget}`. With
+/// (`GpuKvCache::mom`) to choose FCs by variance, else by norm. Uses
+/// `dims.{hps, n_sel, pool, k, sinks, recent, budget}`. With
 /// `thr = Some((done, thr))` the last block of each selection also finds the histogram's
 /// threshold bin for `dims.budget` into `thr (batch·n_sel, 2)` = (bin, rows above it) when
 /// `len > budget`; `done (batch·n_sel,)` is its block counter, zero on entry and on return.

@@ -22,7 +22,7 @@ impl Gpu {
         }
         let bad = || GpuError::Shape("trace symbol size".into());
         let mut n = [0u32];
-        let nv = self.module.get_global("fasa_trace_n", &self.stream)?;
+        let mut nv = self.module.get_global("fasa_trace_n", &self.stream)?;
         // SAFETY: the symbol is one u32.
         self.stream.memcpy_dtoh(&unsafe { nv.transmute::<u32>(1) }.ok_or_else(bad)?, &mut n)?;
         let buf = self.module.get_global("fasa_trace", &self.stream)?;
@@ -33,12 +33,10 @@ impl Gpu {
             let all = unsafe { buf.transmute::<u64>(buf.len() / 8) }.ok_or_else(bad)?;
             self.stream.memcpy_dtoh(&all.slice(..4 * n), &mut raw)?;
         }
-        let mut zero = self.module.get_global("fasa_trace_n", &self.stream)?;
-        self.stream.memcpy_htod(&[0u8; 4], &mut zero)?;
+        self.stream.memcpy_htod(&[0u8; 4], &mut nv)?;
         self.stream.synchronize()?;
         Ok(raw.chunks_exact(4).map(|c| [c[0], c[1], c[2], c[3]]).collect())
     }
-
 }
 
 /// One launch seen in a trace: its blocks' earliest launch, earliest and latest wait return,
