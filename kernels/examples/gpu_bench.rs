@@ -73,14 +73,19 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
 /// `s<code>` of the int8 TIP kernel (`gpu::TIP8_PIPES`, 0: unpipelined).
 /// `fr`: FAC rows per block (`FasaDecoder::set_fac_rows`; 0 = the decoder's, not shown); `hp`:
 /// the pipelined group-mass int8 TIP (`FasaDecoder::tip8_heads_pipe`; off shown as `u`, for the
-/// rows that run it).
-fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool) -> String {
+/// rows that run it); `early`: FAC early (`FasaDecoder::early_fac`; off shown as `w`, FAC waits
+/// for the whole filter).
+#[allow(clippy::too_many_arguments)]
+fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool, early: bool) -> String {
     let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, fk.letter(), pipe);
     if fr > 0 {
         l += &format!("r{fr}");
     }
     if !hp {
         l += "u";
+    }
+    if !early {
+        l += "w";
     }
     l
 }
@@ -379,7 +384,7 @@ fn main() {
             // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
             // Also the int8 TIP kernels listed in FASA_BENCH_TIP8 (0 = unpipelined, or
             // gpu::TIP8_PIPES codes; default: the decoder's).
-            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true);
+            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true, true);
             let mut all = Vec::new();
             let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
             let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
@@ -409,33 +414,36 @@ fn main() {
                     (false, true) => vec![auto, 1],
                     _ => vec![auto],
                 };
-                // Every FAC kernel family with the decoder's threshold (--targets: with both
-                // combines for the decoder's FAC kernel).
+                // Every FAC kernel family with the decoder's threshold and FAC early (--targets:
+                // with both combines for the decoder's FAC kernel, and it without FAC early).
                 let (t, fk0) = (decs[0].thr_in_tip, decs[0].fac_kernel);
-                let mut paths: Vec<(bool, bool, FacKernel)> = FacKernel::for_dim(s.d).map(|fk| (t, false, fk)).collect();
+                let mut paths: Vec<(bool, bool, FacKernel, bool)> = FacKernel::for_dim(s.d).map(|fk| (t, false, fk, true)).collect();
                 if targets {
-                    paths.push((t, true, fk0));
+                    paths.extend([(t, true, fk0, true), (t, false, fk0, false)]);
                 } else {
-                    paths.extend([(!t, false, FacKernel::Reg), (!t, false, FacKernel::Lean)]);
+                    paths.extend([(!t, false, FacKernel::Reg, true), (!t, false, FacKernel::Lean, true)]);
                 }
                 for &ch in &chunk_opts {
-                    for &(thr_in_tip, fused, fk) in &paths {
+                    for &(thr_in_tip, fused, fk, early) in &paths {
                         for d in decs.iter_mut() {
                             d.thr_in_tip = thr_in_tip;
                             d.fused_combine = fused;
                             d.tip_chunks = ch;
                             d.fac_kernel = fk;
+                            d.early_fac = early;
                         }
                         let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
-                        let label = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp);
+                        // (FAC early needs the threshold from TIP: without it the label says w)
+                        let early = early && thr_in_tip;
+                        let label = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp, early);
                         all.push(format!("{label}:{:.1}", ms * 1e3));
                         if ms < best.0 {
-                            best = (ms, thr_in_tip, fused, ch, fk, pipe, fr, hp);
+                            best = (ms, thr_in_tip, fused, ch, fk, pipe, fr, hp, early);
                         }
                     }
                 }
             }
-            let (ms, thr_in_tip, fused, ch, fk, pipe, fr, hp) = best;
+            let (ms, thr_in_tip, fused, ch, fk, pipe, fr, hp, early) = best;
             for (d, c) in decs.iter_mut().zip(&caches) {
                 d.tip8_heads_pipe = hp;
                 d.set_tip8_pipe(&gpu, c, pipe).unwrap();
@@ -443,9 +451,10 @@ fn main() {
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
                 d.fac_kernel = fk;
+                d.early_fac = early;
                 d.set_fac_rows(fr).unwrap();
             }
-            let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp);
+            let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp, early);
             let (on, off) = pdl_both(&mut decs, |decs| {
                 graph_ms(&gpu, decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out)) * 1e3
             });

@@ -436,6 +436,20 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     }
     dec.fused_combine = false;
     dec.set_fac_rows(0)?;
+    // FAC after the whole select filter (no FAC early), combine apart and fused: the same rows.
+    for fused in [false, true] {
+        dec.early_fac = false;
+        dec.fused_combine = fused;
+        let mut o5 = st.clone_htod(&nan_out)?;
+        dec.step(g, &cache, &q, &lens_d, &mut o5)?;
+        let sel5 = st.clone_dtoh(&dec.sel)?;
+        variants_same &= match near_tie_swaps(&sel_h, &sel5, &scores_h, cache.l_max, &c.lens, c.budget) {
+            Some(0) => nerr(&st.clone_dtoh(&o5)?, &out_h) <= 1e-5,
+            _ => false,
+        };
+    }
+    dec.early_fac = true;
+    dec.fused_combine = false;
     // Dense (the other FAC kernel families must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;
@@ -691,7 +705,7 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
     assert!(o.fac_err <= tol, "FAC vs cpu::attend_rows: {:.3e}", o.fac_err);
     assert!(o.dense_err <= tol, "dense vs cpu::attend_dense: {:.3e}", o.dense_err);
     assert!(o.graph_same, "graph replay differs from direct launches");
-    assert!(o.variants_same, "thr_in_tip / fused_combine variants differ from the default step");
+    assert!(o.variants_same, "thr_in_tip / fused_combine / early_fac variants differ from the default step");
     o
 }
 

@@ -81,6 +81,35 @@ __device__ __forceinline__ void pdl_begin() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+// The exception: the select filter's last block per selection lets FAC launch as it begins the
+// refine (pdl_trigger), and FAC, which then skips pdl_begin, reads the selection's rows once the
+// filter's `ready` flag says they are written (ready_publish / ready_wait): rows above the
+// threshold bin at 1, the refine's at 2 (fasa.cu, "FAC early").
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+// Block-wide: after every thread's writes (the barrier orders them before thread 0's release,
+// which is cumulative), thread 0 sets *flag = v for other grids.
+__device__ __forceinline__ void ready_publish(u32* flag, u32 v) {
+    __syncthreads();
+    if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flag), "r"(v) : "memory");
+}
+// Block-wide: thread 0 waits until *flag ≥ v (acquire), if `set` (the flag will be set); then
+// the writes before the publish are visible to the block's reads through L2 (__ldcg: L1 is not
+// coherent, and another block on the SM may have cached the line before it was written).
+__device__ __forceinline__ void ready_wait(const u32* flag, u32 v, bool set) {
+    if (threadIdx.x == 0) {
+        for (;;) {
+            u32 x;
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(x) : "l"(flag) : "memory");
+            if (x >= v || !set) break;
+            __nanosleep(32);
+        }
+    }
+    __syncthreads();
+}
 
 // Stage timeline (benchmarks; `FASA_GPU_TRACE=1` compiles it in, gpu::Gpu::trace_take reads it):
 // thread 0 of each block of the decode chain appends (tag, launch time, time past
@@ -89,9 +118,9 @@ enum TraceTag { TR_TIP = 1, TR_MASS, TR_FILTER, TR_REFINE, TR_RERANK, TR_FAC, TR
                 // marks (trace_mark): TIP's setup done, its loop done, its histogram added, its
                 // threshold found; filter's scores classified, its rows written; refine's
                 // candidates loaded (value: their count), its radix passes done (value: passes),
-                // its rows written; FAC's rows and q loaded, its loop done
+                // its rows written; FAC's rows and q loaded, its loop done, (FAC early) the refine's rows in
                 TR_MARK = 16, M_TIP_SETUP = TR_MARK, M_TIP_LOOP, M_TIP_FLUSH, M_TIP_THR, M_FLT_SCAN, M_FLT_WRITE,
-                M_REF_LOAD, M_REF_PASS, M_REF_WRITE, M_FAC_BEGIN, M_FAC_LOOP };
+                M_REF_LOAD, M_REF_PASS, M_REF_WRITE, M_FAC_BEGIN, M_FAC_LOOP, M_FAC_TAIL };
 #ifdef FASA_TRACE
 #define FASA_TRACE_N (1 << 18)
 __device__ u64 fasa_trace[FASA_TRACE_N * 4];
@@ -131,6 +160,8 @@ __device__ __forceinline__ void trace_mark(int, u64 = 0) {}
 #endif
 // pdl_begin() inside a trace scope of this tag, which closes when the enclosing function returns.
 #define PDL_BEGIN(TAG) TraceScope trace_scope_(TAG); pdl_begin(); trace_scope_.waited()
+// The same, waiting only if C (FAC early waits on a flag instead).
+#define PDL_BEGIN_IF(TAG, C) TraceScope trace_scope_(TAG); if (C) pdl_begin(); trace_scope_.waited()
 
 // Order-preserving u32 key of a float (larger float → larger key); -0 is folded into +0 so
 // equal scores tie, as on the CPU.

@@ -1017,7 +1017,7 @@ __device__ void find_digit(const u32* h256, int need, int* dg_out, int* gt_out, 
 // kept every row above the threshold bin (sel_cnt of them), keep the B − sel_cnt best candidates
 // of that bin; rerank = 1: keep the top min(B, m) of the m candidate keys. Radix select over the
 // candidates' unique 64-bit keys, 8 bits a pass, stopping once the prefix holds exactly the rows
-// still needed. Then zeroes hist (rerank = 0), sel_cnt and cand_cnt for the next step.
+// still needed. Then zeroes hist (rerank = 0 without thr), sel_cnt and cand_cnt for the next step.
 __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int* thr, u32* sel, u32* sel_cnt, const u64* cand,
                            u32* cand_cnt, int rerank) {
     __shared__ int tb, above, dg, gt, in_dg;
@@ -1101,7 +1101,7 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
     }
     __syncthreads();
     trace_mark(M_REF_WRITE);
-    if (!rerank) {
+    if (!rerank && !thr) { // (with thr the filter's blocks zero it)
         u32* hg = hist + (size_t)seg * NBIN;
         for (int i = tid; i < NBIN; i += blockDim.x) hg[i] = 0;
     }
@@ -1134,9 +1134,11 @@ __device__ bool last_block(u32* done, int seg, int n) {
 // and ~3× the instructions; ncu, GPU run 12.)
 // grid (ceil(l_max / (1024·V)), n_sel, batch), block 256; V = 8, or 2 when that leaves too few
 // blocks to fill the GPU (batch 1).
+// With `ready` (FAC early; needs thr): the last block sets ready[seg] = 1 (every row above the
+// bin written) and lets FAC launch before it refines, then 2 once the refine's rows are written.
 template <int V>
 __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* thr, const int* lens, u32* sel, u32* sel_cnt, u64* cand,
-                            u32* cand_cnt, u32* done) {
+                            u32* cand_cnt, u32* done, u32* ready) {
     constexpr int TOK = 256 * 4 * V;
     static_assert(V * 4 <= 32, "one mask bit per token of a thread");
     __shared__ u32 base_a, base_c;
@@ -1145,6 +1147,13 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
     int len = lens[b];
     int t0 = blockIdx.x * TOK;
     if (t0 >= len) return;
+    if (thr) {
+        // Nothing reads the histogram after TIP's last block found thr: the selection's blocks
+        // zero it for the next step, a slice each, off the refine's critical path.
+        int nblk = (len + TOK - 1) / TOK, x = blockIdx.x;
+        u32* hg = hist + (size_t)seg * NBIN;
+        for (int i = x * NBIN / nblk + tid; i < (x + 1) * NBIN / nblk; i += blockDim.x) hg[i] = 0;
+    }
     u32* out = sel + (size_t)seg * D.budget;
     int t1 = min(t0 + TOK, len);
     if (len <= D.budget) {
@@ -1202,7 +1211,12 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
     trace_mark(M_FLT_WRITE);
     if (last_block(done, seg, (len + TOK - 1) / TOK)) {
         TraceScope tr(TR_REFINE);
+        if (ready) {
+            ready_publish(&ready[seg], 1);
+            pdl_trigger();
+        }
         refine_seg(D, seg, len, hist, thr, sel, sel_cnt, cand, cand_cnt, 0);
+        if (ready) ready_publish(&ready[seg], 2);
     }
 }
 
@@ -1210,9 +1224,9 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
     extern "C" __global__ void __launch_bounds__(256, 4) select_filter_v##V(Dims D, const float* scores, u32* hist,      \
                                                                              const int* thr, const int* lens, u32* sel, \
                                                                              u32* sel_cnt, u64* cand, u32* cand_cnt,    \
-                                                                             u32* done) {                               \
+                                                                             u32* done, u32* ready) {                   \
         PDL_BEGIN(TR_FILTER);                                                                                            \
-        filter_impl<V>(D, scores, hist, thr, lens, sel, sel_cnt, cand, cand_cnt, done);                                 \
+        filter_impl<V>(D, scores, hist, thr, lens, sel, sel_cnt, cand, cand_cnt, done, ready);                          \
     }
 FILTER_ENTRY(8)
 FILTER_ENTRY(2)
@@ -1416,19 +1430,21 @@ __device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, c
 __device__ bool last_block(u32* done, int seg, int n);
 
 // One FAC block's place (fac_impl, facm_impl): selection seg = (b, s) of KV head kvh, its rows
-// r0 .. r0 + nr, and its partial's slots pm (hps, 2) and o_out (hps, d).
+// r0 .. r0 + nr (FAC early: positions [r0, r0 + na) and [t0, t0 + nr − na) of the selection's
+// rows). Its partial's slots (part): pm (hps, 2) and o_out (hps, d), found when written (not
+// held in registers through the loop: the tensor-core kernel spills at its 255).
 struct FacBlk {
-    int seg, b, s, kvh, r0, nr;
-    float* pm;
-    float* o_out;
+    int seg, b, s, kvh, r0, nr, na, t0;
+    __device__ size_t part(int n_split) const { return (size_t)seg * n_split + blockIdx.x; }
     // Row i (< nr) of the block: the i-th selected (rows_s, loaded by fac_begin) or r0 + i (dense).
     __device__ u32 row(const u32* rows_s, const u32* sel, int i) const { return sel ? rows_s[i] : (u32)(r0 + i); }
 };
 
 // Shared memory of a FAC block for H heads: q, the selected rows, and each warp's partial.
 template <int H> struct FacSmem {
+    FacBlk blk; // (fac_begin's B, read from here after it: not held in registers)
     __align__(16) float q_s[H][128];
-    u32 rows_s[FAC_MAX_ROWS];
+    u32 rows_s[FAC_MAX_ROWS + 1]; // (+ 1: FAC early rounds its two slices up apart)
     float wm[FAC_NW][H], wl[FAC_NW][H];
     __align__(16) float wo[FAC_NW][H][128];
 };
@@ -1441,9 +1457,15 @@ template <int H> struct FacSmem {
 // FC order; q is put in slot order in shared memory (the warps' partial outputs `wo`, written
 // only at the loop's end, hold the first two). GPU run 21's timeline had 2 µs from the wait to
 // the loop at batch 1 in the chains lens → rows and fc_of_slot → q.
+// FAC early (`ready`, with thr and sel): the kernel runs while the select filter's last blocks
+// refine. Of a selection's min(B, len) rows the first A are those above the threshold bin
+// (A = thr's count, or len when len ≤ B: all), written before ready = 1; the rest are the
+// refine's, written before ready = 2. Block j of S takes the j-th S-th of each part, so every
+// block scores its share of the first part while the refine runs, then waits for its share of
+// the second (fac_tail). rows_per_split only bounds the sum (≤ its ceiling + 1).
 template <int H>
 __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, const int* lens, const u32* sel, int rows_per_split,
-                          int n_split, float* po, float* pml, bool zero_pad, FacSmem<H>& sm, FacBlk& B) {
+                          int n_split, float* po, float* pml, bool zero_pad, const int* thr, const u32* ready, FacSmem<H>& sm, FacBlk& B) {
     static_assert(FAC_NW >= 2 && H * 128 >= 64, "q and the FC order fit in wo[0], wo[1]");
     float (*q_s)[128] = sm.q_s;
     u32* rows_s = sm.rows_s;
@@ -1456,8 +1478,10 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
     B.kvh = kv_of_sel(D, B.s);
     B.r0 = blockIdx.x * rows_per_split;
     int len = lens[B.b];
+    // (FAC early: the count above the threshold bin, loaded whatever len, with it)
+    int a = ready ? __ldcg(&thr[2 * B.seg + 1]) : 0;
     // Copies straight into shared memory: no registers held across the prologue.
-    if (sel) {
+    if (sel && !ready) {
         const u32* sg = sel + (size_t)B.seg * D.budget + B.r0;
         for (int i = tid; i < rows_per_split && B.r0 + i < D.budget; i += blockDim.x) cp_async4(&rows_s[i], &sg[i]);
     }
@@ -1466,15 +1490,30 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
     for (int i = tid; i < nqe; i += blockDim.x) cp_async4(&qn[i], &qg[i]);
     if (tid < D.n_fc) cp_async4(&fo[tid], &fc_of_slot[B.kvh * D.n_fc + tid]);
     cp_async_commit();
-    int n_rows = sel ? min(D.budget, len) : len;
-    B.nr = min(rows_per_split, n_rows - B.r0);
-    B.pm = pml + ((size_t)B.seg * n_split + blockIdx.x) * D.hps * 2;
-    B.o_out = po + ((size_t)B.seg * n_split + blockIdx.x) * D.hps * D.d;
+    if (ready) {
+        // The flag's first load goes out with the others (a selection of no rows has none).
+        ready_wait(&ready[B.seg], 1, len > 0);
+        int n_rows = min(D.budget, len), j = blockIdx.x;
+        a = len <= D.budget ? len : a;
+        B.r0 = (int)((long long)j * a / n_split);
+        B.na = (int)((long long)(j + 1) * a / n_split) - B.r0;
+        B.t0 = a + (int)((long long)j * (n_rows - a) / n_split);
+        B.nr = B.na + a + (int)((long long)(j + 1) * (n_rows - a) / n_split) - B.t0;
+    } else {
+        int n_rows = sel ? min(D.budget, len) : len;
+        B.nr = B.na = min(rows_per_split, n_rows - B.r0);
+    }
     if (B.nr <= 0) {
         cp_async_wait<0>(); // (before the block's shared memory is released)
-        for (int i = tid; i < D.hps * D.d; i += blockDim.x) B.o_out[i] = 0.f;
-        for (int h = tid; h < D.hps; h += blockDim.x) { B.pm[2 * h] = NEG_INF; B.pm[2 * h + 1] = 0.f; }
+        float* pm = pml + B.part(n_split) * D.hps * 2;
+        float* o_out = po + B.part(n_split) * D.hps * D.d;
+        for (int i = tid; i < D.hps * D.d; i += blockDim.x) o_out[i] = 0.f;
+        for (int h = tid; h < D.hps; h += blockDim.x) { pm[2 * h] = NEG_INF; pm[2 * h + 1] = 0.f; }
         return false;
+    }
+    if (ready) {
+        const u32* sg = sel + (size_t)B.seg * D.budget + B.r0;
+        for (int i = tid; i < B.na; i += blockDim.x) rows_s[i] = __ldcg(&sg[i]);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -1485,14 +1524,45 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
     if (zero_pad)
         for (int i = tid; i < H * 128; i += blockDim.x)
             if (i / 128 >= D.hps || i % 128 >= D.d) q_s[i / 128][i % 128] = 0.f;
+    if (tid == 0) sm.blk = B;
     __syncthreads();
     return true;
+}
+
+// FAC early: the block's rows of the refine, once written, into rows_s[na, nr) (none: at once).
+__device__ void fac_tail(const Dims& D, const FacBlk& B, const u32* sel, const u32* ready, u32* rows_s) {
+    if (B.nr == B.na) return;
+    ready_wait(&ready[B.seg], 2, true);
+    const u32* sg = sel + (size_t)B.seg * D.budget + B.t0;
+    for (int i = threadIdx.x; i < B.nr - B.na; i += blockDim.x) rows_s[B.na + i] = __ldcg(&sg[i]);
+    __syncthreads();
+    trace_mark(M_FAC_TAIL);
+}
+
+// The rows a FAC block scores before its tail (FAC early; `it` rows per block iteration): all
+// of the first part where the block has one iteration (batch 1: the tail's extra iteration runs
+// while the refine would be waited for anyway), else its whole iterations, the rest joining the
+// tail, so the block runs as many iterations as without FAC early (GPU run 22, 16 × 32k: a
+// partial iteration on each side cost more than the overlap gained).
+__device__ __forceinline__ int fac_head(const FacBlk& B, int it) {
+    return B.nr > B.na && B.nr > it ? B.na - B.na % it : B.na;
+}
+
+// The fused combine: FAC's last block of a selection merges its partials and clears FAC early's
+// flag for the next step (every block of the selection has read it).
+__device__ void fac_combine_fused(const Dims& D, u32* done, int n_split, const float* po, const float* pml, float* out, u32* ready) {
+    int s = blockIdx.y, b = blockIdx.z, seg = b * D.n_sel + s;
+    if (!last_block(done, seg, n_split)) return;
+    combine_seg(D, seg, b, s, n_split, po, pml, out);
+    if (ready && threadIdx.x == 0) ready[seg] = 0;
 }
 
 // Block-wide epilogue: merges the warps' unnormalized (wm max, wl Σexp, wo output) per head into
 // the block's partial, relative to its own max.
 template <int H>
-__device__ void fac_end(const Dims& D, const FacBlk& B, const FacSmem<H>& sm) {
+__device__ void fac_end(const Dims& D, const FacBlk& B, const FacSmem<H>& sm, float* po, float* pml, int n_split) {
+    float* pm = pml + B.part(n_split) * D.hps * 2;
+    float* o_out = po + B.part(n_split) * D.hps * D.d;
     const float(*wm)[H] = sm.wm;
     const float(*wl)[H] = sm.wl;
     const float(*wo)[H][128] = sm.wo;
@@ -1509,18 +1579,19 @@ __device__ void fac_end(const Dims& D, const FacBlk& B, const FacSmem<H>& sm) {
             L += e * wl[x][h];
             O += e * wo[x][h][j];
         }
-        B.o_out[i] = O;
-        if (j == 0) { B.pm[2 * h] = M; B.pm[2 * h + 1] = L; }
+        o_out[i] = O;
+        if (j == 0) { pm[2 * h] = M; pm[2 * h + 1] = L; }
     }
 }
 
 template <class T, int H, int U = FAC_U, bool QS = false>
 __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
-                         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
-    PDL_BEGIN(TR_FAC);
+                         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {
+    PDL_BEGIN_IF(TR_FAC, !ready);
     __shared__ FacSmem<H> sm;
-    FacBlk B;
-    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, sm, B)) {
+    FacBlk B0;
+    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, thr, ready, sm, B0)) {
+        const FacBlk& B = sm.blk;
         trace_mark(M_FAC_BEGIN);
         int tid = threadIdx.x, nr = B.nr, hps = D.hps, d = D.d;
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
@@ -1547,13 +1618,15 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
             for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
         }
         int wrows = rpw * U; // rows of one warp iteration
-        for (int base = w * wrows; base < nr; base += FAC_NW * wrows) {
+        // Rows [0, head), then (FAC early) the rest with the refine's once written.
+        for (int i0 = 0, i1 = fac_head(B, FAC_NW * wrows);; i0 = i1, i1 = B.nr) {
+        for (int base = i0 + w * wrows; base < i1; base += FAC_NW * wrows) {
             uint4 kr[U], vr[U];
 #pragma unroll
             for (int j = 0; j < U; ++j) {
                 int i = base + j * rpw + rsub;
                 kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
-                if (i < nr) {
+                if (i < i1) {
                     u32 t = B.row(sm.rows_s, sel, i);
                     kr[j] = ld_stream(kb + k_tok(t, n_grp) + koff_c);
                     vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
@@ -1564,7 +1637,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
             for (int j = 0; j < U; ++j) {
                 float f[8];
                 unpack8<T>(kr[j], f);
-                bool ok = base + j * rpw + rsub < nr;
+                bool ok = base + j * rpw + rsub < i1;
 #pragma unroll
                 for (int h = 0; h < H; ++h) {
                     float a = 0.f;
@@ -1614,6 +1687,9 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                 }
             }
         }
+        if (i1 == B.nr) break;
+        fac_tail(D, B, sel, ready, sm.rows_s);
+        }
         // Merge the row groups of the warp (lanes c, c+lpr, ...: same dims, other rows).
         for (int o = lpr; o < 32; o <<= 1) {
 #pragma unroll
@@ -1643,9 +1719,9 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
             }
         }
         trace_mark(M_FAC_LOOP);
-        fac_end<H>(D, B, sm);
+        fac_end<H>(D, B, sm, po, pml, n_split);
     }
-    if (out && last_block(done, B.seg, n_split)) combine_seg(D, B.seg, B.b, B.s, n_split, po, pml, out);
+    if (out) fac_combine_fused(D, done, n_split, po, pml, out, ready);
 }
 
 // The 16-bit tensor-core operations of one storage type (sm_80+): pairs packed as .f16x2 or
@@ -1710,15 +1786,16 @@ template <int NW> __device__ __forceinline__ u32 pair_half(const u32 (&x)[NW], c
 // and 2 blocks per SM, which beat one tile at 3 blocks per SM at every target shape (run 19).
 template <class T, int DD, int TU>
 __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
-                          int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {
-    PDL_BEGIN(TR_FAC);
+                          int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {
+    PDL_BEGIN_IF(TR_FAC, !ready);
     constexpr int NKS = DD / 16;  // k-slices of S, m-tiles of Oᵀ
     constexpr int NPT = DD / 32;  // K pieces per lane and row (4 lanes a row)
     constexpr int VP = DD / 64;   // V pieces per lane and row (8 lanes a row)
     constexpr int NGRP = DD / 16; // K groups per row
     __shared__ FacSmem<MAXH> sm;
-    FacBlk B;
-    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, true, sm, B)) {
+    FacBlk B0;
+    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, true, thr, ready, sm, B0)) {
+        const FacBlk& B = sm.blk;
         trace_mark(M_FAC_BEGIN);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3, nr = B.nr, hps = D.hps;
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
@@ -1743,8 +1820,10 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
         for (int mt = 0; mt < NKS; ++mt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[mt][e] = 0.f;
-        // TU tiles per iteration, all their loads issued before any is used.
-        for (int base = w * 16 * TU; base < nr; base += FAC_NW * 16 * TU) {
+        // TU tiles per iteration, all their loads issued before any is used. Rows [0, head), then
+        // (FAC early) the rest with the refine's once written.
+        for (int i0 = 0, i1 = fac_head(B, FAC_NW * 16 * TU);; i0 = i1, i1 = B.nr) {
+        for (int base = i0 + w * 16 * TU; base < i1; base += FAC_NW * 16 * TU) {
             uint4 kr_t[TU][2][NPT], vr_t[TU][4][VP];
 #pragma unroll
             for (int tt = 0; tt < TU; ++tt) {
@@ -1752,22 +1831,22 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
 #pragma unroll
                 for (int nt = 0; nt < 2; ++nt) {
                     int i = tb + 8 * nt + g;
-                    const u16* kt = kb + k_tok(i < nr ? B.row(sm.rows_s, sel, i) : 0u, NGRP);
+                    const u16* kt = kb + k_tok(i < i1 ? B.row(sm.rows_s, sel, i) : 0u, NGRP);
 #pragma unroll
-                    for (int pi = 0; pi < NPT; ++pi) kr_t[tt][nt][pi] = i < nr ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
+                    for (int pi = 0; pi < NPT; ++pi) kr_t[tt][nt][pi] = i < i1 ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
                 }
 #pragma unroll
                 for (int x = 0; x < 4; ++x) {
                     int i = tb + 8 * (x >> 1) + 2 * c + (x & 1);
-                    u32 t = i < nr ? B.row(sm.rows_s, sel, i) : 0u;
+                    u32 t = i < i1 ? B.row(sm.rows_s, sel, i) : 0u;
 #pragma unroll
-                    for (int vp = 0; vp < VP; ++vp) vr_t[tt][x][vp] = i < nr ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
+                    for (int vp = 0; vp < VP; ++vp) vr_t[tt][x][vp] = i < i1 ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
                 }
             }
 #pragma unroll
             for (int tt = 0; tt < TU; ++tt) {
                 int tb = base + 16 * tt;
-                if (tb >= nr) break; // (warp-uniform)
+                if (tb >= i1) break; // (warp-uniform)
                 const uint4(&kr)[2][NPT] = kr_t[tt];
                 const uint4(&vr)[4][VP] = vr_t[tt];
                 // S: sc[nt][e] = head g's score of row tb + 8nt + 2c + e.
@@ -1783,7 +1862,7 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
                         for (int x = 0; x < NS; ++x) Mma<T>::mma(s4, qa[ks][0][x], 0u, qa[ks][1][x], 0u, b0, b1);
                     }
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) sc[nt][e] = tb + 8 * nt + 2 * c + e < nr ? s4[e] : NEG_INF;
+                    for (int e = 0; e < 2; ++e) sc[nt][e] = tb + 8 * nt + 2 * c + e < i1 ? s4[e] : NEG_INF;
                 }
                 // Online softmax of head g over the tile (its 16 rows are the lanes of one quad).
                 float mx = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
@@ -1821,6 +1900,9 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
                 }
             }
         }
+        if (i1 == B.nr) break;
+        fac_tail(D, B, sel, ready, sm.rows_s);
+        }
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
         if (c == 0 && g < hps) { sm.wm[w][g] = m; sm.wl[w][g] = l; }
@@ -1835,9 +1917,9 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
                     sm.wo[w][2 * c + e][dim_of(NKS + mt)] = acc[mt][2 + e];
                 }
         trace_mark(M_FAC_LOOP);
-        fac_end<MAXH>(D, B, sm);
+        fac_end<MAXH>(D, B, sm, po, pml, n_split);
     }
-    if (out && last_block(done, B.seg, n_split)) combine_seg(D, B.seg, B.b, B.s, n_split, po, pml, out);
+    if (out) fac_combine_fused(D, done, n_split, po, pml, out, ready);
 }
 
 // (max M, Σ e·l, Σ e·o) of head h, dim j over splits sp0, sp0 + step, … < n_split, e = exp(m − M):
@@ -1921,11 +2003,14 @@ __device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, c
 // it where walkers have more than 4 splits (GPU run 16: batch 1, 32 splits: 32.1 → 29.7 µs paper
 // int8 at 32k, dense 75.7 → 65.2; batch 16, 8 splits: 120.0 → 121.9 with it, so not there).
 #define FAC_CMB 512
+// With `ready` (FAC early), head 0's block clears the selection's flag for the next step (FAC,
+// which this launch waited for, has read it).
 template <bool C8>
-__device__ void fac_combine_impl(Dims D, int n_split, const float* po, const float* pml, float* out) {
+__device__ void fac_combine_impl(Dims D, int n_split, const float* po, const float* pml, float* out, u32* ready) {
     __shared__ float sm[FAC_CMB], sl[FAC_CMB], so[FAC_CMB];
     int h = blockIdx.x, s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int seg = b * D.n_sel + s, d = D.d;
+    if (ready && h == 0 && tid == 0) ready[seg] = 0;
     int ng = blockDim.x / d, g = tid / d, j = tid % d;
     const float* pm = pml + (size_t)seg * n_split * D.hps * 2;
     float M = NEG_INF, L = 0.f, O = 0.f;
@@ -1949,13 +2034,13 @@ __device__ void fac_combine_impl(Dims D, int n_split, const float* po, const flo
         out[((size_t)b * D.n_q + s * D.hps + h) * d + tid] = OO / LL;
     }
 }
-extern "C" __global__ void __launch_bounds__(FAC_CMB) fac_combine(Dims D, int n_split, const float* po, const float* pml, float* out) {
+extern "C" __global__ void __launch_bounds__(FAC_CMB) fac_combine(Dims D, int n_split, const float* po, const float* pml, float* out, u32* ready) {
     PDL_BEGIN(TR_COMBINE);
-    fac_combine_impl<false>(D, n_split, po, pml, out);
+    fac_combine_impl<false>(D, n_split, po, pml, out, ready);
 }
-extern "C" __global__ void __launch_bounds__(FAC_CMB) fac_combine8(Dims D, int n_split, const float* po, const float* pml, float* out) {
+extern "C" __global__ void __launch_bounds__(FAC_CMB) fac_combine8(Dims D, int n_split, const float* po, const float* pml, float* out, u32* ready) {
     PDL_BEGIN(TR_COMBINE);
-    fac_combine_impl<true>(D, n_split, po, pml, out);
+    fac_combine_impl<true>(D, n_split, po, pml, out, ready);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1971,20 +2056,20 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 #define FAC_ENTRY(NAME, TY, HH)                                                                                          \
     extern "C" __global__ void __launch_bounds__(FAC_THREADS, FAC_MINB(HH)) fac_h##HH##_##NAME(                                        \
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
-        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
-        fac_impl<TY, HH>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);               \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {      \
+        fac_impl<TY, HH>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready);   \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(FAC_THREADS, FACL_MINB(HH)) facl_h##HH##_##NAME(                         \
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
-        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
-        fac_impl<TY, HH, FACL_U(HH), true>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out); \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {      \
+        fac_impl<TY, HH, FACL_U(HH), true>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready); \
     }
 // Tensor-core FAC for head dim DD, every group size (≤ MAXH heads).
 #define FACM_ENTRY(NAME, TY, DD)                                                                                         \
     extern "C" __global__ void __launch_bounds__(FAC_THREADS, FACM_MINB) facm_d##DD##_##NAME(                           \
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
-        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out) {                                \
-        facm_impl<TY, DD, FACM_TU>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out);     \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {      \
+        facm_impl<TY, DD, FACM_TU>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready); \
     }
 #define TIP_HEADS_ENTRY(NAME, TY, HH)                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_heads_h##HH##_##NAME(                                  \

@@ -1,7 +1,8 @@
 //! One decode step of FASA attention on the GPU, chaining the ops:
 //! TIP(+histogram; its last block per selection finds the select threshold) → select (filter;
 //! its last block per selection refines) [→ re-rank: exact scores; mass + refine] → FAC
-//! (split-K partials) → combine: 4 launches (6 with a re-rank), one more with the group-mass
+//! (split-K partials; by default launched as the refine begins, `FasaDecoder::early_fac`) →
+//! combine: 4 launches (6 with a re-rank), one more with the group-mass
 //! stage 1 (TIP per-head scores, then mass + histogram); or dense flash-decode over the
 //! same cache. Every grid depends on the shapes only
 //! (not on the lengths), so a step can be captured once in a CUDA graph and replayed.
@@ -76,6 +77,12 @@ pub struct FasaDecoder {
     pub tip8_heads_pipe: bool,
     /// Scores per select-filter block, 8192 or 2048; 0 (default): chosen by `select::filter`.
     pub filter_tok: usize,
+    /// FAC early: the FAC launch starts while the select filter's last blocks refine, scores the
+    /// rows above the threshold bin and then the refine's (`fac::partials`' `early`); with the
+    /// threshold found by TIP (`thr_in_tip`) and no re-rank, else the chain as before. On by
+    /// default: GPU run 22 (paper int8 step, Llama-3-8B shapes, B = 1024, same call, with / without)
+    /// 1 × 32k 28.1 / 29.0 µs, 1 × 128k 37.2 / 38.6, 16 × 128k 238.9 / 242.2, 16 × 32k 98.9 / 99.0.
+    pub early_fac: bool,
     /// The combine kernel whose walkers load 8 splits at once (`fac::combine`'s `c8`); `None`
     /// (default): by the splits per walker.
     pub combine8: Option<bool>,
@@ -123,6 +130,8 @@ pub struct FasaDecoder {
     cand_cnt: CudaSlice<u32>,
     /// Per-selection block counters of the fused filter→refine and FAC→combine.
     done_sel: CudaSlice<u32>,
+    /// Per-selection FAC early flags (select filter → FAC; cleared by the combine).
+    ready: CudaSlice<u32>,
     done_fac: CudaSlice<u32>,
     rr: CudaSlice<f32>,
     mass: CudaSlice<f32>,
@@ -218,6 +227,7 @@ impl FasaDecoder {
             cand: st.alloc_zeros(segs * cache.l_max)?,
             cand_cnt: st.alloc_zeros(segs)?,
             done_sel: st.alloc_zeros(segs)?,
+            ready: st.alloc_zeros(segs)?,
             done_fac: st.alloc_zeros(segs.max(cache.batch * cache.n_kv))?,
             rr: st.alloc_zeros(segs * hps * c)?,
             mass: st.alloc_zeros(segs * c)?,
@@ -237,6 +247,7 @@ impl FasaDecoder {
             tip8_pipe,
             tip8_heads_pipe,
             filter_tok: 0,
+            early_fac: true,
             combine8: None,
             pdl: true,
             fac_kernel,
@@ -340,6 +351,17 @@ impl FasaDecoder {
     /// Stage 1 only: scores and `sel` (the first `min(B, len)` rows of each selection).
     pub fn select(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
         let _pdl = pdl_scope(self.pdl);
+        self.stage1(gpu, cache, q, lens, false)
+    }
+
+    /// Whether a step runs FAC early (`early_fac` where the chain allows it).
+    fn early(&self) -> bool {
+        self.early_fac && self.thr_in_tip && self.cfg.rerank == 0
+    }
+
+    /// Stage 1; `early`: the filter sets the FAC early flags, which the step's FAC launch then
+    /// reads and its combine clears (so only a step passes it).
+    fn stage1(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, early: bool) -> Result<(), GpuError> {
         let dt = cache.dtype;
         let c = self.cfg.rerank;
         let mut d1 = self.dims;
@@ -349,7 +371,8 @@ impl FasaDecoder {
         self.tip(gpu, cache, &d1, q, lens)?;
         let thr = if self.thr_in_tip { Some(&self.thr) } else { None };
         let first = if c > 0 { &mut self.selc } else { &mut self.sel };
-        select::filter(gpu, &d1, &self.scores, &mut self.hist, thr, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel, self.filter_tok)?;
+        let ready = if early { Some(&mut self.ready) } else { None };
+        select::filter(gpu, &d1, &self.scores, &mut self.hist, thr, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel, ready, self.filter_tok)?;
         if c > 0 {
             rerank::scores(gpu, dt, &self.dims, &cache.k, q, &cache.fc_of_slot, lens, &self.selc, c, &mut self.rr)?;
             rerank::mass(
@@ -393,14 +416,19 @@ impl FasaDecoder {
     /// One FASA step: `q (batch, n_q, d)` f32 rotated, FC-pair order → `out (batch, n_q, d)` f32.
     pub fn step(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         let _pdl = pdl_scope(self.pdl);
-        self.select(gpu, cache, q, lens)?;
+        let early = self.early();
+        self.stage1(gpu, cache, q, lens, early)?;
         let (rps, ns) = self.fac_split;
+        let (k, v, sel) = (&cache.k, &cache.v, Some(&self.sel));
         if self.fused_combine {
             let fused = Some((&mut self.done_fac, &mut *out));
-            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, fused, self.fac_kernel)
+            let e = if early { Some((&self.thr, &mut self.ready)) } else { None };
+            fac::partials(gpu, cache.dtype, &self.dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, fused, e, self.fac_kernel)
         } else {
-            fac::partials(gpu, cache.dtype, &self.dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, Some(&self.sel), rps, ns, &mut self.po, &mut self.pml, None, self.fac_kernel)?;
-            fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out, self.combine8)
+            let e = if early { Some((&self.thr, &mut self.ready)) } else { None };
+            fac::partials(gpu, cache.dtype, &self.dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, None, e, self.fac_kernel)?;
+            let ready = if early { Some(&mut self.ready) } else { None };
+            fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out, self.combine8, ready)
         }
     }
 
@@ -409,8 +437,8 @@ impl FasaDecoder {
         let _pdl = pdl_scope(self.pdl);
         let (rps, ns) = self.dense_split;
         // Many splits: a separate combine launch merges them in parallel.
-        fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None, self.dense_kernel)?;
-        fac::combine(gpu, &self.dense_dims, ns, &self.po, &self.pml, out, self.combine8)
+        fac::partials(gpu, cache.dtype, &self.dense_dims, &cache.k, &cache.v, q, &cache.fc_of_slot, lens, None, rps, ns, &mut self.po, &mut self.pml, None, None, self.dense_kernel)?;
+        fac::combine(gpu, &self.dense_dims, ns, &self.po, &self.pml, out, self.combine8, None)
     }
 }
 

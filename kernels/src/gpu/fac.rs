@@ -50,6 +50,10 @@ pub fn split_dense(n_rows: usize, n_seg: usize, sm_count: usize, per_sm: usize) 
 /// into `out (batch, n_q, d)` (`done (batch·n_sel,)` zero on entry and on return), so no
 /// [`combine`] launch is needed (measured slower at every bench shape: its merge is a serial tail
 /// of dependent loads; bench/RESULTS.md, GPU run 5).
+/// `early = Some((thr, ready))` (FAC early; with `sel`, right after [`super::select::filter`]
+/// given the same `thr` and `ready`): the launch starts while the filter's last blocks refine,
+/// scores the rows above the threshold bin, then the refine's once `ready` says so; the fused
+/// combine or [`combine`] with `ready` clears it.
 #[allow(clippy::too_many_arguments)]
 pub fn partials(
     gpu: &Gpu,
@@ -66,9 +70,15 @@ pub fn partials(
     po: &mut CudaSlice<f32>,
     pml: &mut CudaSlice<f32>,
     fused: Option<(&mut CudaSlice<u32>, &mut CudaSlice<f32>)>,
+    early: Option<(&CudaSlice<i32>, &mut CudaSlice<u32>)>,
     kind: FacKernel,
 ) -> Result<(), GpuError> {
     let segs = (dims.batch * dims.n_sel) as usize;
+    if let Some((thr, ready)) = &early {
+        if sel.is_none() || thr.len() < 2 * segs || ready.len() < segs {
+            return Err(GpuError::Shape("fac: early needs sel, thr (batch·n_sel, 2) and ready (batch·n_sel,)".into()));
+        }
+    }
     if let Some((done, out)) = &fused {
         if done.len() < segs || out.len() < (dims.batch * dims.n_q * dims.d) as usize {
             return Err(GpuError::Shape("fac: done needs (batch·n_sel,), out (batch, n_q, d)".into()));
@@ -96,24 +106,45 @@ pub fn partials(
         Some((done, out)) => l.arg(done).arg(out),
         None => l.arg(&null).arg(&null),
     };
+    match early {
+        Some((thr, ready)) => l.arg(thr).arg(ready),
+        None => l.arg(&null).arg(&null),
+    };
     // SAFETY: sizes checked; rows are < len ≤ l_max (sel holds rows written by select), each block
-    // writes its own partial slot; a null `sel` is the kernel's dense mode.
+    // writes its own partial slot; a null `sel` is the kernel's dense mode. Early: each block reads
+    // at most ceil(A/S) + ceil((n − A)/S) ≤ FAC_MAX_ROWS + 1 rows (the shared array's size).
     unsafe { l.launch(cfg((n_split, dims.n_sel as usize, dims.batch as usize), 128)) }?;
     Ok(())
 }
 
 /// `out (batch, n_q, d)` f32, V's dim order. `c8`: the kernel whose walkers load 8 splits at once
-/// (`fac_combine8`), or `None` to choose by the splits per walker.
-pub fn combine(gpu: &Gpu, dims: &Dims, n_split: usize, po: &CudaSlice<f32>, pml: &CudaSlice<f32>, out: &mut CudaSlice<f32>, c8: Option<bool>) -> Result<(), GpuError> {
-    if out.len() < (dims.batch * dims.n_q * dims.d) as usize {
-        return Err(GpuError::Shape("fac::combine: out needs (batch, n_q, d)".into()));
+/// (`fac_combine8`), or `None` to choose by the splits per walker. `ready`: FAC early's flags,
+/// cleared for the next step.
+#[allow(clippy::too_many_arguments)]
+pub fn combine(
+    gpu: &Gpu,
+    dims: &Dims,
+    n_split: usize,
+    po: &CudaSlice<f32>,
+    pml: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+    c8: Option<bool>,
+    ready: Option<&mut CudaSlice<u32>>,
+) -> Result<(), GpuError> {
+    if out.len() < (dims.batch * dims.n_q * dims.d) as usize || ready.as_ref().is_some_and(|r| r.len() < (dims.batch * dims.n_sel) as usize) {
+        return Err(GpuError::Shape("fac::combine: out needs (batch, n_q, d), ready (batch·n_sel,)".into()));
     }
     let ns = n_split as i32;
     // Walkers (groups of d threads of the 512) with more than 4 splits each load 8 at once
     // (fac_combine8; fasa.cu says where each wins).
     let c8 = c8.unwrap_or(n_split.div_ceil(512 / (dims.d.max(1) as usize)) > 4);
     let mut l = gpu.launcher(&gpu.f.fac_combine[c8 as usize]);
+    let null = 0u64;
     l.arg(dims).arg(&ns).arg(po).arg(pml).arg(out);
+    match ready {
+        Some(r) => l.arg(r),
+        None => l.arg(&null),
+    };
     if dims.d > 128 {
         return Err(GpuError::Shape("fac::combine: d ≤ 128".into()));
     }

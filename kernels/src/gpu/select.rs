@@ -13,6 +13,10 @@ use super::{cfg, Dims, Gpu, GpuError};
 /// again on return: the last block of each selection completes it (as [`refine`]) and resets
 /// them. `cand (batch·n_sel, l_max)` is scratch. `tok`: tokens per block, 8192 or 2048, or 0 to
 /// choose (8192 unless that leaves fewer than two blocks per multiprocessor).
+/// `ready (batch·n_sel,)`, zero on entry, with `thr` (FAC early, for [`super::fac::partials`]'s
+/// `early`): each selection's last block sets it to 1 once the rows above the threshold bin are
+/// written, lets the next launch start, and sets 2 once the selection is complete; the FAC
+/// launch's combine clears it.
 #[allow(clippy::too_many_arguments)]
 pub fn filter(
     gpu: &Gpu,
@@ -26,15 +30,19 @@ pub fn filter(
     cand: &mut CudaSlice<u64>,
     cand_cnt: &mut CudaSlice<u32>,
     done: &mut CudaSlice<u32>,
+    ready: Option<&mut CudaSlice<u32>>,
     tok: usize,
 ) -> Result<(), GpuError> {
     check(dims, sel, cand)?;
-    if done.len() < (dims.batch * dims.n_sel) as usize {
-        return Err(GpuError::Shape("select::filter: done needs (batch·n_sel,)".into()));
+    let segs = (dims.batch * dims.n_sel) as usize;
+    if done.len() < segs || ready.as_ref().is_some_and(|r| r.len() < segs) {
+        return Err(GpuError::Shape("select::filter: done and ready need (batch·n_sel,)".into()));
+    }
+    if ready.is_some() && thr.is_none() {
+        return Err(GpuError::Shape("select::filter: ready needs thr".into()));
     }
     // Blocks of 8192 tokens (32 per thread, loads in flight together), or of 2048 where those
     // would leave fewer than two blocks per multiprocessor (batch 1).
-    let segs = (dims.batch * dims.n_sel) as usize;
     let big = match tok {
         0 => segs * (dims.l_max as usize).div_ceil(8192) >= 2 * gpu.sm_count,
         8192 => true,
@@ -50,6 +58,10 @@ pub fn filter(
         None => l.arg(&null),
     };
     l.arg(lens).arg(sel).arg(sel_cnt).arg(cand).arg(cand_cnt).arg(done);
+    match ready {
+        Some(r) => l.arg(r),
+        None => l.arg(&null),
+    };
     let grid = ((dims.l_max as usize).div_ceil(tok), dims.n_sel as usize, dims.batch as usize);
     // SAFETY: sizes checked; fewer than `budget` rows lie above the threshold bin, so sel writes
     // stay inside each selection's `budget` rows, and candidates inside its `l_max` slots.
@@ -58,7 +70,7 @@ pub fn filter(
 }
 
 /// The completion step alone (already done by [`filter`]'s last blocks): completes `sel` and
-/// zeroes `hist`, `sel_cnt`, `cand_cnt`. With `rerank`, keeps the top `min(budget, m)` of `m`
+/// zeroes `sel_cnt`, `cand_cnt` and, without `thr`, `hist` (with it, the filter's blocks did). With `rerank`, keeps the top `min(budget, m)` of `m`
 /// candidate keys in `cand` instead.
 #[allow(clippy::too_many_arguments)]
 pub fn refine(

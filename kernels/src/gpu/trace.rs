@@ -7,10 +7,13 @@ use super::{tracing, Gpu, GpuError};
 
 /// `TraceTag` in common.cuh.
 const TAGS: [&str; 8] = ["?", "tip", "mass", "filter", "refine", "rerank", "fac", "combine"];
+const TR_FILTER: u64 = 3;
 const TR_REFINE: u64 = 4;
 /// Marks from `TR_MARK` (16) on, in `TraceTag`'s order.
-const MARKS: [&str; 11] = ["setup", "loop", "flush", "thr", "scan", "write", "r.load", "r.pass", "r.write", "f.begin", "f.loop"];
+const MARKS: [&str; 12] = ["setup", "loop", "flush", "thr", "scan", "write", "r.load", "r.pass", "r.write", "f.begin", "f.loop", "f.tail"];
 const TR_MARK: u64 = 16;
+/// The refine's marks (`M_REF_LOAD` ..= `M_REF_WRITE`).
+const REFINE_MARKS: std::ops::RangeInclusive<u64> = TR_MARK + 6..=TR_MARK + 8;
 
 impl Gpu {
     /// The stage timeline recorded since the last call (`FASA_GPU_TRACE=1` builds; else an
@@ -59,15 +62,18 @@ struct Launch {
 /// last exit in µs from the step's first block past its wait, of its marks the blocks' first,
 /// median and last time (and the values recorded), and the step's span and period.
 /// Entries are split into launches where the kernel changes (in order of wait return: a kernel
-/// waits for the one before it); refine entries belong to the filter launch around them.
+/// waits for the one before it); refine entries and marks belong to the last filter launch (with
+/// FAC early, FAC's blocks start while the refine runs).
 pub fn report(entries: &[[u64; 4]]) -> String {
     let mut e = entries.to_vec();
     e.sort_by_key(|x| x[2]);
     let mut launches: Vec<Launch> = Vec::new();
     for x in &e {
         let [tag, pre, post, end] = *x;
+        let refine = tag == TR_REFINE || REFINE_MARKS.contains(&tag);
+        let owner = if refine { launches.iter_mut().rev().find(|l| l.tag == TR_FILTER) } else { launches.last_mut() };
         if tag >= TR_MARK {
-            if let Some(l) = launches.last_mut() {
+            if let Some(l) = owner {
                 let m = l.marks.entry(tag).or_default();
                 m.0.push(post);
                 m.1.push(end);
@@ -75,7 +81,7 @@ pub fn report(entries: &[[u64; 4]]) -> String {
             continue;
         }
         if tag == TR_REFINE {
-            if let Some(l) = launches.last_mut() {
+            if let Some(l) = owner {
                 let r = l.refine.get_or_insert((post, end));
                 *r = (r.0.min(post), r.1.max(end));
                 continue;
@@ -172,6 +178,7 @@ mod tests {
             e.push([3, b + 11_000, b + 12_000, b + 16_000]);
             e.push([4, b + 14_000, b + 14_000, b + 15_500]);
             e.push([22, b + 14_500, b + 14_500, 600]); // refine's candidates loaded: 600
+            e.push([24, b + 17_500, b + 17_500, 0]); // its rows written, after FAC began (FAC early)
             e.push([6, b + 16_000, b + 17_000, b + 25_000]);
             e.push([7, b + 25_000, b + 26_000, b + 28_000]);
         }
@@ -179,7 +186,7 @@ mod tests {
         let r = report(&e);
         assert!(r.starts_with("trace (2 steps"), "{r}");
         assert!(r.contains("tip[2] launch -2.0 wait 0.0..0.5 exit 11.0;"), "{r}");
-        assert!(r.contains("filter[1] launch 11.0 wait 12.0..12.0 exit 16.0 (refine 14.0..15.5) r.load 14.5/14.5/14.5 (value median 600, max 600);"), "{r}");
+        assert!(r.contains("filter[1] launch 11.0 wait 12.0..12.0 exit 16.0 (refine 14.0..15.5) r.load 14.5/14.5/14.5 (value median 600, max 600) r.write 17.5/17.5/17.5;"), "{r}");
         assert!(r.contains("combine[1] launch 25.0 wait 26.0..26.0 exit 28.0;"), "{r}");
         assert!(r.contains("span 28.0, period 100.0 (timer step 500 ns)"), "{r}");
     }
