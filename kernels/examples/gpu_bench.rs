@@ -73,10 +73,11 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
 /// `s<code>` of the int8 TIP kernel (`gpu::TIP8_PIPES`, 0: unpipelined).
 /// `fr`: FAC rows per block (`FasaDecoder::set_fac_rows`; 0 = the decoder's, not shown); `hp`:
 /// the pipelined group-mass int8 TIP (`FasaDecoder::tip8_heads_pipe`; off shown as `u`, for the
-/// rows that run it); `early`: FAC early (`FasaDecoder::early_fac`; off shown as `w`, FAC waits
-/// for the whole filter).
+/// rows that run it); `early`: FAC early and select early (`FasaDecoder::early_fac`,
+/// `early_select`; off shown as `w`, FAC waits for the whole filter, and `z`, the filter waits
+/// for the whole TIP launch).
 #[allow(clippy::too_many_arguments)]
-fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool, early: bool) -> String {
+fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool, early: (bool, bool)) -> String {
     let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, fk.letter(), pipe);
     if fr > 0 {
         l += &format!("r{fr}");
@@ -84,8 +85,11 @@ fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, 
     if !hp {
         l += "u";
     }
-    if !early {
+    if !early.0 {
         l += "w";
+    }
+    if !early.1 {
+        l += "z";
     }
     l
 }
@@ -384,7 +388,7 @@ fn main() {
             // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
             // Also the int8 TIP kernels listed in FASA_BENCH_TIP8 (0 = unpipelined, or
             // gpu::TIP8_PIPES codes; default: the decoder's).
-            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true, true);
+            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true, (true, true));
             let mut all = Vec::new();
             let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
             let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
@@ -414,14 +418,16 @@ fn main() {
                     (false, true) => vec![auto, 1],
                     _ => vec![auto],
                 };
-                // Every FAC kernel family with the decoder's threshold and FAC early (--targets:
-                // with both combines for the decoder's FAC kernel, and it without FAC early).
+                // Every FAC kernel family with the decoder's threshold, FAC and select early
+                // (--targets: with both combines for the decoder's FAC kernel, and it without FAC
+                // early, without select early, without both).
                 let (t, fk0) = (decs[0].thr_in_tip, decs[0].fac_kernel);
-                let mut paths: Vec<(bool, bool, FacKernel, bool)> = FacKernel::for_dim(s.d).map(|fk| (t, false, fk, true)).collect();
+                const E: (bool, bool) = (true, true);
+                let mut paths: Vec<(bool, bool, FacKernel, (bool, bool))> = FacKernel::for_dim(s.d).map(|fk| (t, false, fk, E)).collect();
                 if targets {
-                    paths.extend([(t, true, fk0, true), (t, false, fk0, false)]);
+                    paths.extend([(t, true, fk0, E), (t, false, fk0, (false, true)), (t, false, fk0, (true, false)), (t, false, fk0, (false, false))]);
                 } else {
-                    paths.extend([(!t, false, FacKernel::Reg, true), (!t, false, FacKernel::Lean, true)]);
+                    paths.extend([(!t, false, FacKernel::Reg, E), (!t, false, FacKernel::Lean, E)]);
                 }
                 for &ch in &chunk_opts {
                     for &(thr_in_tip, fused, fk, early) in &paths {
@@ -430,11 +436,11 @@ fn main() {
                             d.fused_combine = fused;
                             d.tip_chunks = ch;
                             d.fac_kernel = fk;
-                            d.early_fac = early;
+                            (d.early_fac, d.early_select) = early;
                         }
                         let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
-                        // (FAC early needs the threshold from TIP: without it the label says w)
-                        let early = early && thr_in_tip;
+                        // (both need the threshold from TIP: without it the label says wz)
+                        let early = (early.0 && thr_in_tip, early.1 && thr_in_tip);
                         let label = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp, early);
                         all.push(format!("{label}:{:.1}", ms * 1e3));
                         if ms < best.0 {
@@ -451,7 +457,7 @@ fn main() {
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
                 d.fac_kernel = fk;
-                d.early_fac = early;
+                (d.early_fac, d.early_select) = early;
                 d.set_fac_rows(fr).unwrap();
             }
             let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp, early);

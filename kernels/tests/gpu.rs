@@ -436,9 +436,11 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     }
     dec.fused_combine = false;
     dec.set_fac_rows(0)?;
-    // FAC after the whole select filter (no FAC early), combine apart and fused: the same rows.
-    for fused in [false, true] {
-        dec.early_fac = false;
+    // FAC after the whole select filter (no FAC early), the filter after the whole TIP launch (no
+    // select early), neither; combine apart and fused: the same rows.
+    for (early_fac, early_select, fused) in [(false, true, false), (false, true, true), (true, false, false), (false, false, true)] {
+        dec.early_fac = early_fac;
+        dec.early_select = early_select;
         dec.fused_combine = fused;
         let mut o5 = st.clone_htod(&nan_out)?;
         dec.step(g, &cache, &q, &lens_d, &mut o5)?;
@@ -449,6 +451,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
         };
     }
     dec.early_fac = true;
+    dec.early_select = true;
     dec.fused_combine = false;
     // Dense (the other FAC kernel families must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
@@ -705,7 +708,7 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
     assert!(o.fac_err <= tol, "FAC vs cpu::attend_rows: {:.3e}", o.fac_err);
     assert!(o.dense_err <= tol, "dense vs cpu::attend_dense: {:.3e}", o.dense_err);
     assert!(o.graph_same, "graph replay differs from direct launches");
-    assert!(o.variants_same, "thr_in_tip / fused_combine / early_fac variants differ from the default step");
+    assert!(o.variants_same, "thr_in_tip / fused_combine / early_fac / early_select variants differ from the default step");
     o
 }
 

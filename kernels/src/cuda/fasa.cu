@@ -42,7 +42,13 @@ struct Dims {
     int pool, k; // FC pool size P and FCs chosen per step k
     int sinks, recent;
     float scale; // softmax scale of FAC (1/sqrt(d))
+    int flags;   // EARLY_SELECT
 };
+// Select early: the TIP launch before the select filter lets it launch at once, its last block per
+// selection sets thr's flag word once thr and the scores are written, and the filter's blocks wait
+// for their selection's flag instead of the whole TIP launch (its last block clears the flag).
+#define EARLY_SELECT 1
+#define THR_W 4 // thr per selection: threshold bin, rows above it, select early's flag, unused
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
 
@@ -244,7 +250,8 @@ __device__ u32 choose_pool(const Dims& D, const float* qb, const int* fos, const
 }
 
 // Adds the block's histogram into the selection's, and in the selection's last block (of
-// nblk, counter done) finds the threshold bin for D.budget into thr (when len > budget).
+// nblk, counter done) finds the threshold bin for D.budget into thr (when len > budget) and,
+// select early, sets thr's flag word (the selection's scores and thr are written).
 __device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg, int len, u32* done, int* thr, int nblk) {
     __syncthreads();
     u32* hg = hist + (size_t)seg * NBIN;
@@ -253,12 +260,14 @@ __device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg
     trace_mark(M_TIP_FLUSH);
     // The selection's last block finds the threshold bin once (thr[seg] = (tb, above)), so the
     // filter blocks and the refine step need not scan the histogram each.
-    if (done && last_block(done, seg, nblk) && len > D.budget) {
+    bool last = done && last_block(done, seg, nblk);
+    if (last && len > D.budget) {
         __shared__ int tb, above;
         find_threshold(hg, D.budget, &tb, &above);
-        if (threadIdx.x == 0) { thr[2 * seg] = tb; thr[2 * seg + 1] = above; }
+        if (threadIdx.x == 0) { thr[THR_W * seg] = tb; thr[THR_W * seg + 1] = above; }
         trace_mark(M_TIP_THR);
     }
+    if (last && (D.flags & EARLY_SELECT)) ready_publish((u32*)&thr[THR_W * seg + 2], 1);
 }
 
 // Where TIP reads one (sequence, KV head)'s K: the 16-bit groups, and with int8 planes (kq set)
@@ -482,6 +491,7 @@ template <class T, bool Q8>
 __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                          const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
     PDL_BEGIN(TR_TIP);
+    if (D.flags & EARLY_SELECT) pdl_trigger();
     __shared__ u32 sh_hist[NBIN];
     __shared__ __align__(16) float qeff[1][MAXG * GE];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
@@ -608,6 +618,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                            float* pml) {
     static_assert(NQ == 1 || MODE == 0, "per-head scores: MODE 0 only");
     PDL_BEGIN(TR_TIP);
+    if (NQ == 1 && (D.flags & EARLY_SELECT)) pdl_trigger();
     constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
     constexpr int NW = TIP_THREADS / 32;
     extern __shared__ __align__(16) unsigned char tip8p_dyn[];
@@ -869,6 +880,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
 extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* xh, const float* pml, const int* lens, int nchunk,
                                                            float* scores, u32* hist, u32* done, int* thr) {
     PDL_BEGIN(TR_MASS);
+    if (D.flags & EARLY_SELECT) pdl_trigger();
     __shared__ u32 sh_hist[NBIN];
     __shared__ float mh[MAXH], izh[MAXH];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
@@ -1033,8 +1045,8 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
         active = len > D.budget;
         if (active) {
             if (thr) {
-                tb = __ldcg(&thr[2 * seg]);
-                above = __ldcg(&thr[2 * seg + 1]);
+                tb = __ldcg(&thr[THR_W * seg]);
+                above = __ldcg(&thr[THR_W * seg + 1]);
             } else {
                 find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
             }
@@ -1147,6 +1159,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
     int len = lens[b];
     int t0 = blockIdx.x * TOK;
     if (t0 >= len) return;
+    if (D.flags & EARLY_SELECT) ready_wait((const u32*)&thr[THR_W * seg + 2], 1, true);
     if (thr) {
         // Nothing reads the histogram after TIP's last block found thr: the selection's blocks
         // zero it for the next step, a slice each, off the refine's critical path.
@@ -1163,7 +1176,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
         __shared__ int tb_s, above_s;
         int tb;
         if (thr) {
-            tb = thr[2 * seg];
+            tb = __ldcg(&thr[THR_W * seg]);
         } else {
             find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb_s, &above_s);
             tb = tb_s;
@@ -1211,6 +1224,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
     trace_mark(M_FLT_WRITE);
     if (last_block(done, seg, (len + TOK - 1) / TOK)) {
         TraceScope tr(TR_REFINE);
+        if ((D.flags & EARLY_SELECT) && tid == 0) ((u32*)thr)[THR_W * seg + 2] = 0; // (all read it)
         if (ready) {
             ready_publish(&ready[seg], 1);
             pdl_trigger();
@@ -1225,7 +1239,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
                                                                              const int* thr, const int* lens, u32* sel, \
                                                                              u32* sel_cnt, u64* cand, u32* cand_cnt,    \
                                                                              u32* done, u32* ready) {                   \
-        PDL_BEGIN(TR_FILTER);                                                                                            \
+        PDL_BEGIN_IF(TR_FILTER, !(D.flags & EARLY_SELECT));                                                             \
         filter_impl<V>(D, scores, hist, thr, lens, sel, sel_cnt, cand, cand_cnt, done, ready);                          \
     }
 FILTER_ENTRY(8)
@@ -1479,7 +1493,7 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
     B.r0 = blockIdx.x * rows_per_split;
     int len = lens[B.b];
     // (FAC early: the count above the threshold bin, loaded whatever len, with it)
-    int a = ready ? __ldcg(&thr[2 * B.seg + 1]) : 0;
+    int a = ready ? __ldcg(&thr[THR_W * B.seg + 1]) : 0;
     // Copies straight into shared memory: no registers held across the prologue.
     if (sel && !ready) {
         const u32* sg = sel + (size_t)B.seg * D.budget + B.r0;

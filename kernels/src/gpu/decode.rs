@@ -2,7 +2,8 @@
 //! TIP(+histogram; its last block per selection finds the select threshold) → select (filter;
 //! its last block per selection refines) [→ re-rank: exact scores; mass + refine] → FAC
 //! (split-K partials; by default launched as the refine begins, `FasaDecoder::early_fac`) →
-//! combine: 4 launches (6 with a re-rank), one more with the group-mass
+//! combine: 4 launches (by default the filter's blocks start on a selection as soon as TIP has
+//! found its threshold, `FasaDecoder::early_select`) (6 with a re-rank), one more with the group-mass
 //! stage 1 (TIP per-head scores, then mass + histogram); or dense flash-decode over the
 //! same cache. Every grid depends on the shapes only
 //! (not on the lengths), so a step can be captured once in a CUDA graph and replayed.
@@ -81,8 +82,16 @@ pub struct FasaDecoder {
     /// rows above the threshold bin and then the refine's (`fac::partials`' `early`); with the
     /// threshold found by TIP (`thr_in_tip`) and no re-rank, else the chain as before. On by
     /// default: GPU run 22 (paper int8 step, Llama-3-8B shapes, B = 1024, same call, with / without)
-    /// 1 × 32k 28.1 / 29.0 µs, 1 × 128k 37.2 / 38.6, 16 × 128k 238.9 / 242.2, 16 × 32k 98.9 / 99.0.
+    /// 1 × 32k 28.1 / 29.0 µs, 1 × 128k 37.2 / 38.6, 16 × 128k 238.9 / 242.2, 16 × 32k 98.9 / 99.0
+    /// (call 3, with select early: 28.6 / 29.4, 38.0 / 39.2, 228.5 / 229.1, 95.6 / 95.6).
     pub early_fac: bool,
+    /// Select early: the select filter's blocks start on a selection once TIP's last block of it
+    /// has found its threshold, not after the whole TIP launch (`gpu::EARLY_SELECT`), so the
+    /// filter runs while TIP's slower blocks finish; with the threshold found by TIP
+    /// (`thr_in_tip`). On by default: GPU run 22 (paper int8 step, Llama-3-8B shapes, B = 1024,
+    /// FAC early on, same call, with / without) 16 × 32k 95.6 / 99.3 µs, 16 × 128k 228.5 / 238.7,
+    /// 1 × 32k 28.6 / 28.5, 1 × 128k 38.0 / 38.1; default int8 16 × 32k 341.3 / 343.3.
+    pub early_select: bool,
     /// The combine kernel whose walkers load 8 splits at once (`fac::combine`'s `c8`); `None`
     /// (default): by the splits per walker.
     pub combine8: Option<bool>,
@@ -219,7 +228,7 @@ impl FasaDecoder {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
             hist: st.alloc_zeros(segs * NBIN)?,
-            thr: st.alloc_zeros(segs * 2)?,
+            thr: st.alloc_zeros(segs * super::THR_W)?,
             done_tip: st.alloc_zeros(segs)?,
             sel: st.alloc_zeros(segs * cfg.budget)?,
             selc: st.alloc_zeros(segs * c)?,
@@ -248,6 +257,7 @@ impl FasaDecoder {
             tip8_heads_pipe,
             filter_tok: 0,
             early_fac: true,
+            early_select: true,
             combine8: None,
             pdl: true,
             fac_kernel,
@@ -367,6 +377,9 @@ impl FasaDecoder {
         let mut d1 = self.dims;
         if c > 0 {
             d1.budget = c as i32;
+        }
+        if self.early_select && self.thr_in_tip {
+            d1.flags |= super::EARLY_SELECT;
         }
         self.tip(gpu, cache, &d1, q, lens)?;
         let thr = if self.thr_in_tip { Some(&self.thr) } else { None };

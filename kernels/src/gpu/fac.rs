@@ -75,8 +75,8 @@ pub fn partials(
 ) -> Result<(), GpuError> {
     let segs = (dims.batch * dims.n_sel) as usize;
     if let Some((thr, ready)) = &early {
-        if sel.is_none() || thr.len() < 2 * segs || ready.len() < segs {
-            return Err(GpuError::Shape("fac: early needs sel, thr (batch·n_sel, 2) and ready (batch·n_sel,)".into()));
+        if sel.is_none() || thr.len() < super::THR_W * segs || ready.len() < segs {
+            return Err(GpuError::Shape("fac: early needs sel, thr (batch·n_sel, THR_W) and ready (batch·n_sel,)".into()));
         }
     }
     if let Some((done, out)) = &fused {

@@ -178,7 +178,18 @@ pub struct Dims {
     pub sinks: i32,
     pub recent: i32,
     pub scale: f32,
+    /// [`EARLY_SELECT`] or 0.
+    pub flags: i32,
 }
+
+/// `Dims::flags`: select early (fasa.cu's `EARLY_SELECT`): the TIP launch before the select
+/// filter lets it launch at once and its last block per selection sets a flag in `thr` once
+/// that selection's scores and threshold are written; the filter's blocks wait for their
+/// selection's flag, not for the whole TIP launch, and its last block clears it.
+pub const EARLY_SELECT: i32 = 1;
+/// i32 words of `thr` per selection (fasa.cu's `THR_W`): threshold bin, rows above it, select
+/// early's flag, unused.
+pub const THR_W: usize = 4;
 
 // SAFETY: `Dims` is `repr(C)` plain old data, laid out as the kernels' `struct Dims`.
 unsafe impl DeviceRepr for Dims {}

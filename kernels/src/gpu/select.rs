@@ -8,7 +8,7 @@ use cudarc::driver::CudaSlice;
 use super::{cfg, Dims, Gpu, GpuError};
 
 /// `sel (batch·n_sel, budget)`: rows kept (unordered; the first `min(budget, len)` are valid).
-/// `thr (batch·n_sel, 2)`: the threshold bin found by the TIP launch (`tip::launch` with `thr`)
+/// `thr (batch·n_sel, THR_W)`: the threshold bin found by the TIP launch (`tip::launch` with `thr`)
 /// on the same `dims.budget`; `None`: each block finds it from the histogram. `sel_cnt`, `cand_cnt`, `done` `(batch·n_sel,)` and `hist` must be zero on entry, and are zero
 /// again on return: the last block of each selection completes it (as [`refine`]) and resets
 /// them. `cand (batch·n_sel, l_max)` is scratch. `tok`: tokens per block, 8192 or 2048, or 0 to
@@ -38,8 +38,8 @@ pub fn filter(
     if done.len() < segs || ready.as_ref().is_some_and(|r| r.len() < segs) {
         return Err(GpuError::Shape("select::filter: done and ready need (batch·n_sel,)".into()));
     }
-    if ready.is_some() && thr.is_none() {
-        return Err(GpuError::Shape("select::filter: ready needs thr".into()));
+    if (ready.is_some() || dims.flags & super::EARLY_SELECT != 0) && thr.is_none_or(|t| t.len() < super::THR_W * segs) {
+        return Err(GpuError::Shape("select::filter: ready and select early need thr (batch·n_sel, THR_W)".into()));
     }
     // Blocks of 8192 tokens (32 per thread, loads in flight together), or of 2048 where those
     // would leave fewer than two blocks per multiprocessor (batch 1).

@@ -18,7 +18,7 @@ use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
 /// (`GpuKvCache::mom`) to choose FCs by variance, else by norm. Uses
 /// `dims.{hps, n_sel, pool, k, sinks, recent, budget}`. With
 /// `thr = Some((done, thr))` the last block of each selection also finds the histogram's
-/// threshold bin for `dims.budget` into `thr (batch·n_sel, 2)` = (bin, rows above it) when
+/// threshold bin for `dims.budget` into `thr (batch·n_sel, THR_W)` = (bin, rows above it, …) when
 /// `len > budget`; `done (batch·n_sel,)` is its block counter, zero on entry and on return.
 /// Each block scores `nchunk` chunks of `TIP_TOK` tokens (see [`chunks`], [`chunks_wave`]). `q8`:
 /// score whole quantised blocks from the int8 planes, with the pipelined kernel `pipe` (a
@@ -44,7 +44,7 @@ pub fn launch(
     check(dims, q, pool, scores.len())?;
     check_mom(dims, mom)?;
     let segs = (dims.batch * dims.n_sel) as usize;
-    if hist.len() < segs * super::NBIN || thr.as_ref().is_some_and(|(d, t)| d.len() < segs || t.len() < 2 * segs) {
+    if hist.len() < segs * super::NBIN || thr.as_ref().is_some_and(|(d, t)| d.len() < segs || t.len() < super::THR_W * segs) {
         return Err(GpuError::Shape("tip: done, thr or hist too small".into()));
     }
     check_q8(dims, q8)?;
@@ -155,7 +155,7 @@ pub fn mass(
         && pml.len() >= segs * nblk * hps * 2
         && scores.len() >= segs * dims.l_max as usize
         && hist.len() >= segs * super::NBIN
-        && thr.as_ref().is_none_or(|(d, t)| d.len() >= segs && t.len() >= 2 * segs);
+        && thr.as_ref().is_none_or(|(d, t)| d.len() >= segs && t.len() >= super::THR_W * segs);
     if !ok {
         return Err(GpuError::Shape("tip::mass: buffers too small".into()));
     }
