@@ -81,10 +81,14 @@ __device__ __forceinline__ void pdl_begin() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// The exception: the select filter's last block per selection lets FAC launch as it begins the
-// refine (pdl_trigger), and FAC, which then skips pdl_begin, reads the selection's rows once the
-// filter's `ready` flag says they are written (ready_publish / ready_wait): rows above the
-// threshold bin at 1, the refine's at 2 (fasa.cu, "FAC early").
+// The exceptions wait per selection on a flag instead (ready_publish / ready_wait), so a stage
+// starts on a selection as soon as the stage before has finished it: FAC early (the select
+// filter's last block per selection lets FAC launch as it begins the refine; FAC reads the rows
+// above the threshold bin at flag 1, the refine's at 2) and select early (TIP lets the filter
+// launch from its start; the filter reads a selection's scores and threshold once TIP's last
+// block of it has set thr's flag word; fasa.cu, EARLY_SELECT). The kernel that waits on a flag
+// skips pdl_begin. Spinning cannot deadlock: the waiting launch starts only once every block of
+// the one before has triggered or exited, so the block that sets the flag is already resident.
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
