@@ -158,6 +158,10 @@ impl GpuMirror {
     fn decode_in(&self, lm: &mut LayerMirror, c: &SeqCache, st: &DecodeStep, out: &mut [f32]) -> Result<AttnStats, GpuError> {
         let (g, s) = (&*self.gpu, &self.gpu.stream);
         let (hkv, d, n) = (self.shape.n_kv_heads, self.shape.head_dim, c.len(st.layer));
+        // The kernels take len ≤ l_max as given (their grids and flag waits are sized by l_max).
+        if n > self.l_max {
+            return Err(GpuError::Shape(format!("context of {n} tokens exceeds the GPU cache's {}", self.l_max)));
+        }
         let dev = match &mut lm.dev {
             Some(dev) => dev,
             none => none.insert(Device {
