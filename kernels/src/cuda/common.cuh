@@ -12,15 +12,19 @@ typedef signed char i8;
 // groups of a token one run of KR·32 bytes (per tile of KT tokens `(n_grp/KR, KT, KR·GE)`; k_off
 // in fasa.cu). TIP reads only the runs that hold the chosen FCs (the engine orders FCs so the
 // calibrated pool comes first: P = 16 is run 0); FAC reads a token's whole K as n_grp/KR runs.
-// KR = 2 because HBM is read in 64-byte units: with 32-byte pieces (KR = 1) FAC moved twice K's
-// bytes (GPU run 12; run 14: FAC 50 → 40 µs, 101 → 68 MB read at 16 × 128k). KR = 4 was no
-// faster; KR = 8 (256-byte rows) halved 16-bit TIP's speed. The int8 planes keep one 16-byte
-// piece per group (kq_off).
+// HBM is read in 64-byte units: with 32-byte pieces (KR = 1) FAC moved twice K's bytes (GPU run
+// 12; run 14: KR = 2, FAC 50 → 40 µs, 101 → 68 MB read at 16 × 128k; KR = 4 no faster then).
+// KR = 8 (a token's K one 256-byte row; d = 64: 128 bytes) since GPU run 22: the int8 TIP of the
+// default modes reads the int8 planes, not these runs, and FAC's gathered rows read faster whole
+// (paper int8 step, same call, KR 2 / 8: 16 × 32k 96.5 / 92.6 µs, 16 × 128k 225.3 / 221.5, batch 1
+// 0.1–0.2 µs faster; dense 16 × 128k 2253 / 2179). The 16-bit TIP (paper planes, no int8) reads
+// 64 of every 256 bytes then and runs at about half its speed (16 × 32k step 133.6 → 202.2 µs):
+// FASA_GPU_KRUN=2 for it. The int8 planes keep one 16-byte piece per group (kq_off).
 #define FCG 8          // FCs per group
 #define GE 16          // elements per (token, group) = 32 bytes
 #define KT 64          // tokens per K tile, so dense reads are contiguous
 #ifndef KR
-#define KR 2           // groups per run (1, 2, 4 or 8; at most n_grp is used); the launcher may set it
+#define KR 8           // groups per run (1, 2, 4 or 8; at most n_grp is used); the launcher may set it
 #endif
 #define MAXH 8         // most query heads sharing one selection (GQA group ≤ 8)
 #define MAXG 8         // most FC groups per head (d ≤ 128)

@@ -1,13 +1,14 @@
 //! The GPU KV cache and its append op.
 //!
 //! Layout, per (sequence, KV head), `l_max` tokens (a multiple of `KT` = 64):
-//! - K `(l_max/KT, n_grp/r, KT, r, FCG, 2)`, r = min(`KR`, n_grp) = 2: tiles of 64 tokens; FC
-//!   group `g` (FCs `8g..8g+8` in slot order) is 32 bytes of a token, and groups `2i, 2i+1` of a
-//!   token one 64-byte run; inside a tile, run `i` of all its tokens is contiguous. Slot `s` holds
-//!   FC `fc_of_slot[kv][s]`: put the calibrated pool first, so TIP streams only the first
-//!   `ceil(P/16)` runs of each tile (4 KiB each), FAC reads a token's full K as `d/32` aligned
-//!   64-byte runs of one 16 KiB tile (HBM reads 64-byte units: with 32-byte pieces FAC moved
-//!   twice K's bytes, GPU run 12), and dense attention reads whole tiles. [`GpuKvCache::k_index`]
+//! - K `(l_max/KT, n_grp/r, KT, r, FCG, 2)`, r = min(`KR`, n_grp) (by default 8: a token's K is
+//!   one row of `2d` bytes): tiles of 64 tokens; FC group `g` (FCs `8g..8g+8` in slot order) is 32
+//!   bytes of a token, and groups `r·i .. r·i + r` of a token one run; inside a tile, run `i` of
+//!   all its tokens is contiguous. Slot `s` holds FC `fc_of_slot[kv][s]`: put the calibrated pool
+//!   first, so a 16-bit TIP reads only the runs holding it (with r = 2, the first `ceil(P/16)`
+//!   runs of each tile, 4 KiB each: `FASA_GPU_KRUN=2`), FAC reads a token's full K as `d/(16r)`
+//!   runs (HBM reads 64-byte units: with 32-byte pieces FAC moved twice K's bytes, GPU run 12; whole
+//!   rows read fastest, run 22), and dense attention reads whole tiles. [`GpuKvCache::k_index`]
 //!   gives the offset.
 //! - V `(l_max, d)` in the model's dim order.
 //! - K moments `(n_fc, 5)` f64 per FC id, `[Σx, Σy, Σxx, Σxy, Σyy]` of its rotated pair over the
@@ -19,7 +20,7 @@
 //!   piece per group (K's layout with r = 1), so TIP reads only the chosen groups.
 //!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
-//! groups give TIP FC granularity of 8, the 64-byte runs FAC whole DRAM units.)
+//! groups give TIP FC granularity of 8, the runs of groups FAC whole DRAM units.)
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{cfg, k_run, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};

@@ -32,9 +32,11 @@ pub use decode::{DecodeConfig, FasaDecoder};
 
 /// FCs per K group: a token's FCs `8g..8g+8` are one 32-byte sector (`FCG` in common.cuh).
 pub const FCG: usize = 8;
-/// K groups per contiguous run of a token (`KR` in common.cuh): 2, so FAC's reads of a row are
-/// whole 64-byte DRAM units (with 1, FAC moved twice K's bytes: bench/RESULTS.md, GPU run 12).
-pub const KR: usize = 2;
+/// K groups per contiguous run of a token (`KR` in common.cuh): 8, a token's whole K one row, as
+/// FAC reads it (GPU run 22: the paper int8 step 4 % faster at batch 16 than with runs of 2; the
+/// int8 TIP reads its own planes). The 16-bit TIP reads only the pool's groups, and with runs of 8
+/// at half its speed: `FASA_GPU_KRUN=2` for those modes ([`k_run`]).
+pub const KR: usize = 8;
 /// Elements per (token, group).
 pub const GE: usize = 2 * FCG;
 /// Tokens per K tile (`KT` in common.cuh); cache capacities are multiples of it.
@@ -67,8 +69,9 @@ pub const QB: usize = crate::cpu::QB;
 /// The CUDA sources, concatenated for NVRTC (which has no include path here).
 const SOURCE: &str = concat!("#define FASA_NVRTC\n", include_str!("../cuda/common.cuh"), "\n", include_str!("../cuda/fasa.cu"));
 
-/// Groups per K run in this process: [`KR`], or `FASA_GPU_KRUN` (1, 2, 4 or 8; benchmarks: 1 is
-/// the layout of GPU run 12). Read once: the compiled kernels and [`GpuKvCache`] must agree.
+/// Groups per K run in this process: [`KR`], or `FASA_GPU_KRUN` (1, 2, 4 or 8: 2 for the 16-bit
+/// TIP modes, the default until GPU run 22; 1 is the layout of GPU run 12). Read once: the
+/// compiled kernels and [`GpuKvCache`] must agree.
 pub fn k_run() -> usize {
     static R: OnceLock<usize> = OnceLock::new();
     *R.get_or_init(|| match std::env::var("FASA_GPU_KRUN").ok().and_then(|v| v.parse().ok()) {
