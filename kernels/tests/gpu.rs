@@ -417,38 +417,35 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.tip_chunks = chunks0;
     dec.fac_kernel = fac0;
     dec.tip8_pipe = st0;
+    // A step that must keep the default's selection (near ties aside: none) and so its output
+    // within 1e-5 (rows summed in another order).
+    let same_rows = |dec: &mut FasaDecoder| -> Result<bool, GpuError> {
+        let mut o = st.clone_htod(&nan_out)?;
+        dec.step(g, &cache, &q, &lens_d, &mut o)?;
+        let sel = st.clone_dtoh(&dec.sel)?;
+        Ok(match near_tie_swaps(&sel_h, &sel, &scores_h, cache.l_max, &c.lens, c.budget) {
+            Some(0) => nerr(&st.clone_dtoh(&o)?, &out_h) <= 1e-5,
+            _ => false,
+        })
+    };
     // FAC in blocks of 32, 96 and 256 rows (one or several iterations per warp, 2 to 8
-    // splits), the combine fused once: the same selection, so the output within 1e-5 (rows
-    // summed in another order).
+    // splits), the combine fused once.
     for (rows, fused) in [(32, false), (96, true), (256, false)] {
         dec.fused_combine = fused;
         if dec.set_fac_rows(rows).is_err() {
             continue; // more splits than the partials hold at this shape
         }
-        let mut o4 = st.clone_htod(&nan_out)?;
-        dec.step(g, &cache, &q, &lens_d, &mut o4)?;
-        let o4_h = st.clone_dtoh(&o4)?;
-        let sel4 = st.clone_dtoh(&dec.sel)?;
-        variants_same &= match near_tie_swaps(&sel_h, &sel4, &scores_h, cache.l_max, &c.lens, c.budget) {
-            Some(0) => nerr(&o4_h, &out_h) <= 1e-5,
-            _ => false,
-        };
+        variants_same &= same_rows(&mut dec)?;
     }
     dec.fused_combine = false;
     dec.set_fac_rows(0)?;
     // FAC after the whole select filter (no FAC early), the filter after the whole TIP launch (no
-    // select early), neither; combine apart and fused: the same rows.
+    // select early), neither; combine apart and fused.
     for (early_fac, early_select, fused) in [(false, true, false), (false, true, true), (true, false, false), (false, false, true)] {
         dec.early_fac = early_fac;
         dec.early_select = early_select;
         dec.fused_combine = fused;
-        let mut o5 = st.clone_htod(&nan_out)?;
-        dec.step(g, &cache, &q, &lens_d, &mut o5)?;
-        let sel5 = st.clone_dtoh(&dec.sel)?;
-        variants_same &= match near_tie_swaps(&sel_h, &sel5, &scores_h, cache.l_max, &c.lens, c.budget) {
-            Some(0) => nerr(&st.clone_dtoh(&o5)?, &out_h) <= 1e-5,
-            _ => false,
-        };
+        variants_same &= same_rows(&mut dec)?;
     }
     dec.early_fac = true;
     dec.early_select = true;

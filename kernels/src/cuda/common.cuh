@@ -104,9 +104,8 @@ __device__ __forceinline__ void ready_publish(u32* flag, u32 v) {
     __syncthreads();
     if (threadIdx.x == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(flag), "r"(v) : "memory");
 }
-// Block-wide: thread 0 waits until *flag ≥ v (acquire), if `set` (the flag will be set); then
-// the writes before the publish are visible to the block's reads through L2 (__ldcg: L1 is not
-// coherent, and another block on the SM may have cached the line before it was written).
+// Block-wide: thread 0 waits until *flag ≥ v (acquire), if `set` (the flag will be set); after
+// the barrier the block's reads see the writes made before the publish.
 __device__ __forceinline__ void ready_wait(const u32* flag, u32 v, bool set) {
     if (threadIdx.x == 0) {
         for (;;) {
@@ -166,10 +165,10 @@ struct TraceScope {
 };
 __device__ __forceinline__ void trace_mark(int, u64 = 0) {}
 #endif
-// pdl_begin() inside a trace scope of this tag, which closes when the enclosing function returns.
-#define PDL_BEGIN(TAG) TraceScope trace_scope_(TAG); pdl_begin(); trace_scope_.waited()
-// The same, waiting only if C (FAC early waits on a flag instead).
+// pdl_begin() if C (a kernel that waits on a flag instead skips it) inside a trace scope of this
+// tag, which closes when the enclosing function returns.
 #define PDL_BEGIN_IF(TAG, C) TraceScope trace_scope_(TAG); if (C) pdl_begin(); trace_scope_.waited()
+#define PDL_BEGIN(TAG) PDL_BEGIN_IF(TAG, true)
 
 // Order-preserving u32 key of a float (larger float → larger key); -0 is folded into +0 so
 // equal scores tie, as on the CPU.

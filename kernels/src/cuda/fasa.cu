@@ -14,7 +14,7 @@
 //                                           fixed-set prologue)
 //   lens   (batch,) i32                     tokens cached per sequence
 //   scores (batch·n_sel, l_max) f32         TIP scores; hist (batch·n_sel, NBIN) u32
-//   thr    (batch·n_sel, 2) i32             threshold bin and rows above it (TIP's last block)
+//   thr    (batch·n_sel, THR_W) i32         threshold bin and rows above it (TIP's last block), select early's flag
 //   sel    (batch·n_sel, budget) u32        selected token rows (unordered)
 //   cand   (batch·n_sel, l_max) u64         candidates of the threshold bin (selection keys)
 //   mom    (batch, n_kv, n_fc, 5) f64       K moments per FC id [Σx, Σy, Σxx, Σxy, Σyy] over tokens
@@ -49,6 +49,7 @@ struct Dims {
 // for their selection's flag instead of the whole TIP launch (its last block clears the flag).
 #define EARLY_SELECT 1
 #define THR_W 4 // thr per selection: threshold bin, rows above it, select early's flag, unused
+__device__ __forceinline__ u32* thr_flag(int* thr, int seg) { return (u32*)&thr[THR_W * seg + 2]; }
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
 
@@ -267,7 +268,7 @@ __device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg
         if (threadIdx.x == 0) { thr[THR_W * seg] = tb; thr[THR_W * seg + 1] = above; }
         trace_mark(M_TIP_THR);
     }
-    if (last && (D.flags & EARLY_SELECT)) ready_publish((u32*)&thr[THR_W * seg + 2], 1);
+    if (last && (D.flags & EARLY_SELECT)) ready_publish(thr_flag(thr, seg), 1);
 }
 
 // Where TIP reads one (sequence, KV head)'s K: the 16-bit groups, and with int8 planes (kq set)
@@ -1149,7 +1150,7 @@ __device__ bool last_block(u32* done, int seg, int n) {
 // With `ready` (FAC early; needs thr): the last block sets ready[seg] = 1 (every row above the
 // bin written) and lets FAC launch before it refines, then 2 once the refine's rows are written.
 template <int V>
-__device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* thr, const int* lens, u32* sel, u32* sel_cnt, u64* cand,
+__device__ void filter_impl(Dims D, const float* scores, u32* hist, int* thr, const int* lens, u32* sel, u32* sel_cnt, u64* cand,
                             u32* cand_cnt, u32* done, u32* ready) {
     constexpr int TOK = 256 * 4 * V;
     static_assert(V * 4 <= 32, "one mask bit per token of a thread");
@@ -1159,7 +1160,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
     int len = lens[b];
     int t0 = blockIdx.x * TOK;
     if (t0 >= len) return;
-    if (D.flags & EARLY_SELECT) ready_wait((const u32*)&thr[THR_W * seg + 2], 1, true);
+    if (D.flags & EARLY_SELECT) ready_wait(thr_flag(thr, seg), 1, true);
     if (thr) {
         // Nothing reads the histogram after TIP's last block found thr: the selection's blocks
         // zero it for the next step, a slice each, off the refine's critical path.
@@ -1224,7 +1225,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
     trace_mark(M_FLT_WRITE);
     if (last_block(done, seg, (len + TOK - 1) / TOK)) {
         TraceScope tr(TR_REFINE);
-        if ((D.flags & EARLY_SELECT) && tid == 0) ((u32*)thr)[THR_W * seg + 2] = 0; // (all read it)
+        if ((D.flags & EARLY_SELECT) && tid == 0) *thr_flag(thr, seg) = 0; // (all read it)
         if (ready) {
             ready_publish(&ready[seg], 1);
             pdl_trigger();
@@ -1236,7 +1237,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, const int* t
 
 #define FILTER_ENTRY(V)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(256, 4) select_filter_v##V(Dims D, const float* scores, u32* hist,      \
-                                                                             const int* thr, const int* lens, u32* sel, \
+                                                                             int* thr, const int* lens, u32* sel,       \
                                                                              u32* sel_cnt, u64* cand, u32* cand_cnt,    \
                                                                              u32* done, u32* ready) {                   \
         PDL_BEGIN_IF(TR_FILTER, !(D.flags & EARLY_SELECT));                                                             \
@@ -1607,7 +1608,7 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
     if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, thr, ready, sm, B0)) {
         const FacBlk& B = sm.blk;
         trace_mark(M_FAC_BEGIN);
-        int tid = threadIdx.x, nr = B.nr, hps = D.hps, d = D.d;
+        int tid = threadIdx.x, hps = D.hps, d = D.d;
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
         const u16* kb = k + bk * D.l_max * d;
         const u16* vb = v + bk * D.l_max * d;
@@ -1634,75 +1635,75 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
         int wrows = rpw * U; // rows of one warp iteration
         // Rows [0, head), then (FAC early) the rest with the refine's once written.
         for (int i0 = 0, i1 = fac_head(B, FAC_NW * wrows);; i0 = i1, i1 = B.nr) {
-        for (int base = i0 + w * wrows; base < i1; base += FAC_NW * wrows) {
-            uint4 kr[U], vr[U];
+            for (int base = i0 + w * wrows; base < i1; base += FAC_NW * wrows) {
+                uint4 kr[U], vr[U];
 #pragma unroll
-            for (int j = 0; j < U; ++j) {
-                int i = base + j * rpw + rsub;
-                kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
-                if (i < i1) {
-                    u32 t = B.row(sm.rows_s, sel, i);
-                    kr[j] = ld_stream(kb + k_tok(t, n_grp) + koff_c);
-                    vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
+                for (int j = 0; j < U; ++j) {
+                    int i = base + j * rpw + rsub;
+                    kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
+                    if (i < i1) {
+                        u32 t = B.row(sm.rows_s, sel, i);
+                        kr[j] = ld_stream(kb + k_tok(t, n_grp) + koff_c);
+                        vr[j] = ld_stream(vb + (size_t)t * d + c * 8);
+                    }
                 }
-            }
-            float sc[H][U];
+                float sc[H][U];
 #pragma unroll
-            for (int j = 0; j < U; ++j) {
-                float f[8];
-                unpack8<T>(kr[j], f);
-                bool ok = base + j * rpw + rsub < i1;
+                for (int j = 0; j < U; ++j) {
+                    float f[8];
+                    unpack8<T>(kr[j], f);
+                    bool ok = base + j * rpw + rsub < i1;
+#pragma unroll
+                    for (int h = 0; h < H; ++h) {
+                        float a = 0.f;
+                        if (QS) {
+                            float4 qa = lds4(&sm.q_s[h][c * 8]), qb = lds4(&sm.q_s[h][c * 8 + 4]);
+                            a += qa.x * f[0]; a += qa.y * f[1]; a += qa.z * f[2]; a += qa.w * f[3];
+                            a += qb.x * f[4]; a += qb.y * f[5]; a += qb.z * f[6]; a += qb.w * f[7];
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) a += qr[QS ? 0 : h][e] * f[e];
+                        }
+                        // Fixed, unrolled butterfly (a run-time trip count made each dot's reduction a
+                        // serial loop: 16 dependent shuffle chains per iteration); with d = 64 the
+                        // xor-8 step would mix two rows, so its result is dropped.
+#pragma unroll
+                        for (int o = 8; o > 0; o >>= 1) {
+                            float y = __shfl_xor_sync(0xffffffffu, a, o);
+                            a += o < lpr ? y : 0.f;
+                        }
+                        sc[h][j] = ok ? a : NEG_INF;
+                    }
+                }
 #pragma unroll
                 for (int h = 0; h < H; ++h) {
-                    float a = 0.f;
-                    if (QS) {
-                        float4 qa = lds4(&sm.q_s[h][c * 8]), qb = lds4(&sm.q_s[h][c * 8 + 4]);
-                        a += qa.x * f[0]; a += qa.y * f[1]; a += qa.z * f[2]; a += qa.w * f[3];
-                        a += qb.x * f[4]; a += qb.y * f[5]; a += qb.z * f[6]; a += qb.w * f[7];
-                    } else {
+                    float mx = sc[h][0];
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) a += qr[QS ? 0 : h][e] * f[e];
-                    }
-                    // Fixed, unrolled butterfly (a run-time trip count made each dot's reduction a
-                    // serial loop: 16 dependent shuffle chains per iteration); with d = 64 the
-                    // xor-8 step would mix two rows, so its result is dropped.
+                    for (int j = 1; j < U; ++j) mx = fmaxf(mx, sc[h][j]);
+                    float mn = fmaxf(m[h], mx);
+                    float al = (m[h] == NEG_INF) ? 0.f : __expf(m[h] - mn);
+                    l[h] *= al;
 #pragma unroll
-                    for (int o = 8; o > 0; o >>= 1) {
-                        float y = __shfl_xor_sync(0xffffffffu, a, o);
-                        a += o < lpr ? y : 0.f;
+                    for (int e = 0; e < 8; ++e) acc[h][e] *= al;
+                    m[h] = mn;
+#pragma unroll
+                    for (int j = 0; j < U; ++j) sc[h][j] = (sc[h][j] == NEG_INF) ? 0.f : __expf(sc[h][j] - mn);
+                }
+#pragma unroll
+                for (int j = 0; j < U; ++j) {
+                    float f[8];
+                    unpack8<T>(vr[j], f);
+#pragma unroll
+                    for (int h = 0; h < H; ++h) {
+                        float p = sc[h][j];
+                        l[h] += p;
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[h][e] += p * f[e];
                     }
-                    sc[h][j] = ok ? a : NEG_INF;
                 }
             }
-#pragma unroll
-            for (int h = 0; h < H; ++h) {
-                float mx = sc[h][0];
-#pragma unroll
-                for (int j = 1; j < U; ++j) mx = fmaxf(mx, sc[h][j]);
-                float mn = fmaxf(m[h], mx);
-                float al = (m[h] == NEG_INF) ? 0.f : __expf(m[h] - mn);
-                l[h] *= al;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[h][e] *= al;
-                m[h] = mn;
-#pragma unroll
-                for (int j = 0; j < U; ++j) sc[h][j] = (sc[h][j] == NEG_INF) ? 0.f : __expf(sc[h][j] - mn);
-            }
-#pragma unroll
-            for (int j = 0; j < U; ++j) {
-                float f[8];
-                unpack8<T>(vr[j], f);
-#pragma unroll
-                for (int h = 0; h < H; ++h) {
-                    float p = sc[h][j];
-                    l[h] += p;
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[h][e] += p * f[e];
-                }
-            }
-        }
-        if (i1 == B.nr) break;
-        fac_tail(D, B, sel, ready, sm.rows_s);
+            if (i1 == B.nr) break;
+            fac_tail(D, B, sel, ready, sm.rows_s);
         }
         // Merge the row groups of the warp (lanes c, c+lpr, ...: same dims, other rows).
         for (int o = lpr; o < 32; o <<= 1) {
@@ -1811,7 +1812,7 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
     if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, true, thr, ready, sm, B0)) {
         const FacBlk& B = sm.blk;
         trace_mark(M_FAC_BEGIN);
-        int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3, nr = B.nr, hps = D.hps;
+        int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3, hps = D.hps;
         size_t bk = (size_t)B.b * D.n_kv + B.kvh;
         const u16* kb = k + bk * D.l_max * DD;
         const u16* vb = v + bk * D.l_max * DD;
@@ -1837,85 +1838,85 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
         // TU tiles per iteration, all their loads issued before any is used. Rows [0, head), then
         // (FAC early) the rest with the refine's once written.
         for (int i0 = 0, i1 = fac_head(B, FAC_NW * 16 * TU);; i0 = i1, i1 = B.nr) {
-        for (int base = i0 + w * 16 * TU; base < i1; base += FAC_NW * 16 * TU) {
-            uint4 kr_t[TU][2][NPT], vr_t[TU][4][VP];
+            for (int base = i0 + w * 16 * TU; base < i1; base += FAC_NW * 16 * TU) {
+                uint4 kr_t[TU][2][NPT], vr_t[TU][4][VP];
 #pragma unroll
-            for (int tt = 0; tt < TU; ++tt) {
-                int tb = base + 16 * tt;
+                for (int tt = 0; tt < TU; ++tt) {
+                    int tb = base + 16 * tt;
 #pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
-                    int i = tb + 8 * nt + g;
-                    const u16* kt = kb + k_tok(i < i1 ? B.row(sm.rows_s, sel, i) : 0u, NGRP);
+                    for (int nt = 0; nt < 2; ++nt) {
+                        int i = tb + 8 * nt + g;
+                        const u16* kt = kb + k_tok(i < i1 ? B.row(sm.rows_s, sel, i) : 0u, NGRP);
 #pragma unroll
-                    for (int pi = 0; pi < NPT; ++pi) kr_t[tt][nt][pi] = i < i1 ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
-                }
-#pragma unroll
-                for (int x = 0; x < 4; ++x) {
-                    int i = tb + 8 * (x >> 1) + 2 * c + (x & 1);
-                    u32 t = i < i1 ? B.row(sm.rows_s, sel, i) : 0u;
-#pragma unroll
-                    for (int vp = 0; vp < VP; ++vp) vr_t[tt][x][vp] = i < i1 ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
-                }
-            }
-#pragma unroll
-            for (int tt = 0; tt < TU; ++tt) {
-                int tb = base + 16 * tt;
-                if (tb >= i1) break; // (warp-uniform)
-                const uint4(&kr)[2][NPT] = kr_t[tt];
-                const uint4(&vr)[4][VP] = vr_t[tt];
-                // S: sc[nt][e] = head g's score of row tb + 8nt + 2c + e.
-                float sc[2][2];
-#pragma unroll
-                for (int nt = 0; nt < 2; ++nt) {
-                    float s4[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-                    for (int ks = 0; ks < NKS; ++ks) {
-                        const uint4& kp = kr[nt][ks >> 1];
-                        u32 b0 = (ks & 1) ? kp.z : kp.x, b1 = (ks & 1) ? kp.w : kp.y;
-#pragma unroll
-                        for (int x = 0; x < NS; ++x) Mma<T>::mma(s4, qa[ks][0][x], 0u, qa[ks][1][x], 0u, b0, b1);
+                        for (int pi = 0; pi < NPT; ++pi) kr_t[tt][nt][pi] = i < i1 ? ld_stream(kt + koff[pi]) : make_uint4(0, 0, 0, 0);
                     }
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) sc[nt][e] = tb + 8 * nt + 2 * c + e < i1 ? s4[e] : NEG_INF;
-                }
-                // Online softmax of head g over the tile (its 16 rows are the lanes of one quad).
-                float mx = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                float mn = fmaxf(m, mx); // finite: row tb is in the tile
-                float al = m == NEG_INF ? 0.f : __expf(m - mn);
-                m = mn;
-                float p[2][2];
+                    for (int x = 0; x < 4; ++x) {
+                        int i = tb + 8 * (x >> 1) + 2 * c + (x & 1);
+                        u32 t = i < i1 ? B.row(sm.rows_s, sel, i) : 0u;
 #pragma unroll
-                for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) p[nt][e] = sc[nt][e] == NEG_INF ? 0.f : __expf(sc[nt][e] - mn);
-                l = l * al + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
-                // Oᵀ's columns are heads 2c, 2c + 1: their rescale factors from quads 2c, 2c + 1.
-                float al0 = __shfl_sync(0xffffffffu, al, 8 * c), al1 = __shfl_sync(0xffffffffu, al, 8 * c + 4);
-                u32 pb[2][NS]; // Pᵀ's (b0, b1) as split terms
-                split_pair<T>(p[0][0], p[0][1], pb[0]);
-                split_pair<T>(p[1][0], p[1][1], pb[1]);
-                u32 vw[4][4 * VP];
-#pragma unroll
-                for (int x = 0; x < 4; ++x)
-#pragma unroll
-                    for (int vp = 0; vp < VP; ++vp) {
-                        vw[x][4 * vp] = vr[x][vp].x; vw[x][4 * vp + 1] = vr[x][vp].y;
-                        vw[x][4 * vp + 2] = vr[x][vp].z; vw[x][4 * vp + 3] = vr[x][vp].w;
+                        for (int vp = 0; vp < VP; ++vp) vr_t[tt][x][vp] = i < i1 ? ld_stream(vb + (size_t)t * DD + 64 * vp + 8 * g) : make_uint4(0, 0, 0, 0);
                     }
+                }
 #pragma unroll
-                for (int mt = 0; mt < NKS; ++mt) {
-                    acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
-                    u32 a0 = pair_half(vw[0], vw[1], mt), a1 = pair_half(vw[0], vw[1], NKS + mt);
-                    u32 a2 = pair_half(vw[2], vw[3], mt), a3 = pair_half(vw[2], vw[3], NKS + mt);
+                for (int tt = 0; tt < TU; ++tt) {
+                    int tb = base + 16 * tt;
+                    if (tb >= i1) break; // (warp-uniform)
+                    const uint4(&kr)[2][NPT] = kr_t[tt];
+                    const uint4(&vr)[4][VP] = vr_t[tt];
+                    // S: sc[nt][e] = head g's score of row tb + 8nt + 2c + e.
+                    float sc[2][2];
 #pragma unroll
-                    for (int x = 0; x < NS; ++x) Mma<T>::mma(acc[mt], a0, a1, a2, a3, pb[0][x], pb[1][x]);
+                    for (int nt = 0; nt < 2; ++nt) {
+                        float s4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                        for (int ks = 0; ks < NKS; ++ks) {
+                            const uint4& kp = kr[nt][ks >> 1];
+                            u32 b0 = (ks & 1) ? kp.z : kp.x, b1 = (ks & 1) ? kp.w : kp.y;
+#pragma unroll
+                            for (int x = 0; x < NS; ++x) Mma<T>::mma(s4, qa[ks][0][x], 0u, qa[ks][1][x], 0u, b0, b1);
+                        }
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) sc[nt][e] = tb + 8 * nt + 2 * c + e < i1 ? s4[e] : NEG_INF;
+                    }
+                    // Online softmax of head g over the tile (its 16 rows are the lanes of one quad).
+                    float mx = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                    float mn = fmaxf(m, mx); // finite: row tb is in the tile
+                    float al = m == NEG_INF ? 0.f : __expf(m - mn);
+                    m = mn;
+                    float p[2][2];
+#pragma unroll
+                    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) p[nt][e] = sc[nt][e] == NEG_INF ? 0.f : __expf(sc[nt][e] - mn);
+                    l = l * al + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
+                    // Oᵀ's columns are heads 2c, 2c + 1: their rescale factors from quads 2c, 2c + 1.
+                    float al0 = __shfl_sync(0xffffffffu, al, 8 * c), al1 = __shfl_sync(0xffffffffu, al, 8 * c + 4);
+                    u32 pb[2][NS]; // Pᵀ's (b0, b1) as split terms
+                    split_pair<T>(p[0][0], p[0][1], pb[0]);
+                    split_pair<T>(p[1][0], p[1][1], pb[1]);
+                    u32 vw[4][4 * VP];
+#pragma unroll
+                    for (int x = 0; x < 4; ++x)
+#pragma unroll
+                        for (int vp = 0; vp < VP; ++vp) {
+                            vw[x][4 * vp] = vr[x][vp].x; vw[x][4 * vp + 1] = vr[x][vp].y;
+                            vw[x][4 * vp + 2] = vr[x][vp].z; vw[x][4 * vp + 3] = vr[x][vp].w;
+                        }
+#pragma unroll
+                    for (int mt = 0; mt < NKS; ++mt) {
+                        acc[mt][0] *= al0; acc[mt][1] *= al1; acc[mt][2] *= al0; acc[mt][3] *= al1;
+                        u32 a0 = pair_half(vw[0], vw[1], mt), a1 = pair_half(vw[0], vw[1], NKS + mt);
+                        u32 a2 = pair_half(vw[2], vw[3], mt), a3 = pair_half(vw[2], vw[3], NKS + mt);
+#pragma unroll
+                        for (int x = 0; x < NS; ++x) Mma<T>::mma(acc[mt], a0, a1, a2, a3, pb[0][x], pb[1][x]);
+                    }
                 }
             }
-        }
-        if (i1 == B.nr) break;
-        fac_tail(D, B, sel, ready, sm.rows_s);
+            if (i1 == B.nr) break;
+            fac_tail(D, B, sel, ready, sm.rows_s);
         }
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);

@@ -384,7 +384,7 @@ impl FasaDecoder {
         self.tip(gpu, cache, &d1, q, lens)?;
         let thr = if self.thr_in_tip { Some(&self.thr) } else { None };
         let first = if c > 0 { &mut self.selc } else { &mut self.sel };
-        let ready = if early { Some(&mut self.ready) } else { None };
+        let ready = early.then_some(&mut self.ready);
         select::filter(gpu, &d1, &self.scores, &mut self.hist, thr, lens, first, &mut self.sel_cnt, &mut self.cand, &mut self.cand_cnt, &mut self.done_sel, ready, self.filter_tok)?;
         if c > 0 {
             rerank::scores(gpu, dt, &self.dims, &cache.k, q, &cache.fc_of_slot, lens, &self.selc, c, &mut self.rr)?;
@@ -433,15 +433,13 @@ impl FasaDecoder {
         self.stage1(gpu, cache, q, lens, early)?;
         let (rps, ns) = self.fac_split;
         let (k, v, sel) = (&cache.k, &cache.v, Some(&self.sel));
+        let e = early.then_some((&self.thr, &mut self.ready));
         if self.fused_combine {
             let fused = Some((&mut self.done_fac, &mut *out));
-            let e = if early { Some((&self.thr, &mut self.ready)) } else { None };
             fac::partials(gpu, cache.dtype, &self.dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, fused, e, self.fac_kernel)
         } else {
-            let e = if early { Some((&self.thr, &mut self.ready)) } else { None };
             fac::partials(gpu, cache.dtype, &self.dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, None, e, self.fac_kernel)?;
-            let ready = if early { Some(&mut self.ready) } else { None };
-            fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out, self.combine8, ready)
+            fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out, self.combine8, early.then_some(&mut self.ready))
         }
     }
 
