@@ -75,9 +75,10 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
 /// the pipelined group-mass int8 TIP (`FasaDecoder::tip8_heads_pipe`; off shown as `u`, for the
 /// rows that run it); `early`: FAC early and select early (`FasaDecoder::early_fac`,
 /// `early_select`; off shown as `w`, FAC waits for the whole filter, and `z`, the filter waits
-/// for the whole TIP launch).
+/// for the whole TIP launch) and FAC over candidates (`fac_cands`; off shown as `y`, FAC waits
+/// for the refine's rows; it runs with the `n` kernel only).
 #[allow(clippy::too_many_arguments)]
-fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool, early: (bool, bool)) -> String {
+fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool, early: (bool, bool, bool)) -> String {
     let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, fk.letter(), pipe);
     if fr > 0 {
         l += &format!("r{fr}");
@@ -91,8 +92,15 @@ fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, 
     if !early.1 {
         l += "z";
     }
+    if !early.2 {
+        l += "y";
+    }
     l
 }
+
+/// A FASA row's code path: threshold in TIP, fused combine, FAC kernel, (FAC early, select early,
+/// FAC over candidates).
+type Path = (bool, bool, FacKernel, (bool, bool, bool));
 
 fn time_graph(gpu: &Gpu, g: &cudarc::driver::CudaGraph, reps: usize) -> f64 {
     let ev = |s: &Arc<cudarc::driver::CudaStream>| s.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).unwrap();
@@ -388,7 +396,7 @@ fn main() {
             // (The fused combine lost at every shape in run 5: dropped; the lean FAC kernels added.)
             // Also the int8 TIP kernels listed in FASA_BENCH_TIP8 (0 = unpipelined, or
             // gpu::TIP8_PIPES codes; default: the decoder's).
-            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true, (true, true));
+            let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true, (true, true, true));
             let mut all = Vec::new();
             let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
             let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
@@ -422,10 +430,18 @@ fn main() {
                 // (--targets: with both combines for the decoder's FAC kernel, and it without FAC
                 // early, without select early, without both).
                 let (t, fk0) = (decs[0].thr_in_tip, decs[0].fac_kernel);
-                const E: (bool, bool) = (true, true);
-                let mut paths: Vec<(bool, bool, FacKernel, (bool, bool))> = FacKernel::for_dim(s.d).map(|fk| (t, false, fk, E)).collect();
+                const E: (bool, bool, bool) = (true, true, true);
+                let mut paths: Vec<Path> = FacKernel::for_dim(s.d).map(|fk| (t, false, fk, E)).collect();
                 if targets {
-                    paths.extend([(t, true, fk0, E), (t, false, fk0, (false, true)), (t, false, fk0, (true, false)), (t, false, fk0, (false, false))]);
+                    paths.extend([
+                        (t, true, fk0, E),
+                        (t, false, fk0, (false, true, true)),
+                        (t, false, fk0, (true, false, true)),
+                        (t, false, fk0, (false, false, true)),
+                    ]);
+                    if fk0 == FacKernel::Reg {
+                        paths.push((t, false, fk0, (true, true, false)));
+                    }
                 } else {
                     paths.extend([(!t, false, FacKernel::Reg, E), (!t, false, FacKernel::Lean, E)]);
                 }
@@ -436,11 +452,12 @@ fn main() {
                             d.fused_combine = fused;
                             d.tip_chunks = ch;
                             d.fac_kernel = fk;
-                            (d.early_fac, d.early_select) = early;
+                            (d.early_fac, d.early_select) = (early.0, early.1);
+                            d.fac_cands = if early.2 { fasa_kernels::gpu::CAND_MAX } else { 0 };
                         }
                         let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
                         // (both need the threshold from TIP: without it the label says wz)
-                        let early = (early.0 && thr_in_tip, early.1 && thr_in_tip);
+                        let early = (early.0 && thr_in_tip, early.1 && thr_in_tip, early.2);
                         let label = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp, early);
                         all.push(format!("{label}:{:.1}", ms * 1e3));
                         if ms < best.0 {
@@ -457,7 +474,8 @@ fn main() {
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
                 d.fac_kernel = fk;
-                (d.early_fac, d.early_select) = early;
+                (d.early_fac, d.early_select) = (early.0, early.1);
+                d.fac_cands = if early.2 { fasa_kernels::gpu::CAND_MAX } else { 0 };
                 d.set_fac_rows(fr).unwrap();
             }
             let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp, early);

@@ -440,16 +440,29 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.fused_combine = false;
     dec.set_fac_rows(0)?;
     // FAC after the whole select filter (no FAC early), the filter after the whole TIP launch (no
-    // select early), neither; combine apart and fused.
-    for (early_fac, early_select, fused) in [(false, true, false), (false, true, true), (true, false, false), (false, false, true)] {
+    // select early), neither; combine apart and fused. FAC over candidates (where the decoder's
+    // FAC kernel runs it) off, and at one candidate per FAC block, so selections with more
+    // candidates than FAC blocks take the refine's rows.
+    let cands0 = dec.fac_cands;
+    for (early_fac, early_select, fused, cands) in [
+        (false, true, false, cands0),
+        (false, true, true, cands0),
+        (true, false, false, cands0),
+        (false, false, true, cands0),
+        (true, true, false, 0),
+        (true, true, true, 1),
+        (true, false, false, 1),
+    ] {
         dec.early_fac = early_fac;
         dec.early_select = early_select;
         dec.fused_combine = fused;
+        dec.fac_cands = cands;
         variants_same &= same_rows(&mut dec)?;
     }
     dec.early_fac = true;
     dec.early_select = true;
     dec.fused_combine = false;
+    dec.fac_cands = cands0;
     // Dense (the other FAC kernel families must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;

@@ -90,9 +90,11 @@ __device__ __forceinline__ void pdl_begin() {
 // filter's last block per selection lets FAC launch as it begins the refine; FAC reads the rows
 // above the threshold bin at flag 1, the refine's at 2) and select early (TIP lets the filter
 // launch from its start; the filter reads a selection's scores and threshold once TIP's last
-// block of it has set thr's flag word; fasa.cu, EARLY_SELECT). The kernel that waits on a flag
-// skips pdl_begin. Spinning cannot deadlock: the waiting launch starts only once every block of
-// the one before has triggered or exited, so the block that sets the flag is already resident.
+// block of it has set thr's flag word; fasa.cu, EARLY_SELECT) and FAC over candidates (FAC
+// launches with the filter, and its warps wait for the refine's cut word; fasa.cu,
+// CANDS_SHIFT). The kernel that waits on a flag skips pdl_begin. Spinning cannot deadlock: the
+// waiting launch starts only once every block of the one before has triggered or exited, so
+// the block that sets the flag is already resident.
 __device__ __forceinline__ void pdl_trigger() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

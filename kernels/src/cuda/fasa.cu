@@ -14,7 +14,8 @@
 //                                           fixed-set prologue)
 //   lens   (batch,) i32                     tokens cached per sequence
 //   scores (batch·n_sel, l_max) f32         TIP scores; hist (batch·n_sel, NBIN) u32
-//   thr    (batch·n_sel, THR_W) i32         threshold bin and rows above it (TIP's last block), select early's flag
+//   thr    (batch·n_sel, THR_W) i32         threshold bin and rows above it (TIP's last block), select early's
+//                                           flag, FAC over candidates' count and cut
 //   sel    (batch·n_sel, budget) u32        selected token rows (unordered)
 //   cand   (batch·n_sel, l_max) u64         candidates of the threshold bin (selection keys)
 //   mom    (batch, n_kv, n_fc, 5) f64       K moments per FC id [Σx, Σy, Σxx, Σxy, Σyy] over tokens
@@ -42,16 +43,33 @@ struct Dims {
     int pool, k; // FC pool size P and FCs chosen per step k
     int sinks, recent;
     float scale; // softmax scale of FAC (1/sqrt(d))
-    int flags;   // EARLY_SELECT
+    int flags;   // EARLY_SELECT | cap << CANDS_SHIFT
 };
 // Select early: the TIP launch before the select filter lets it launch at once, its last block per
 // selection sets thr's flag word once thr and the scores are written, and the filter's blocks wait
 // for their selection's flag instead of the whole TIP launch (its last block clears the flag).
 #define EARLY_SELECT 1
-#define THR_W 4 // thr per selection: threshold bin, rows above it, select early's flag, unused
+// FAC over candidates (flags bits 8..15: the most candidates per FAC block, cap ≤ CAND_MAX; 0 =
+// off; with FAC early, for the fac_h* kernels only: in facl_h4 its registers spilled): the select filter lets FAC launch from its
+// start, so FAC's prologue runs during the filter; FAC takes the threshold bin's candidates with
+// the rows above it at flag 1, loads and scores them while the refine finds the cut, and masks
+// those below the cut, which the refine publishes before writing its rows (thr's cut word). A
+// selection with more than n_split · cap candidates takes the refine's rows at flag 2 instead.
+#define CANDS_SHIFT 8
+#define CAND_MAX 64
+__device__ __forceinline__ int cands_cap(const Dims& D);
+// thr per selection (i32 words): threshold bin, rows above it, select early's flag, candidates
+// (FAC over candidates: the filter blocks' atomicMax of their end positions), the cut (u64,
+// words 4–5: bit 63 set once published, bits 0..51 the cut key's, whose top 12 bits are the bin),
+// unused.
+#define THR_W 8
 __device__ __forceinline__ u32* thr_flag(int* thr, int seg) { return (u32*)&thr[THR_W * seg + 2]; }
+__device__ __forceinline__ u64* thr_cut(int* thr, int seg) { return (u64*)&thr[THR_W * seg + 4]; }
+#define CUT_SET (1ull << 63)
+#define CUT_LOW ((1ull << 52) - 1)
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
+__device__ __forceinline__ int cands_cap(const Dims& D) { return min((D.flags >> CANDS_SHIFT) & 0xff, CAND_MAX); }
 
 // Element offsets inside one (sequence, KV head) K region, in two parts that add up: token t's
 // (tile t/KT, token t%KT of it), and its 16-byte piece p's (group p/2: run g/r, group g%r of the
@@ -265,7 +283,8 @@ __device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg
     if (last && len > D.budget) {
         __shared__ int tb, above;
         find_threshold(hg, D.budget, &tb, &above);
-        if (threadIdx.x == 0) { thr[THR_W * seg] = tb; thr[THR_W * seg + 1] = above; }
+        // (word 3: FAC over candidates' count, raised by the filter blocks from 0)
+        if (threadIdx.x == 0) { thr[THR_W * seg] = tb; thr[THR_W * seg + 1] = above; thr[THR_W * seg + 3] = 0; }
         trace_mark(M_TIP_THR);
     }
     if (last && (D.flags & EARLY_SELECT)) ready_publish(thr_flag(thr, seg), 1);
@@ -1031,8 +1050,9 @@ __device__ void find_digit(const u32* h256, int need, int* dg_out, int* gt_out, 
 // of that bin; rerank = 1: keep the top min(B, m) of the m candidate keys. Radix select over the
 // candidates' unique 64-bit keys, 8 bits a pass, stopping once the prefix holds exactly the rows
 // still needed. Then zeroes hist (rerank = 0 without thr), sel_cnt and cand_cnt for the next step.
+// cut (FAC over candidates): published as soon as the cut is known, before the rows are written.
 __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int* thr, u32* sel, u32* sel_cnt, const u64* cand,
-                           u32* cand_cnt, int rerank) {
+                           u32* cand_cnt, int rerank, u64* cut) {
     __shared__ int tb, above, dg, gt, in_dg;
     __shared__ u32 h256[256];
     __shared__ __align__(16) u64 cs_s[CAND_SMEM];
@@ -1099,6 +1119,8 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
             val = 0; // need == m: every candidate is kept
         }
         trace_mark(M_REF_PASS, passes);
+        // (need == m: val 0 is published as the bin's own prefix, below every candidate)
+        if (cut && tid == 0) asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(cut), "l"(CUT_SET | (val & CUT_LOW)) : "memory");
         // Each thread keeps from its own run of candidates; one scan gives the write positions
         // after the rows the filter already wrote (none in re-rank mode).
         int per = (m + blockDim.x - 1) / blockDim.x;
@@ -1149,6 +1171,8 @@ __device__ bool last_block(u32* done, int seg, int n) {
 // blocks to fill the GPU (batch 1).
 // With `ready` (FAC early; needs thr): the last block sets ready[seg] = 1 (every row above the
 // bin written) and lets FAC launch before it refines, then 2 once the refine's rows are written.
+// FAC over candidates (cands_cap(D) > 0) also: every block lets FAC launch from its start, raises
+// thr's candidate count to its end position, and the refine publishes its cut in thr.
 template <int V>
 __device__ void filter_impl(Dims D, const float* scores, u32* hist, int* thr, const int* lens, u32* sel, u32* sel_cnt, u64* cand,
                             u32* cand_cnt, u32* done, u32* ready) {
@@ -1157,6 +1181,9 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, int* thr, co
     __shared__ u32 base_a, base_c;
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int seg = b * D.n_sel + s;
+    // FAC over candidates: FAC launches now, its prologue overlapping this launch.
+    bool cands = ready && cands_cap(D) > 0;
+    if (cands) pdl_trigger();
     int len = lens[b];
     int t0 = blockIdx.x * TOK;
     if (t0 >= len) return;
@@ -1209,6 +1236,8 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, int* thr, co
         if (tid == 0) {
             base_a = tot >> 16 ? atomicAdd(&sel_cnt[seg], tot >> 16) : 0u;
             base_c = tot & 0xffffu ? atomicAdd(&cand_cnt[seg], tot & 0xffffu) : 0u;
+            // (FAC over candidates reads the count at flag 1: the refine zeroes cand_cnt)
+            if (cands && (tot & 0xffffu)) atomicMax(&thr[THR_W * seg + 3], (int)(base_c + (tot & 0xffffu)));
         }
         __syncthreads();
         u32 pa = base_a + (pos >> 16), pc = base_c + (pos & 0xffffu);
@@ -1226,11 +1255,13 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, int* thr, co
     if (last_block(done, seg, (len + TOK - 1) / TOK)) {
         TraceScope tr(TR_REFINE);
         if ((D.flags & EARLY_SELECT) && tid == 0) *thr_flag(thr, seg) = 0; // (all read it)
+        u64* cut = cands ? thr_cut(thr, seg) : nullptr;
         if (ready) {
+            if (cut && tid == 0) *(volatile u64*)cut = 0; // (ordered before flag 1 by its release)
             ready_publish(&ready[seg], 1);
             pdl_trigger();
         }
-        refine_seg(D, seg, len, hist, thr, sel, sel_cnt, cand, cand_cnt, 0);
+        refine_seg(D, seg, len, hist, thr, sel, sel_cnt, cand, cand_cnt, 0, cut);
         if (ready) ready_publish(&ready[seg], 2);
     }
 }
@@ -1251,7 +1282,7 @@ extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* his
                                                                 u32* sel_cnt, const u64* cand, u32* cand_cnt, int rerank) {
     PDL_BEGIN(TR_REFINE);
     int s = blockIdx.x, b = blockIdx.y;
-    refine_seg(D, b * D.n_sel + s, lens[b], hist, thr, sel, sel_cnt, cand, cand_cnt, rerank);
+    refine_seg(D, b * D.n_sel + s, lens[b], hist, thr, sel, sel_cnt, cand, cand_cnt, rerank, nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1397,7 +1428,7 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
     }
     if (tid == 0) cand_cnt[seg] = (u32)n_c;
     __syncthreads();
-    refine_seg(D, seg, len, nullptr, nullptr, sel, sel_cnt, cand, cand_cnt, 1);
+    refine_seg(D, seg, len, nullptr, nullptr, sel, sel_cnt, cand, cand_cnt, 1, nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1416,6 +1447,11 @@ extern "C" __global__ void __launch_bounds__(256) rerank_mass(Dims D, const int*
 #define FAC_NW (FAC_THREADS / 32)
 #define FAC_U (H >= 8 ? 2 : 4)
 #define FAC_MINB(H) ((H) >= 8 ? 2 : (H) >= 4 ? 3 : 4)
+// Wide variant (`facw_h*`, H ≤ 4: FAC over candidates): 8 rows per lane group and iteration, so
+// a batch-1 block's rows above the bin and candidates (~40–64) are one iteration, not two (GPU
+// run 23: paper int8 1 × 32k 28.4 → 27.4 µs, 1 × 128k 37.2 → 35.8 with candidates; without them
+// U = 8 was slower, 30.5 against 28.6 at 1 × 32k).
+#define FACW_U 8
 // Lean variant (`facl_h*`): q read from shared memory at each use instead of held in 8·H
 // registers per lane, so more blocks fit per multiprocessor (run 6).
 #define FACL_U(H) ((H) >= 8 ? 2 : 4)
@@ -1446,10 +1482,13 @@ __device__ bool last_block(u32* done, int seg, int n);
 
 // One FAC block's place (fac_impl, facm_impl): selection seg = (b, s) of KV head kvh, its rows
 // r0 .. r0 + nr (FAC early: positions [r0, r0 + na) and [t0, t0 + nr − na) of the selection's
-// rows). Its partial's slots (part): pm (hps, 2) and o_out (hps, d), found when written (not
-// held in registers through the loop: the tensor-core kernel spills at its 255).
+// rows; FAC over candidates: positions j, j + S, … below A, then those of the candidates, kept
+// if their key (keys_s) is at least the cut, whose top 12 bits are tb, or, with too many
+// candidates (cand = 0), [t0, t0 + nr − na) as FAC early). Its partial's slots (part): pm (hps,
+// 2) and o_out (hps, d), found when written (not held in registers through the loop: the
+// tensor-core kernel spills at its 255).
 struct FacBlk {
-    int seg, b, s, kvh, r0, nr, na, t0;
+    int seg, b, s, kvh, r0, nr, na, t0, cand, tb;
     __device__ size_t part(int n_split) const { return (size_t)seg * n_split + blockIdx.x; }
     // Row i (< nr) of the block: the i-th selected (rows_s, loaded by fac_begin) or r0 + i (dense).
     __device__ u32 row(const u32* rows_s, const u32* sel, int i) const { return sel ? rows_s[i] : (u32)(r0 + i); }
@@ -1460,6 +1499,7 @@ template <int H> struct FacSmem {
     FacBlk blk; // (fac_begin's B, read from here after it: not held in registers)
     __align__(16) float q_s[H][128];
     u32 rows_s[FAC_MAX_ROWS + 1]; // (+ 1: FAC early rounds its two slices up apart)
+    u64 keys_s[CAND_MAX];         // FAC over candidates: the block's candidates' keys
     float wm[FAC_NW][H], wl[FAC_NW][H];
     __align__(16) float wo[FAC_NW][H][128];
 };
@@ -1478,9 +1518,14 @@ template <int H> struct FacSmem {
 // refine's, written before ready = 2. Block j of S takes the j-th S-th of each part, so every
 // block scores its share of the first part while the refine runs, then waits for its share of
 // the second (fac_tail). rows_per_split only bounds the sum (≤ its ceiling + 1).
+// FAC over candidates (cands: the kernel masks them, fac_impl; cands_cap(D) > 0): the launch
+// starts as the filter does, so `thr` is read after flag 1; after it, one round trip loads the
+// counts, the bin and every row slot and candidate key the block may own (stale past the counts,
+// then unused). The candidate count decides for the whole selection whether they are taken.
 template <int H>
 __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, const int* lens, const u32* sel, int rows_per_split,
-                          int n_split, float* po, float* pml, bool zero_pad, const int* thr, const u32* ready, FacSmem<H>& sm, FacBlk& B) {
+                          int n_split, float* po, float* pml, bool zero_pad, const int* thr, const u32* ready, const u64* cand,
+                          bool cands, FacSmem<H>& sm, FacBlk& B) {
     static_assert(FAC_NW >= 2 && H * 128 >= 64, "q and the FC order fit in wo[0], wo[1]");
     float (*q_s)[128] = sm.q_s;
     u32* rows_s = sm.rows_s;
@@ -1493,8 +1538,10 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
     B.kvh = kv_of_sel(D, B.s);
     B.r0 = blockIdx.x * rows_per_split;
     int len = lens[B.b];
+    cands = cands && ready && cands_cap(D) > 0;
+    B.cand = 0;
     // (FAC early: the count above the threshold bin, loaded whatever len, with it)
-    int a = ready ? __ldcg(&thr[THR_W * B.seg + 1]) : 0;
+    int a = ready && !cands ? __ldcg(&thr[THR_W * B.seg + 1]) : 0;
     // Copies straight into shared memory: no registers held across the prologue.
     if (sel && !ready) {
         const u32* sg = sel + (size_t)B.seg * D.budget + B.r0;
@@ -1509,11 +1556,39 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
         // The flag's first load goes out with the others (a selection of no rows has none).
         ready_wait(&ready[B.seg], 1, len > 0);
         int n_rows = min(D.budget, len), j = blockIdx.x;
-        a = len <= D.budget ? len : a;
-        B.r0 = (int)((long long)j * a / n_split);
-        B.na = (int)((long long)(j + 1) * a / n_split) - B.r0;
-        B.t0 = a + (int)((long long)j * (n_rows - a) / n_split);
-        B.nr = B.na + a + (int)((long long)(j + 1) * (n_rows - a) / n_split) - B.t0;
+        cands = cands && len > D.budget;
+        if (cands) {
+            __shared__ int am_s[3];
+            int cap = cands_cap(D);
+            const u32* sg = sel + (size_t)B.seg * D.budget;
+            const u64* cg = cand + (size_t)B.seg * D.l_max;
+            if (tid == 0) {
+                am_s[0] = __ldcg(&thr[THR_W * B.seg + 1]);
+                am_s[1] = __ldcg(&thr[THR_W * B.seg + 3]);
+                am_s[2] = __ldcg(&thr[THR_W * B.seg]);
+            }
+            for (int r = tid; j + r * n_split < D.budget; r += blockDim.x) rows_s[r] = __ldcg(&sg[j + r * n_split]);
+            for (int r = tid; r < cap && j + r * n_split < D.l_max; r += blockDim.x) sm.keys_s[r] = __ldcg(&cg[j + r * n_split]);
+            __syncthreads();
+            a = am_s[0];
+            int m = am_s[1];
+            B.tb = am_s[2];
+            B.na = a > j ? (a - j + n_split - 1) / n_split : 0;
+            B.cand = m <= n_split * cap && (D.budget + n_split - 1) / n_split + cap <= FAC_MAX_ROWS + 1;
+            if (B.cand) {
+                B.nr = B.na + (m > j ? (m - j + n_split - 1) / n_split : 0);
+                for (int r = tid; r < B.nr - B.na; r += blockDim.x) rows_s[B.na + r] = skey_token(sm.keys_s[r]);
+            } else {
+                B.t0 = a + (int)((long long)j * (n_rows - a) / n_split);
+                B.nr = B.na + a + (int)((long long)(j + 1) * (n_rows - a) / n_split) - B.t0;
+            }
+        } else {
+            a = len <= D.budget ? len : a;
+            B.r0 = (int)((long long)j * a / n_split);
+            B.na = (int)((long long)(j + 1) * a / n_split) - B.r0;
+            B.t0 = a + (int)((long long)j * (n_rows - a) / n_split);
+            B.nr = B.na + a + (int)((long long)(j + 1) * (n_rows - a) / n_split) - B.t0;
+        }
     } else {
         int n_rows = sel ? min(D.budget, len) : len;
         B.nr = B.na = min(rows_per_split, n_rows - B.r0);
@@ -1526,7 +1601,7 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
         for (int h = tid; h < D.hps; h += blockDim.x) { pm[2 * h] = NEG_INF; pm[2 * h + 1] = 0.f; }
         return false;
     }
-    if (ready) {
+    if (ready && !cands) {
         const u32* sg = sel + (size_t)B.seg * D.budget + B.r0;
         for (int i = tid; i < B.na; i += blockDim.x) rows_s[i] = __ldcg(&sg[i]);
     }
@@ -1560,7 +1635,23 @@ __device__ void fac_tail(const Dims& D, const FacBlk& B, const u32* sel, const u
 // tail, so the block runs as many iterations as without FAC early (GPU run 22, 16 × 32k: a
 // partial iteration on each side cost more than the overlap gained).
 __device__ __forceinline__ int fac_head(const FacBlk& B, int it) {
+    if (B.cand) return B.nr; // (FAC over candidates: no tail, every row at once)
     return B.nr > B.na && B.nr > it ? B.na - B.na % it : B.na;
+}
+
+// FAC over candidates, warp-wide: the selection's cut key, once the refine has published it.
+__device__ __forceinline__ u64 cut_wait(const int* thr, int seg, int tb) {
+    const u64* cw = (const u64*)&thr[THR_W * seg + 4];
+    u64 x = 0;
+    if ((threadIdx.x & 31) == 0)
+        for (;;) {
+            asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(x) : "l"(cw) : "memory");
+            if (x & CUT_SET) break;
+            __nanosleep(32);
+        }
+    x = __shfl_sync(0xffffffffu, x, 0);
+    trace_mark(M_FAC_TAIL);
+    return ((u64)(u32)tb << 52) | (x & CUT_LOW);
 }
 
 // The fused combine: FAC's last block of a selection merges its partials and clears FAC early's
@@ -1601,11 +1692,12 @@ __device__ void fac_end(const Dims& D, const FacBlk& B, const FacSmem<H>& sm, fl
 
 template <class T, int H, int U = FAC_U, bool QS = false>
 __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,
-                         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {
+                         int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready,
+                         const u64* cand) {
     PDL_BEGIN_IF(TR_FAC, !ready);
     __shared__ FacSmem<H> sm;
     FacBlk B0;
-    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, thr, ready, sm, B0)) {
+    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, QS, thr, ready, cand, !QS, sm, B0)) {
         const FacBlk& B = sm.blk;
         trace_mark(M_FAC_BEGIN);
         int tid = threadIdx.x, hps = D.hps, d = D.d;
@@ -1633,6 +1725,8 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
             for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
         }
         int wrows = rpw * U; // rows of one warp iteration
+        u64 cut = 0;
+        bool have_cut = false;
         // Rows [0, head), then (FAC early) the rest with the refine's once written.
         for (int i0 = 0, i1 = fac_head(B, FAC_NW * wrows);; i0 = i1, i1 = B.nr) {
             for (int base = i0 + w * wrows; base < i1; base += FAC_NW * wrows) {
@@ -1673,6 +1767,19 @@ __device__ void fac_impl(Dims D, const u16* k, const u16* v, const float* q, con
                             a += o < lpr ? y : 0.f;
                         }
                         sc[h][j] = ok ? a : NEG_INF;
+                    }
+                }
+                // FAC over candidates: rows past na are candidates, loaded and scored before the
+                // cut is known; those below it are masked (warp-uniform test).
+                if (!QS && B.cand && base + wrows > B.na) {
+                    if (!have_cut) cut = cut_wait(thr, B.seg, B.tb);
+                    have_cut = true;
+#pragma unroll
+                    for (int j = 0; j < U; ++j) {
+                        int i = base + j * rpw + rsub;
+                        if (i >= B.na && i < i1 && sm.keys_s[i - B.na] < cut)
+#pragma unroll
+                            for (int h = 0; h < H; ++h) sc[h][j] = NEG_INF;
                     }
                 }
 #pragma unroll
@@ -1809,7 +1916,7 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
     constexpr int NGRP = DD / 16; // K groups per row
     __shared__ FacSmem<MAXH> sm;
     FacBlk B0;
-    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, true, thr, ready, sm, B0)) {
+    if (fac_begin(D, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, true, thr, ready, nullptr, false, sm, B0)) {
         const FacBlk& B = sm.blk;
         trace_mark(M_FAC_BEGIN);
         int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, c = lane & 3, hps = D.hps;
@@ -2071,19 +2178,30 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 #define FAC_ENTRY(NAME, TY, HH)                                                                                          \
     extern "C" __global__ void __launch_bounds__(FAC_THREADS, FAC_MINB(HH)) fac_h##HH##_##NAME(                                        \
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
-        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {      \
-        fac_impl<TY, HH>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready);   \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready,        \
+        const u64* cand) {                                                                                               \
+        fac_impl<TY, HH>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready, cand); \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(FAC_THREADS, FACL_MINB(HH)) facl_h##HH##_##NAME(                         \
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
-        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {      \
-        fac_impl<TY, HH, FACL_U(HH), true>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready); \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready,        \
+        const u64* cand) {                                                                                               \
+        fac_impl<TY, HH, FACL_U(HH), true>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready, \
+                                           cand);                                                                        \
+    }
+#define FACW_ENTRY(NAME, TY, HH)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(FAC_THREADS, 2) facw_h##HH##_##NAME(                                     \
+        Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready,        \
+        const u64* cand) {                                                                                               \
+        fac_impl<TY, HH, FACW_U>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready, cand); \
     }
 // Tensor-core FAC for head dim DD, every group size (≤ MAXH heads).
 #define FACM_ENTRY(NAME, TY, DD)                                                                                         \
     extern "C" __global__ void __launch_bounds__(FAC_THREADS, FACM_MINB) facm_d##DD##_##NAME(                           \
         Dims D, const u16* k, const u16* v, const float* q, const int* fc_of_slot, const int* lens, const u32* sel,       \
-        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready) {      \
+        int rows_per_split, int n_split, float* po, float* pml, u32* done, float* out, const int* thr, u32* ready,        \
+        const u64* cand) {                                                                                               \
         facm_impl<TY, DD, FACM_TU>(D, k, v, q, fc_of_slot, lens, sel, rows_per_split, n_split, po, pml, done, out, thr, ready); \
     }
 #define TIP_HEADS_ENTRY(NAME, TY, HH)                                                                                    \
@@ -2160,6 +2278,9 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     FAC_ENTRY(NAME, TY, 2)                                                                                              \
     FAC_ENTRY(NAME, TY, 4)                                                                                              \
     FAC_ENTRY(NAME, TY, 8)                                                                                              \
+    FACW_ENTRY(NAME, TY, 1)                                                                                             \
+    FACW_ENTRY(NAME, TY, 2)                                                                                             \
+    FACW_ENTRY(NAME, TY, 4)                                                                                             \
     FACM_ENTRY(NAME, TY, 64)                                                                                            \
     FACM_ENTRY(NAME, TY, 128)                                                                                           \
     extern "C" __global__ void fill_random_##NAME(u16* x, u64 n, u32 seed, float amp) {                                  \

@@ -1,7 +1,8 @@
 //! One decode step of FASA attention on the GPU, chaining the ops:
 //! TIP(+histogram; its last block per selection finds the select threshold) → select (filter;
 //! its last block per selection refines) [→ re-rank: exact scores; mass + refine] → FAC
-//! (split-K partials; by default launched as the refine begins, `FasaDecoder::early_fac`) →
+//! (split-K partials; by default launched as the refine begins, `FasaDecoder::early_fac`, or
+//! at batch 1 as the filter begins, `FasaDecoder::fac_cands`) →
 //! combine: 4 launches (by default the filter's blocks start on a selection as soon as TIP has
 //! found its threshold, `FasaDecoder::early_select`) (6 with a re-rank), one more with the group-mass
 //! stage 1 (TIP per-head scores, then mass + histogram); or dense flash-decode over the
@@ -92,6 +93,17 @@ pub struct FasaDecoder {
     /// FAC early on, same call, with / without) 16 × 32k 95.6 / 99.3 µs, 16 × 128k 228.5 / 238.7,
     /// 1 × 32k 28.6 / 28.5, 1 × 128k 38.0 / 38.1; default int8 16 × 32k 341.3 / 343.3.
     pub early_select: bool,
+    /// FAC over candidates: with FAC early, the `FacKernel::Reg` FAC kernel (below 32 selections
+    /// per step by default) and a one-launch stage 1 (not the group-mass one), FAC launches with
+    /// the select filter and takes the threshold bin's candidates with the rows above it, at most
+    /// this many per FAC block (≤ `gpu::CAND_MAX`; 0: off), scoring them while the refine finds the
+    /// cut and masking those below it (`gpu::cands_flag`), in the wide kernel (`facw_h*`, 8 rows
+    /// per lane group, so a block's ~40–64 rows are one iteration). A selection with more
+    /// candidates than its FAC blocks take waits for the refine's rows as FAC early does. GPU run
+    /// 23 (Llama-3-8B shapes, B = 1024, same call, with / without): paper int8 1 × 32k 27.3 / 28.5
+    /// µs, 1 × 128k 35.8 / 37.5; paper fp16 1 × 32k 33.5 / 34.6; the group-mass default int8
+    /// 1 × 32k 55.7 / 55.5, 1 × 128k 108.0 / 107.5, so not there.
+    pub fac_cands: usize,
     /// The combine kernel whose walkers load 8 splits at once (`fac::combine`'s `c8`); `None`
     /// (default): by the splits per walker.
     pub combine8: Option<bool>,
@@ -258,6 +270,7 @@ impl FasaDecoder {
             filter_tok: 0,
             early_fac: true,
             early_select: true,
+            fac_cands: super::CAND_MAX,
             combine8: None,
             pdl: true,
             fac_kernel,
@@ -361,7 +374,7 @@ impl FasaDecoder {
     /// Stage 1 only: scores and `sel` (the first `min(B, len)` rows of each selection).
     pub fn select(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
         let _pdl = pdl_scope(self.pdl);
-        self.stage1(gpu, cache, q, lens, false)
+        self.stage1(gpu, cache, q, lens, false, 0)
     }
 
     /// Whether a step runs FAC early (`early_fac` where the chain allows it).
@@ -369,12 +382,22 @@ impl FasaDecoder {
         self.early_fac && self.thr_in_tip && self.cfg.rerank == 0
     }
 
+    /// `Dims::flags` of FAC over candidates for a step (0 where it does not run).
+    fn cands_flags(&self) -> i32 {
+        let cap = self.fac_cands.min(super::CAND_MAX);
+        let fits = self.fac_split.0 + cap <= super::FAC_MAX_ROWS + 1;
+        let one_launch = !Self::heads_mass(&self.cfg, self.dims.hps as usize);
+        if self.early() && cap > 0 && self.fac_kernel == FacKernel::Reg && one_launch && fits { super::cands_flag(cap) } else { 0 }
+    }
+
     /// Stage 1; `early`: the filter sets the FAC early flags, which the step's FAC launch then
-    /// reads and its combine clears (so only a step passes it).
-    fn stage1(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, early: bool) -> Result<(), GpuError> {
+    /// reads and its combine clears (so only a step passes it), with `flags` (FAC over
+    /// candidates, the same as the FAC launch's).
+    fn stage1(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, early: bool, flags: i32) -> Result<(), GpuError> {
         let dt = cache.dtype;
         let c = self.cfg.rerank;
         let mut d1 = self.dims;
+        d1.flags |= flags;
         if c > 0 {
             d1.budget = c as i32;
         }
@@ -430,15 +453,18 @@ impl FasaDecoder {
     pub fn step(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         let _pdl = pdl_scope(self.pdl);
         let early = self.early();
-        self.stage1(gpu, cache, q, lens, early)?;
+        let flags = self.cands_flags();
+        self.stage1(gpu, cache, q, lens, early, flags)?;
         let (rps, ns) = self.fac_split;
         let (k, v, sel) = (&cache.k, &cache.v, Some(&self.sel));
-        let e = early.then_some((&self.thr, &mut self.ready));
+        let e = early.then_some((&self.thr, &mut self.ready, &self.cand));
+        let mut dims = self.dims;
+        dims.flags |= flags;
         if self.fused_combine {
             let fused = Some((&mut self.done_fac, &mut *out));
-            fac::partials(gpu, cache.dtype, &self.dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, fused, e, self.fac_kernel)
+            fac::partials(gpu, cache.dtype, &dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, fused, e, self.fac_kernel)
         } else {
-            fac::partials(gpu, cache.dtype, &self.dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, None, e, self.fac_kernel)?;
+            fac::partials(gpu, cache.dtype, &dims, k, v, q, &cache.fc_of_slot, lens, sel, rps, ns, &mut self.po, &mut self.pml, None, e, self.fac_kernel)?;
             fac::combine(gpu, &self.dims, ns, &self.po, &self.pml, out, self.combine8, early.then_some(&mut self.ready))
         }
     }

@@ -50,10 +50,12 @@ pub fn split_dense(n_rows: usize, n_seg: usize, sm_count: usize, per_sm: usize) 
 /// into `out (batch, n_q, d)` (`done (batch·n_sel,)` zero on entry and on return), so no
 /// [`combine`] launch is needed (measured slower at every bench shape: its merge is a serial tail
 /// of dependent loads; bench/RESULTS.md, GPU run 5).
-/// `early = Some((thr, ready))` (FAC early; with `sel`, right after [`super::select::filter`]
-/// given the same `thr` and `ready`): the launch starts while the filter's last blocks refine,
-/// scores the rows above the threshold bin, then the refine's once `ready` says so; the fused
-/// combine or [`combine`] with `ready` clears it.
+/// `early = Some((thr, ready, cand))` (FAC early; with `sel`, right after [`super::select::filter`]
+/// given the same `thr`, `ready`, `cand` and flags): the launch starts while the filter's last
+/// blocks refine, scores the rows above the threshold bin, then the refine's once `ready` says
+/// so; the fused combine or [`combine`] with `ready` clears it. With FAC over candidates in
+/// `dims.flags` ([`super::cands_flag`]; `FacKernel::Reg` only) the launch starts with the
+/// filter and scores the threshold bin's candidates (`cand`) before the refine's cut is known.
 #[allow(clippy::too_many_arguments)]
 pub fn partials(
     gpu: &Gpu,
@@ -70,14 +72,18 @@ pub fn partials(
     po: &mut CudaSlice<f32>,
     pml: &mut CudaSlice<f32>,
     fused: Option<(&mut CudaSlice<u32>, &mut CudaSlice<f32>)>,
-    early: Option<(&CudaSlice<i32>, &mut CudaSlice<u32>)>,
+    early: Option<(&CudaSlice<i32>, &mut CudaSlice<u32>, &CudaSlice<u64>)>,
     kind: FacKernel,
 ) -> Result<(), GpuError> {
     let segs = (dims.batch * dims.n_sel) as usize;
-    if let Some((thr, ready)) = &early {
-        if sel.is_none() || thr.len() < super::THR_W * segs || ready.len() < segs {
-            return Err(GpuError::Shape("fac: early needs sel, thr (batch·n_sel, THR_W) and ready (batch·n_sel,)".into()));
+    if let Some((thr, ready, cand)) = &early {
+        if sel.is_none() || thr.len() < super::THR_W * segs || ready.len() < segs || cand.len() < segs * dims.l_max as usize {
+            return Err(GpuError::Shape("fac: early needs sel, thr (batch·n_sel, THR_W), ready (batch·n_sel,), cand (batch·n_sel, l_max)".into()));
         }
+    }
+    let cap = (dims.flags >> 8) as usize & 0xff;
+    if cap > 0 && (early.is_none() || kind != FacKernel::Reg || cap > super::CAND_MAX || rows_per_split + cap > FAC_MAX_ROWS + 1) {
+        return Err(GpuError::Shape("fac: candidates need FAC early, the fac_h* kernel, ≤ CAND_MAX of them and room beside the split's rows".into()));
     }
     if let Some((done, out)) = &fused {
         if done.len() < segs || out.len() < (dims.batch * dims.n_q * dims.d) as usize {
@@ -94,7 +100,7 @@ pub fn partials(
     }
     let (rps, ns) = (rows_per_split as i32, n_split as i32);
     let null = 0u64;
-    let f = gpu.f.fac(dt, hps, kind, dims.d as usize)?;
+    let f = gpu.f.fac(dt, hps, kind, dims.d as usize, cap > 0)?;
     let mut l = gpu.launcher(f);
     l.arg(dims).arg(k).arg(v).arg(q).arg(fc_of_slot).arg(lens);
     match sel {
@@ -107,12 +113,13 @@ pub fn partials(
         None => l.arg(&null).arg(&null),
     };
     match early {
-        Some((thr, ready)) => l.arg(thr).arg(ready),
-        None => l.arg(&null).arg(&null),
+        Some((thr, ready, cand)) => l.arg(thr).arg(ready).arg(cand),
+        None => l.arg(&null).arg(&null).arg(&null),
     };
     // SAFETY: sizes checked; rows are < len ≤ l_max (sel holds rows written by select), each block
     // writes its own partial slot; a null `sel` is the kernel's dense mode. Early: each block reads
-    // at most ceil(A/S) + ceil((n − A)/S) ≤ FAC_MAX_ROWS + 1 rows (the shared array's size).
+    // at most ceil(A/S) + ceil((n − A)/S) ≤ FAC_MAX_ROWS + 1 rows (the shared array's size), or
+    // with candidates ceil(B/S) + cap ≤ rows_per_split + cap (checked; the kernel checks it too).
     unsafe { l.launch(cfg((n_split, dims.n_sel as usize, dims.batch as usize), 128)) }?;
     Ok(())
 }

@@ -181,7 +181,7 @@ pub struct Dims {
     pub sinks: i32,
     pub recent: i32,
     pub scale: f32,
-    /// [`EARLY_SELECT`] or 0.
+    /// [`EARLY_SELECT`], and FAC over candidates' cap `<< CANDS_SHIFT` ([`cands_flag`]).
     pub flags: i32,
 }
 
@@ -191,8 +191,17 @@ pub struct Dims {
 /// selection's flag, not for the whole TIP launch, and its last block clears it.
 pub const EARLY_SELECT: i32 = 1;
 /// i32 words of `thr` per selection (fasa.cu's `THR_W`): threshold bin, rows above it, select
-/// early's flag, unused.
-pub const THR_W: usize = 4;
+/// early's flag, FAC over candidates' count and cut (a u64 in words 4–5), unused.
+pub const THR_W: usize = 8;
+/// Most candidates per FAC block of FAC over candidates (fasa.cu's `CAND_MAX`).
+pub const CAND_MAX: usize = 64;
+/// `Dims::flags` of FAC over candidates with at most `cap` (≤ [`CAND_MAX`]) candidates per FAC
+/// block (fasa.cu's `CANDS_SHIFT`; 0: off): with FAC early, the select filter lets FAC launch
+/// from its start; FAC scores the threshold bin's candidates with the rows above it while the
+/// refine finds the cut, then masks those below it. For `FacKernel::Reg` only.
+pub fn cands_flag(cap: usize) -> i32 {
+    (cap.min(CAND_MAX) as i32) << 8
+}
 
 // SAFETY: `Dims` is `repr(C)` plain old data, laid out as the kernels' `struct Dims`.
 unsafe impl DeviceRepr for Dims {}
@@ -225,6 +234,9 @@ pub(crate) struct Funcs {
     pub fac: [[CudaFunction; 4]; 2],
     /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
     pub facl: [[CudaFunction; 4]; 2],
+    /// The same, wide variant for at most 1, 2, 4 heads (`facw_h*`: 8 rows per lane group and
+    /// iteration; FAC over candidates).
+    pub facw: [[CudaFunction; 3]; 2],
     /// Per dtype, the tensor-core FAC/dense kernels for d = 64 and 128 (`facm_d*`).
     pub facm: [[CudaFunction; 2]; 2],
 }
@@ -292,7 +304,8 @@ impl Funcs {
 
     /// The FAC kernel of family `kind` for `hps` heads of dim `d`: of `Reg` and `Lean` the one
     /// compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8); `Mma` needs d = 64 or 128.
-    pub fn fac(&self, dt: Dtype, hps: usize, kind: FacKernel, d: usize) -> Result<&CudaFunction, GpuError> {
+    /// `cands`: FAC over candidates (`Reg` with at most 4 heads runs the wide `facw_h*`).
+    pub fn fac(&self, dt: Dtype, hps: usize, kind: FacKernel, d: usize, cands: bool) -> Result<&CudaFunction, GpuError> {
         let i = match hps {
             0 | 1 => 0,
             2 => 1,
@@ -300,6 +313,7 @@ impl Funcs {
             _ => 3,
         };
         match kind {
+            FacKernel::Reg if cands && i < 3 => Ok(&self.facw[dt as usize][i]),
             FacKernel::Reg => Ok(&self.fac[dt as usize][i]),
             FacKernel::Lean => Ok(&self.facl[dt as usize][i]),
             FacKernel::Mma if kind.supports(d) => Ok(&self.facm[dt as usize][usize::from(d == 128)]),
@@ -479,6 +493,10 @@ impl Gpu {
             let s = dt.suffix();
             Ok([get(&format!("facl_h1_{s}"))?, get(&format!("facl_h2_{s}"))?, get(&format!("facl_h4_{s}"))?, get(&format!("facl_h8_{s}"))?])
         };
+        let facw = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
+            let s = dt.suffix();
+            Ok([get(&format!("facw_h1_{s}"))?, get(&format!("facw_h2_{s}"))?, get(&format!("facw_h4_{s}"))?])
+        };
         let facm = |dt: Dtype| -> Result<[CudaFunction; 2], DriverError> {
             let s = dt.suffix();
             Ok([get(&format!("facm_d64_{s}"))?, get(&format!("facm_d128_{s}"))?])
@@ -519,6 +537,7 @@ impl Gpu {
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
+            facw: [facw(Dtype::F16)?, facw(Dtype::Bf16)?],
             facm: [facm(Dtype::F16)?, facm(Dtype::Bf16)?],
             tip8p: [tip8p(Dtype::F16)?, tip8p(Dtype::Bf16)?],
         };
@@ -576,8 +595,9 @@ impl Gpu {
         Ok(vec![
             ("tip", occ(self.f.tip(dt, false), 256)?),
             ("filter", occ(&self.f.select_filter[0], 256)?),
-            ("fac(H=4)", occ(self.f.fac(dt, 4, FacKernel::Reg, 128)?, 128)?),
-            ("facl(H=4)", occ(self.f.fac(dt, 4, FacKernel::Lean, 128)?, 128)?),
+            ("fac(H=4)", occ(self.f.fac(dt, 4, FacKernel::Reg, 128, false)?, 128)?),
+            ("facl(H=4)", occ(self.f.fac(dt, 4, FacKernel::Lean, 128, false)?, 128)?),
+            ("facw(H=4)", occ(self.f.fac(dt, 4, FacKernel::Reg, 128, true)?, 128)?),
             ("tip_heads(H=4)", occ(self.f.tip_heads(dt, 4, false, false), 256)?),
             ("tip_heads(H=8)", occ(self.f.tip_heads(dt, 8, false, false), 256)?),
             ("tip8", occ(self.f.tip(dt, true), 256)?),
@@ -592,7 +612,7 @@ impl Gpu {
 
     /// Resident blocks per multiprocessor of the FAC kernel `kind` for `hps` heads of dim `d`.
     pub fn fac_blocks_per_sm(&self, dt: Dtype, hps: usize, kind: FacKernel, d: usize) -> Result<u32, GpuError> {
-        Ok(self.f.fac(dt, hps, kind, d)?.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?)
+        Ok(self.f.fac(dt, hps, kind, d, false)?.occupancy_max_active_blocks_per_multiprocessor(128, 0, None)?)
     }
 
     /// Resident blocks per multiprocessor of the pipelined group-mass int8 TIP for `hps` heads.
