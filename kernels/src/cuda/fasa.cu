@@ -50,11 +50,12 @@ struct Dims {
 // for their selection's flag instead of the whole TIP launch (its last block clears the flag).
 #define EARLY_SELECT 1
 // FAC over candidates (flags bits 8..15: the most candidates per FAC block, cap ≤ CAND_MAX; 0 =
-// off; with FAC early, for the fac_h* kernels only: in facl_h4 its registers spilled): the select filter lets FAC launch from its
-// start, so FAC's prologue runs during the filter; FAC takes the threshold bin's candidates with
-// the rows above it at flag 1, loads and scores them while the refine finds the cut, and masks
-// those below the cut, which the refine publishes before writing its rows (thr's cut word). A
-// selection with more than n_split · cap candidates takes the refine's rows at flag 2 instead.
+// off; with FAC early, for fac_impl's register-q kernels only: in facl_h4 its registers spilled):
+// the select filter lets FAC launch from its start, so FAC's prologue runs during the filter; FAC
+// takes the threshold bin's candidates with the rows above it at flag 1, loads and scores them
+// while the refine finds the cut, and masks those below the cut, which the refine publishes
+// before writing its rows (thr's cut word). A selection with more than n_split · cap candidates
+// takes the refine's rows at flag 2 instead.
 #define CANDS_SHIFT 8
 #define CAND_MAX 64
 __device__ __forceinline__ int cands_cap(const Dims& D);
