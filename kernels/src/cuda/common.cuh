@@ -128,6 +128,7 @@ enum TraceTag { TR_TIP = 1, TR_MASS, TR_FILTER, TR_REFINE, TR_RERANK, TR_FAC, TR
                 // threshold found; filter's scores classified, its rows written; refine's
                 // candidates loaded (value: their count), its radix passes done (value: passes),
                 // its rows written; FAC's rows and q loaded, its loop done, (FAC early) the refine's rows in
+                // or (FAC over candidates) the cut seen by warp 0
                 TR_MARK = 16, M_TIP_SETUP = TR_MARK, M_TIP_LOOP, M_TIP_FLUSH, M_TIP_THR, M_FLT_SCAN, M_FLT_WRITE,
                 M_REF_LOAD, M_REF_PASS, M_REF_WRITE, M_FAC_BEGIN, M_FAC_LOOP, M_FAC_TAIL };
 #ifdef FASA_TRACE

@@ -66,8 +66,10 @@ __device__ __forceinline__ int cands_cap(const Dims& D);
 #define THR_W 8
 __device__ __forceinline__ u32* thr_flag(int* thr, int seg) { return (u32*)&thr[THR_W * seg + 2]; }
 __device__ __forceinline__ u64* thr_cut(int* thr, int seg) { return (u64*)&thr[THR_W * seg + 4]; }
+__device__ __forceinline__ const u64* thr_cut(const int* thr, int seg) { return (const u64*)&thr[THR_W * seg + 4]; }
+#define CUT_BITS 52 // a selection key's bits below the threshold bin's 12
 #define CUT_SET (1ull << 63)
-#define CUT_LOW ((1ull << 52) - 1)
+#define CUT_LOW ((1ull << CUT_BITS) - 1)
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
 __device__ __forceinline__ int cands_cap(const Dims& D) { return min((D.flags >> CANDS_SHIFT) & 0xff, CAND_MAX); }
@@ -1642,7 +1644,7 @@ __device__ __forceinline__ int fac_head(const FacBlk& B, int it) {
 
 // FAC over candidates, warp-wide: the selection's cut key, once the refine has published it.
 __device__ __forceinline__ u64 cut_wait(const int* thr, int seg, int tb) {
-    const u64* cw = (const u64*)&thr[THR_W * seg + 4];
+    const u64* cw = thr_cut(thr, seg);
     u64 x = 0;
     if ((threadIdx.x & 31) == 0)
         for (;;) {
@@ -1652,7 +1654,7 @@ __device__ __forceinline__ u64 cut_wait(const int* thr, int seg, int tb) {
         }
     x = __shfl_sync(0xffffffffu, x, 0);
     trace_mark(M_FAC_TAIL);
-    return ((u64)(u32)tb << 52) | (x & CUT_LOW);
+    return ((u64)(u32)tb << CUT_BITS) | (x & CUT_LOW);
 }
 
 // The fused combine: FAC's last block of a selection merges its partials and clears FAC early's

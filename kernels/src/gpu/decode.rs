@@ -384,10 +384,10 @@ impl FasaDecoder {
 
     /// `Dims::flags` of FAC over candidates for a step (0 where it does not run).
     fn cands_flags(&self) -> i32 {
-        let cap = self.fac_cands.min(super::CAND_MAX);
-        let fits = self.fac_split.0 + cap <= super::FAC_MAX_ROWS + 1;
+        let flags = super::cands_flag(self.fac_cands);
+        let fits = self.fac_split.0 + super::cands_cap(flags) <= super::FAC_MAX_ROWS + 1;
         let one_launch = !Self::heads_mass(&self.cfg, self.dims.hps as usize);
-        if self.early() && cap > 0 && self.fac_kernel == FacKernel::Reg && one_launch && fits { super::cands_flag(cap) } else { 0 }
+        if self.early() && self.fac_kernel == FacKernel::Reg && one_launch && fits { flags } else { 0 }
     }
 
     /// Stage 1; `early`: the filter sets the FAC early flags, which the step's FAC launch then

@@ -81,7 +81,7 @@ pub fn partials(
             return Err(GpuError::Shape("fac: early needs sel, thr (batch·n_sel, THR_W), ready (batch·n_sel,), cand (batch·n_sel, l_max)".into()));
         }
     }
-    let cap = (dims.flags >> 8) as usize & 0xff;
+    let cap = super::cands_cap(dims.flags);
     if cap > 0 && (early.is_none() || kind != FacKernel::Reg || cap > super::CAND_MAX || rows_per_split + cap > FAC_MAX_ROWS + 1) {
         return Err(GpuError::Shape("fac: candidates need FAC early, the fac_h* kernel, ≤ CAND_MAX of them and room beside the split's rows".into()));
     }

@@ -200,8 +200,14 @@ pub const CAND_MAX: usize = 64;
 /// from its start; FAC scores the threshold bin's candidates with the rows above it while the
 /// refine finds the cut, then masks those below it. For `FacKernel::Reg` only.
 pub fn cands_flag(cap: usize) -> i32 {
-    (cap.min(CAND_MAX) as i32) << 8
+    (cap.min(CAND_MAX) as i32) << CANDS_SHIFT
 }
+
+/// The candidate cap of `Dims::flags` (0: FAC over candidates off).
+pub fn cands_cap(flags: i32) -> usize {
+    (flags >> CANDS_SHIFT) as usize & 0xff
+}
+const CANDS_SHIFT: i32 = 8;
 
 // SAFETY: `Dims` is `repr(C)` plain old data, laid out as the kernels' `struct Dims`.
 unsafe impl DeviceRepr for Dims {}
