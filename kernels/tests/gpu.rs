@@ -263,6 +263,8 @@ struct Outcome {
     dense_err: f64,
     graph_same: bool,
     variants_same: bool,
+    /// After a step broken off midway, the next step (on other q) equals a fresh decoder's.
+    after_error_same: bool,
 }
 
 fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
@@ -463,6 +465,18 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     dec.early_select = true;
     dec.fused_combine = false;
     dec.fac_cands = cands0;
+    // A step broken off midway: a one-float output, which the combine refuses after stage 1 and
+    // FAC have run (setting the FAC early flags that the combine clears). The next step, on q
+    // negated (other rows), must equal a fresh decoder's, not take the broken step's rows.
+    let mut tiny = st.alloc_zeros::<f32>(1)?;
+    let broke = dec.step(g, &cache, &q, &lens_d, &mut tiny).is_err();
+    let q_neg = st.clone_htod(&data.q.iter().map(|x| -x).collect::<Vec<_>>())?;
+    let mut o_next = st.clone_htod(&nan_out)?;
+    dec.step(g, &cache, &q_neg, &lens_d, &mut o_next)?;
+    let mut fresh = FasaDecoder::new(g, &cache, dec.cfg.clone())?;
+    let mut o_fresh = st.clone_htod(&nan_out)?;
+    fresh.step(g, &cache, &q_neg, &lens_d, &mut o_fresh)?;
+    let after_error_same = broke && nerr(&st.clone_dtoh(&o_next)?, &st.clone_dtoh(&o_fresh)?) <= 1e-5;
     // Dense (the other FAC kernel families must give the same output).
     let mut outd = st.clone_htod(&nan_out)?;
     dec.dense(g, &cache, &q, &lens_d, &mut outd)?;
@@ -654,6 +668,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
         dense_err: nerr(&dn, &dr),
         graph_same,
         variants_same,
+        after_error_same,
     })
 }
 
@@ -699,9 +714,9 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
         Dtype::Bf16 => 1e-3,
     };
     eprintln!(
-        "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {} var_mass {} q8 {}: scores {:.2e}, moments {}, int8 planes {}, K layout {}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}",
+        "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {} var_mass {} q8 {}: scores {:.2e}, moments {}, int8 planes {}, K layout {}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}, after an error {}",
         c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group, c.var_mass, c.q8,
-        o.score_err, o.moments_same, o.q8_same, o.k_same, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same
+        o.score_err, o.moments_same, o.q8_same, o.k_same, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same, o.after_error_same
     );
     if c.var_mass {
         use std::sync::atomic::Ordering::Relaxed;
@@ -719,6 +734,7 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
     assert!(o.dense_err <= tol, "dense vs cpu::attend_dense: {:.3e}", o.dense_err);
     assert!(o.graph_same, "graph replay differs from direct launches");
     assert!(o.variants_same, "thr_in_tip / fused_combine / early_fac / early_select variants differ from the default step");
+    assert!(o.after_error_same, "the step after one broken off midway differs from a fresh decoder's");
     o
 }
 

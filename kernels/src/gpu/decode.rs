@@ -374,7 +374,27 @@ impl FasaDecoder {
     /// Stage 1 only: scores and `sel` (the first `min(B, len)` rows of each selection).
     pub fn select(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>) -> Result<(), GpuError> {
         let _pdl = pdl_scope(self.pdl);
-        self.stage1(gpu, cache, q, lens, false, 0)
+        let r = self.stage1(gpu, cache, q, lens, false, 0);
+        self.clear_after(gpu, r)
+    }
+
+    /// `r` unchanged; on an error, first zeroes the counters, flags and histogram that a step
+    /// leaves zero (fasa.cu's workspace invariant) and that a launch sequence broken off midway
+    /// leaves set: a filter that never ran leaves TIP's histogram and select early's flag, a
+    /// combine that never ran FAC early's flags, and the next step would read them as its own
+    /// (FAC taking another step's rows). Every kernel already launched can finish (each waits
+    /// only on kernels launched before it), and the zeroing is ordered after them on the stream.
+    fn clear_after(&mut self, gpu: &Gpu, r: Result<(), GpuError>) -> Result<(), GpuError> {
+        if r.is_err() {
+            let st = &gpu.stream;
+            // (best effort: the error returned is the first one)
+            let _ = st.memset_zeros(&mut self.hist);
+            let _ = st.memset_zeros(&mut self.thr);
+            for c in [&mut self.done_tip, &mut self.sel_cnt, &mut self.cand_cnt, &mut self.done_sel, &mut self.ready, &mut self.done_fac] {
+                let _ = st.memset_zeros(c);
+            }
+        }
+        r
     }
 
     /// Whether a step runs FAC early (`early_fac` where the chain allows it).
@@ -452,6 +472,11 @@ impl FasaDecoder {
     /// One FASA step: `q (batch, n_q, d)` f32 rotated, FC-pair order → `out (batch, n_q, d)` f32.
     pub fn step(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         let _pdl = pdl_scope(self.pdl);
+        let r = self.step_launches(gpu, cache, q, lens, out);
+        self.clear_after(gpu, r)
+    }
+
+    fn step_launches(&mut self, gpu: &Gpu, cache: &GpuKvCache, q: &CudaSlice<f32>, lens: &CudaSlice<i32>, out: &mut CudaSlice<f32>) -> Result<(), GpuError> {
         let early = self.early();
         let flags = self.cands_flags();
         self.stage1(gpu, cache, q, lens, early, flags)?;
