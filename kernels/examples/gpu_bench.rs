@@ -15,6 +15,7 @@
 //! `FASA_BENCH_SHAPES=16x32768,1x131072` keeps only those (batch × L) shapes and
 //! `FASA_BENCH_MODES=dense_inhouse,fasa_paper_group_int8` only those rows (profiling).
 //! `FASA_BENCH_BATCHES=1,4,16` sets the batch sizes (default 1 and 16).
+//! `FASA_BENCH_FILTERTOK=8192` sets the select filter's scores per block (`FasaDecoder::filter_tok`).
 //! `FASA_BENCH_FACROWS=0,128,256` also times FASA rows with FAC blocks of those rows (0 = the
 //! decoder's split; variant suffix `r<rows>`). A FASA row's `before:` is the decoder's default
 //! before GPU run 17 (`fac::split` at every batch); a dense row's, before run 16 (no PDL, the
@@ -390,6 +391,9 @@ fn main() {
             let (name, p, q8) = (mode.0, mode.1, mode.5);
             let cfg = config(s, &pools, mode);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
+            // FASA_BENCH_FILTERTOK: scores per select-filter block (8192 or 2048; 0 = the decoder's).
+            let ftok = list("FASA_BENCH_FILTERTOK").and_then(|v| v.first().and_then(|x| x.parse().ok())).unwrap_or(0);
+            decs.iter_mut().for_each(|d| d.filter_tok = ftok);
             // Every code-path variant (threshold found by TIP's last block or by each filter
             // block; combine fused into FAC's last block or launched apart), the fastest kept.
             // TIP blocks of one chunk or of the automatic number (`tip::chunks`) are timed too.
