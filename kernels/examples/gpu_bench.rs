@@ -78,6 +78,12 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
 /// `early_select`; off shown as `w`, FAC waits for the whole filter, and `z`, the filter waits
 /// for the whole TIP launch) and FAC over candidates (`fac_cands`; off shown as `y`, FAC waits
 /// for the refine's rows; it runs with the `n` kernel only).
+/// FAC early, select early and FAC over candidates (at its cap, or off) as `vlabel`'s `early`.
+fn set_early(d: &mut FasaDecoder, early: (bool, bool, bool)) {
+    (d.early_fac, d.early_select) = (early.0, early.1);
+    d.fac_cands = if early.2 { fasa_kernels::gpu::CAND_MAX } else { 0 };
+}
+
 #[allow(clippy::too_many_arguments)]
 fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool, early: (bool, bool, bool)) -> String {
     let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, fk.letter(), pipe);
@@ -456,8 +462,7 @@ fn main() {
                             d.fused_combine = fused;
                             d.tip_chunks = ch;
                             d.fac_kernel = fk;
-                            (d.early_fac, d.early_select) = (early.0, early.1);
-                            d.fac_cands = if early.2 { fasa_kernels::gpu::CAND_MAX } else { 0 };
+                            set_early(d, early);
                         }
                         let ms = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.step(&gpu, c, &q, &lens, &mut out));
                         // (both need the threshold from TIP: without it the label says wz)
@@ -478,8 +483,7 @@ fn main() {
                 d.fused_combine = fused;
                 d.tip_chunks = ch;
                 d.fac_kernel = fk;
-                (d.early_fac, d.early_select) = (early.0, early.1);
-                d.fac_cands = if early.2 { fasa_kernels::gpu::CAND_MAX } else { 0 };
+                set_early(d, early);
                 d.set_fac_rows(fr).unwrap();
             }
             let variant = vlabel(thr_in_tip, fused, ch, fk, pipe, fr, hp, early);
