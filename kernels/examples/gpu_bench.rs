@@ -70,6 +70,12 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
     .with_var_mass(var_mass)
 }
 
+/// FAC early, select early and FAC over candidates (at its cap, or off) as `vlabel`'s `early`.
+fn set_early(d: &mut FasaDecoder, early: (bool, bool, bool)) {
+    (d.early_fac, d.early_select) = (early.0, early.1);
+    d.fac_cands = if early.2 { fasa_kernels::gpu::CAND_MAX } else { 0 };
+}
+
 /// A FASA row's variant: threshold (T/F), combine (f/c), TIP chunks, FAC kernel (n/l/m), then
 /// `s<code>` of the int8 TIP kernel (`gpu::TIP8_PIPES`, 0: unpipelined).
 /// `fr`: FAC rows per block (`FasaDecoder::set_fac_rows`; 0 = the decoder's, not shown); `hp`:
@@ -78,12 +84,6 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
 /// `early_select`; off shown as `w`, FAC waits for the whole filter, and `z`, the filter waits
 /// for the whole TIP launch) and FAC over candidates (`fac_cands`; off shown as `y`, FAC waits
 /// for the refine's rows; it runs with the `n` kernel only).
-/// FAC early, select early and FAC over candidates (at its cap, or off) as `vlabel`'s `early`.
-fn set_early(d: &mut FasaDecoder, early: (bool, bool, bool)) {
-    (d.early_fac, d.early_select) = (early.0, early.1);
-    d.fac_cands = if early.2 { fasa_kernels::gpu::CAND_MAX } else { 0 };
-}
-
 #[allow(clippy::too_many_arguments)]
 fn vlabel(thr_in_tip: bool, fused: bool, ch: usize, fk: FacKernel, pipe: usize, fr: usize, hp: bool, early: (bool, bool, bool)) -> String {
     let mut l = format!("{}{}{}{}s{}", if thr_in_tip { "T" } else { "F" }, if fused { "f" } else { "c" }, ch, fk.letter(), pipe);
@@ -241,6 +241,8 @@ fn main() {
 
     let mut shapes = Vec::new();
     let lens: &[usize] = if quick { &[32768] } else if targets { &[32768, 131072] } else { &[8192, 32768, 131072] };
+    // (0: the decoder's choice)
+    let filter_tok: usize = list("FASA_BENCH_FILTERTOK").and_then(|v| v.first().and_then(|x| x.parse().ok())).unwrap_or(0);
     let batches: Vec<usize> = list("FASA_BENCH_BATCHES").map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()).unwrap_or(vec![1, 16]);
     let budgets: &[usize] = if quick || targets { &[1024] } else { &[1024, 256] };
     for &len in lens {
@@ -397,9 +399,7 @@ fn main() {
             let (name, p, q8) = (mode.0, mode.1, mode.5);
             let cfg = config(s, &pools, mode);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
-            // FASA_BENCH_FILTERTOK: scores per select-filter block (8192 or 2048; 0 = the decoder's).
-            let ftok = list("FASA_BENCH_FILTERTOK").and_then(|v| v.first().and_then(|x| x.parse().ok())).unwrap_or(0);
-            decs.iter_mut().for_each(|d| d.filter_tok = ftok);
+            decs.iter_mut().for_each(|d| d.filter_tok = filter_tok);
             // Every code-path variant (threshold found by TIP's last block or by each filter
             // block; combine fused into FAC's last block or launched apart), the fastest kept.
             // TIP blocks of one chunk or of the automatic number (`tip::chunks`) are timed too.
