@@ -7,13 +7,35 @@ use super::{tracing, Gpu, GpuError};
 
 /// `TraceTag` in common.cuh.
 const TAGS: [&str; 8] = ["?", "tip", "mass", "filter", "refine", "rerank", "fac", "combine"];
+const TR_TIP: u64 = 1;
+const TR_MASS: u64 = 2;
 const TR_FILTER: u64 = 3;
 const TR_REFINE: u64 = 4;
+const TR_RERANK: u64 = 5;
+const TR_FAC: u64 = 6;
 /// Marks from `TR_MARK` (16) on, in `TraceTag`'s order.
 const MARKS: [&str; 12] = ["setup", "loop", "flush", "thr", "scan", "write", "r.load", "r.pass", "r.write", "f.begin", "f.loop", "f.tail"];
 const TR_MARK: u64 = 16;
-/// The refine's marks (`M_REF_LOAD` ..= `M_REF_WRITE`).
-const REFINE_MARKS: std::ops::RangeInclusive<u64> = TR_MARK + 6..=TR_MARK + 8;
+/// The refine's marks come from a filter block that refines, a refine launch or a re-rank.
+const REFINERS: &[u64] = &[TR_FILTER, TR_REFINE, TR_RERANK];
+/// Per mark (`MARKS`' order), the kernels whose blocks record it: a mark is filed under the
+/// latest launch of one of them. (With select early and FAC early the filter's and FAC's blocks
+/// begin before TIP's threshold and the filter's own marks, so the latest launch of any kernel
+/// would be the wrong one.)
+const MARK_OWNERS: [&[u64]; 12] = [
+    &[TR_TIP],
+    &[TR_TIP],
+    &[TR_TIP, TR_MASS],
+    &[TR_TIP, TR_MASS],
+    &[TR_FILTER],
+    &[TR_FILTER],
+    REFINERS,
+    REFINERS,
+    REFINERS,
+    &[TR_FAC],
+    &[TR_FAC],
+    &[TR_FAC],
+];
 
 impl Gpu {
     /// The stage timeline recorded since the last call (`FASA_GPU_TRACE=1` builds; else an
@@ -62,18 +84,20 @@ struct Launch {
 /// last exit in µs from the step's first block past its wait, of its marks the blocks' first,
 /// median and last time (and the values recorded), and the step's span and period.
 /// Entries are split into launches where the kernel changes (in order of wait return: a kernel
-/// waits for the one before it); refine entries and marks belong to the last filter launch (with
-/// FAC early, FAC's blocks start while the refine runs).
+/// waits for the one before it); a mark belongs to the latest launch of a kernel that records it
+/// (`MARK_OWNERS`; with none yet, to the latest launch), refine entries to the latest filter
+/// launch (with FAC early, FAC's blocks start while the refine runs).
 pub fn report(entries: &[[u64; 4]]) -> String {
     let mut e = entries.to_vec();
     e.sort_by_key(|x| x[2]);
     let mut launches: Vec<Launch> = Vec::new();
     for x in &e {
         let [tag, pre, post, end] = *x;
-        let refine = tag == TR_REFINE || REFINE_MARKS.contains(&tag);
-        let owner = if refine { launches.iter_mut().rev().find(|l| l.tag == TR_FILTER) } else { launches.last_mut() };
         if tag >= TR_MARK {
-            if let Some(l) = owner {
+            // (a mark of no known owner: the latest launch)
+            let owners = MARK_OWNERS.get((tag - TR_MARK) as usize).copied().unwrap_or(&[]);
+            let i = launches.iter().rposition(|l| owners.contains(&l.tag)).or(launches.len().checked_sub(1));
+            if let Some(l) = i.map(|i| &mut launches[i]) {
                 let m = l.marks.entry(tag).or_default();
                 m.0.push(post);
                 m.1.push(end);
@@ -81,7 +105,7 @@ pub fn report(entries: &[[u64; 4]]) -> String {
             continue;
         }
         if tag == TR_REFINE {
-            if let Some(l) = owner {
+            if let Some(l) = launches.iter_mut().rev().find(|l| l.tag == TR_FILTER) {
                 let r = l.refine.get_or_insert((post, end));
                 *r = (r.0.min(post), r.1.max(end));
                 continue;
@@ -175,6 +199,8 @@ mod tests {
             let b = 1_000_000 + s * 100_000;
             e.push([1, b - 2000, b, b + 10_000]);
             e.push([1, b - 2000, b + 500, b + 11_000]);
+            e.push([19, b + 12_500, b + 12_500, 0]); // TIP's threshold, after the filter's blocks began
+            e.push([20, b + 17_500, b + 17_500, 0]); // the filter's scan, after FAC's blocks began
             e.push([3, b + 11_000, b + 12_000, b + 16_000]);
             e.push([4, b + 14_000, b + 14_000, b + 15_500]);
             e.push([22, b + 14_500, b + 14_500, 600]); // refine's candidates loaded: 600
@@ -185,8 +211,9 @@ mod tests {
         e.reverse(); // entries arrive in exit order; the report sorts them
         let r = report(&e);
         assert!(r.starts_with("trace (2 steps"), "{r}");
-        assert!(r.contains("tip[2] launch -2.0 wait 0.0..0.5 exit 11.0;"), "{r}");
-        assert!(r.contains("filter[1] launch 11.0 wait 12.0..12.0 exit 16.0 (refine 14.0..15.5) r.load 14.5/14.5/14.5 (value median 600, max 600) r.write 17.5/17.5/17.5;"), "{r}");
+        assert!(r.contains("tip[2] launch -2.0 wait 0.0..0.5 exit 11.0 thr 12.5/12.5/12.5;"), "{r}");
+        assert!(r.contains("filter[1] launch 11.0 wait 12.0..12.0 exit 16.0 (refine 14.0..15.5) scan 17.5/17.5/17.5 r.load 14.5/14.5/14.5 (value median 600, max 600) r.write 17.5/17.5/17.5;"), "{r}");
+        assert!(r.contains("fac[1] launch 16.0 wait 17.0..17.0 exit 25.0;"), "{r}");
         assert!(r.contains("combine[1] launch 25.0 wait 26.0..26.0 exit 28.0;"), "{r}");
         assert!(r.contains("span 28.0, period 100.0 (timer step 500 ns)"), "{r}");
     }
