@@ -16,6 +16,8 @@
 //! `FASA_BENCH_MODES=dense_inhouse,fasa_paper_group_int8` only those rows (profiling).
 //! `FASA_BENCH_BATCHES=1,4,16` sets the batch sizes (default 1 and 16).
 //! `FASA_BENCH_FILTERTOK=8192` sets the select filter's scores per block (`FasaDecoder::filter_tok`).
+//! `FASA_BENCH_PATHS=own` times a FASA row's own path only (the decoder's threshold, FAC kernel,
+//! chunks and early flags), for same-call A/Bs of kernel builds in less device time.
 //! `FASA_BENCH_FACROWS=0,128,256` also times FASA rows with FAC blocks of those rows (0 = the
 //! decoder's split; variant suffix `r<rows>`). A FASA row's `before:` is the decoder's default
 //! before GPU run 17 (`fac::split` at every batch); a dense row's, before run 16 (no PDL, the
@@ -218,6 +220,7 @@ fn main() {
     let list = |var: &str| -> Option<Vec<String>> { std::env::var(var).ok().map(|v| v.split(',').map(str::to_string).collect()) };
     let only = list("FASA_BENCH_SHAPES");
     let only_modes = list("FASA_BENCH_MODES");
+    let own_path = std::env::var("FASA_BENCH_PATHS").is_ok_and(|v| v == "own");
     let wanted = |m: &str| only_modes.as_ref().is_none_or(|o| o.iter().any(|x| x == m));
     let out_path = args.iter().skip(1).find(|a| !a.starts_with("--")).cloned();
     let gpu = Gpu::new(0).expect("a CUDA GPU");
@@ -455,6 +458,9 @@ fn main() {
                 } else {
                     paths.extend([(!t, false, FacKernel::Reg, E), (!t, false, FacKernel::Lean, E)]);
                 }
+                // FASA_BENCH_PATHS=own: the decoder's own path only (a same-call A/B of kernel
+                // builds, FASA_GPU_DEFINES, or of TIP kernels, FASA_BENCH_TIP8, in less time).
+                let (chunk_opts, paths) = if own_path { (vec![auto], vec![(t, false, fk0, E)]) } else { (chunk_opts, paths) };
                 for &ch in &chunk_opts {
                     for &(thr_in_tip, fused, fk, early) in &paths {
                         for d in decs.iter_mut() {
