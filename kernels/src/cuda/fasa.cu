@@ -49,6 +49,11 @@ struct Dims {
 // selection sets thr's flag word once thr and the scores are written, and the filter's blocks wait
 // for their selection's flag instead of the whole TIP launch (its last block clears the flag).
 #define EARLY_SELECT 1
+// The kernel that builds a selection's histogram and threshold (TIP, or the group-mass stage's
+// tip_mass) lets the select filter launch from its start under select early.
+__device__ __forceinline__ void select_early_trigger(const Dims& D) {
+    if (D.flags & EARLY_SELECT) pdl_trigger();
+}
 // FAC over candidates (flags bits 8..15: the most candidates per FAC block, cap ≤ CAND_MAX; 0 =
 // off; with FAC early, for fac_impl's register-q kernels only: in facl_h4 its registers spilled):
 // the select filter lets FAC launch from its start, so FAC's prologue runs during the filter; FAC
@@ -514,7 +519,7 @@ template <class T, bool Q8>
 __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                          const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
     PDL_BEGIN(TR_TIP);
-    if (D.flags & EARLY_SELECT) pdl_trigger();
+    select_early_trigger(D);
     __shared__ u32 sh_hist[NBIN];
     __shared__ __align__(16) float qeff[1][MAXG * GE];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
@@ -641,7 +646,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                            float* pml) {
     static_assert(NQ == 1 || MODE == 0, "per-head scores: MODE 0 only");
     PDL_BEGIN(TR_TIP);
-    if (NQ == 1 && (D.flags & EARLY_SELECT)) pdl_trigger();
+    if (NQ == 1) select_early_trigger(D); // (NQ > 1: the group-mass stage, whose tip_mass triggers)
     constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
     constexpr int NW = TIP_THREADS / 32;
     extern __shared__ __align__(16) unsigned char tip8p_dyn[];
@@ -903,7 +908,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
 extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* xh, const float* pml, const int* lens, int nchunk,
                                                            float* scores, u32* hist, u32* done, int* thr) {
     PDL_BEGIN(TR_MASS);
-    if (D.flags & EARLY_SELECT) pdl_trigger();
+    select_early_trigger(D);
     __shared__ u32 sh_hist[NBIN];
     __shared__ float mh[MAXH], izh[MAXH];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
@@ -1483,13 +1488,15 @@ __device__ __forceinline__ uint4 ld_stream(const u16* p) {
 __device__ void combine_seg(const Dims& D, int seg, int b, int s, int n_split, const float* po, const float* pml, float* out);
 __device__ bool last_block(u32* done, int seg, int n);
 
-// One FAC block's place (fac_impl, facm_impl): selection seg = (b, s) of KV head kvh, its rows
-// r0 .. r0 + nr (FAC early: positions [r0, r0 + na) and [t0, t0 + nr − na) of the selection's
-// rows; FAC over candidates: positions j, j + S, … below A, then those of the candidates, kept
-// if their key (keys_s) is at least the cut, whose top 12 bits are tb, or, with too many
-// candidates (cand = 0), [t0, t0 + nr − na) as FAC early). Its partial's slots (part): pm (hps,
-// 2) and o_out (hps, d), found when written (not held in registers through the loop: the
-// tensor-core kernel spills at its 255).
+// One FAC block's place (fac_impl, facm_impl): selection seg = (b, s) of KV head kvh, and its nr
+// rows, in one of three layouts:
+//   - plain (and dense): rows r0 .. r0 + nr of the selection's (of the cache, dense);
+//   - FAC early: positions [r0, r0 + na) and [t0, t0 + nr − na) of the selection's rows;
+//   - FAC over candidates: positions j, j + S, … below A, then those of the candidates, kept if
+//     their key (keys_s) is at least the cut, whose top 12 bits are tb; with too many candidates
+//     (cand = 0), [t0, t0 + nr − na) as FAC early.
+// Its partial's slots (part): pm (hps, 2) and o_out (hps, d), found when written (not held in
+// registers through the loop: the tensor-core kernel spills at its 255).
 struct FacBlk {
     int seg, b, s, kvh, r0, nr, na, t0, cand, tb;
     __device__ size_t part(int n_split) const { return (size_t)seg * n_split + blockIdx.x; }
@@ -1541,7 +1548,8 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
     B.kvh = kv_of_sel(D, B.s);
     B.r0 = blockIdx.x * rows_per_split;
     int len = lens[B.b];
-    cands = cands && ready && cands_cap(D) > 0;
+    cands = cands && ready && cands_cap(D) > 0; // (the launch runs FAC over candidates)
+    bool take = false;                          // (and this selection has candidates to take)
     B.cand = 0;
     // (FAC early: the count above the threshold bin, loaded whatever len, with it)
     int a = ready && !cands ? __ldcg(&thr[THR_W * B.seg + 1]) : 0;
@@ -1559,8 +1567,8 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
         // The flag's first load goes out with the others (a selection of no rows has none).
         ready_wait(&ready[B.seg], 1, len > 0);
         int n_rows = min(D.budget, len), j = blockIdx.x;
-        cands = cands && len > D.budget;
-        if (cands) {
+        take = cands && len > D.budget;
+        if (take) {
             __shared__ int am_s[3];
             int cap = cands_cap(D);
             const u32* sg = sel + (size_t)B.seg * D.budget;
@@ -1604,7 +1612,7 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
         for (int h = tid; h < D.hps; h += blockDim.x) { pm[2 * h] = NEG_INF; pm[2 * h + 1] = 0.f; }
         return false;
     }
-    if (ready && !cands) {
+    if (ready && !take) {
         const u32* sg = sel + (size_t)B.seg * D.budget + B.r0;
         for (int i = tid; i < B.na; i += blockDim.x) rows_s[i] = __ldcg(&sg[i]);
     }
