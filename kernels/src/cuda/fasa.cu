@@ -63,13 +63,15 @@ __device__ __forceinline__ void select_early_trigger(const Dims& D) {
 // takes the refine's rows at flag 2 instead.
 #define CANDS_SHIFT 8
 #define CAND_MAX 64
-__device__ __forceinline__ int cands_cap(const Dims& D);
+__device__ __forceinline__ int cands_cap(const Dims& D) { return min((D.flags >> CANDS_SHIFT) & 0xff, CAND_MAX); }
 // thr per selection (i32 words): threshold bin, rows above it, select early's flag, candidates
 // (FAC over candidates: the filter blocks' atomicMax of their end positions), the cut (u64,
 // words 4–5: bit 63 set once published, bits 0..51 the cut key's, whose top 12 bits are the bin),
 // unused.
 #define THR_W 8
 __device__ __forceinline__ u32* thr_flag(int* thr, int seg) { return (u32*)&thr[THR_W * seg + 2]; }
+__device__ __forceinline__ int* thr_cands(int* thr, int seg) { return &thr[THR_W * seg + 3]; }
+__device__ __forceinline__ const int* thr_cands(const int* thr, int seg) { return &thr[THR_W * seg + 3]; }
 __device__ __forceinline__ u64* thr_cut(int* thr, int seg) { return (u64*)&thr[THR_W * seg + 4]; }
 __device__ __forceinline__ const u64* thr_cut(const int* thr, int seg) { return (const u64*)&thr[THR_W * seg + 4]; }
 #define CUT_BITS 52 // a selection key's bits below the threshold bin's 12
@@ -77,7 +79,6 @@ __device__ __forceinline__ const u64* thr_cut(const int* thr, int seg) { return 
 #define CUT_LOW ((1ull << CUT_BITS) - 1)
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
-__device__ __forceinline__ int cands_cap(const Dims& D) { return min((D.flags >> CANDS_SHIFT) & 0xff, CAND_MAX); }
 
 // Element offsets inside one (sequence, KV head) K region, in two parts that add up: token t's
 // (tile t/KT, token t%KT of it), and its 16-byte piece p's (group p/2: run g/r, group g%r of the
@@ -292,7 +293,7 @@ __device__ void flush_hist(const Dims& D, const u32* sh_hist, u32* hist, int seg
         __shared__ int tb, above;
         find_threshold(hg, D.budget, &tb, &above);
         // (word 3: FAC over candidates' count, raised by the filter blocks from 0)
-        if (threadIdx.x == 0) { thr[THR_W * seg] = tb; thr[THR_W * seg + 1] = above; thr[THR_W * seg + 3] = 0; }
+        if (threadIdx.x == 0) { thr[THR_W * seg] = tb; thr[THR_W * seg + 1] = above; *thr_cands(thr, seg) = 0; }
         trace_mark(M_TIP_THR);
     }
     if (last && (D.flags & EARLY_SELECT)) ready_publish(thr_flag(thr, seg), 1);
@@ -1245,7 +1246,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, int* thr, co
             base_a = tot >> 16 ? atomicAdd(&sel_cnt[seg], tot >> 16) : 0u;
             base_c = tot & 0xffffu ? atomicAdd(&cand_cnt[seg], tot & 0xffffu) : 0u;
             // (FAC over candidates reads the count at flag 1: the refine zeroes cand_cnt)
-            if (cands && (tot & 0xffffu)) atomicMax(&thr[THR_W * seg + 3], (int)(base_c + (tot & 0xffffu)));
+            if (cands && (tot & 0xffffu)) atomicMax(thr_cands(thr, seg), (int)(base_c + (tot & 0xffffu)));
         }
         __syncthreads();
         u32 pa = base_a + (pos >> 16), pc = base_c + (pos & 0xffffu);
@@ -1575,7 +1576,7 @@ __device__ bool fac_begin(const Dims& D, const float* q, const int* fc_of_slot, 
             const u64* cg = cand + (size_t)B.seg * D.l_max;
             if (tid == 0) {
                 am_s[0] = __ldcg(&thr[THR_W * B.seg + 1]);
-                am_s[1] = __ldcg(&thr[THR_W * B.seg + 3]);
+                am_s[1] = __ldcg(thr_cands(thr, B.seg));
                 am_s[2] = __ldcg(&thr[THR_W * B.seg]);
             }
             for (int r = tid; j + r * n_split < D.budget; r += blockDim.x) rows_s[r] = __ldcg(&sg[j + r * n_split]);
