@@ -104,6 +104,7 @@ pub async fn status(conn: Connection, bus: Bus, json_out: bool) -> Result<(), Fa
         (m.active_jobs().await?, m.queued_jobs().await?, m.free_slots().await?, m.max_queued_jobs().await?);
     let version = m.version().await?;
     let activations = m.activations().await?;
+    let provider = m.execution_provider().await?;
     let (mode, budget, chunks, profile) = (m.attention_mode().await?, m.token_budget().await?, m.dominant_chunks().await?, m.profile_state().await?);
     let (variant, headroom, max_context, max_sessions) = (m.variant().await?, m.memory_headroom().await?, m.max_context().await?, m.max_sessions().await?);
     if json_out {
@@ -114,6 +115,7 @@ pub async fn status(conn: Connection, bus: Bus, json_out: bool) -> Result<(), Fa
             "model_name": name,
             "shapes": shapes,
             "activations": activations,
+            "execution_provider": provider,
             "active_jobs": active,
             "queued_jobs": queued,
             "max_queued_jobs": max_queued,
@@ -138,7 +140,7 @@ pub async fn status(conn: Connection, bus: Bus, json_out: bool) -> Result<(), Fa
         s("context")
     );
     println!("cache:    {} sequences x {} tokens", s("max_sequences"), s("max_context"));
-    println!("matmuls:  {activations} activations");
+    println!("matmuls:  {activations} activations, ONNX Runtime {provider} execution provider");
     println!("attention: {mode} by default (budget {budget} tokens, {chunks} chunks per head); profile {profile}");
     println!("plan:     {variant}, {max_sessions} sessions x {max_context} tokens, {:.1} MiB KV headroom", headroom as f64 / (1u64 << 20) as f64);
     println!("jobs:     {active} active, {queued} queued (at most {max_queued}), {free} free slots");

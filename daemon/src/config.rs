@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fasa_engine::Activations;
+use fasa_engine::{Activations, ExecutionProvider};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -45,6 +45,10 @@ pub struct Args {
     /// with the GGUF weights) [default: int8].
     #[arg(long, value_name = "int8|f32")]
     pub activations: Option<Activations>,
+    /// ONNX Runtime execution provider: auto (CUDA when the ONNX Runtime library has it and a
+    /// GPU is usable), cpu, or cuda (refuse to start without it) [default: auto].
+    #[arg(long, value_name = "auto|cpu|cuda")]
+    pub execution_provider: Option<ExecutionProvider>,
     /// max_tokens of a job whose caller did not set it [default: 256].
     #[arg(long, value_name = "N")]
     pub default_max_tokens: Option<u32>,
@@ -102,6 +106,7 @@ struct FileConfig {
     max_context: Option<usize>,
     threads: Option<usize>,
     activations: Option<Activations>,
+    execution_provider: Option<ExecutionProvider>,
     default_max_tokens: Option<u32>,
     job_linger_secs: Option<u64>,
     calibrate_on_load: Option<bool>,
@@ -121,6 +126,7 @@ pub struct Config {
     pub max_context: usize,
     pub threads: usize,
     pub activations: Activations,
+    pub execution_provider: ExecutionProvider,
     pub default_max_tokens: u32,
     pub job_linger: Duration,
     pub calibrate_on_load: bool,
@@ -178,6 +184,7 @@ impl Config {
             max_context: args.max_context.or(file.max_context).unwrap_or(0),
             threads: args.threads.or(file.threads).unwrap_or(0),
             activations: args.activations.or(file.activations).unwrap_or_default(),
+            execution_provider: args.execution_provider.or(file.execution_provider).unwrap_or_default(),
             default_max_tokens: args.default_max_tokens.or(file.default_max_tokens).unwrap_or(256),
             job_linger: Duration::from_secs(args.job_linger.or(file.job_linger_secs).unwrap_or(60)),
             calibrate_on_load: !args.no_calibrate_on_load && file.calibrate_on_load.unwrap_or(true),
@@ -272,5 +279,13 @@ mod tests {
         let e = parse(Path::new("f"), "activations = \"int4\"\n").unwrap_err().to_string();
         assert!(e.contains("activations") && e.contains("int4"), "{e}");
         assert!(Args::try_parse_from(["fasad", "--activations", "fp16"]).is_err());
+        assert_eq!(c.execution_provider, ExecutionProvider::Auto);
+        let c = Config::merge(&args(&["--execution-provider", "cpu"]), parse(Path::new("f"), "execution_provider = \"cuda\"\n").unwrap()).unwrap();
+        assert_eq!(c.execution_provider, ExecutionProvider::Cpu);
+        let c = Config::merge(&args(&[]), parse(Path::new("f"), "execution_provider = \"cuda\"\n").unwrap()).unwrap();
+        assert_eq!(c.execution_provider, ExecutionProvider::Cuda);
+        let e = parse(Path::new("f"), "execution_provider = \"rocm\"\n").unwrap_err().to_string();
+        assert!(e.contains("execution_provider") && e.contains("rocm"), "{e}");
+        assert!(Args::try_parse_from(["fasad", "--execution-provider", "gpu"]).is_err());
     }
 }

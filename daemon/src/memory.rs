@@ -144,7 +144,7 @@ mod tests {
             tied_embeddings: true,
             qkv_bias: false,
         };
-        ModelInfo { path: "/m.gguf".into(), config, max_context: 8192, max_sequences: 4, weight_bytes: 98 << 20, sha256: String::new(), activations: Default::default() }
+        ModelInfo { path: "/m.gguf".into(), config, max_context: 8192, max_sequences: 4, weight_bytes: 98 << 20, sha256: String::new(), activations: Default::default(), execution_provider: fasa_engine::ExecutionProvider::Cpu }
     }
 
     fn reading(bytes: u64, pressure: PressureLevel) -> Headroom {

@@ -44,6 +44,7 @@ pub fn run(config: Config) -> Result<(), ServiceError> {
     let mut options = LoadOptions::new(&config.model, &config.ort_library);
     options.threads = config.threads;
     options.activations = config.activations;
+    options.execution_provider = config.execution_provider;
     let limits = match &plan {
         Ok(p) => {
             options.max_sequences = p.max_sessions;

@@ -48,6 +48,8 @@ pub trait Manager {
     #[zbus(property)]
     fn activations(&self) -> zbus::Result<String>;
     #[zbus(property)]
+    fn execution_provider(&self) -> zbus::Result<String>;
+    #[zbus(property)]
     fn attention_mode(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn token_budget(&self) -> zbus::Result<u32>;

@@ -24,6 +24,7 @@ pub mod detok;
 pub mod model;
 
 pub use graph::Activations;
+pub use runtime::ExecutionProvider;
 pub use model::{LoadOptions, Model, ModelInfo, Sequence};
 
 pub use config::{ModelConfig, RopeLayout};

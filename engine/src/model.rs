@@ -11,6 +11,7 @@ use crate::attention::{AttnConfig, AttnStats, CachePool, CacheShape, FasaAttenti
 use crate::detok::TextStream;
 use crate::gguf::GgufFile;
 use crate::graph::{build_decoder, Activations};
+use crate::runtime::ExecutionProvider;
 use crate::sampler::{self, Sampler};
 use crate::tokenizer::Tokenizer;
 use crate::{catalog, chat, runtime, EngineError, FinishReason, GenerateRequest, ModelConfig, Prompt, Result, Step};
@@ -38,11 +39,13 @@ pub struct LoadOptions {
     pub gpu: bool,
     /// Activations of the weight matmuls: int8 (the default, as llama.cpp) or exact f32.
     pub activations: Activations,
+    /// ONNX Runtime's execution provider for the graph (`runtime::ExecutionProvider`).
+    pub execution_provider: ExecutionProvider,
 }
 
 impl LoadOptions {
     pub fn new(model_path: impl Into<PathBuf>, ort_library: impl Into<PathBuf>) -> Self {
-        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0, kv_variant: KvVariant::FasaC, gpu: true, activations: Activations::default() }
+        Self { model_path: model_path.into(), ort_library: ort_library.into(), max_sequences: 4, max_context: 0, threads: 0, kv_variant: KvVariant::FasaC, gpu: true, activations: Activations::default(), execution_provider: ExecutionProvider::Auto }
     }
 }
 
@@ -61,6 +64,13 @@ pub struct ModelInfo {
     /// Activations of the weight matmuls.
     #[serde(default)]
     pub activations: Activations,
+    /// The execution provider the graph runs on (`cpu` or `cuda`, never `auto`).
+    #[serde(default = "cpu_provider")]
+    pub execution_provider: ExecutionProvider,
+}
+
+fn cpu_provider() -> ExecutionProvider {
+    ExecutionProvider::Cpu
 }
 
 pub struct Model {
@@ -85,6 +95,26 @@ pub struct Sequence {
     sampler: Sampler,
     text: TextStream,
     finished: Option<FinishReason>,
+}
+
+/// Full f32 matmuls under the CUDA provider, not TF32 (10-bit mantissas): decode is bound by
+/// bytes, not FLOPs, so TF32 buys nothing there, and it moves logits by ~3e-3 against the CPU's,
+/// enough to flip a sparse selection. `FASA_ORT_TF32=1` allows it (prefill speed).
+fn exact_f32() -> bool {
+    !std::env::var("FASA_ORT_TF32").is_ok_and(|v| v == "1")
+}
+
+/// Whether to register the CUDA execution provider: `Auto` takes it when the ORT library has
+/// it and the GPU path is on; `Cuda` fails the load, saying why, when either is missing.
+fn use_cuda(opts: &LoadOptions, mirror: bool) -> Result<bool> {
+    let lib = crate::runtime::has_cuda_provider();
+    match opts.execution_provider {
+        ExecutionProvider::Cpu => Ok(false),
+        ExecutionProvider::Auto => Ok(lib && mirror),
+        ExecutionProvider::Cuda if !lib => Err(EngineError::Runtime(format!("the ONNX Runtime library at {} has no CUDA execution provider (the onnxruntime-gpu build has it; point FASA_ORT_LIB at its libonnxruntime.so)", opts.ort_library.display()))),
+        ExecutionProvider::Cuda if !mirror => Err(EngineError::Runtime("the CUDA execution provider needs the GPU path: an NVIDIA GPU with its driver and NVRTC, the FASA-C cache, and FASA_GPU not 0".into())),
+        ExecutionProvider::Cuda => Ok(true),
+    }
 }
 
 impl Model {
@@ -118,8 +148,22 @@ impl Model {
             0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
-        let domain = ort::operator::OperatorDomain::new(OP_DOMAIN)?.add(FasaAttentionOp { pool: Arc::clone(&pool), threads })?.add(crate::graph::BlockCorrectionOp)?;
+        let cuda = use_cuda(opts, pool.gpu().is_some())?;
+        let mut domain = ort::operator::OperatorDomain::new(OP_DOMAIN)?.add(FasaAttentionOp { pool: Arc::clone(&pool), threads, on_cuda: false })?.add(crate::graph::BlockCorrectionOp)?;
         let mut builder = Session::builder(env)?.with_intra_threads(threads).map_err(ort::Error::from)?;
+        let cuda = cuda && match ort::ep::ExecutionProvider::register(&ort::ep::CUDA::default().with_device_id(0).with_tf32(!exact_f32()), &mut builder) {
+            Ok(()) => true,
+            Err(e) if opts.execution_provider == ExecutionProvider::Cuda => return Err(EngineError::Runtime(format!("the CUDA execution provider did not start: {e}"))),
+            Err(e) => {
+                log::warn!("ONNX Runtime's CUDA execution provider did not start ({e}); the graph runs on the CPU");
+                false
+            }
+        };
+        if cuda {
+            // Same name and domain, a kernel for the CUDA EP: ORT places the nodes there.
+            domain = domain.add(FasaAttentionOp { pool: Arc::clone(&pool), threads, on_cuda: true })?;
+        }
+        log::info!("ONNX Runtime execution provider: {}", if cuda { "CUDA (FasaAttention on its stream)" } else { "CPU" });
         // Per-node timings for performance work: ORT writes `<prefix>_<date>.json`.
         if let Some(prefix) = std::env::var_os("FASA_ORT_PROFILE") {
             builder = builder.with_profiling(prefix).map_err(ort::Error::from)?;
@@ -128,7 +172,7 @@ impl Model {
             .with_operators(domain)
             .map_err(ort::Error::from)?
             .commit_from_memory(&graph.onnx)?;
-        let info = ModelInfo { path: opts.model_path.clone(), config, max_context, max_sequences: pool.n_slots(), weight_bytes: graph.weight_bytes, sha256, activations: opts.activations };
+        let info = ModelInfo { path: opts.model_path.clone(), config, max_context, max_sequences: pool.n_slots(), weight_bytes: graph.weight_bytes, sha256, activations: opts.activations, execution_provider: if cuda { ExecutionProvider::Cuda } else { ExecutionProvider::Cpu } };
         let default_attention = pool.fit_config(AttnConfig::default().fit_pool(info.config.n_fcs()));
         Ok(Self { info, default_attention, tokenizer, session, pool })
     }

@@ -13,7 +13,7 @@
 //! logit error of either path).
 mod support;
 
-use fasa_engine::{paths, Activations, AttnConfig, AttnStats, LoadOptions, Model};
+use fasa_engine::{paths, Activations, AttnConfig, AttnStats, ExecutionProvider, LoadOptions, Model};
 use support::{write_model_ctx, Types, LAYERS};
 
 const PROMPT: usize = 320;
@@ -25,7 +25,9 @@ fn load(path: &std::path::Path, gpu: bool) -> Model {
     assert!(ort.is_file(), "ONNX Runtime library missing at {}: run scripts/setup or set FASA_ORT_LIB", ort.display());
     // f32 activations: the test compares the attention paths, and int8 activation rounding
     // would turn their fp16-vs-f32 differences into steps of whole quantization levels.
-    let opts = LoadOptions { max_sequences: 1, max_context: 512, gpu, activations: Activations::F32, ..LoadOptions::new(path, ort) };
+    // The CPU execution provider in both, also with an ORT library that has CUDA's: this test is
+    // about the operator's own GPU path (tests/cuda_ep.rs runs the graph under CUDA's).
+    let opts = LoadOptions { max_sequences: 1, max_context: 512, gpu, activations: Activations::F32, execution_provider: ExecutionProvider::Cpu, ..LoadOptions::new(path, ort) };
     Model::load(&opts).expect("load the synthetic model")
 }
 

@@ -367,6 +367,13 @@ impl Manager {
         self.shared.model().map(|m| m.info.activations.as_str().to_string()).unwrap_or_default()
     }
 
+    /// ONNX Runtime execution provider of the decoder graph: cpu or cuda (the graph on the GPU,
+    /// FasaAttention on ONNX Runtime's stream); empty while no model is loaded.
+    #[zbus(property)]
+    fn execution_provider(&self) -> String {
+        self.shared.model().map(|m| m.info.execution_provider.as_str().to_string()).unwrap_or_default()
+    }
+
     /// Attention mode of requests that name none (dense, fasa, ...); empty while no model is loaded.
     #[zbus(property)]
     fn attention_mode(&self) -> String {

@@ -334,6 +334,7 @@ pub async fn manager_changed(conn: &Connection) -> zbus::Result<()> {
     m.model_name_changed(e).await?;
     m.shapes_changed(e).await?;
     m.activations_changed(e).await?;
+    m.execution_provider_changed(e).await?;
     m.attention_mode_changed(e).await?;
     m.token_budget_changed(e).await?;
     m.dominant_chunks_changed(e).await?;

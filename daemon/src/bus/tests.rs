@@ -320,6 +320,7 @@ async fn queued_jobs_run_in_turn_and_the_manager_shows_the_model() {
     assert_eq!(manager.profile_state().await.unwrap(), "uncalibrated");
     assert_eq!(manager.attention_mode().await.unwrap(), "fasa");
     assert_eq!(manager.activations().await.unwrap(), "int8");
+    assert_eq!(manager.execution_provider().await.unwrap(), "cpu");
     assert_eq!((manager.token_budget().await.unwrap(), manager.dominant_chunks().await.unwrap()), (256, 12));
     // The plan for the loaded model's shapes, at a headroom given.
     let mut o = HashMap::new();

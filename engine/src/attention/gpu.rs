@@ -45,6 +45,15 @@ pub struct DecodeStep<'a> {
     pub sparse: bool,
 }
 
+/// Where a GPU step's attention output `(n_q, d)` goes.
+pub enum Out<'a> {
+    /// Host memory (ONNX Runtime's CPU execution provider): copied down, the stream synchronized.
+    Host(&'a mut [f32]),
+    /// ONNX Runtime's CUDA execution provider: its output buffer on this device and its compute
+    /// stream (`cudaStream_t`). The step is launched on that stream and not waited for.
+    Device { ptr: u64, stream: *mut std::ffi::c_void },
+}
+
 /// The pool's GPU side: per slot and layer, the mirror (allocated at first use).
 pub struct GpuMirror {
     gpu: Arc<Gpu>,
@@ -56,6 +65,8 @@ pub struct GpuMirror {
     poison: bool,
     /// The last GPU step's error (that step ran on the CPU).
     last_error: Mutex<Option<String>>,
+    /// The kernels launching on ONNX Runtime's stream, for the stream they were made for.
+    ort_view: Mutex<Option<(usize, Arc<Gpu>)>>,
 }
 
 #[derive(Default)]
@@ -115,7 +126,7 @@ impl GpuMirror {
         };
         log_once(&ON, || format!("FasaAttention: decode on the GPU (sm_{}{}), fp16 mirror of the FASA-C cache; prefill and other modes on the CPU", gpu.arch.0, gpu.arch.1));
         let slots = (0..n_slots).map(|_| Mutex::new((0..shape.n_layers).map(|_| LayerMirror::default()).collect())).collect();
-        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None) })
+        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None), ort_view: Mutex::new(None) })
     }
 
     fn layers(&self, slot: usize) -> std::sync::MutexGuard<'_, Vec<LayerMirror>> {
@@ -139,10 +150,14 @@ impl GpuMirror {
     /// One decode step of `c` (the token at `n - 1` already written to the CPU cache) on the GPU:
     /// `out` `(n_q, d)` in the model's dim order, and the step's counters. On an error the
     /// mirror of (slot, layer) is marked stale and the caller runs the CPU path.
-    pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: &mut [f32]) -> Result<AttnStats, GpuError> {
+    pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: Out) -> Result<AttnStats, GpuError> {
+        let run = match &out {
+            Out::Host(_) => Arc::clone(&self.gpu),
+            Out::Device { stream, .. } => self.ort_view(*stream),
+        };
         let mut layers = self.layers(st.slot);
         let lm = &mut layers[st.layer];
-        let r = self.decode_in(lm, c, st, out);
+        let r = self.decode_in(lm, c, st, &run, out);
         lm.valid = if r.is_ok() { c.len(st.layer) } else { 0 };
         if let Err(e) = &r {
             *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
@@ -150,17 +165,55 @@ impl GpuMirror {
         r
     }
 
+    /// The kernels launching on ONNX Runtime's compute stream `raw` (made once per stream).
+    fn ort_view(&self, raw: *mut std::ffi::c_void) -> Arc<Gpu> {
+        let mut v = self.ort_view.lock().unwrap_or_else(|e| e.into_inner());
+        match &*v {
+            Some((k, g)) if *k == raw as usize => Arc::clone(g),
+            _ => {
+                // SAFETY: ONNX Runtime's CUDA execution provider hands its kernels the compute
+                // stream of device 0's primary context (the one cudarc's context retains), and
+                // keeps it for the session's life, which the pool (and so this mirror) outlives
+                // only after the session, with no more steps, is gone.
+                let g = Arc::new(self.gpu.on_stream(unsafe { self.gpu.borrow_stream(raw) }));
+                *v = Some((raw as usize, Arc::clone(&g)));
+                g
+            }
+        }
+    }
+
+    /// Copies a step's output computed on the host (the CPU path under the CUDA execution
+    /// provider) into ONNX Runtime's device buffer `ptr`, ordered on its stream.
+    pub fn upload_out(&self, host: &[f32], ptr: u64, stream: *mut std::ffi::c_void) -> Result<(), GpuError> {
+        let run = self.ort_view(stream);
+        // SAFETY: `ptr` is the operator's output tensor, `host.len()` floats on this device.
+        unsafe { run.copy_to_raw(&run.stream, host, ptr) }
+    }
+
     /// The last GPU step's error, if any step failed (it ran on the CPU instead).
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn decode_in(&self, lm: &mut LayerMirror, c: &SeqCache, st: &DecodeStep, out: &mut [f32]) -> Result<AttnStats, GpuError> {
+    /// `run` launches the step (its stream: ours, or ONNX Runtime's for `Out::Device`); buffers
+    /// are allocated and whole slots uploaded on ours.
+    fn decode_in(&self, lm: &mut LayerMirror, c: &SeqCache, st: &DecodeStep, run: &Gpu, out: Out) -> Result<AttnStats, GpuError> {
         let (g, s) = (&*self.gpu, &self.gpu.stream);
         let (hkv, d, n) = (self.shape.n_kv_heads, self.shape.head_dim, c.len(st.layer));
         // The kernels take len ≤ l_max as given (their grids and flag waits are sized by l_max).
         if n > self.l_max {
             return Err(GpuError::Shape(format!("context of {n} tokens exceeds the GPU cache's {}", self.l_max)));
+        }
+        // Bring the mirror to the CPU cache's n rows: the new row alone, or all of them again.
+        let rows = if lm.valid + 1 == n && lm.dev.is_some() { n - 1..n } else { 0..n };
+        let key: DecKey = (st.sparse.then(|| st.cfg.clone()), Arc::clone(st.profile));
+        let rebuild = !lm.dev.as_ref().and_then(|dev| dev.dec.as_ref()).is_some_and(|(k, _)| k.0 == key.0 && Arc::ptr_eq(&k.1, &key.1));
+        // Set-up (allocation, a whole slot's upload, a new decoder) runs on our stream; on another
+        // stream it waits for that stream's earlier steps first and is finished before the step.
+        let other = !std::ptr::eq(&*run.stream, &**s);
+        let setup = rows.start == 0 || rebuild;
+        if setup && other {
+            s.join(&run.stream)?;
         }
         let dev = match &mut lm.dev {
             Some(dev) => dev,
@@ -176,8 +229,8 @@ impl GpuMirror {
                 lens: s.alloc_zeros(1)?,
             }),
         };
-        // Bring the mirror to the CPU cache's n rows: the new row alone, or all of them again.
-        let rows = if lm.valid + 1 == n { n - 1..n } else { 0..n };
+        // Until the step itself: on our stream for a set-up, else on the step's.
+        let pre = if setup { g } else { run };
         // (n_kv, rows, d) K and V, one KV head after the other.
         let (mut k, mut v) = (vec![0f32; hkv * rows.len() * d], vec![0f32; hkv * rows.len() * d]);
         for (kh, (kk, vv)) in k.chunks_exact_mut(rows.len() * d).zip(v.chunks_exact_mut(rows.len() * d)).enumerate() {
@@ -188,20 +241,20 @@ impl GpuMirror {
                 dev.cache.write_host(g, 0, kh, kk, vv)?;
             }
         }
+        let ps = &pre.stream;
         if rows.start > 0 {
             // (n_kv, d) rows of token n - 1; the append kernel adds them to the K moments.
-            s.memcpy_htod(&k, &mut dev.k_new)?;
-            s.memcpy_htod(&v, &mut dev.v_new)?;
-            s.memcpy_htod(&[(n - 1) as i32], &mut dev.pos)?;
-            append(g, &mut dev.cache, &dev.k_new, &dev.v_new, &dev.pos)?;
+            ps.memcpy_htod(&k, &mut dev.k_new)?;
+            ps.memcpy_htod(&v, &mut dev.v_new)?;
+            ps.memcpy_htod(&[(n - 1) as i32], &mut dev.pos)?;
+            append(pre, &mut dev.cache, &dev.k_new, &dev.v_new, &dev.pos)?;
         }
-        s.memcpy_htod(st.q_fc, &mut dev.q)?;
-        s.memcpy_htod(&[n as i32], &mut dev.lens)?;
+        ps.memcpy_htod(st.q_fc, &mut dev.q)?;
+        ps.memcpy_htod(&[n as i32], &mut dev.lens)?;
         if self.poison {
-            s.memcpy_htod(&vec![f32::NAN; out.len()], &mut dev.out)?;
+            ps.memcpy_htod(&vec![f32::NAN; st.n_q * d], &mut dev.out)?;
         }
-        let key: DecKey = (st.sparse.then(|| st.cfg.clone()), Arc::clone(st.profile));
-        if !dev.dec.as_ref().is_some_and(|(k, _)| k.0 == key.0 && Arc::ptr_eq(&k.1, &key.1)) {
+        if rebuild {
             let dc = decode_config(st, d / 2);
             if dc.q8_tip {
                 // Quantises the rows mirrored so far; write_host and append keep the planes after.
@@ -209,20 +262,35 @@ impl GpuMirror {
             }
             dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
         }
-        let dec = &mut dev.dec.as_mut().expect("decoder built above").1;
-        let sel = if st.sparse {
-            dec.step(g, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
-            s.clone_dtoh(&dec.sel)?
-        } else {
-            dec.dense(g, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
-            vec![]
-        };
-        s.memcpy_dtoh(&dev.out, out)?;
-        s.synchronize()?;
-        if out.iter().any(|x| !x.is_finite()) {
-            return Err(GpuError::Shape("the GPU step left non-finite outputs".into()));
+        if setup && other {
+            s.synchronize()?;
         }
-        Ok(step_stats(st, hkv, d, n, &sel))
+        let r = &run.stream;
+        let dec = &mut dev.dec.as_mut().expect("decoder built above").1;
+        if st.sparse {
+            dec.step(run, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
+        } else {
+            dec.dense(run, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
+        }
+        // The rows each group read, for the counters: with one selection per KV group they are
+        // its first min(B, n) rows, known without reading the selection back.
+        let sel = if st.sparse && !st.cfg.per_group { Some(r.clone_dtoh(&dec.sel)?) } else { None };
+        let on_ort = matches!(out, Out::Device { .. });
+        match out {
+            Out::Host(out) => {
+                r.memcpy_dtoh(&dev.out, out)?;
+                r.synchronize()?;
+                if out.iter().any(|x| !x.is_finite()) {
+                    return Err(GpuError::Shape("the GPU step left non-finite outputs".into()));
+                }
+            }
+            // SAFETY: `ptr` is the operator's output tensor of (n_q, d) floats on this device;
+            // dev.out is next written by this (slot, layer)'s next step, on the same stream.
+            Out::Device { ptr, .. } => unsafe { run.copy_dtod_raw(r, &dev.out, ptr)? },
+        }
+        let mut stats = step_stats(st, hkv, d, n, sel.as_deref());
+        stats.ort_stream_steps = u64::from(on_ort);
+        Ok(stats)
     }
 }
 
@@ -273,8 +341,9 @@ fn decode_config(st: &DecodeStep, n_fc: usize) -> DecodeConfig {
 /// fp16 elements (`GPU_ELEM`): what the CPU kernels would read over the rows the GPU selected.
 /// With int8 TIP (`fasa`) a scored FC costs 2 bytes a token and a 4-byte scale per whole block
 /// of `QB` tokens, fp16 pairs after them.
-/// `sel` is the decoder's `(n_sel, B)` (the first `min(B, n)` of each selection valid).
-fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: &[u32]) -> AttnStats {
+/// `sel` is the decoder's `(n_sel, B)` (the first `min(B, n)` of each selection valid); None
+/// with one selection per KV group, whose rows are distinct.
+fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32]>) -> AttnStats {
     let e = GPU_ELEM;
     if !st.sparse {
         let bytes = (hkv * n * 2 * d) as u64 * e;
@@ -290,9 +359,15 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: &[u32]) -> A
     let mut total = AttnStats { gpu_layer_steps: 1, ..Default::default() };
     for g in 0..hkv {
         let sels: Vec<usize> = if c.per_group { vec![g] } else { (g * group..(g + 1) * group).collect() };
-        let mut rows: Vec<u32> = sels.iter().flat_map(|&s| sel[s * b..s * b + kept].iter().copied()).collect();
-        rows.sort_unstable();
-        rows.dedup();
+        let rows = match sel {
+            Some(sel) => {
+                let mut rows: Vec<u32> = sels.iter().flat_map(|&s| sel[s * b..s * b + kept].iter().copied()).collect();
+                rows.sort_unstable();
+                rows.dedup();
+                rows.len()
+            }
+            None => sels.len() * kept,
+        };
         // FC planes scored by the group: k per KV group; per query head the union of the heads'
         // fixed k (paper) or, when each head picks its k in a larger pool, at most the heads' pools.
         let fcs = if c.per_group {
@@ -311,8 +386,8 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: &[u32]) -> A
         total.merge(&AttnStats {
             sparse_layer_steps: 1,
             bytes_dense: (n * 2 * d) as u64 * e,
-            rows: rows.len() as u64,
-            bytes_read: tip + (rows.len() * row_elems) as u64 * e + extra,
+            rows: rows as u64,
+            bytes_read: tip + (rows * row_elems) as u64 * e + extra,
             ..Default::default()
         });
     }

@@ -10,8 +10,9 @@
 use std::sync::Arc;
 
 use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, HeadView, Rope};
+use ort::memory::MemoryType;
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorInput, OperatorOutput};
-use ort::value::TensorElementType;
+use ort::value::{DynTensorValueType, TensorElementType};
 
 use super::cache::{CachePool, Pages, SeqCache, TierBytes};
 use super::config::Mode;
@@ -31,7 +32,13 @@ pub struct FasaAttentionOp {
     pub pool: Arc<CachePool>,
     /// The session's intra-op threads (what `par_for` spreads tasks over).
     pub threads: usize,
+    /// Registered for ONNX Runtime's CUDA execution provider (needs the pool's GPU mirror): the
+    /// inputs stay in host memory, the output is on the device, decode steps run on ORT's stream.
+    pub on_cuda: bool,
 }
+
+/// ONNX Runtime's name of its CUDA execution provider.
+pub const CUDA_EP: &str = "CUDAExecutionProvider";
 
 impl Operator for FasaAttentionOp {
     type Kernel<'attr> = FasaKernel;
@@ -40,11 +47,18 @@ impl Operator for FasaAttentionOp {
         OP_NAME
     }
 
+    fn execution_provider_type(&self) -> Option<&str> {
+        self.on_cuda.then_some(CUDA_EP)
+    }
+
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
+        // Under the CUDA EP, host memory: the CPU cache stays authoritative (it is written from
+        // q/k/v on the host) and position/slot index it.
+        let mem = if self.on_cuda { MemoryType::CPUInput } else { MemoryType::Default };
         [
-            OperatorInput::required(TensorElementType::Float32),
-            OperatorInput::required(TensorElementType::Int64),
-            OperatorInput::required(TensorElementType::Int64),
+            OperatorInput::required(TensorElementType::Float32).memory_type(mem),
+            OperatorInput::required(TensorElementType::Int64).memory_type(mem),
+            OperatorInput::required(TensorElementType::Int64).memory_type(mem),
         ]
     }
 
@@ -68,13 +82,14 @@ impl Operator for FasaAttentionOp {
         if shape.head_dim != head_dim || shape.n_kv_heads != n_kv_heads || layer >= shape.n_layers || n_heads % n_kv_heads != 0 {
             return Err(ort::Error::new("FasaAttention: node attributes do not match the cache pool"));
         }
-        Ok(FasaKernel { pool: Arc::clone(&self.pool), threads: self.threads.max(1), layer, n_heads, n_kv_heads, head_dim, layout, rope: Rope::new(theta, head_dim) })
+        Ok(FasaKernel { pool: Arc::clone(&self.pool), threads: self.threads.max(1), on_cuda: self.on_cuda, layer, n_heads, n_kv_heads, head_dim, layout, rope: Rope::new(theta, head_dim) })
     }
 }
 
 pub struct FasaKernel {
     pool: Arc<CachePool>,
     threads: usize,
+    on_cuda: bool,
     layer: usize,
     n_heads: usize,
     n_kv_heads: usize,
@@ -85,15 +100,42 @@ pub struct FasaKernel {
 
 impl Kernel for FasaKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
-        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let n_fc = d / 2;
-        let width = (h + 2 * hkv) * d;
+        let width = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim;
         let qkv_in = ctx.input(0)?.ok_or_else(|| ort::Error::new("FasaAttention: missing qkv"))?;
         let (shape, qkv) = qkv_in.try_extract_tensor::<f32>()?;
         if shape.len() != 2 || shape[1] as usize != width {
             return Err(ort::Error::new(format!("FasaAttention: qkv shape {shape:?}, expected (S, {width})")));
         }
         let s = shape[0] as usize;
+        let out_v = ctx.output(0, vec![s as i64, (self.n_heads * self.head_dim) as i64])?.ok_or_else(|| ort::Error::new("FasaAttention: no output"))?;
+        if !self.on_cuda {
+            let mut out_v = out_v;
+            let (_, out) = out_v.try_extract_tensor_mut::<f32>()?;
+            return self.attend(ctx, qkv, s, out, None).map(|_| ());
+        }
+        // CUDA execution provider: q/k/v and the scalars come in host memory (`CPUInput`), the
+        // output is ONNX Runtime's device buffer, and the step goes on its compute stream.
+        let ptr = out_v.downcast::<DynTensorValueType>()?.data_ptr() as u64;
+        // None: ORT launches on the legacy default stream (null), and so does the step.
+        let stream = ctx.stream()?.map_or(std::ptr::null_mut(), |p| p.as_ptr());
+        let pool = Arc::clone(&self.pool);
+        let mirror = pool.gpu().ok_or_else(|| ort::Error::new("FasaAttention: registered for the CUDA execution provider without a GPU mirror"))?;
+        let mut host = vec![0f32; s * self.n_heads * self.head_dim];
+        if !self.attend(ctx, qkv, s, &mut host, Some((ptr, stream)))? {
+            mirror.upload_out(&host, ptr, stream).map_err(|e| ort::Error::new(format!("FasaAttention: output to the GPU: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+impl FasaKernel {
+    /// Rotates and appends the S tokens of `qkv` `(S, (H + 2·Hkv)·d)`, then attends. `out` is
+    /// `(S, H·d)` on the host; with `dev` (ONNX Runtime's device output and stream) a GPU decode
+    /// step writes there instead and this returns true, else the result is in `out`.
+    fn attend(&mut self, ctx: &ComputeContext, qkv: &[f32], s: usize, out: &mut [f32], dev: Option<(u64, *mut std::ffi::c_void)>) -> ort::Result<bool> {
+        let (h, hkv, d) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let n_fc = d / 2;
+        let width = (h + 2 * hkv) * d;
         let scalar = |i: usize, what: &str| -> ort::Result<usize> {
             let v = ctx.input(i)?.ok_or_else(|| ort::Error::new(format!("FasaAttention: missing {what}")))?;
             let (_, x) = v.try_extract_tensor::<i64>()?;
@@ -142,8 +184,6 @@ impl Kernel for FasaKernel {
             }
         }
 
-        let mut out_v = ctx.output(0, vec![s as i64, (h * d) as i64])?.ok_or_else(|| ort::Error::new("FasaAttention: no output"))?;
-        let (_, out) = out_v.try_extract_tensor_mut::<f32>()?;
         let group = h / hkv;
         let scale = 1.0 / (d as f32).sqrt();
         let layer = self.layer;
@@ -178,10 +218,14 @@ impl Kernel for FasaKernel {
                 m.rewind(slot, layer, pos);
             } else {
                 let step = super::gpu::DecodeStep { slot, layer, q_fc: &q_fc, n_q: h, cfg: &cfg, profile: &self.pool.profile(), sparse };
-                match m.decode(&cache, &step, out) {
+                let target = match dev {
+                    Some((ptr, stream)) => super::gpu::Out::Device { ptr, stream },
+                    None => super::gpu::Out::Host(&mut *out),
+                };
+                match m.decode(&cache, &step, target) {
                     Ok(st) => {
                         cache.state.stats.merge(&st);
-                        return Ok(());
+                        return Ok(dev.is_some());
                     }
                     Err(e) => {
                         static WARN: std::sync::Once = std::sync::Once::new();
@@ -273,7 +317,7 @@ impl Kernel for FasaKernel {
             super::capture::observe(&mut cache, layer, hkv, &q_fc, n_all);
         }
         cache.state.stats.merge(&stats);
-        Ok(())
+        Ok(false)
     }
 }
 

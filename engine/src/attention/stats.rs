@@ -33,6 +33,9 @@ pub struct AttnStats {
     /// counted with fp16 elements (2 bytes), the CPU's with f32 (4 bytes).
     #[serde(default)]
     pub gpu_layer_steps: u64,
+    /// Of those, the pairs launched on ONNX Runtime's stream (its CUDA execution provider).
+    #[serde(default)]
+    pub ort_stream_steps: u64,
 }
 
 impl AttnStats {
@@ -49,6 +52,7 @@ impl AttnStats {
         self.bytes_moved += o.bytes_moved;
         self.row_hits += o.row_hits;
         self.gpu_layer_steps += o.gpu_layer_steps;
+        self.ort_stream_steps += o.ort_stream_steps;
     }
     /// FASA-M: fraction of selected rows found in the row cache (1.0 when none were fetched).
     pub fn hit_rate(&self) -> f64 {

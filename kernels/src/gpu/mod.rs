@@ -19,7 +19,7 @@ pub mod trace;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU8;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, DriverError, LaunchConfig, PushKernelArg};
@@ -213,6 +213,7 @@ const CANDS_SHIFT: i32 = 8;
 unsafe impl DeviceRepr for Dims {}
 
 /// Every kernel of the module, looked up once.
+#[derive(Clone)]
 pub(crate) struct Funcs {
     pub tip_mass: CudaFunction,
     /// Filter blocks of 8192 and of 2048 tokens (`select_filter_v8`, `_v2`).
@@ -571,6 +572,51 @@ impl Gpu {
             }
         })
         .clone()
+    }
+
+    /// This device's kernels launching on `stream` instead of [`Gpu::stream`]: work given to the
+    /// view is ordered on that stream. Buffers allocated through either are usable by both (one
+    /// context); ordering work across the two streams is the caller's (events, or a sync).
+    pub fn on_stream(&self, stream: Arc<CudaStream>) -> Gpu {
+        let pdl = AtomicU8::new(self.pdl.load(Ordering::Relaxed));
+        Gpu { ctx: Arc::clone(&self.ctx), stream, arch: self.arch, sm_count: self.sm_count, module: Arc::clone(&self.module), f: self.f.clone(), pdl }
+    }
+
+    /// Wraps a CUDA stream that another library owns and destroys (ONNX Runtime's compute stream,
+    /// `cudaStream_t`), for [`Gpu::on_stream`].
+    ///
+    /// # Safety
+    /// `raw` is a live stream of this device's primary context (the one the CUDA runtime uses),
+    /// and it outlives the wrapper and every launch made through it.
+    pub unsafe fn borrow_stream(&self, raw: *mut std::ffi::c_void) -> Arc<CudaStream> {
+        // SAFETY: the caller's contract above.
+        unsafe { self.ctx.wrap_borrowed_stream(raw as cudarc::driver::sys::CUstream) }
+    }
+
+    /// Copies `src` from this host into device memory at `dst` (another library's buffer of at
+    /// least `src.len()` floats), ordered on `stream`. The copy is staged from pageable memory,
+    /// so `src` may be dropped when this returns.
+    ///
+    /// # Safety
+    /// `dst` is device memory of this context, `src.len()` floats long, not used concurrently.
+    pub unsafe fn copy_to_raw(&self, stream: &CudaStream, src: &[f32], dst: u64) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: the caller's contract above.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }?;
+        Ok(())
+    }
+
+    /// Copies `src` into device memory at `dst` (another library's buffer of at least
+    /// `src.len()` floats), ordered on `stream`.
+    ///
+    /// # Safety
+    /// As [`Gpu::copy_to_raw`]; `src` is not written before the copy has run.
+    pub unsafe fn copy_dtod_raw(&self, stream: &CudaStream, src: &CudaSlice<f32>, dst: u64) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtr;
+        let (p, _sync) = src.device_ptr(stream);
+        // SAFETY: the caller's contract above; both buffers are this context's.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, p, src.len() * 4, stream.cu_stream()) }?;
+        Ok(())
     }
 
     /// Fills `x` with uniform values in (-amp, amp) from a hash of (seed, index) (benchmarks).
