@@ -28,11 +28,24 @@ echo "tests exit ${PIPESTATUS[0]}"
 grep -q -E '^(SKIPPED|captured K/V: [0-9]+ cases)' "$OUT/tests.log" || echo "captured-K/V check: no result line (see tests.log)"
 # The engine's operator on the GPU vs its CPU path (synthetic model, outputs poisoned), then with
 # FASA_GPU=0, which must fail with "no GPU path" (the switch works).
-ORT=$(ls "$STAGE"/libonnxruntime.so.* 2>/dev/null | head -1)
+# (The CPU library staged by build.sh; else onnxruntime-gpu's, whose CPU provider is the same.)
+ORT=$(ls "$STAGE"/libonnxruntime.so.* /tmp/ortgpu/libonnxruntime.so.* 2>/dev/null | head -1)
 FASA_ORT_LIB=$ORT timeout 200 "$STAGE/gpu_op" --include-ignored --nocapture 2>&1 | tee "$OUT/gpu_op.log" | grep -E 'logits rel-L2|test result|panicked|no GPU path'
 echo "gpu_op exit ${PIPESTATUS[0]}"
 off=$(FASA_GPU=0 FASA_ORT_LIB=$ORT timeout 60 "$STAGE/gpu_op" --include-ignored 2>&1)
 grep -m1 -o -E "no GPU path[^\"]*" <<<"$off" || echo "FASA_GPU=0: no 'no GPU path' failure seen"
+# The graph under ONNX Runtime's CUDA execution provider, FasaAttention on ORT's stream, against
+# the CPU path: needs onnxruntime-gpu's libraries, which bench/gpu/ort_gpu.sh carries over
+# several calls into /tmp/ortgpu; the CUDA libraries it links come from PyTorch's wheels.
+if [ -f /tmp/ortgpu/libonnxruntime_providers_cuda.so ]; then
+  nv=$(python3 -c 'import nvidia, os, glob; print(":".join(glob.glob(os.path.dirname(nvidia.__path__[0]) + "/nvidia/*/lib")))' 2>/dev/null)
+  chmod +x "$STAGE/cuda_ep"
+  FASA_ORT_LIB=$(ls /tmp/ortgpu/libonnxruntime.so.* | head -1) LD_LIBRARY_PATH="$nv:${LD_LIBRARY_PATH:-}" timeout 200 "$STAGE/cuda_ep" --include-ignored --nocapture 2>&1 \
+    | tee "$OUT/cuda_ep.log" | grep -E 'rel-L2|test result|panicked|provider|error'
+  echo "cuda_ep exit ${PIPESTATUS[0]}"
+else
+  echo "cuda_ep: skipped (no onnxruntime-gpu in /tmp/ortgpu: bench/gpu/ort_gpu.sh)"
+fi
 [ "${1:-}" = --tests ] && exit 0
 timeout 400 "$STAGE/gpu_bench" "$@" "$OUT/bench.csv" 2>&1 | cut -d, -f1-17
 timeout 150 python3 "$SCRIPTS/sdpa.py" "$@" "$OUT/sdpa.csv"

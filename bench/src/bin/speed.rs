@@ -2,7 +2,7 @@
 //! attention mode, with the process's peak RSS. One JSON line per (depth, mode) on stdout.
 //!
 //! `speed --depth 0,2048,8000 --modes dense,fasa --prefill 512 --decode 128 [--threads N]
-//! [--activations int8|f32]`
+//! [--activations int8|f32] [--execution-provider auto|cpu|cuda]`
 //! mirrors `llama-bench -p 512 -n 128 -d <depth>`: prefill 512 tokens on top of `depth` cached
 //! tokens, and decode 128 tokens on top of `depth` cached tokens.
 use std::time::Instant;
@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     opts.threads = arg("--threads").map_or(Ok(0), |s| s.parse())?;
     opts.max_sequences = 2;
     opts.activations = arg("--activations").map_or(Ok(Default::default()), |s| s.parse()).map_err(anyhow::Error::msg)?;
+    opts.execution_provider = arg("--execution-provider").map_or(Ok(Default::default()), |s| s.parse()).map_err(anyhow::Error::msg)?;
     let mut model = Model::load(&opts)?;
     let ctx = model.info().max_context;
     // Deterministic, varied text-like token ids (no special tokens).
@@ -80,7 +81,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "activations": opts.activations.as_str(), "depth": depth, "prefill_depth": prefill_depth, "mode": mode.as_str(), "budget": cfg.budget, "chunks": cfg.chunks,
+                    "activations": opts.activations.as_str(), "execution_provider": model.info().execution_provider.as_str(), "gpu_layer_steps": st.gpu_layer_steps, "depth": depth, "prefill_depth": prefill_depth, "mode": mode.as_str(), "budget": cfg.budget, "chunks": cfg.chunks,
                     "prefill_tokens": n_prefill, "prefill_tok_s": n_prefill as f64 / prefill_s,
                     "decode_tokens": n_decode, "decode_tok_s": n_decode as f64 / decode_s,
                     "kv_read_fraction": st.read_fraction(), "peak_rss_mib": peak_rss_kib() as f64 / 1024.0,
