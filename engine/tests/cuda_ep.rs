@@ -15,7 +15,7 @@
 mod support;
 
 use fasa_engine::{paths, runtime, Activations, AttnConfig, ExecutionProvider, LoadOptions, Model};
-use support::{write_model_ctx, Types, LAYERS};
+use support::{logits_rel_err as rel_err, top2, write_model_ctx, Types, LAYERS};
 
 const PROMPT: usize = 320;
 const STEPS: usize = 40;
@@ -30,25 +30,6 @@ fn options(path: &std::path::Path, gpu: bool, ep: ExecutionProvider) -> LoadOpti
 fn synthetic(dir: &std::path::Path) -> std::path::PathBuf {
     use fasa_engine::gguf::GgmlType::{Q4K, Q5K, Q5_0, Q6K, Q8_0};
     write_model_ctx(dir, &Types { embd: Q8_0, output: Some(Q6K), layers: [[Q5_0, Q5_0, Q8_0, Q4K, Q5K, Q5_0, Q6K]; LAYERS] }, 1024)
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
-    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-    if a.iter().any(|x| !x.is_finite()) { f32::INFINITY } else { num / den }
-}
-
-/// (argmax, top-1 minus top-2).
-fn top2(x: &[f32]) -> (u32, f32) {
-    let (mut i1, mut v1, mut v2) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for (i, &v) in x.iter().enumerate() {
-        if v > v1 {
-            (v2, i1, v1) = (v1, i, v);
-        } else if v > v2 {
-            v2 = v;
-        }
-    }
-    (i1 as u32, v1 - v2)
 }
 
 /// Without the provider in the library, `cuda` is refused with the reason and `auto` falls back

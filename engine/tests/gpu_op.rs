@@ -14,7 +14,7 @@
 mod support;
 
 use fasa_engine::{paths, Activations, AttnConfig, AttnStats, ExecutionProvider, LoadOptions, Model};
-use support::{write_model_ctx, Types, LAYERS};
+use support::{logits_rel_err as rel_err, top2, write_model_ctx, Types, LAYERS};
 
 const PROMPT: usize = 320;
 const STEPS: usize = 40;
@@ -29,25 +29,6 @@ fn load(path: &std::path::Path, gpu: bool) -> Model {
     // about the operator's own GPU path (tests/cuda_ep.rs runs the graph under CUDA's).
     let opts = LoadOptions { max_sequences: 1, max_context: 512, gpu, activations: Activations::F32, execution_provider: ExecutionProvider::Cpu, ..LoadOptions::new(path, ort) };
     Model::load(&opts).expect("load the synthetic model")
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
-    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
-    if a.iter().any(|x| !x.is_finite()) { f32::INFINITY } else { num / den }
-}
-
-/// (argmax, top-1 minus top-2).
-fn top2(x: &[f32]) -> (u32, f32) {
-    let (mut i1, mut v1, mut v2) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
-    for (i, &v) in x.iter().enumerate() {
-        if v > v1 {
-            (v2, i1, v1) = (v1, i, v);
-        } else if v > v2 {
-            v2 = v;
-        }
-    }
-    (i1 as u32, v1 - v2)
 }
 
 struct Outcome {

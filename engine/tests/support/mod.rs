@@ -165,3 +165,24 @@ pub fn write_model_ctx(dir: &std::path::Path, t: &Types, context: u32) -> std::p
     w.write(&path).unwrap();
     path
 }
+
+/// Relative L2 distance of logits `a` from `b`; infinite when `a` has a non-finite value (a GPU
+/// output left poisoned).
+pub fn logits_rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+    let den: f32 = b.iter().map(|y| y * y).sum::<f32>().sqrt();
+    if a.iter().any(|x| !x.is_finite()) { f32::INFINITY } else { num / den }
+}
+
+/// (argmax, top-1 minus top-2).
+pub fn top2(x: &[f32]) -> (u32, f32) {
+    let (mut i1, mut v1, mut v2) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &v) in x.iter().enumerate() {
+        if v > v1 {
+            (v2, i1, v1) = (v1, i, v);
+        } else if v > v2 {
+            v2 = v;
+        }
+    }
+    (i1 as u32, v1 - v2)
+}
