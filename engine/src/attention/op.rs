@@ -6,7 +6,9 @@
 //! The kernel rotates q and k with the model's true pairs, appends k (as FC planes) and v to the
 //! slot's pages, and attends causally. Kernels keep no per-run state: the cache pool is shared.
 //! Where the pool has a GPU mirror (`super::gpu`), decode steps of the modes it serves attend on
-//! the GPU instead; the pages above are written all the same.
+//! the GPU instead; the pages above are written all the same. Under ONNX Runtime's CUDA execution
+//! provider a second registration (`on_cuda`) takes the inputs in host memory, writes the output
+//! into ORT's device buffer and launches GPU steps on ORT's stream without waiting for them.
 use std::sync::Arc;
 
 use fasa_kernels::cpu::{attend_causal_group, attend_dense_group, attend_rows, attend_rows_group, HeadView, Rope};
