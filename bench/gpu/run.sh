@@ -15,7 +15,9 @@ SCRIPTS=${FASA_GPU_SCRIPTS:-bench/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASA_PTX_CACHE=/tmp/fasa-ptx
 # NVRTC: the CUDA toolkit's, else the one in PyTorch's wheels.
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib $(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)/nvidia/cu13/lib; do
+# (The site-packages folder of PyTorch's CUDA wheels, `nvidia/*/lib`.)
+SITE=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null)
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib "$SITE"/nvidia/cu13/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
 { date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv; nvcc --version | tail -2; ls /usr/local/cuda/lib64/libnvrtc* 2>&1 | head -3; } > "$OUT/env.txt" 2>&1
@@ -38,7 +40,7 @@ grep -m1 -o -E "no GPU path[^\"]*" <<<"$off" || echo "FASA_GPU=0: no 'no GPU pat
 # the CPU path: needs onnxruntime-gpu's libraries, which bench/gpu/ort_gpu.sh carries over
 # several calls into /tmp/ortgpu; the CUDA libraries it links come from PyTorch's wheels.
 if [ -f /tmp/ortgpu/libonnxruntime_providers_cuda.so ]; then
-  nv=$(python3 -c 'import nvidia, os, glob; print(":".join(glob.glob(os.path.dirname(nvidia.__path__[0]) + "/nvidia/*/lib")))' 2>/dev/null)
+  nv=$(ls -d "$SITE"/nvidia/*/lib 2>/dev/null | paste -sd:)
   chmod +x "$STAGE/cuda_ep"
   FASA_ORT_LIB=$(ls /tmp/ortgpu/libonnxruntime.so.* | head -1) LD_LIBRARY_PATH="$nv:${LD_LIBRARY_PATH:-}" timeout 200 "$STAGE/cuda_ep" --include-ignored --nocapture 2>&1 \
     | tee "$OUT/cuda_ep.log" | grep -E 'rel-L2|test result|panicked|provider|error'

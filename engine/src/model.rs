@@ -107,7 +107,7 @@ fn exact_f32() -> bool {
 /// Whether to register the CUDA execution provider: `Auto` takes it when the ORT library has
 /// it and the GPU path is on; `Cuda` fails the load, saying why, when either is missing.
 fn use_cuda(opts: &LoadOptions, mirror: bool) -> Result<bool> {
-    let lib = crate::runtime::has_cuda_provider();
+    let lib = runtime::has_cuda_provider();
     match opts.execution_provider {
         ExecutionProvider::Cpu => Ok(false),
         ExecutionProvider::Auto => Ok(lib && mirror),

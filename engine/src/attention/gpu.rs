@@ -187,7 +187,7 @@ impl GpuMirror {
     pub fn upload_out(&self, host: &[f32], ptr: u64, stream: *mut std::ffi::c_void) -> Result<(), GpuError> {
         let run = self.ort_view(stream);
         // SAFETY: `ptr` is the operator's output tensor, `host.len()` floats on this device.
-        unsafe { run.copy_to_raw(&run.stream, host, ptr) }
+        unsafe { run.copy_to_raw(host, ptr) }
     }
 
     /// The last GPU step's error, if any step failed (it ran on the CPU instead).
@@ -205,7 +205,7 @@ impl GpuMirror {
             return Err(GpuError::Shape(format!("context of {n} tokens exceeds the GPU cache's {}", self.l_max)));
         }
         // Bring the mirror to the CPU cache's n rows: the new row alone, or all of them again.
-        let rows = if lm.valid + 1 == n && lm.dev.is_some() { n - 1..n } else { 0..n };
+        let rows = if lm.valid + 1 == n { n - 1..n } else { 0..n };
         let key: DecKey = (st.sparse.then(|| st.cfg.clone()), Arc::clone(st.profile));
         let rebuild = !lm.dev.as_ref().and_then(|dev| dev.dec.as_ref()).is_some_and(|(k, _)| k.0 == key.0 && Arc::ptr_eq(&k.1, &key.1));
         // Set-up (allocation, a whole slot's upload, a new decoder) runs on our stream; on another
@@ -286,7 +286,7 @@ impl GpuMirror {
             }
             // SAFETY: `ptr` is the operator's output tensor of (n_q, d) floats on this device;
             // dev.out is next written by this (slot, layer)'s next step, on the same stream.
-            Out::Device { ptr, .. } => unsafe { run.copy_dtod_raw(r, &dev.out, ptr)? },
+            Out::Device { ptr, .. } => unsafe { run.copy_dtod_raw(&dev.out, ptr)? },
         }
         let mut stats = step_stats(st, hkv, d, n, sel.as_deref());
         stats.ort_stream_steps = u64::from(on_ort);

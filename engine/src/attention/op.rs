@@ -120,10 +120,10 @@ impl Kernel for FasaKernel {
         let ptr = out_v.downcast::<DynTensorValueType>()?.data_ptr() as u64;
         // None: ORT launches on the legacy default stream (null), and so does the step.
         let stream = ctx.stream()?.map_or(std::ptr::null_mut(), |p| p.as_ptr());
-        let pool = Arc::clone(&self.pool);
-        let mirror = pool.gpu().ok_or_else(|| ort::Error::new("FasaAttention: registered for the CUDA execution provider without a GPU mirror"))?;
         let mut host = vec![0f32; s * self.n_heads * self.head_dim];
         if !self.attend(ctx, qkv, s, &mut host, Some((ptr, stream)))? {
+            // (Model::load registers this kernel only with the pool's GPU mirror.)
+            let mirror = self.pool.gpu().ok_or_else(|| ort::Error::new("FasaAttention: registered for the CUDA execution provider without a GPU mirror"))?;
             mirror.upload_out(&host, ptr, stream).map_err(|e| ort::Error::new(format!("FasaAttention: output to the GPU: {e}")))?;
         }
         Ok(())

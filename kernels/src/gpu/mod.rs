@@ -594,28 +594,28 @@ impl Gpu {
     }
 
     /// Copies `src` from this host into device memory at `dst` (another library's buffer of at
-    /// least `src.len()` floats), ordered on `stream`. The copy is staged from pageable memory,
-    /// so `src` may be dropped when this returns.
+    /// least `src.len()` floats), ordered on [`Gpu::stream`]. The copy is staged from pageable
+    /// memory, so `src` may be dropped when this returns.
     ///
     /// # Safety
     /// `dst` is device memory of this context, `src.len()` floats long, not used concurrently.
-    pub unsafe fn copy_to_raw(&self, stream: &CudaStream, src: &[f32], dst: u64) -> Result<(), GpuError> {
+    pub unsafe fn copy_to_raw(&self, src: &[f32], dst: u64) -> Result<(), GpuError> {
         self.ctx.bind_to_thread()?;
         // SAFETY: the caller's contract above.
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, stream.cu_stream()) }?;
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }?;
         Ok(())
     }
 
     /// Copies `src` into device memory at `dst` (another library's buffer of at least
-    /// `src.len()` floats), ordered on `stream`.
+    /// `src.len()` floats), ordered on [`Gpu::stream`].
     ///
     /// # Safety
     /// As [`Gpu::copy_to_raw`]; `src` is not written before the copy has run.
-    pub unsafe fn copy_dtod_raw(&self, stream: &CudaStream, src: &CudaSlice<f32>, dst: u64) -> Result<(), GpuError> {
+    pub unsafe fn copy_dtod_raw(&self, src: &CudaSlice<f32>, dst: u64) -> Result<(), GpuError> {
         use cudarc::driver::DevicePtr;
-        let (p, _sync) = src.device_ptr(stream);
+        let (p, _sync) = src.device_ptr(&self.stream);
         // SAFETY: the caller's contract above; both buffers are this context's.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, p, src.len() * 4, stream.cu_stream()) }?;
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, p, src.len() * 4, self.stream.cu_stream()) }?;
         Ok(())
     }
 
