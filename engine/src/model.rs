@@ -127,8 +127,6 @@ impl Model {
             return Err(EngineError::Unsupported(format!("head_dim {} / heads {}:{} have no RoPE pairs or GQA groups", config.head_dim, config.n_heads, config.n_kv_heads)));
         }
         let tokenizer = Tokenizer::from_gguf(&file)?;
-        let graph = build_decoder(&file, &config, opts.activations)?;
-        drop(file);
         let max_context = match opts.max_context {
             0 => config.context_length,
             n => n.min(config.context_length),
@@ -164,6 +162,10 @@ impl Model {
             domain = domain.add(FasaAttentionOp { pool: Arc::clone(&pool), threads, on_cuda: true })?;
         }
         log::info!("ONNX Runtime execution provider: {}", if cuda { "CUDA (FasaAttention on its stream)" } else { "CPU" });
+        // Built once the provider is known: the CUDA one gets standard nodes for the 4-bit
+        // weights' correction term where the CPU gets its custom op.
+        let graph = build_decoder(&file, &config, opts.activations, cuda)?;
+        drop(file);
         // Per-node timings for performance work: ORT writes `<prefix>_<date>.json`.
         if let Some(prefix) = std::env::var_os("FASA_ORT_PROFILE") {
             builder = builder.with_profiling(prefix).map_err(ort::Error::from)?;

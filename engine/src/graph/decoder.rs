@@ -53,6 +53,10 @@ struct Ctx<'a> {
     accuracy_level: i64,
     /// Performance experiments only (wrong results): leave out the Q4_1 correction term.
     skip_correction: bool,
+    /// The correction term as standard nodes (Reshape, ReduceSum, MatMul, Add), not the CPU-only
+    /// `BlockCorrection`: under ORT's CUDA provider, where the custom op would make ORT copy x
+    /// and y to the host and back at every corrected matmul (GPU run 26: 8 + 3 copies a layer).
+    correction_nodes: bool,
 }
 
 impl Ctx<'_> {
@@ -163,7 +167,18 @@ impl Ctx<'_> {
                 }
             }
             let c = self.g.init_f32(&format!("{out}.corr"), &[nb, w.n], &t);
-            self.g.node(CORR_OP_NAME, OP_DOMAIN, out, &[input, &acc, &c], &[out], vec![("block", Attr::Int(w.block as i64))]);
+            if self.correction_nodes {
+                // x (S, K) → (S, K/B, B) → block sums (S, K/B) → · corrᵀ (S, N) → + the planes' sum.
+                let (xb, bs, cy) = (format!("{out}.xb"), format!("{out}.bsum"), format!("{out}.cy"));
+                let shape = self.g.init_i64(&format!("{out}.bshape"), &[3], &[0, nb as i64, w.block as i64]);
+                let axes = self.g.init_i64(&format!("{out}.baxis"), &[1], &[-1]);
+                self.g.node("Reshape", "", &xb, &[input, &shape], &[&xb], vec![]);
+                self.g.node("ReduceSum", "", &bs, &[&xb, &axes], &[&bs], vec![("keepdims", Attr::Int(0))]);
+                self.g.node("MatMul", "", &cy, &[&bs, &c], &[&cy], vec![]);
+                self.g.node("Add", "", out, &[&acc, &cy], &[out], vec![]);
+            } else {
+                self.g.node(CORR_OP_NAME, OP_DOMAIN, out, &[input, &acc, &c], &[out], vec![("block", Attr::Int(w.block as i64))]);
+            }
         } else if acc != out {
             self.g.node("Identity", "", out, &[&acc], &[out], vec![]);
         }
@@ -209,7 +224,10 @@ impl std::str::FromStr for Activations {
     }
 }
 
-pub fn build_decoder(f: &GgufFile, c: &ModelConfig, activations: Activations) -> Result<DecoderGraph> {
+/// `cuda`: the graph is for ORT's CUDA provider (see `Ctx::correction_nodes`;
+/// `FASA_EXPERIMENT_CORRECTION=nodes` / `op` forces either form: tests check the nodes on the
+/// CPU, benchmarks time the custom op under CUDA).
+pub fn build_decoder(f: &GgufFile, c: &ModelConfig, activations: Activations, cuda: bool) -> Result<DecoderGraph> {
     let (d_model, d) = (c.hidden, c.head_dim);
     let env_flag = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<i64>().ok());
     let mut x = Ctx {
@@ -217,6 +235,11 @@ pub fn build_decoder(f: &GgufFile, c: &ModelConfig, activations: Activations) ->
         f,
         accuracy_level: activations.accuracy_level(),
         skip_correction: env_flag("FASA_EXPERIMENT_NO_CORRECTION") == Some(1),
+        correction_nodes: match std::env::var("FASA_EXPERIMENT_CORRECTION").as_deref() {
+            Ok("nodes") => true,
+            Ok("op") => false,
+            _ => cuda,
+        },
     };
     x.g.input("input_ids", dtype::INT64, &[None]);
     x.g.input("position", dtype::INT64, &[Some(1)]);
