@@ -70,6 +70,6 @@ pub mod select;
 pub use attention::{attend_dense, attend_dense_group, attend_rows, attend_rows_group, attend_scored_rows_group, exp_neg, fc_scores, row_logits, softmax_in_place, tip_group_mass, tip_mass_merge, tip_mass_part, HeadView, MassPart};
 pub use blockcorr::add_block_correction;
 pub use prefill::attend_causal_group;
-pub use quant::{fc_scores_q8, fc_scores_q8_heads, q8_plane_bytes, quantize_page_block, Q8View, QB};
+pub use quant::{fc_scores_q8, fc_scores_q8_heads, q8_plane_bytes, q_levels, quantize_block_bits, quantize_page_block, quantize_page_block_bits, Q8View, QB};
 pub use rope::Rope;
 pub use select::{add_moments, choose_fcs, choose_fcs_var, force_rows, quest_score, top_b, FcMoments};

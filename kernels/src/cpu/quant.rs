@@ -31,17 +31,31 @@ pub struct Q8View<'a> {
 /// the scale `absmax / 127` (0 for an all-zero block); `q = round(v · 127 / absmax)`. The GPU's
 /// quantiser follows the same arithmetic so both read the same int8 values.
 pub fn quantize_block(x: &[f32], y: &[f32], qx: &mut [i8], qy: &mut [i8]) -> f32 {
+    quantize_block_bits(x, y, qx, qy, 8)
+}
+
+/// Largest magnitude of a `bits`-bit scoring value: 127 (int8) or 7 (int4; -8 is never used, so
+/// the grid is symmetric as int8's is).
+pub fn q_levels(bits: u32) -> f32 {
+    ((1u32 << (bits - 1)) - 1) as f32
+}
+
+/// `quantize_block` on a grid of `bits` bits (8 or 4): scale `absmax / L`, `q = round(v · L /
+/// absmax)`, `L = q_levels(bits)`. Int4 values are held one per `i8` here; the GPU packs two per
+/// byte (fasa.cu's `quant_block`), with the same values.
+pub fn quantize_block_bits(x: &[f32], y: &[f32], qx: &mut [i8], qy: &mut [i8], bits: u32) -> f32 {
     let amax = x.iter().chain(y).fold(0f32, |m, v| m.max(v.abs()));
     if amax == 0.0 || !amax.is_finite() {
         qx.fill(0);
         qy.fill(0);
         return if amax == 0.0 { 0.0 } else { f32::NAN };
     }
-    let inv = 127.0 / amax;
+    let levels = q_levels(bits);
+    let inv = levels / amax;
     for (q, v) in qx.iter_mut().zip(x).chain(qy.iter_mut().zip(y)) {
         *q = (v * inv).round() as i8;
     }
-    amax / 127.0
+    amax / levels
 }
 
 /// Quantises block `b` (tokens `b·QB .. (b+1)·QB` of the cache) from the f32 planes page `kp`
@@ -51,6 +65,12 @@ pub fn quantize_block(x: &[f32], y: &[f32], qx: &mut [i8], qy: &mut [i8]) -> f32
 /// fp16 rounding: quantising the unrounded f32 moved rows across the candidate cut on the GPU
 /// operator test). The fp16 rounding costs nothing next to the int8 step.
 pub fn quantize_page_block(kp: &[f32], page: usize, n_fc: usize, block_in_page: usize, q8: &mut [i8], scales: &mut [f32]) {
+    quantize_page_block_bits(kp, page, n_fc, block_in_page, q8, scales, 8);
+}
+
+/// `quantize_page_block` on a grid of `bits` bits (`quantize_block_bits`): the int4 scoring
+/// planes' values, one per `i8`, in the same page layout.
+pub fn quantize_page_block_bits(kp: &[f32], page: usize, n_fc: usize, block_in_page: usize, q8: &mut [i8], scales: &mut [f32], bits: u32) {
     let (mut x, mut y) = ([0f32; QB], [0f32; QB]);
     let blocks = page / QB;
     for f in 0..n_fc {
@@ -60,7 +80,7 @@ pub fn quantize_page_block(kp: &[f32], page: usize, n_fc: usize, block_in_page: 
         }
         let o = f * 2 * page + block_in_page * QB;
         let (qx, rest) = q8[o..].split_at_mut(page);
-        scales[f * blocks + block_in_page] = quantize_block(&x, &y, &mut qx[..QB], &mut rest[..QB]);
+        scales[f * blocks + block_in_page] = quantize_block_bits(&x, &y, &mut qx[..QB], &mut rest[..QB], bits);
     }
 }
 
@@ -198,6 +218,26 @@ mod tests {
         assert!(qx.iter().chain(&qy).any(|q| q.abs() == 127));
         assert_eq!(quantize_block(&[0.0; QB], &[0.0; QB], &mut qx, &mut qy), 0.0);
         assert!(qx.iter().all(|&q| q == 0));
+    }
+
+    #[test]
+    fn int4_block_round_trips_within_half_a_step() {
+        let mut s = 11;
+        let x: Vec<f32> = (0..QB).map(|_| lcg(&mut s) * 2.0).collect();
+        let y: Vec<f32> = (0..QB).map(|_| lcg(&mut s) * 0.5).collect();
+        let (mut qx, mut qy) = ([0i8; QB], [0i8; QB]);
+        let sc = quantize_block_bits(&x, &y, &mut qx, &mut qy, 4);
+        let amax = x.iter().chain(&y).fold(0f32, |m, v| m.max(v.abs()));
+        assert_eq!(sc, amax / 7.0);
+        for (v, q) in x.iter().zip(&qx).chain(y.iter().zip(&qy)) {
+            assert!((-7..=7).contains(q), "{q} outside the int4 grid");
+            assert!((v - *q as f32 * sc).abs() <= sc * 0.5 + 1e-6, "{v} vs {q}·{sc}");
+        }
+        assert!(qx.iter().chain(&qy).any(|q| q.abs() == 7));
+        // The 8-bit path is quantize_block's.
+        let (mut ax, mut ay, mut bx, mut by) = ([0i8; QB], [0i8; QB], [0i8; QB], [0i8; QB]);
+        assert_eq!(quantize_block_bits(&x, &y, &mut ax, &mut ay, 8), quantize_block(&x, &y, &mut bx, &mut by));
+        assert_eq!((ax, ay), (bx, by));
     }
 
     /// Scores from the int8 planes equal a plain sum over dequantised pairs (whole blocks) and the
