@@ -1,10 +1,11 @@
 //! Per-step decode attention time on the GPU: FASA-C (TIP + select + FAC) in the paper's mode and
 //! the default mode (`fasa_default`: FC choice by K variance, group score by per-head mass, as the
 //! CPU default; `fasa_default_old`: by query norm, scores summed), each of the paper's and the
-//! default's also with TIP reading the int8 scoring planes (`*_int8`), and in-house dense, over
-//! the same cache; plus the device copy bandwidth.
+//! default's also with TIP reading the int8 scoring planes (`*_int8`), the paper's with int4 ones
+//! (`fasa_paper_group_int4`), and in-house dense, over the same cache; plus the device copy
+//! bandwidth.
 //! Each step runs over several layers' caches in turn (as many as make the bytes of dense and of
-//! the paper's int8 row each ≥ 4× the L2), captured in one CUDA graph; times are per layer.
+//! the paper's int4 row each ≥ 4× the L2), captured in one CUDA graph; times are per layer.
 //! Prints CSV (and writes it to the path given as first argument).
 //!
 //! Run on the device: bench/gpu/run.sh. `--quick` times a few shapes only; `--targets` the four
@@ -37,6 +38,8 @@ use fasa_kernels::gpu::{decode::capture, fac, trace, tracing, DecodeConfig, Dtyp
 /// Bytes per token and group of 8 FCs that int8 TIP reads: 16 B of pairs plus 8 f32 scales per
 /// 32 tokens (1 B per token).
 const INT8_GROUP_BYTES: f64 = 17.0;
+/// The same for int4 TIP: 8 B of pairs plus the same scales.
+const INT4_GROUP_BYTES: f64 = 9.0;
 
 struct Shape {
     model: &'static str,
@@ -50,11 +53,11 @@ struct Shape {
 }
 
 /// One timed FASA-C row: name, pool P, sinks, recent, the default's stage 1 (variance + mass),
-/// int8 TIP.
-type Mode = (&'static str, usize, usize, usize, bool, bool);
+/// bits of the scoring planes TIP reads (8 or 4; 0: the 16-bit K).
+type Mode = (&'static str, usize, usize, usize, bool, u32);
 
 /// The decoder settings of `mode` at shape `s` (dense rows: the paper's, only its dense kernels run).
-fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8): Mode) -> DecodeConfig {
+fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, bits): Mode) -> DecodeConfig {
     DecodeConfig {
         n_q: s.n_q,
         per_group: true,
@@ -67,7 +70,7 @@ fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, q8
         rerank: 0,
         fc_by_variance: false,
         group_mass: false,
-        q8_tip: q8,
+        q8_tip: bits > 0,
     }
     .with_var_mass(var_mass)
 }
@@ -269,12 +272,12 @@ fn main() {
     }
     for s in &shapes {
         let layer_bytes = 2 * s.batch * s.n_kv * s.len * s.d * 2;
-        // FASA rows read far fewer bytes per layer than dense (the paper's int8 row the fewest: its
+        // FASA rows read far fewer bytes per layer than dense (the paper's int4 row the fewest: its
         // planes and B rows), so the layers are as many as make those ≥ 4× the L2 too. (Until GPU
         // run 21 the count came from dense bytes alone: one layer at 1 × 128k and two at 1 × 32k,
         // whose 36 and 2 × 9 MB of int8 planes fit the 60 MiB L2, so stage 1 was timed partly from
-        // it.)
-        let fasa_bytes = s.batch * s.n_kv * (s.len * s.k.div_ceil(8) * INT8_GROUP_BYTES as usize + s.budget.min(s.len) * s.d * 4);
+        // it; until run 28, from the int8 row's bytes.)
+        let fasa_bytes = s.batch * s.n_kv * (s.len * s.k.div_ceil(8) * INT4_GROUP_BYTES as usize + s.budget.min(s.len) * s.d * 4);
         let layers = (4 * l2).div_ceil(layer_bytes.min(fasa_bytes)).clamp(1, 32);
         let mut caches = Vec::new();
         for l in 0..layers {
@@ -311,18 +314,20 @@ fn main() {
         // of 64 at Llama's); the old-default row keeps its earlier 2k.
         // `fasa_default_p2k`: the new stage 1 at the old row's pool, to tell the cost of the
         // stage 1 from that of the larger pool (whose chosen FCs spread over more FC groups).
-        // `*_int8`: the same as the row before with TIP reading the int8 planes.
-        let paper: Mode = ("fasa_paper_group", s.k, 0, 0, false, false);
-        let default: Mode = ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true, false);
-        let all_modes: [Mode; 6] = [
+        // `*_int8`: the same as the row before with TIP reading the int8 planes; the int4 row
+        // last, as the caches' planes are requantised to int4 for it.
+        let paper: Mode = ("fasa_paper_group", s.k, 0, 0, false, 0);
+        let default: Mode = ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true, 0);
+        let all_modes: [Mode; 7] = [
             paper,
-            ("fasa_paper_group_int8", s.k, 0, 0, false, true),
-            ("fasa_default_old", 2 * s.k, 4, 32, false, false),
-            ("fasa_default_p2k", 2 * s.k, 4, 32, true, false),
+            ("fasa_paper_group_int8", s.k, 0, 0, false, 8),
+            ("fasa_default_old", 2 * s.k, 4, 32, false, 0),
+            ("fasa_default_p2k", 2 * s.k, 4, 32, true, 0),
             default,
-            ("fasa_default_int8", default.1, 4, 32, true, true),
+            ("fasa_default_int8", default.1, 4, 32, true, 8),
+            ("fasa_paper_group_int4", s.k, 0, 0, false, 4),
         ];
-        let target_modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_default_int8"];
+        let target_modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_default_int8", "fasa_paper_group_int4"];
         let modes: Vec<Mode> = all_modes.into_iter().filter(|m| (!targets || target_modes.contains(&m.0)) && wanted(m.0)).collect();
         let dense_bytes = layer_bytes as f64;
         // Dense first.
@@ -399,7 +404,13 @@ fn main() {
             dense_us
         };
         for mode in modes {
-            let (name, p, q8) = (mode.0, mode.1, mode.5);
+            let (name, p, bits) = (mode.0, mode.1, mode.5);
+            let q8 = bits > 0;
+            if q8 {
+                for c in caches.iter_mut() {
+                    c.enable_scoring_planes(&gpu, bits).unwrap();
+                }
+            }
             let cfg = config(s, &pools, mode);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
             decs.iter_mut().for_each(|d| d.filter_tok = filter_tok);
@@ -412,7 +423,12 @@ fn main() {
             let mut best = (f64::INFINITY, true, false, 1, FacKernel::Reg, 0usize, 0usize, true, (true, true, true));
             let mut all = Vec::new();
             let nums = |var: &str| -> Option<Vec<usize>> { list(var).map(|v| v.iter().filter_map(|x| x.parse().ok()).collect()) };
-            let pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_else(|| vec![decs[0].tip8_pipe]) } else { vec![decs[0].tip8_pipe] };
+            // (int4 rows take the int4 codes of the list, gpu::TIP4_PIPES; int8 rows the others)
+            let mut pipe_opts = if q8 { nums("FASA_BENCH_TIP8").unwrap_or_default() } else { vec![] };
+            pipe_opts.retain(|&p| (p >= 1000) == (bits == 4));
+            if pipe_opts.is_empty() {
+                pipe_opts.push(if bits == 4 { fasa_kernels::gpu::TIP4_PIPE } else { decs[0].tip8_pipe });
+            }
             // FASA_BENCH_FACROWS: FAC rows per block to time (0 = the decoder's, the default).
             let fr_opts = nums("FASA_BENCH_FACROWS").unwrap_or_else(|| vec![0]);
             // The default's int8 rows: the group-mass TIP pipelined and not (`u`).
@@ -515,10 +531,15 @@ fn main() {
             let select_us = graph_ms(&gpu, &mut decs, &caches, layers, |d, c| d.select(&gpu, c, &q, &lens)) * 1e3;
             // Bytes the method must read: the FC groups holding the pool's chosen FCs of every
             // token (16-bit: 32 B per token and group; int8: 16 B and one f32 scale per FC and
-            // block of 32 tokens, 17 B; the partial last block's 16-bit groups not counted), plus
+            // block of 32 tokens, 17 B; int4: 8 B and the scales, 9 B; the partial last block's
+            // 16-bit groups not counted), plus
             // full K and V of B rows (scores and histograms not counted).
             let groups_read = (p.div_ceil(8)).min(n_fc / 8) as f64;
-            let tip = (s.batch * s.n_kv * s.len) as f64 * groups_read * if q8 { INT8_GROUP_BYTES } else { 32.0 };
+            let tip = (s.batch * s.n_kv * s.len) as f64 * groups_read * match bits {
+                8 => INT8_GROUP_BYTES,
+                4 => INT4_GROUP_BYTES,
+                _ => 32.0,
+            };
             let fac = (s.batch * s.n_kv * s.budget.min(s.len) * s.d * 2 * 2) as f64;
             let bytes = tip + fac;
             let tbps = bytes / (ms * 1e-3) / 1e12;

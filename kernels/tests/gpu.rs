@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use fasa_kernels::cpu::{
-    add_moments, attend_dense, attend_rows, choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, quantize_page_block, row_logits,
+    add_moments, attend_dense, attend_rows, choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, quantize_page_block_bits, row_logits,
     softmax_in_place, tip_group_mass, top_b, FcMoments, HeadView, Q8View, QB,
 };
 use fasa_kernels::gpu::{append::append, decode::capture, DecodeConfig, Dtype, FacKernel, FasaDecoder, Gpu, GpuError, GpuKvCache};
@@ -62,6 +62,8 @@ struct Case {
     var_mass: bool,
     /// TIP from the int8 scoring planes (`cpu::fc_scores_q8` twin), else from the 16-bit K.
     q8: bool,
+    /// With `q8`: the planes hold int4 values (`quantize_page_block_bits(.., 4)` twin).
+    q4: bool,
 }
 
 /// Host copy of one case's data, values already rounded to the storage type.
@@ -187,7 +189,7 @@ fn cpu_select(c: &Case, data: &Data, b: usize, s: usize) -> (Vec<f32>, Vec<u32>)
     };
     let mut sc = vec![0f32; len];
     // The int8 twin: every whole block of the (fp16/bf16-rounded) K quantised by the CPU.
-    let (q8p, q8s) = if c.q8 { quantize_all(&data.planes[b][kv], len, c.d / 2) } else { (vec![], vec![]) };
+    let (q8p, q8s) = if c.q8 { quantize_all(&data.planes[b][kv], len, c.d / 2, c.bits()) } else { (vec![], vec![]) };
     let (qp, sp) = ([q8p.as_slice()], [q8s.as_slice()]);
     let q8v = Q8View { pages: &qp, scales: &sp, blocks: len / QB };
     let q8 = c.q8.then_some(&q8v);
@@ -218,13 +220,13 @@ fn cpu_select(c: &Case, data: &Data, b: usize, s: usize) -> (Vec<f32>, Vec<u32>)
     (sc, rows)
 }
 
-/// `cpu::quantize_page_block` over every whole block of one page of `len` tokens (`planes`
-/// `(n_fc, len, 2)`): the int8 page `(n_fc, 2, len)` and its scales `(n_fc, len / QB)`.
-fn quantize_all(planes: &[f32], len: usize, n_fc: usize) -> (Vec<i8>, Vec<f32>) {
+/// `cpu::quantize_page_block_bits` over every whole block of one page of `len` tokens (`planes`
+/// `(n_fc, len, 2)`): the int8 (or int4) page `(n_fc, 2, len)` and its scales `(n_fc, len / QB)`.
+fn quantize_all(planes: &[f32], len: usize, n_fc: usize, bits: u32) -> (Vec<i8>, Vec<f32>) {
     let page = len.max(1);
     let (mut q, mut s) = (vec![0i8; n_fc * 2 * page], vec![0f32; n_fc * (page / QB)]);
     for blk in 0..len / QB {
-        quantize_page_block(planes, page, n_fc, blk, &mut q, &mut s);
+        quantize_page_block_bits(planes, page, n_fc, blk, &mut q, &mut s, bits);
     }
     (q, s)
 }
@@ -272,7 +274,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let st = &g.stream;
     let mut cache = GpuKvCache::new(g, c.dt, batch, c.n_kv, c.d, c.l_max, Some(data.order.clone()))?;
     if c.q8 {
-        cache.enable_q8(g)?;
+        cache.enable_scoring_planes(g, c.bits())?;
     }
     // The first tokens from the host, the last APPENDED (or all) one at a time through the append
     // op, so both the host path's and the append's quantiser (a block completed every 32) run.
@@ -376,6 +378,13 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
         (true, false, chunks0, fac0, pdl0, 0, st0, None, Some(true)),
         (true, false, 2, others[0], pdl0, 0, st0, None, Some(false)),
     ] {
+        // (int4 planes: the pipelined TIP only; 24 stands for the other int4 kernel, 4224, and
+        // every other code for the default, gpu::TIP4_PIPE)
+        let pipe = match (c.q4, pipe) {
+            (true, 0) => st0,
+            (true, 24) => 4224,
+            (_, p) => p,
+        };
         // (the group-mass int8 TIP unpipelined where the summed one is: tip8_heads_h*)
         dec.tip8_heads_pipe = pipe != 0;
         dec.thr_in_tip = thr_in_tip;
@@ -542,13 +551,21 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
             for kv in 0..c.n_kv {
                 let (len, bk) = (c.lens[b], b * c.n_kv + kv);
                 q8_same &= nb[bk] == (len / QB) as i32;
-                let (wq, ws) = quantize_all(&data.planes[b][kv], len, n_fc);
+                let (wq, ws) = quantize_all(&data.planes[b][kv], len, n_fc, c.bits());
                 for (slot, &f) in data.order[kv].iter().enumerate() {
                     for blk in 0..len / QB {
                         q8_same &= sh[(bk * (l / QB) + blk) * n_fc + slot].to_bits() == ws[f * (len.max(1) / QB) + blk].to_bits();
                         for t in blk * QB..(blk + 1) * QB {
-                            let o = bk * l * c.d + ((t / 64 * n_grp + slot / 8) * 64 + t % 64) * 16 + (slot % 8) * 2;
-                            q8_same &= qh[o] == wq[f * 2 * len + t] && qh[o + 1] == wq[(f * 2 + 1) * len + t];
+                            let piece = (t / 64 * n_grp + slot / 8) * 64 + t % 64;
+                            let (x, y) = if c.q4 {
+                                // Two's complement nibbles: x low, y high, one byte per slot.
+                                let byte = qh[bk * l * c.d / 2 + piece * 8 + slot % 8];
+                                ((byte << 4) >> 4, byte >> 4)
+                            } else {
+                                let o = bk * l * c.d + piece * 16 + (slot % 8) * 2;
+                                (qh[o], qh[o + 1])
+                            };
+                            q8_same &= x == wq[f * 2 * len + t] && y == wq[(f * 2 + 1) * len + t];
                         }
                     }
                 }
@@ -714,8 +731,8 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
         Dtype::Bf16 => 1e-3,
     };
     eprintln!(
-        "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {} var_mass {} q8 {}: scores {:.2e}, moments {}, int8 planes {}, K layout {}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}, after an error {}",
-        c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group, c.var_mass, c.q8,
+        "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {} var_mass {} TIP planes {}: scores {:.2e}, moments {}, int8 planes {}, K layout {}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}, after an error {}",
+        c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group, c.var_mass, if c.q8 { c.bits() } else { 16 },
         o.score_err, o.moments_same, o.q8_same, o.k_same, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same, o.after_error_same
     );
     if c.var_mass {
@@ -755,6 +772,14 @@ fn base(dt: Dtype, d: usize, n_q: usize, n_kv: usize) -> Case {
         per_group: true,
         var_mass: false,
         q8: false,
+        q4: false,
+    }
+}
+
+impl Case {
+    /// Bits per value of the scoring planes (with `q8`).
+    fn bits(&self) -> u32 {
+        if self.q4 { 4 } else { 8 }
     }
 }
 
@@ -827,6 +852,22 @@ fn int8_tip_matches_cpu() {
     check(Case { q8: true, var_mass: true, ..base(Dtype::F16, 64, 16, 4) }, &mut r);
     check(Case { q8: true, pool: 16, sinks: 4, recent: 32, rerank: 1024, lens: vec![3000, 1000, 200, 1], var_mass: true, ..base(Dtype::F16, 64, 14, 2) }, &mut r);
     check(Case { q8: true, lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, pool: 32, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn int4_tip_matches_cpu() {
+    // Int4 scoring planes (quantize_page_block_bits(.., 4) twin) in the summed-score TIP: the
+    // paper's fixed FC set (its copies go out before the FC choice) and a pool chosen from by
+    // norm with forced rows, per group and per head, both dtypes, d 64 and 128, and long enough
+    // for several TIP chunks; lens 1 and 200 leave a tail only or a few blocks.
+    let mut r = rng();
+    for (dt, d, n_q, n_kv) in [(Dtype::F16, 128, 32, 8), (Dtype::Bf16, 64, 9, 3), (Dtype::F16, 64, 16, 2)] {
+        check(Case { q8: true, q4: true, ..base(dt, d, n_q, n_kv) }, &mut r);
+        check(Case { q8: true, q4: true, pool: d / 4, sinks: 4, recent: 32, ..base(dt, d, n_q, n_kv) }, &mut r);
+    }
+    check(Case { q8: true, q4: true, per_group: false, pool: 32, sinks: 4, recent: 16, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
+    check(Case { q8: true, q4: true, lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
 }
 
 #[test]
@@ -1052,7 +1093,9 @@ fn captured_kv_matches_cpu() {
                 let old = Case { var_mass: false, ..fasa.clone() };
                 let paper = Case { pool: 8, sinks: 0, recent: 0, rerank: 0, per_group: false, ..base };
                 let (fasa_q8, paper_q8) = (Case { q8: true, ..fasa.clone() }, Case { q8: true, ..paper.clone() });
-                for (name, c) in [("fasa", fasa), ("fasa-old", old), ("fasa-paper", paper), ("fasa-int8", fasa_q8), ("fasa-paper-int8", paper_q8)] {
+                let paper_q4 = Case { q4: true, ..paper_q8.clone() };
+                let cases_here = [("fasa", fasa), ("fasa-old", old), ("fasa-paper", paper), ("fasa-int8", fasa_q8), ("fasa-paper-int8", paper_q8), ("fasa-paper-int4", paper_q4)];
+                for (name, c) in cases_here {
                     let data = captured_data(&c, &cap, l);
                     let o = check_data(&c, &data, &format!("captured layer {} {name}", l.layer));
                     worst = [worst[0].max(o.score_err), worst[1].max(o.fac_err), worst[2].max(o.dense_err)];

@@ -43,7 +43,7 @@ struct Dims {
     int pool, k; // FC pool size P and FCs chosen per step k
     int sinks, recent;
     float scale; // softmax scale of FAC (1/sqrt(d))
-    int flags;   // EARLY_SELECT | cap << CANDS_SHIFT
+    int flags;   // EARLY_SELECT | Q4_PLANES | cap << CANDS_SHIFT
 };
 // Select early: the TIP launch before the select filter lets it launch at once, its last block per
 // selection sets thr's flag word once thr and the scores are written, and the filter's blocks wait
@@ -54,6 +54,10 @@ struct Dims {
 __device__ __forceinline__ void select_early_trigger(const Dims& D) {
     if (D.flags & EARLY_SELECT) pdl_trigger();
 }
+// The scoring planes hold int4 values, two per byte (GpuKvCache::enable_scoring_planes(4)): the
+// quantiser writes them (quant_block) and the summed-score pipelined TIP reads them (tip4p); a
+// (sequence, KV head) region is half an int8 one's (kq_region).
+#define Q4_PLANES 2
 // FAC over candidates (flags bits 8..15: the most candidates per FAC block, cap ≤ CAND_MAX; 0 =
 // off; with FAC early, for fac_impl's register-q kernels only: in facl_h4 its registers spilled):
 // the select filter lets FAC launch from its start, so FAC's prologue runs during the filter; FAC
@@ -106,11 +110,24 @@ __device__ __forceinline__ size_t kq_off(int t, int g, int n_grp) {
     return (((size_t)(t / KT) * n_grp + g) * KT + (t % KT)) * GE;
 }
 
+// Byte offset of one (sequence, KV head) region bk of the scoring planes: l_max·d bytes of int8
+// values, half that of int4. An int4 (token, group) piece is 8 bytes at kq_off / 2: byte i holds
+// slot 8g + i's pair, x in the low nibble and y in the high one (two's complement).
+__device__ __forceinline__ size_t kq_region(const Dims& D, size_t bk) {
+    return (bk * D.l_max * D.d) >> ((D.flags & Q4_PLANES) ? 1 : 0);
+}
+
 // 16-byte asynchronous global → shared copy (sm_80+), completion by group.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     u32 a;
     asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
+}
+// 8-byte asynchronous copy (through L1: .cg takes 16 bytes only), in the same groups.
+__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+    u32 a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(a), "l"(gmem) : "memory");
 }
 // 4-byte asynchronous copy (through L1), in the same groups.
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
@@ -122,8 +139,9 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 // Quantises block blk (tokens blk·QB ..) of slot j of one (sequence, KV head): kb its K region,
-// qb its int8 region, sb its scales (l_max/QB, n_grp, FCG). As cpu::quantize_block: scale =
-// absmax/127 over both elements of the pair, q = round(v · (127/absmax)), an all-zero block 0.
+// qb its scoring-plane region (kq_region), sb its scales (l_max/QB, n_grp, FCG). As
+// cpu::quantize_block_bits: scale = absmax/L over both elements of the pair, q = round(v ·
+// (L/absmax)), an all-zero block 0; L = 127 (int8), or 7 with Q4_PLANES (int4 nibbles).
 template <class T>
 __device__ void quant_block(const Dims& D, const u16* kb, i8* qb, float* sb, int blk, int j) {
     int g = j / FCG, e = (j % FCG) * 2;
@@ -133,14 +151,17 @@ __device__ void quant_block(const Dims& D, const u16* kb, i8* qb, float* sb, int
         amax = fmaxf(amax, fmaxf(fabsf(T::load(p[0])), fabsf(T::load(p[1]))));
     }
     bool ok = amax != 0.f && isfinite(amax);
-    float inv = ok ? __fdiv_rn(127.f, amax) : 0.f;
+    bool q4 = D.flags & Q4_PLANES;
+    float lv = q4 ? 7.f : 127.f;
+    float inv = ok ? __fdiv_rn(lv, amax) : 0.f;
     for (int i = 0; i < QB; ++i) {
         size_t o = k_off(blk * QB + i, g, D.n_grp) + e;
         int x = ok ? (int)roundf(__fmul_rn(T::load(kb[o]), inv)) : 0;
         int y = ok ? (int)roundf(__fmul_rn(T::load(kb[o + 1]), inv)) : 0;
-        *(u16*)(qb + kq_off(blk * QB + i, g, D.n_grp) + e) = (u16)((x & 0xff) | ((y & 0xff) << 8));
+        if (q4) qb[(kq_off(blk * QB + i, g, D.n_grp) >> 1) + (e >> 1)] = (i8)((x & 0xf) | ((y & 0xf) << 4));
+        else *(u16*)(qb + kq_off(blk * QB + i, g, D.n_grp) + e) = (u16)((x & 0xff) | ((y & 0xff) << 8));
     }
-    sb[(size_t)blk * D.n_fc + j] = amax == 0.f ? 0.f : ok ? __fdiv_rn(amax, 127.f) : __int_as_float(0x7fc00000);
+    sb[(size_t)blk * D.n_fc + j] = amax == 0.f ? 0.f : ok ? __fdiv_rn(amax, lv) : __int_as_float(0x7fc00000);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -185,7 +206,7 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
     if (j == 0 && p >= covered) mom_len[bk] = p + 1;
     if (kq) {
         if (p % QB == QB - 1 && nb == p / QB) {
-            if (j < D.n_fc) quant_block<T>(D, k + bk * D.l_max * D.d, kq + bk * D.l_max * D.d, ks + bk * (D.l_max / QB) * D.n_fc, nb, j);
+            if (j < D.n_fc) quant_block<T>(D, k + bk * D.l_max * D.d, kq + kq_region(D, bk), ks + bk * (D.l_max / QB) * D.n_fc, nb, j);
             ++nb;
         }
         if (j == 0) q8n[bk] = nb;
@@ -203,7 +224,7 @@ __device__ void quant_blocks_impl(Dims D, const u16* k, i8* kq, float* ks, int* 
     int n = min(lens ? lens[bk] : len, D.l_max) / QB;
     if (blk == 0 && j == 0) q8n[bk] = n;
     if (blk >= n || j >= D.n_fc) return;
-    quant_block<T>(D, k + bk * D.l_max * D.d, kq + bk * D.l_max * D.d, ks + bk * (D.l_max / QB) * D.n_fc, blk, j);
+    quant_block<T>(D, k + bk * D.l_max * D.d, kq + kq_region(D, bk), ks + bk * (D.l_max / QB) * D.n_fc, blk, j);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,7 +333,7 @@ __device__ __forceinline__ TipSrc tip_src(const Dims& D, const u16* k, const i8*
     size_t bk = (size_t)b * D.n_kv + kvh;
     TipSrc S;
     S.k = k + bk * D.l_max * D.d;
-    S.kq = kq ? kq + bk * D.l_max * D.d : nullptr;
+    S.kq = kq ? kq + kq_region(D, bk) : nullptr;
     S.ks = kq ? ks + bk * (D.l_max / QB) * D.n_fc : nullptr;
     S.qlen = kq ? min(q8n[bk], len / QB) * QB : 0;
     return S;
@@ -631,6 +652,8 @@ __device__ void heads_flush(const Dims& D, const float (&ml_m)[H], const float (
 #define TIP8P_SC(JU) ((TIP_THREADS / 32) * (JU) * 2 * FCG) // floats per stage: (warp, j, group, FC)
 #define TIP8P_DATA(JU) (2 * TIP_THREADS * (JU) * 16)       // 2 groups × JU·TIP_THREADS tokens × 16 B
 #define TIP8P_STAGE(JU) (TIP8P_DATA(JU) + TIP8P_SC(JU) * 4)
+#define TIP4P_DATA(JU) (2 * TIP_THREADS * (JU) * 8)        // int4: 8 B a piece
+#define TIP4P_STAGE(JU) (TIP4P_DATA(JU) + TIP8P_SC(JU) * 4)
 __device__ __forceinline__ int dp4a(int a, int b, int c) {
     int d;
     asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -641,15 +664,28 @@ __device__ __forceinline__ float warp_max_abs(float x) { // (sm_80+: one redux o
     asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(__float_as_uint(fabsf(x))));
     return __uint_as_float(r);
 }
-template <class T, int NS, int JU, int MODE, int NQ>
+// Four int4 values (the low nibbles of v's bytes, v & 0x0f0f0f0f) as int8 bytes: bit 3 set adds
+// 0xf0 to its byte (8 · 0x1e), which sign-extends it; no byte carries into the next.
+__device__ __forceinline__ int sx4(u32 v) { return (int)(v + (v & 0x08080808u) * 0x1eu); }
+// Position of element e (0..15) of a (token, group) piece in the int4 order of q's int8 terms: the
+// nibbles of the piece's two words unpack as (x of slots 0..3), (y of 0..3), (x of 4..7), (y of
+// 4..7), i.e. elements 0 2 4 6, 1 3 5 7, 8 10 12 14, 9 11 13 15.
+__device__ __forceinline__ int q4_pos(int e) { return (e >> 3) * 8 + (e & 1) * 4 + ((e & 7) >> 1); }
+// Q4 (tip4p, MODE 2 and NQ = 1 only): the planes hold int4 (Q4_PLANES); each (token, group)
+// piece is 8 bytes, copied into an 8-byte stage slot (TIP4P_STAGE: half an int8 stage, so twice
+// the stages hold as many bytes in flight), unpacked by sx4 and dotted with q's int8 terms stored
+// in q4_pos order: the same integer dot products as int8's.
+template <class T, int NS, int JU, int MODE, int NQ, bool Q4 = false>
 __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                            const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk,
                            float* pml) {
     static_assert(NQ == 1 || MODE == 0, "per-head scores: MODE 0 only");
+    static_assert(!Q4 || (MODE == 2 && NQ == 1), "int4 planes: the integer summed-score TIP only");
     PDL_BEGIN(TR_TIP);
     if (NQ == 1) select_early_trigger(D); // (NQ > 1: the group-mass stage, whose tip_mass triggers)
     constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
     constexpr int NW = TIP_THREADS / 32;
+    constexpr int DATA = Q4 ? TIP4P_DATA(JU) : TIP8P_DATA(JU), STAGE = Q4 ? TIP4P_STAGE(JU) : TIP8P_STAGE(JU);
     extern __shared__ __align__(16) unsigned char tip8p_dyn[];
     __shared__ u32 sh_hist[NQ == 1 ? NBIN : 1];
     __shared__ __align__(16) float qeff[NQ][MAXG * GE];                  // summed q (NQ = 1) or per head
@@ -706,17 +742,20 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     auto issue = [&]() {
         if (issued < nunit) {
             int tc = t0 + ich * TIP_TOK, jb = ijh * JU;
-            unsigned char* st = tip8p_dyn + (size_t)(issued % NS) * TIP8P_STAGE(JU);
+            unsigned char* st = tip8p_dyn + (size_t)(issued % NS) * STAGE;
             uint4* sd = (uint4*)st;
-            float* ssc = (float*)(st + TIP8P_DATA(JU));
+            float* ssc = (float*)(st + DATA);
             int t = tc + jb * TIP_THREADS + tid;
 #pragma unroll
             for (int u = 0; u < 2; ++u) {
                 if (2 * ip + u < G) {
-                    const i8* src = S.kq + kq_off(t, gl_s[2 * ip + u], D.n_grp);
+                    const i8* src = S.kq + (kq_off(t, gl_s[2 * ip + u], D.n_grp) >> (Q4 ? 1 : 0));
 #pragma unroll
                     for (int j = 0; j < JU; ++j)
-                        if (t + j * TIP_THREADS < qlen) cp_async16(&sd[(u * JU + j) * TIP_THREADS + tid], src + j * jstep);
+                        if (t + j * TIP_THREADS < qlen) {
+                            if (Q4) cp_async8(&((uint2*)st)[(u * JU + j) * TIP_THREADS + tid], src + j * (jstep >> 1));
+                            else cp_async16(&sd[(u * JU + j) * TIP_THREADS + tid], src + j * jstep);
+                        }
                 }
             }
             // Lanes 0 .. 4·JU − 1: the warp's (j, group, half) scale pieces of 4 floats.
@@ -761,9 +800,9 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                     issue();
                     cp_async_wait<NS - 1>();
                     __syncwarp(); // the scales copied by other lanes of the warp are visible
-                    const unsigned char* st = tip8p_dyn + (size_t)(unit % NS) * TIP8P_STAGE(JU);
+                    const unsigned char* st = tip8p_dyn + (size_t)(unit % NS) * STAGE;
                     const uint4* sd = (const uint4*)st;
-                    const float* ssc = (const float*)(st + TIP8P_DATA(JU));
+                    const float* ssc = (const float*)(st + DATA);
                     if (MODE >= 1) {
                         // Lane: group u = lane / 16, element e = lane % 16, for each j.
                         int u = lane >> 4, e = lane & 15;
@@ -780,7 +819,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                                 float mx = warp_max_abs(x); // over the pair's 32 elements
                                 float inv = mx > 1e-30f ? 127.f / mx : 0.f; // (no ∞ from a denormal max)
                                 float y = x * inv, r = rintf(y);
-                                i8* qt = &qq_w[j][0][u][e];
+                                i8* qt = &qq_w[j][0][u][Q4 ? q4_pos(e) : e];
                                 qt[0] = (i8)(int)r;
                                 y = (y - r) * 254.f;
                                 r = rintf(y);
@@ -802,7 +841,28 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
 #pragma unroll
                         for (int j = 0; j < JU; ++j) {
                             int t = tc + (jh * JU + j) * TIP_THREADS + tid;
-                            raw[j] = t < qlen ? sd[(u * JU + j) * TIP_THREADS + tid] : make_uint4(0, 0, 0, 0);
+                            if (Q4) {
+                                uint2 h = t < qlen ? ((const uint2*)st)[(u * JU + j) * TIP_THREADS + tid] : make_uint2(0, 0);
+                                raw[j] = make_uint4(h.x, h.y, 0, 0);
+                            } else {
+                                raw[j] = t < qlen ? sd[(u * JU + j) * TIP_THREADS + tid] : make_uint4(0, 0, 0, 0);
+                            }
+                        }
+                        if (MODE == 2 && Q4) {
+#pragma unroll
+                            for (int j = 0; j < JU; ++j) {
+                                u32 a = raw[j].x, c = raw[j].y;
+                                int w4[4] = {sx4(a & 0x0f0f0f0fu), sx4((a >> 4) & 0x0f0f0f0fu), sx4(c & 0x0f0f0f0fu), sx4((c >> 4) & 0x0f0f0f0fu)};
+#pragma unroll
+                                for (int x = 0; x < 3; ++x) {
+                                    int4 qw = *(const int4*)&qq_w[j][x][u][0];
+                                    int d = dp4a(w4[0], qw.x, di[j][x]);
+                                    d = dp4a(w4[1], qw.y, d);
+                                    d = dp4a(w4[2], qw.z, d);
+                                    di[j][x] = dp4a(w4[3], qw.w, d);
+                                }
+                            }
+                            continue;
                         }
                         if (MODE == 2) {
 #pragma unroll
@@ -2236,6 +2296,20 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         tip8p_impl<TY, NS, JU, MODE, 1>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk, \
                                         nullptr);                                                                        \
     }
+// Pipelined int4 TIP `tip4p_<NS>x4int_<dtype>`: tip8p_<NS>x4int over int4 planes (Q4_PLANES),
+// TIP4_MINB resident blocks per SM (GPU run 28, paper int4 step, same call, 2 / 3: 1 × 128k 33.4 /
+// 34.6 µs (3 chunks a block; 33.4 with 4), 16 × 128k 208.9 / 198.7, 16 × 32k 87.5 / 87.2; 2 kept
+// for batch 1, whose targets are the ones missed).
+#ifndef TIP4_MINB
+#define TIP4_MINB 2
+#endif
+#define TIP4P_ENTRY(NAME, TY, NS)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, TIP4_MINB) tip4p_##NS##x4int_##NAME(                      \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) { \
+        tip8p_impl<TY, NS, 4, 2, 1, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr,    \
+                                          nchunk, nullptr);                                                              \
+    }
 // Pipelined per-head int8 TIP `tip8ph_h<H>x<JU>_<dtype>` (group-mass stage 1, tip8_heads' outputs
 // and arithmetic): 2 stages of JU tokens per thread, MODE 0. JU is in the name because the launcher
 // sizes the stages' shared memory from it (gpu::TIP8PH_JU).
@@ -2275,6 +2349,8 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 0, false)                                                                            \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 1, true)                                                                             \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 2, int)                                                                              \
+    TIP4P_ENTRY(NAME, TY, 2)                                                                                            \
+    TIP4P_ENTRY(NAME, TY, 4)                                                                                            \
     TIP8PH_ENTRY(NAME, TY, 2, 4)                                                                                        \
     TIP8PH_ENTRY(NAME, TY, 4, 4)                                                                                        \
     TIP8PH_ENTRY(NAME, TY, 8, 2)                                                                                        \

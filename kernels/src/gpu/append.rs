@@ -17,7 +17,9 @@
 //!
 //! - Optionally ([`GpuKvCache::enable_q8`]) the int8 scoring planes TIP reads instead of K for
 //!   whole blocks of `QB` = 32 tokens ([`Q8Planes`]; the format of `cpu::quant`), one 16-byte
-//!   piece per group (K's layout with r = 1), so TIP reads only the chosen groups.
+//!   piece per group (K's layout with r = 1), so TIP reads only the chosen groups; or
+//!   ([`GpuKvCache::enable_scoring_planes`] with 4 bits) int4 ones, an 8-byte piece per group
+//!   (two values a byte), read by the summed-score pipelined TIP only.
 //!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
 //! groups give TIP FC granularity of 8, the runs of groups FAC whole DRAM units.)
@@ -25,19 +27,22 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{cfg, k_run, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};
 
-/// Int8 copy of K for TIP, quantised as `cpu::quantize_block` from the stored 16-bit K: per
-/// (sequence, KV head), FC slot and block of `QB` tokens one f32 scale (absmax/127 over the
-/// pair), values `round(v · 127/absmax)`. Only whole blocks, and only a prefix of them: the
+/// Int8 (or int4) copy of K for TIP, quantised as `cpu::quantize_block_bits` from the stored
+/// 16-bit K: per (sequence, KV head), FC slot and block of `QB` tokens one f32 scale (absmax/L
+/// over the pair, L = 127 or 7), values `round(v · L/absmax)`. Only whole blocks, and only a prefix of them: the
 /// append op quantises a block when its last token is written and drops the blocks from a
 /// rewritten position on; TIP reads tokens from `min(blocks, len/QB)·QB` on from K.
 pub struct Q8Planes {
     /// `(batch, n_kv, l_max/KT, n_grp, KT, GE)` i8: tiles of `KT` tokens, group `g` of all of
-    /// them contiguous, one byte per element.
+    /// them contiguous, one byte per element; with int4 `(…, KT, GE/2)`: byte `i` of a piece is
+    /// slot `8g + i`'s pair, x in the low nibble and y in the high one (two's complement).
     pub q: CudaSlice<i8>,
     /// `(batch, n_kv, l_max/QB, n_fc)` f32, slots in order: the dequantisation factors.
     pub scales: CudaSlice<f32>,
     /// `(batch, n_kv)` whole blocks quantised.
     pub blocks: CudaSlice<i32>,
+    /// Bits per value: 8, or 4.
+    pub bits: u32,
 }
 
 pub struct GpuKvCache {
@@ -119,10 +124,21 @@ impl GpuKvCache {
     /// tokens stored so far (`mom_len` of each sequence and KV head); from then on
     /// [`write_host`](Self::write_host) and [`append`] keep them.
     pub fn enable_q8(&mut self, gpu: &Gpu) -> Result<(), GpuError> {
-        if self.q8.is_none() {
+        self.enable_scoring_planes(gpu, 8)
+    }
+
+    /// [`enable_q8`](Self::enable_q8) with values of `bits` bits: 8, or 4 (a quarter of K's
+    /// bytes; `cpu::quantize_block_bits`). Planes of the other width are replaced.
+    pub fn enable_scoring_planes(&mut self, gpu: &Gpu, bits: u32) -> Result<(), GpuError> {
+        if bits != 8 && bits != 4 {
+            return Err(GpuError::Shape(format!("scoring planes of {bits} bits: 8 or 4")));
+        }
+        if self.q8.as_ref().is_none_or(|p| p.bits != bits) {
+            self.q8 = None; // (freed before the new planes are allocated)
             let st = &gpu.stream;
             let (bk, l) = (self.batch * self.n_kv, self.l_max);
-            self.q8 = Some(Q8Planes { q: st.alloc_zeros(bk * l * self.d)?, scales: st.alloc_zeros(bk * (l / QB) * self.n_fc())?, blocks: st.alloc_zeros(bk)? });
+            let q = st.alloc_zeros(bk * l * self.d * bits as usize / 8)?;
+            self.q8 = Some(Q8Planes { q, scales: st.alloc_zeros(bk * (l / QB) * self.n_fc())?, blocks: st.alloc_zeros(bk)?, bits });
         }
         self.quantize(gpu, None)
     }
@@ -181,6 +197,7 @@ impl GpuKvCache {
             n_grp: self.n_grp() as i32,
             l_max: self.l_max as i32,
             scale: 1.0 / (self.d as f32).sqrt(),
+            flags: if self.q8.as_ref().is_some_and(|p| p.bits == 4) { super::Q4_PLANES } else { 0 },
             ..Default::default()
         }
     }

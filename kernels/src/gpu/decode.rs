@@ -341,7 +341,10 @@ impl FasaDecoder {
     /// group-mass int8 stage 1 pipelined).
     fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool) -> Result<usize, GpuError> {
         let heads8 = cfg.q8_tip && Self::heads_mass(cfg, hps);
-        Ok(if Self::tip_pipelined(cfg, hps, pipe) {
+        let q4 = cache.q8.as_ref().is_some_and(|p| p.bits == 4);
+        Ok(if Self::tip_pipelined(cfg, hps, pipe) && q4 {
+            tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip4p_blocks_per_sm(cache.dtype, pipe)? as usize)
+        } else if Self::tip_pipelined(cfg, hps, pipe) {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8p_blocks_per_sm(cache.dtype, pipe)? as usize)
         } else if heads8 && heads_pipe {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8ph_blocks_per_sm(cache.dtype, hps)? as usize)

@@ -61,6 +61,15 @@ pub const TIP8_PIPES: [usize; 3] = [24, 124, 224];
 /// the unfolded 24: 295.4 / 122.0 / 45.9; 3 stages of 2 tokens at 3 blocks/SM (32, 132) and 4
 /// stages of 2 (42, 142) were slower at batch 16).
 pub const TIP8_PIPE: usize = 224;
+/// The pipelined int4 TIP kernels compiled (`TIP4P_ENTRY`), as `4000 + 100·mode + 10·NS + JU`
+/// (mode 2, the integer terms, only): NS = 2 stages of half an int8 stage each, or 4 (as many bytes
+/// in flight as int8's 2).
+pub const TIP4_PIPES: [usize; 2] = [4224, 4244];
+/// Default int4 TIP kernel (a decoder whose pipe names no int4 kernel runs it): 2 stages. GPU run
+/// 28, paper int4 step, Llama-3-8B shapes, same call, 4224 / 4244: 1 × 128k 33.6 / 34.7 µs, 1 × 32k
+/// 26.8 / 26.7, 16 × 32k 87.7 / 87.9, 16 × 128k 216.4 / 210.1: more bytes in flight did not
+/// shorten batch 1, whose TIP is bound by each chunk's instruction latency, not by its loads.
+pub const TIP4_PIPE: usize = 4224;
 pub(crate) const MASS_TOK: usize = 2048; // 256 · MASS_TPT
 pub(crate) const RR_ROWS: usize = 256;
 /// Tokens per int8 quantisation block (`QB` in common.cuh, `cpu::QB`).
@@ -190,6 +199,9 @@ pub struct Dims {
 /// that selection's scores and threshold are written; the filter's blocks wait for their
 /// selection's flag, not for the whole TIP launch, and its last block clears it.
 pub const EARLY_SELECT: i32 = 1;
+/// `Dims::flags`: the cache's scoring planes hold int4 values (fasa.cu's `Q4_PLANES`;
+/// [`GpuKvCache::enable_scoring_planes`]): set by [`GpuKvCache::dims`] and the TIP launcher.
+pub const Q4_PLANES: i32 = 2;
 /// i32 words of `thr` per selection (fasa.cu's `THR_W`): threshold bin, rows above it, select
 /// early's flag, FAC over candidates' count and cut (a u64 in words 4–5), unused.
 pub const THR_W: usize = 8;
@@ -233,6 +245,8 @@ pub(crate) struct Funcs {
     pub tip8: [CudaFunction; 2],
     /// The pipelined int8 TIP, per dtype and [`TIP8_PIPES`] entry.
     pub tip8p: [[CudaFunction; TIP8_PIPES.len()]; 2],
+    /// Its twins over int4 planes (`tip4p_<NS>x4int_*`), per dtype and [`TIP4_PIPES`] entry.
+    pub tip4p: [[CudaFunction; TIP4_PIPES.len()]; 2],
     pub tip8_heads: [[CudaFunction; 3]; 2],
     /// The group-mass int8 TIP pipelined as `tip8p` (`tip8ph_h*x*`), per dtype and head bound.
     pub tip8ph: [[CudaFunction; 3]; 2],
@@ -309,6 +323,14 @@ impl Funcs {
         TIP8_PIPES.iter().position(|&p| p == pipe).map(|i| &self.tip8p[dt as usize][i])
     }
 
+    /// The pipelined int4 TIP kernel of `pipe` where it is a [`TIP4_PIPES`] code, else
+    /// [`TIP4_PIPE`]'s, with the code it ran.
+    pub fn tip4p(&self, dt: Dtype, pipe: usize) -> (&CudaFunction, usize) {
+        let code = if TIP4_PIPES.contains(&pipe) { pipe } else { TIP4_PIPE };
+        let i = TIP4_PIPES.iter().position(|&p| p == code).unwrap_or_else(|| unreachable!("TIP4_PIPE is compiled"));
+        (&self.tip4p[dt as usize][i], code)
+    }
+
     /// The FAC kernel of family `kind` for `hps` heads of dim `d`: of `Reg` and `Lean` the one
     /// compiled for the smallest head bound ≥ `hps` (1, 2, 4, 8); `Mma` needs d = 64 or 128.
     /// `cands`: FAC over candidates (`Reg` with at most 4 heads runs the wide `facw_h*`).
@@ -363,6 +385,13 @@ const TIP8PH_JU: [usize; 3] = [4, 4, 2];
 /// Dynamic shared memory of the pipelined group-mass int8 TIP for `hps` heads, as [`tip8p_smem`].
 pub(crate) fn tip8ph_smem(hps: usize) -> usize {
     tip8p_smem(20 + TIP8PH_JU[heads_bound(hps)])
+}
+
+/// Dynamic shared memory of the pipelined int4 TIP `pipe` ([`TIP4_PIPES`]): NS stages of two
+/// groups' 8-byte pieces of JU·256 tokens and their scales (`TIP4P_STAGE`).
+pub(crate) fn tip4p_smem(pipe: usize) -> usize {
+    let (ns, ju, _) = tip8_pipe_parts(pipe);
+    ns * (2 * 256 * ju * 8 + 8 * ju * 2 * 8 * 4)
 }
 
 /// Dynamic shared memory of the pipelined int8 TIP `pipe`: NS stages of two groups' 16-byte
@@ -523,6 +552,14 @@ impl Gpu {
             }
             Ok(v.try_into().unwrap_or_else(|_| unreachable!("one kernel per TIP8_PIPES entry")))
         };
+        let tip4p = |dt: Dtype| -> Result<[CudaFunction; TIP4_PIPES.len()], DriverError> {
+            let s = dt.suffix();
+            let [a, b] = TIP4_PIPES.map(|p| {
+                let (ns, ju, _) = tip8_pipe_parts(p);
+                get_dyn(&format!("tip4p_{ns}x{ju}int_{s}"), tip4p_smem(p))
+            });
+            Ok([a?, b?])
+        };
         let tip8ph = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
             let s = dt.suffix();
             let [a, b, c] = [2, 4, 8].map(|h| get_dyn(&format!("tip8ph_h{h}x{}_{s}", TIP8PH_JU[heads_bound(h)]), tip8ph_smem(h)));
@@ -547,6 +584,7 @@ impl Gpu {
             facw: [facw(Dtype::F16)?, facw(Dtype::Bf16)?],
             facm: [facm(Dtype::F16)?, facm(Dtype::Bf16)?],
             tip8p: [tip8p(Dtype::F16)?, tip8p(Dtype::Bf16)?],
+            tip4p: [tip4p(Dtype::F16)?, tip4p(Dtype::Bf16)?],
         };
         let stream = ctx.new_stream()?; // not the legacy NULL stream: graphs cannot capture that
         // PDL per decoder (launch.rs), unless FASA_GPU_PDL=1 / 0 forces it.
@@ -658,6 +696,8 @@ impl Gpu {
             ("tip8p 24", self.tip8p_blocks_per_sm(dt, 24)?),
             ("tip8p 124", self.tip8p_blocks_per_sm(dt, 124)?),
             ("tip8p 224", self.tip8p_blocks_per_sm(dt, 224)?),
+            ("tip4p 4224", self.tip4p_blocks_per_sm(dt, 4224)?),
+            ("tip4p 4244", self.tip4p_blocks_per_sm(dt, 4244)?),
             ("facm(d=128)", self.fac_blocks_per_sm(dt, 4, FacKernel::Mma, 128)?),
         ])
     }
@@ -676,6 +716,13 @@ impl Gpu {
     pub fn tip8p_blocks_per_sm(&self, dt: Dtype, pipe: usize) -> Result<u32, GpuError> {
         let f = self.f.tip8p(dt, pipe).ok_or_else(|| GpuError::Shape(format!("no int8 TIP kernel {pipe}")))?;
         Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, tip8p_smem(pipe), None)?)
+    }
+
+    /// Resident blocks per multiprocessor of the pipelined int4 TIP `pipe` (as [`Funcs::tip4p`]
+    /// picks it).
+    pub fn tip4p_blocks_per_sm(&self, dt: Dtype, pipe: usize) -> Result<u32, GpuError> {
+        let (f, code) = self.f.tip4p(dt, pipe);
+        Ok(f.occupancy_max_active_blocks_per_multiprocessor(256, tip4p_smem(code), None)?)
     }
 
     /// Copies `src` to `dst` with a plain 16-byte-per-thread kernel (the SM path, as attention

@@ -22,7 +22,8 @@ use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
 /// `len > budget`; `done (batch·n_sel,)` is its block counter, zero on entry and on return.
 /// Each block scores `nchunk` chunks of `TIP_TOK` tokens (see [`chunks`], [`chunks_wave`]). `q8`:
 /// score whole quantised blocks from the int8 planes, with the pipelined kernel `pipe` (a
-/// `gpu::TIP8_PIPES` code; 0: the unpipelined `tip8` of GPU run 14).
+/// `gpu::TIP8_PIPES` code; 0: the unpipelined `tip8` of GPU run 14); int4 planes by the int4
+/// kernel `pipe` names (a `gpu::TIP4_PIPES` code; any other but 0, `gpu::TIP4_PIPE`).
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
     gpu: &Gpu,
@@ -50,13 +51,23 @@ pub fn launch(
     check_q8(dims, q8)?;
     let null = 0u64;
     let pipelined = q8.is_some() && pipe != 0;
-    let f = match pipelined {
-        true => gpu.f.tip8p(dt, pipe).ok_or_else(|| GpuError::Shape(format!("tip: no int8 TIP kernel {pipe}")))?,
-        false => gpu.f.tip(dt, q8.is_some()),
+    let q4 = q8.is_some_and(|p| p.bits == 4);
+    if q4 && !pipelined {
+        return Err(GpuError::Shape("tip: int4 scoring planes are read by the pipelined TIP only (FASA_GPU_TIP8=0 names the unpipelined one)".into()));
+    }
+    let (f, smem) = match (pipelined, q4) {
+        (true, true) => {
+            let (f, code) = gpu.f.tip4p(dt, pipe);
+            (f, super::tip4p_smem(code))
+        }
+        (true, false) => (gpu.f.tip8p(dt, pipe).ok_or_else(|| GpuError::Shape(format!("tip: no int8 TIP kernel {pipe}")))?, super::tip8p_smem(pipe)),
+        (false, _) => (gpu.f.tip(dt, q8.is_some()), 0),
     };
-    let smem = if pipelined { super::tip8p_smem(pipe) } else { 0 };
+    // The planes' width travels in the flags (the region offsets, `kq_region` in fasa.cu).
+    let mut d = *dims;
+    d.flags = (d.flags & !super::Q4_PLANES) | if q4 { super::Q4_PLANES } else { 0 };
     let mut l = gpu.launcher(f);
-    l.arg(dims);
+    l.arg(&d);
     arg_k(&mut l, k, q8);
     l.arg(q).arg(fc_of_slot).arg(pool);
     match mom {
@@ -113,6 +124,9 @@ pub fn launch_heads(
         return Err(GpuError::Shape("tip::launch_heads: xh or pml too small".into()));
     }
     check_q8(dims, q8)?;
+    if q8.is_some_and(|p| p.bits == 4) {
+        return Err(GpuError::Shape("tip::launch_heads: int4 scoring planes are read by the summed-score TIP only".into()));
+    }
     let null = 0u64;
     let nc = nchunk as i32;
     let pipelined = pipelined && q8.is_some();
@@ -184,7 +198,7 @@ fn arg_k<'a>(l: &mut Launch<'a>, k: &'a CudaSlice<u16>, q8: Option<&'a Q8Planes>
 
 fn check_q8(d: &Dims, q8: Option<&Q8Planes>) -> Result<(), GpuError> {
     let (bk, l) = ((d.batch * d.n_kv) as usize, d.l_max as usize);
-    if q8.is_some_and(|p| p.blocks.len() < bk || p.q.len() < bk * l * d.d as usize || p.scales.len() < bk * (l / QB) * d.n_fc as usize) {
+    if q8.is_some_and(|p| p.blocks.len() < bk || p.q.len() < bk * l * d.d as usize * p.bits as usize / 8 || p.scales.len() < bk * (l / QB) * d.n_fc as usize) {
         return Err(GpuError::Shape("tip: int8 planes need (batch, n_kv) blocks of the cache's shape".into()));
     }
     Ok(())
