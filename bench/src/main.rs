@@ -108,8 +108,11 @@ fn read_texts(files: &[PathBuf]) -> Result<Vec<(String, String)>> {
 }
 
 fn main() -> Result<()> {
-    // As typed in a shell: arguments with `;` or spaces quoted.
-    let command = std::env::args().map(|a| if a.contains([';', ' ']) { format!("'{a}'") } else { a }).collect::<Vec<_>>().join(" ");
+    // As typed in a shell: the engine's experiment switches set (`FASA_EXPERIMENT_*`), then the
+    // arguments, those with `;` or spaces quoted.
+    let mut switches: Vec<String> = std::env::vars().filter(|(k, _)| k.starts_with("FASA_EXPERIMENT_")).map(|(k, v)| format!("{k}={v}")).collect();
+    switches.sort();
+    let command = switches.into_iter().chain(std::env::args().map(|a| if a.contains([';', ' ']) { format!("'{a}'") } else { a })).collect::<Vec<_>>().join(" ");
     let t0 = Instant::now();
     match Cli::parse().cmd {
         Cmd::Fidelity { context, budget, modes, eval_tokens, text, profile, passkey, keys, out, json, md, section, no_plots, no_passkey, quick, activations } => {

@@ -2,7 +2,8 @@
 //!
 //! K pages are `(n_fc, PAGE, 2)` (FC planes, rotated K), V pages `(PAGE, d)`; see
 //! `fasa_kernels::cpu` for why. FASA-C also keeps int8 copies of the planes that `fasa`'s TIP
-//! reads (`fasa_kernels::cpu::quant`). Pages are allocated as a sequence grows and freed with its slot,
+//! reads (`fasa_kernels::cpu::quant`; `FASA_EXPERIMENT_TIP=int4` quantises them on a 4-bit grid
+//! instead, `tip_bits`). Pages are allocated as a sequence grows and freed with its slot,
 //! so memory follows the tokens actually cached, not the context limit.
 //!
 //! Two variants (`KvVariant`, chosen at model load). FASA-C keeps every page in memory. FASA-M
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use fasa_kernels::cpu::{add_moments, quantize_page_block, FcMoments, HeadView, Q8View, QB};
+use fasa_kernels::cpu::{add_moments, quantize_page_block_bits, FcMoments, HeadView, Q8View, QB};
 
 use super::calib::CaRecorder;
 use super::pagebuf::{Elem, PageBuf};
@@ -24,6 +25,18 @@ use super::tier::{KvVariant, RowCache, SlowTier, GROW_PAGES};
 
 /// Tokens per page.
 pub const PAGE: usize = 64;
+
+/// Bits of the scoring planes' values: 8, or 4 under the experiment switch
+/// `FASA_EXPERIMENT_TIP=int4` (bench/FIDELITY.md, "Int4 scoring planes"). Int4 values are held
+/// one per `i8` in the same pages (no memory saved on the CPU) and read by the same scorer; read
+/// once, when a pool is built.
+pub fn tip_bits() -> u32 {
+    if super::sparse::experiment("FASA_EXPERIMENT_TIP", "int4") {
+        4
+    } else {
+        8
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheShape {
@@ -170,6 +183,7 @@ pub struct Pages<'a> {
     q8: Vec<&'a [i8]>,
     q8_scale: Vec<&'a [f32]>,
     q8_blocks: usize,
+    q8_bits: u32,
     kr: Vec<&'a [f32]>,
     v: Vec<&'a [f32]>,
     len: usize,
@@ -196,6 +210,11 @@ impl Pages<'_> {
     pub fn q8_view(&self) -> Option<Q8View<'_>> {
         (!self.q8.is_empty()).then(|| Q8View { pages: &self.q8, scales: &self.q8_scale, blocks: self.q8_blocks.min(self.len / QB) })
     }
+
+    /// Bits of the scoring planes' values (`tip_bits`).
+    pub fn q8_bits(&self) -> u32 {
+        self.q8_bits
+    }
 }
 
 /// The cache of one sequence.
@@ -217,6 +236,8 @@ pub struct SeqCache {
     slow: Option<SlowTier>,
     /// FASA-M: per `(layer, kv_head)`.
     rows: Vec<Mutex<RowCache>>,
+    /// FASA-C: bits of the scoring planes' values (`tip_bits`, the pool's).
+    tip_bits: u32,
     pub state: SlotState,
 }
 
@@ -232,7 +253,7 @@ impl SeqCache {
             Tiering::FasaC => vec![],
             Tiering::FasaM { row_cache_rows, .. } => (0..shape.n_layers * shape.n_kv_heads).map(|_| Mutex::new(RowCache::new(*row_cache_rows, shape.head_dim))).collect(),
         };
-        Self { shape, tiering, lens: vec![0; shape.n_layers], heads, resident: vec![], taken: None, compact: None, slow: None, rows, state: SlotState::default() }
+        Self { shape, tiering, lens: vec![0; shape.n_layers], heads, resident: vec![], taken: None, compact: None, slow: None, rows, tip_bits: 8, state: SlotState::default() }
     }
 
     /// True for a FASA-M slot.
@@ -412,7 +433,7 @@ impl SeqCache {
         let b = t / QB;
         hp.q8_blocks = hp.q8_blocks.min(b);
         if t % QB == QB - 1 && hp.q8_blocks == b {
-            quantize_page_block(&hp.k[p], PAGE, self.shape.n_fc(), i / QB, &mut hp.q8[p], &mut hp.q8_scale[p]);
+            quantize_page_block_bits(&hp.k[p], PAGE, self.shape.n_fc(), i / QB, &mut hp.q8[p], &mut hp.q8_scale[p], self.tip_bits);
             hp.q8_blocks = b + 1;
         }
         hp.v[p][i * d..(i + 1) * d].copy_from_slice(v);
@@ -451,13 +472,14 @@ impl SeqCache {
                 let pages: Vec<&[f32]> = slow.as_ref().map_or(vec![], |s| hp.slow.iter().map(|&p| s.page(p)).collect());
                 let kr = pages.iter().map(|p| &p[..PAGE * d]).collect();
                 let v = pages.iter().map(|p| &p[PAGE * d..]).collect();
-                Pages { k: slices(&hp.k), q8: vec![], q8_scale: vec![], q8_blocks: 0, kr, v, len, n_fc, n_planes: self.resident(layer, head).len() }
+                Pages { k: slices(&hp.k), q8: vec![], q8_scale: vec![], q8_blocks: 0, q8_bits: self.tip_bits, kr, v, len, n_fc, n_planes: self.resident(layer, head).len() }
             }
             (Tiering::FasaC, _) => Pages {
                 k: slices(&hp.k),
                 q8: hp.q8.iter().map(|p| &p[..]).collect(),
                 q8_scale: slices(&hp.q8_scale),
                 q8_blocks: hp.q8_blocks,
+                q8_bits: self.tip_bits,
                 kr: slices(&hp.kr),
                 v: slices(&hp.v),
                 len,
@@ -611,11 +633,12 @@ impl CachePool {
                 (KvVariant::FasaM { resident_fcs: resident, row_cache_rows }, Tiering::FasaM { resident, row_cache_rows, dir })
             }
         };
+        let tip_bits = tip_bits();
         Arc::new(Self {
             shape,
             variant,
             max_context,
-            slots: (0..n_slots).map(|_| Mutex::new(SeqCache::with_tiering(shape, tiering.clone()))).collect(),
+            slots: (0..n_slots).map(|_| Mutex::new(SeqCache { tip_bits, ..SeqCache::with_tiering(shape, tiering.clone()) })).collect(),
             free: Mutex::new((0..n_slots).rev().collect()),
             bytes: AtomicUsize::new(0),
             slow_bytes: AtomicUsize::new(0),
@@ -916,7 +939,7 @@ mod tests {
         for b in 0..blocks {
             let (p, bi) = (b * QB / PAGE, (b * QB % PAGE) / QB);
             let (mut q, mut sc) = (vec![0i8; hp.q8[p].len()], vec![0f32; hp.q8_scale[p].len()]);
-            quantize_page_block(&hp.k[p], PAGE, c.shape.n_fc(), bi, &mut q, &mut sc);
+            fasa_kernels::cpu::quantize_page_block(&hp.k[p], PAGE, c.shape.n_fc(), bi, &mut q, &mut sc);
             for f in 0..c.shape.n_fc() {
                 let o = f * 2 * PAGE + bi * QB;
                 for r in [o, o + PAGE] {

@@ -15,7 +15,9 @@
 //! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_q8`, half K's bytes
 //! again); `fasa-paper` reads the fp16 planes.
 //!
-//! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched;
+//! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched, and
+//! so do the experiment switches whose planes this mirror does not build (`FASA_EXPERIMENT_TIP=int4`,
+//! `FASA_EXPERIMENT_PAPER_PLANES=1`: the CPU path measures them alone);
 //! otherwise `Gpu::try_default` checks for the driver, NVRTC and a device without calling into
 //! cudarc (which panics when its libraries are absent). Which path is used is logged once.
 use std::sync::{Arc, Mutex, Once};
@@ -26,7 +28,7 @@ use fasa_kernels::gpu::{CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuErr
 use super::cache::{CacheShape, SeqCache};
 use super::config::{AttnConfig, Mode};
 use super::profile::Profile;
-use super::sparse::{experiment, q8_tip, tip_bytes};
+use super::sparse::{experiment, paper_planes, q8_tip, tip_bytes};
 use super::stats::AttnStats;
 
 /// Bytes per cached element on the GPU (fp16); the counters of GPU steps use it.
@@ -104,15 +106,21 @@ fn log_once(once: &Once, msg: impl FnOnce() -> String) {
 }
 
 impl GpuMirror {
-    /// The mirror for a FASA-C pool, or None (logged once) when off, unusable or the shapes are
-    /// not ones the kernels take; then the operator's CPU path is unchanged.
+    /// The mirror for a FASA-C pool, or None (logged once) when off, unusable, the shapes are
+    /// not ones the kernels take or an experiment switch asks for planes it does not build; then
+    /// the operator's CPU path is unchanged.
     pub fn detect(shape: CacheShape, n_heads: usize, n_slots: usize, max_context: usize, enabled: bool) -> Option<Self> {
         static OFF: Once = Once::new();
         static NONE: Once = Once::new();
         static SHAPE: Once = Once::new();
         static ON: Once = Once::new();
+        static EXPERIMENT: Once = Once::new();
         if !enabled || std::env::var("FASA_GPU").is_ok_and(|v| v == "0") {
             log_once(&OFF, || "FasaAttention: CPU path (GPU off: FASA_GPU=0 or the load options)".into());
+            return None;
+        }
+        if super::cache::tip_bits() != 8 || paper_planes() {
+            log_once(&EXPERIMENT, || "FasaAttention: CPU path (FASA_EXPERIMENT_TIP=int4 or FASA_EXPERIMENT_PAPER_PLANES=1: the GPU mirror builds int8 scoring planes for fasa only)".into());
             return None;
         }
         let group = n_heads / shape.n_kv_heads.max(1);
@@ -382,7 +390,7 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32
         };
         let extra = if reranked { (sels.len() * c.rerank * d) as u64 * e } else { 0 };
         // The GPU trusts the int8 blocks below len/QB (`Q8Planes`).
-        let tip = tip_bytes(c, n, Some(n / QB), fcs, e);
+        let tip = tip_bytes(c, n, Some(n / QB), 8, fcs, e);
         total.merge(&AttnStats {
             sparse_layer_steps: 1,
             bytes_dense: (n * 2 * d) as u64 * e,

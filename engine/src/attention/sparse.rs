@@ -2,7 +2,7 @@
 //! Stage 2 (exact attention over the rows) is `fasa_kernels::cpu::attend_rows`.
 use std::ops::Range;
 
-use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, tip_mass_merge, tip_mass_part, top_b, FcMoments, HeadView, MassPart, Q8View};
+use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, tip_mass_merge, tip_mass_part, top_b, FcMoments, HeadView, MassPart, Q8View, QB};
 
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
@@ -19,6 +19,8 @@ pub struct GroupCtx<'a> {
     pub moments: &'a [FcMoments],
     /// The int8 scoring planes (FASA-C), read by `fasa`'s TIP instead of the f32 planes.
     pub q8: Option<Q8View<'a>>,
+    /// Bits of their values: 8, or 4 (`cache::tip_bits`); for the byte counters.
+    pub q8_bits: u32,
     /// The model's softmax temperature `1/√d` (FASA-M's plane view has fewer dims than the head).
     pub scale: f32,
     pub layer: usize,
@@ -104,14 +106,26 @@ pub(crate) fn experiment(var: &'static str, value: &str) -> bool {
 
 /// The scoring planes TIP reads: `fasa` reads the int8 ones where the cache has them
 /// (`FASA_EXPERIMENT_TIP=f32` restores the f32 planes, for the harness's comparison); the
-/// paper's recipe and the baselines read the f32 planes.
+/// paper's recipe reads them too under `FASA_EXPERIMENT_PAPER_PLANES=1`, else the f32 planes as
+/// the baselines do.
 fn tip_planes<'a>(c: &GroupCtx<'a>) -> Option<Q8View<'a>> {
     c.q8.filter(|_| q8_tip(c.cfg))
 }
 
-/// Whether `cfg`'s TIP reads int8 scoring planes (CPU and GPU alike).
+/// Whether `cfg`'s TIP reads the quantised scoring planes (CPU and GPU alike).
 pub(crate) fn q8_tip(cfg: &AttnConfig) -> bool {
-    cfg.mode == Mode::Fasa && !experiment("FASA_EXPERIMENT_TIP", "f32")
+    let quantised = match cfg.mode {
+        Mode::Fasa => true,
+        Mode::FasaPaper => paper_planes(),
+        _ => false,
+    };
+    quantised && !experiment("FASA_EXPERIMENT_TIP", "f32")
+}
+
+/// `FASA_EXPERIMENT_PAPER_PLANES=1`: `fasa-paper`'s TIP reads the quantised scoring planes, so the
+/// paper's recipe can be measured with f32, int8 and int4 planes (bench/FIDELITY.md).
+pub(crate) fn paper_planes() -> bool {
+    experiment("FASA_EXPERIMENT_PAPER_PLANES", "1")
 }
 
 /// Stage-1 scores `(n,)` of the group's query heads from the FC planes `fcs`: each head's FC-score
@@ -172,17 +186,23 @@ fn fasa_fcs(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> Vec<usize> {
     }
 }
 
-/// Bytes TIP reads from `fcs` planes over the context: int8 pairs (and scales) when it read the
-/// scoring planes, f32 pairs otherwise.
+/// Bytes TIP reads from `fcs` planes over the context: int8 (or int4) pairs and scales when it
+/// read the scoring planes, f32 pairs otherwise.
 pub fn plane_bytes(c: &GroupCtx, fcs: usize) -> u64 {
-    tip_bytes(c.cfg, c.n, c.q8.map(|q| q.blocks), fcs, ELEM)
+    tip_bytes(c.cfg, c.n, c.q8.map(|q| q.blocks), c.q8_bits, fcs, ELEM)
 }
 
 /// Bytes TIP reads for `cfg` from `fcs` planes over `n` tokens of `elem`-byte elements, given
-/// the whole int8 blocks the cache holds (`None`: no int8 planes): CPU and GPU counters alike.
-pub(crate) fn tip_bytes(cfg: &AttnConfig, n: usize, q8_blocks: Option<usize>, fcs: usize, elem: u64) -> u64 {
+/// the whole blocks the cache holds quantised with `bits` bits (`None`: no quantised planes):
+/// CPU and GPU counters alike. Int4 values count packed two per byte (as the GPU packs them;
+/// the CPU holds one per `i8`): one byte per pair, the scales as int8's.
+pub(crate) fn tip_bytes(cfg: &AttnConfig, n: usize, q8_blocks: Option<usize>, bits: u32, fcs: usize, elem: u64) -> u64 {
     match q8_blocks.filter(|_| q8_tip(cfg)) {
-        Some(blocks) => q8_plane_bytes(n, blocks, fcs, elem as usize),
+        Some(blocks) => {
+            let int8 = q8_plane_bytes(n, blocks, fcs, elem as usize);
+            // The int8 count has 2 bytes per pair of the whole blocks' tokens; int4 half that.
+            if bits == 4 { int8 - (fcs * (blocks * QB).min(n)) as u64 } else { int8 }
+        }
         None => (n * 2 * fcs) as u64 * elem,
     }
 }
@@ -406,7 +426,7 @@ mod tests {
         }
         let krr: Vec<&[f32]> = kr.iter().map(|p| p.as_slice()).collect();
         let view = HeadView { k_pages: &k, kr_pages: &krr, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
-        let c = GroupCtx { view, q8: None, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt(), pre: None };
+        let c = GroupCtx { view, q8: None, q8_bits: 8, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt(), pre: None };
         select(&c, &[0], &[q]).rows
     }
 
