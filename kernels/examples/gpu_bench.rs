@@ -1,8 +1,8 @@
 //! Per-step decode attention time on the GPU: FASA-C (TIP + select + FAC) in the paper's mode and
 //! the default mode (`fasa_default`: FC choice by K variance, group score by per-head mass, as the
 //! CPU default; `fasa_default_old`: by query norm, scores summed), each of the paper's and the
-//! default's also with TIP reading the int8 scoring planes (`*_int8`), the paper's with int4 ones
-//! (`fasa_paper_group_int4`), and in-house dense, over the same cache; plus the device copy
+//! default's also with TIP reading the int8 scoring planes (`*_int8`) and int4 ones (`*_int4`),
+//! and in-house dense, over the same cache; plus the device copy
 //! bandwidth.
 //! Each step runs over several layers' caches in turn (as many as make the bytes of dense and of
 //! the paper's int4 row each ≥ 4× the L2), captured in one CUDA graph; times are per layer.
@@ -318,7 +318,7 @@ fn main() {
         // last, as the caches' planes are requantised to int4 for it.
         let paper: Mode = ("fasa_paper_group", s.k, 0, 0, false, 0);
         let default: Mode = ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true, 0);
-        let all_modes: [Mode; 7] = [
+        let all_modes: [Mode; 8] = [
             paper,
             ("fasa_paper_group_int8", s.k, 0, 0, false, 8),
             ("fasa_default_old", 2 * s.k, 4, 32, false, 0),
@@ -326,8 +326,9 @@ fn main() {
             default,
             ("fasa_default_int8", default.1, 4, 32, true, 8),
             ("fasa_paper_group_int4", s.k, 0, 0, false, 4),
+            ("fasa_default_int4", default.1, 4, 32, true, 4),
         ];
-        let target_modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_default_int8", "fasa_paper_group_int4"];
+        let target_modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_default_int8", "fasa_paper_group_int4", "fasa_default_int4"];
         let modes: Vec<Mode> = all_modes.into_iter().filter(|m| (!targets || target_modes.contains(&m.0)) && wanted(m.0)).collect();
         let dense_bytes = layer_bytes as f64;
         // Dense first.
@@ -431,8 +432,9 @@ fn main() {
             }
             // FASA_BENCH_FACROWS: FAC rows per block to time (0 = the decoder's, the default).
             let fr_opts = nums("FASA_BENCH_FACROWS").unwrap_or_else(|| vec![0]);
-            // The default's int8 rows: the group-mass TIP pipelined and not (`u`).
-            let hp_opts: &[bool] = if q8 && mode.4 { &[true, false] } else { &[true] };
+            // The default's int8 rows: the group-mass TIP pipelined and not (`u`; int4: pipelined
+            // only).
+            let hp_opts: &[bool] = if bits == 8 && mode.4 { &[true, false] } else { &[true] };
             let opts = fr_opts.iter().flat_map(|&fr| pipe_opts.iter().map(move |&p| (fr, p)));
             for (fr, pipe, hp) in opts.flat_map(|(fr, p)| hp_opts.iter().map(move |&hp| (fr, p, hp))) {
                 if decs.iter_mut().any(|d| d.set_fac_rows(fr).is_err()) {

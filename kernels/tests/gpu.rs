@@ -857,15 +857,19 @@ fn int8_tip_matches_cpu() {
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
 fn int4_tip_matches_cpu() {
-    // Int4 scoring planes (quantize_page_block_bits(.., 4) twin) in the summed-score TIP: the
-    // paper's fixed FC set (its copies go out before the FC choice) and a pool chosen from by
-    // norm with forced rows, per group and per head, both dtypes, d 64 and 128, and long enough
-    // for several TIP chunks; lens 1 and 200 leave a tail only or a few blocks.
+    // Int4 scoring planes (quantize_page_block_bits(.., 4) twin) in the summed-score TIP (the
+    // paper's fixed FC set, whose copies go out before the FC choice, and a pool chosen from by
+    // norm with forced rows) and the default's group-mass TIP (H = 2, 4, 8 kernels, with a
+    // re-rank), per group and per head, both dtypes, d 64 and 128, and long enough for several
+    // TIP chunks; lens 1 and 200 leave a tail only or a few blocks.
     let mut r = rng();
     for (dt, d, n_q, n_kv) in [(Dtype::F16, 128, 32, 8), (Dtype::Bf16, 64, 9, 3), (Dtype::F16, 64, 16, 2)] {
         check(Case { q8: true, q4: true, ..base(dt, d, n_q, n_kv) }, &mut r);
         check(Case { q8: true, q4: true, pool: d / 4, sinks: 4, recent: 32, ..base(dt, d, n_q, n_kv) }, &mut r);
+        check(Case { q8: true, q4: true, pool: d / 4, sinks: 4, recent: 32, var_mass: true, ..base(dt, d, n_q, n_kv) }, &mut r);
     }
+    check(Case { q8: true, q4: true, pool: 32, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::Bf16, 128, 16, 8) }, &mut r);
+    check(Case { q8: true, q4: true, pool: 16, sinks: 4, recent: 32, rerank: 1024, lens: vec![3000, 1000, 200, 1], var_mass: true, ..base(Dtype::F16, 64, 14, 2) }, &mut r);
     check(Case { q8: true, q4: true, per_group: false, pool: 32, sinks: 4, recent: 16, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
     check(Case { q8: true, q4: true, lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
 }
@@ -1093,8 +1097,16 @@ fn captured_kv_matches_cpu() {
                 let old = Case { var_mass: false, ..fasa.clone() };
                 let paper = Case { pool: 8, sinks: 0, recent: 0, rerank: 0, per_group: false, ..base };
                 let (fasa_q8, paper_q8) = (Case { q8: true, ..fasa.clone() }, Case { q8: true, ..paper.clone() });
-                let paper_q4 = Case { q4: true, ..paper_q8.clone() };
-                let cases_here = [("fasa", fasa), ("fasa-old", old), ("fasa-paper", paper), ("fasa-int8", fasa_q8), ("fasa-paper-int8", paper_q8), ("fasa-paper-int4", paper_q4)];
+                let (fasa_q4, paper_q4) = (Case { q4: true, ..fasa_q8.clone() }, Case { q4: true, ..paper_q8.clone() });
+                let cases_here = [
+                    ("fasa", fasa),
+                    ("fasa-old", old),
+                    ("fasa-paper", paper),
+                    ("fasa-int8", fasa_q8),
+                    ("fasa-paper-int8", paper_q8),
+                    ("fasa-int4", fasa_q4),
+                    ("fasa-paper-int4", paper_q4),
+                ];
                 for (name, c) in cases_here {
                     let data = captured_data(&c, &cap, l);
                     let o = check_data(&c, &data, &format!("captured layer {} {name}", l.layer));

@@ -671,16 +671,17 @@ __device__ __forceinline__ int sx4(u32 v) { return (int)(v + (v & 0x08080808u) *
 // nibbles of the piece's two words unpack as (x of slots 0..3), (y of 0..3), (x of 4..7), (y of
 // 4..7), i.e. elements 0 2 4 6, 1 3 5 7, 8 10 12 14, 9 11 13 15.
 __device__ __forceinline__ int q4_pos(int e) { return (e >> 3) * 8 + (e & 1) * 4 + ((e & 7) >> 1); }
-// Q4 (tip4p, MODE 2 and NQ = 1 only): the planes hold int4 (Q4_PLANES); each (token, group)
-// piece is 8 bytes, copied into an 8-byte stage slot (TIP4P_STAGE: half an int8 stage, so twice
-// the stages hold as many bytes in flight), unpacked by sx4 and dotted with q's int8 terms stored
-// in q4_pos order: the same integer dot products as int8's.
+// Q4 (tip4p: MODE 2, NQ = 1; tip4ph: MODE 0): the planes hold int4 (Q4_PLANES); each (token,
+// group) piece is 8 bytes, copied into an 8-byte stage slot (TIP4P_STAGE: half an int8 stage, so
+// twice the stages hold as many bytes in flight), unpacked by sx4 and dotted with q's int8 terms
+// stored in q4_pos order (MODE 2: the same integer dot products as int8's), or unpacked to f32 in
+// element order (MODE 0: the same float operations as int8's on the int4 values).
 template <class T, int NS, int JU, int MODE, int NQ, bool Q4 = false>
 __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
                            const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk,
                            float* pml) {
     static_assert(NQ == 1 || MODE == 0, "per-head scores: MODE 0 only");
-    static_assert(!Q4 || (MODE == 2 && NQ == 1), "int4 planes: the integer summed-score TIP only");
+    static_assert(!Q4 || (MODE == 2 && NQ == 1) || MODE == 0, "int4 planes: the integer summed-score TIP or MODE 0");
     PDL_BEGIN(TR_TIP);
     if (NQ == 1) select_early_trigger(D); // (NQ > 1: the group-mass stage, whose tip_mass triggers)
     constexpr int NJ = TIP_TPT / JU; // units per chunk and group pair
@@ -882,7 +883,15 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                             float f[JU][8];
 #pragma unroll
                             for (int j = 0; j < JU; ++j) {
-                                unpack8_i8(half ? raw[j].z : raw[j].x, half ? raw[j].w : raw[j].y, f[j]);
+                                if (Q4) {
+                                    // Half h is word h: slots 4h..4h+3, x low and y high; the signed
+                                    // nibbles interleaved back into element order.
+                                    u32 w = half ? raw[j].y : raw[j].x;
+                                    u32 lo = (u32)sx4(w & 0x0f0f0f0fu), hi = (u32)sx4((w >> 4) & 0x0f0f0f0fu);
+                                    unpack8_i8(__byte_perm(lo, hi, 0x5140), __byte_perm(lo, hi, 0x7362), f[j]);
+                                } else {
+                                    unpack8_i8(half ? raw[j].z : raw[j].x, half ? raw[j].w : raw[j].y, f[j]);
+                                }
                                 if (MODE == 0) {
                                     int t = tc + (jh * JU + j) * TIP_THREADS + tid;
                                     float4 s4 = t < qlen ? *(const float4*)&ssc[((w * JU + j) * 2 + u) * FCG + half * 4]
@@ -2320,6 +2329,14 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         tip8p_impl<TY, 2, JU, 0, HH>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr, nullptr,   \
                                      nchunk, pml);                                                                       \
     }
+// Its twin over int4 planes, `tip4ph_h<H>x<JU>_<dtype>` (Q4_PLANES).
+#define TIP4PH_ENTRY(NAME, TY, HH, JU)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip4ph_h##HH##x##JU##_##NAME(                          \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
+        tip8p_impl<TY, 2, JU, 0, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr,      \
+                                           nullptr, nchunk, pml);                                                        \
+    }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
                                              const int* slot_of_fc, double* mom, int* mom_len, i8* kq, float* ks,        \
@@ -2354,6 +2371,9 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     TIP8PH_ENTRY(NAME, TY, 2, 4)                                                                                        \
     TIP8PH_ENTRY(NAME, TY, 4, 4)                                                                                        \
     TIP8PH_ENTRY(NAME, TY, 8, 2)                                                                                        \
+    TIP4PH_ENTRY(NAME, TY, 2, 4)                                                                                        \
+    TIP4PH_ENTRY(NAME, TY, 4, 4)                                                                                        \
+    TIP4PH_ENTRY(NAME, TY, 8, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \

@@ -346,6 +346,8 @@ impl FasaDecoder {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip4p_blocks_per_sm(cache.dtype, pipe)? as usize)
         } else if Self::tip_pipelined(cfg, hps, pipe) {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8p_blocks_per_sm(cache.dtype, pipe)? as usize)
+        } else if heads8 && q4 {
+            tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip4ph_blocks_per_sm(cache.dtype, hps)? as usize)
         } else if heads8 && heads_pipe {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8ph_blocks_per_sm(cache.dtype, hps)? as usize)
         } else {
@@ -454,7 +456,8 @@ impl FasaDecoder {
         };
         let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
         if Self::heads_mass(&self.cfg, dims.hps as usize) {
-            let pipe = self.tip8_heads_pipe;
+            // (int4 planes: the pipelined kernel only)
+            let pipe = self.tip8_heads_pipe || q8.is_some_and(|p| p.bits == 4);
             tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
         } else {

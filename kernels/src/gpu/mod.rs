@@ -250,6 +250,8 @@ pub(crate) struct Funcs {
     pub tip8_heads: [[CudaFunction; 3]; 2],
     /// The group-mass int8 TIP pipelined as `tip8p` (`tip8ph_h*x*`), per dtype and head bound.
     pub tip8ph: [[CudaFunction; 3]; 2],
+    /// Its twin over int4 planes (`tip4ph_h*x*`), per dtype and head bound.
+    pub tip4ph: [[CudaFunction; 3]; 2],
     pub quant_blocks: [CudaFunction; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
@@ -316,6 +318,11 @@ impl Funcs {
             (true, false) => &self.tip8_heads[dt as usize][i],
             (false, _) => &self.tip_heads[dt as usize][i],
         }
+    }
+
+    /// The pipelined group-mass TIP over int4 planes for the smallest head bound ≥ `hps`.
+    pub fn tip4ph(&self, dt: Dtype, hps: usize) -> &CudaFunction {
+        &self.tip4ph[dt as usize][heads_bound(hps)]
     }
 
     /// The pipelined int8 TIP kernel of `pipe` (a [`TIP8_PIPES`] code), if compiled.
@@ -385,6 +392,11 @@ const TIP8PH_JU: [usize; 3] = [4, 4, 2];
 /// Dynamic shared memory of the pipelined group-mass int8 TIP for `hps` heads, as [`tip8p_smem`].
 pub(crate) fn tip8ph_smem(hps: usize) -> usize {
     tip8p_smem(20 + TIP8PH_JU[heads_bound(hps)])
+}
+
+/// Dynamic shared memory of its int4 twin (`tip4ph_h*`), as [`tip4p_smem`].
+pub(crate) fn tip4ph_smem(hps: usize) -> usize {
+    tip4p_smem(20 + TIP8PH_JU[heads_bound(hps)])
 }
 
 /// Dynamic shared memory of the pipelined int4 TIP `pipe` ([`TIP4_PIPES`]): NS stages of two
@@ -560,6 +572,11 @@ impl Gpu {
             });
             Ok([a?, b?])
         };
+        let tip4ph = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
+            let s = dt.suffix();
+            let [a, b, c] = [2, 4, 8].map(|h| get_dyn(&format!("tip4ph_h{h}x{}_{s}", TIP8PH_JU[heads_bound(h)]), tip4ph_smem(h)));
+            Ok([a?, b?, c?])
+        };
         let tip8ph = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
             let s = dt.suffix();
             let [a, b, c] = [2, 4, 8].map(|h| get_dyn(&format!("tip8ph_h{h}x{}_{s}", TIP8PH_JU[heads_bound(h)]), tip8ph_smem(h)));
@@ -578,6 +595,7 @@ impl Gpu {
             tip8: [get("tip8_f16")?, get("tip8_bf16")?],
             tip8_heads: [tip8_heads(Dtype::F16)?, tip8_heads(Dtype::Bf16)?],
             tip8ph: [tip8ph(Dtype::F16)?, tip8ph(Dtype::Bf16)?],
+            tip4ph: [tip4ph(Dtype::F16)?, tip4ph(Dtype::Bf16)?],
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
@@ -710,6 +728,11 @@ impl Gpu {
     /// Resident blocks per multiprocessor of the pipelined group-mass int8 TIP for `hps` heads.
     pub fn tip8ph_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
         Ok(self.f.tip_heads(dt, hps, true, true).occupancy_max_active_blocks_per_multiprocessor(256, tip8ph_smem(hps), None)?)
+    }
+
+    /// The same for its int4 twin.
+    pub fn tip4ph_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
+        Ok(self.f.tip4ph(dt, hps).occupancy_max_active_blocks_per_multiprocessor(256, tip4ph_smem(hps), None)?)
     }
 
     /// Resident blocks per multiprocessor of the pipelined int8 TIP `pipe` ([`TIP8_PIPES`]).

@@ -124,14 +124,19 @@ pub fn launch_heads(
         return Err(GpuError::Shape("tip::launch_heads: xh or pml too small".into()));
     }
     check_q8(dims, q8)?;
-    if q8.is_some_and(|p| p.bits == 4) {
-        return Err(GpuError::Shape("tip::launch_heads: int4 scoring planes are read by the summed-score TIP only".into()));
+    let q4 = q8.is_some_and(|p| p.bits == 4);
+    if q4 && !pipelined {
+        return Err(GpuError::Shape("tip::launch_heads: int4 scoring planes are read by the pipelined kernel only (tip4ph_h*)".into()));
     }
     let null = 0u64;
     let nc = nchunk as i32;
     let pipelined = pipelined && q8.is_some();
-    let mut l = gpu.launcher(gpu.f.tip_heads(dt, hps, q8.is_some(), pipelined));
-    l.arg(dims);
+    let f = if q4 { gpu.f.tip4ph(dt, hps) } else { gpu.f.tip_heads(dt, hps, q8.is_some(), pipelined) };
+    // The planes' width travels in the flags (`kq_region` in fasa.cu).
+    let mut d = *dims;
+    d.flags = (d.flags & !super::Q4_PLANES) | if q4 { super::Q4_PLANES } else { 0 };
+    let mut l = gpu.launcher(f);
+    l.arg(&d);
     arg_k(&mut l, k, q8);
     l.arg(q).arg(fc_of_slot).arg(pool);
     match mom {
@@ -142,7 +147,11 @@ pub fn launch_heads(
     // SAFETY: sizes checked; each block reads tokens < lens[b] ≤ l_max of its (b, kv) region and writes its
     // own selection's xh rows and its own pml entry.
     let mut c = cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256);
-    c.shared_mem_bytes = if pipelined { super::tip8ph_smem(hps) as u32 } else { 0 };
+    c.shared_mem_bytes = match (pipelined, q4) {
+        (true, true) => super::tip4ph_smem(hps) as u32,
+        (true, false) => super::tip8ph_smem(hps) as u32,
+        (false, _) => 0,
+    };
     unsafe { l.launch(c) }?;
     Ok(())
 }
