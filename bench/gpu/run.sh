@@ -34,6 +34,11 @@ grep -q -E '^(SKIPPED|captured K/V: [0-9]+ cases)' "$OUT/tests.log" || echo "cap
 ORT=$(ls "$STAGE"/libonnxruntime.so.* /tmp/ortgpu/libonnxruntime.so.* 2>/dev/null | head -1)
 FASA_ORT_LIB=$ORT timeout 200 "$STAGE/gpu_op" --include-ignored --nocapture 2>&1 | tee "$OUT/gpu_op.log" | grep -E 'logits rel-L2|test result|panicked|no GPU path'
 echo "gpu_op exit ${PIPESTATUS[0]}"
+# The same with int4 scoring planes, and fasa-paper reading them (the experiment switches: the
+# CPU path and the GPU mirror both follow them).
+FASA_EXPERIMENT_TIP=int4 FASA_EXPERIMENT_PAPER_PLANES=1 FASA_ORT_LIB=$ORT timeout 200 "$STAGE/gpu_op" --include-ignored --nocapture 2>&1 \
+  | tee "$OUT/gpu_op_int4.log" | grep -E 'logits rel-L2|test result|panicked|no GPU path'
+echo "gpu_op (int4 planes) exit ${PIPESTATUS[0]}"
 off=$(FASA_GPU=0 FASA_ORT_LIB=$ORT timeout 60 "$STAGE/gpu_op" --include-ignored 2>&1)
 grep -m1 -o -E "no GPU path[^\"]*" <<<"$off" || echo "FASA_GPU=0: no 'no GPU path' failure seen"
 # The graph under ONNX Runtime's CUDA execution provider, FasaAttention on ORT's stream, against

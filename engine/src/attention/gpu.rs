@@ -12,12 +12,11 @@
 //! device copy is allocated at the full context when a slot first decodes here); on a
 //! unified-memory board (Jetson) both come out of the same DRAM, about ×2 the KV memory.
 //! Mode `fasa` scores with TIP from int8 scoring planes, as the CPU's `fasa` does (whole blocks of
-//! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_q8`, half K's bytes
-//! again); `fasa-paper` reads the fp16 planes.
+//! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_scoring_planes`, half K's
+//! bytes again; int4 under `FASA_EXPERIMENT_TIP=int4`, a quarter); `fasa-paper` reads the fp16
+//! planes, or the quantised ones under `FASA_EXPERIMENT_PAPER_PLANES=1`, as the CPU does.
 //!
-//! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched, and
-//! so do the experiment switches whose planes this mirror does not build (`FASA_EXPERIMENT_TIP=int4`,
-//! `FASA_EXPERIMENT_PAPER_PLANES=1`: the CPU path measures them alone);
+//! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched;
 //! otherwise `Gpu::try_default` checks for the driver, NVRTC and a device without calling into
 //! cudarc (which panics when its libraries are absent). Which path is used is logged once.
 use std::sync::{Arc, Mutex, Once};
@@ -28,7 +27,7 @@ use fasa_kernels::gpu::{CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuErr
 use super::cache::{CacheShape, SeqCache};
 use super::config::{AttnConfig, Mode};
 use super::profile::Profile;
-use super::sparse::{experiment, paper_planes, q8_tip, tip_bytes};
+use super::sparse::{experiment, q8_tip, tip_bytes};
 use super::stats::AttnStats;
 
 /// Bytes per cached element on the GPU (fp16); the counters of GPU steps use it.
@@ -114,13 +113,8 @@ impl GpuMirror {
         static NONE: Once = Once::new();
         static SHAPE: Once = Once::new();
         static ON: Once = Once::new();
-        static EXPERIMENT: Once = Once::new();
         if !enabled || std::env::var("FASA_GPU").is_ok_and(|v| v == "0") {
             log_once(&OFF, || "FasaAttention: CPU path (GPU off: FASA_GPU=0 or the load options)".into());
-            return None;
-        }
-        if super::cache::tip_bits() != 8 || paper_planes() {
-            log_once(&EXPERIMENT, || "FasaAttention: CPU path (FASA_EXPERIMENT_TIP=int4 or FASA_EXPERIMENT_PAPER_PLANES=1: the GPU mirror builds int8 scoring planes for fasa only)".into());
             return None;
         }
         let group = n_heads / shape.n_kv_heads.max(1);
@@ -266,7 +260,7 @@ impl GpuMirror {
             let dc = decode_config(st, d / 2);
             if dc.q8_tip {
                 // Quantises the rows mirrored so far; write_host and append keep the planes after.
-                dev.cache.enable_q8(g)?;
+                dev.cache.enable_scoring_planes(g, super::cache::tip_bits())?;
             }
             dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
         }
@@ -340,7 +334,8 @@ fn decode_config(st: &DecodeStep, n_fc: usize) -> DecodeConfig {
         // unless an experiment switch restores the old stage 1; the paper's recipe does neither.
         fc_by_variance: fasa && !experiment("FASA_EXPERIMENT_FC_CHOICE", "norm"),
         group_mass: fasa && !experiment("FASA_EXPERIMENT_GROUP_SCORE", "sum"),
-        // As the CPU's `fasa`: TIP from the int8 scoring planes (`FASA_EXPERIMENT_TIP=f32`: fp16).
+        // As the CPU: TIP from the quantised scoring planes where `q8_tip` says (`fasa`; int8, or
+        // int4 under FASA_EXPERIMENT_TIP=int4; FASA_EXPERIMENT_TIP=f32: fp16).
         q8_tip: q8_tip(c),
     }
 }
@@ -390,7 +385,7 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32
         };
         let extra = if reranked { (sels.len() * c.rerank * d) as u64 * e } else { 0 };
         // The GPU trusts the int8 blocks below len/QB (`Q8Planes`).
-        let tip = tip_bytes(c, n, Some(n / QB), 8, fcs, e);
+        let tip = tip_bytes(c, n, Some(n / QB), super::cache::tip_bits(), fcs, e);
         total.merge(&AttnStats {
             sparse_layer_steps: 1,
             bytes_dense: (n * 2 * d) as u64 * e,
