@@ -2306,8 +2306,8 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
                                         nullptr);                                                                        \
     }
 // Pipelined int4 TIP `tip4p_<NS>x4int_<dtype>`: tip8p_<NS>x4int over int4 planes (Q4_PLANES),
-// TIP4_MINB resident blocks per SM (GPU run 28, paper int4 step, same call, 2 / 3: 1 × 128k 33.4 /
-// 34.6 µs (3 chunks a block; 33.4 with 4), 16 × 128k 208.9 / 198.7, 16 × 32k 87.5 / 87.2; 2 kept
+// TIP4_MINB resident blocks per SM (GPU run 28, paper int4 step, same call, 2 / 3: 1 × 128k 33.6 /
+// 34.6 µs at the automatic chunks, 4 / 3 a block (33.4 with 4), 16 × 128k 208.9 / 198.7; 2 kept
 // for batch 1, whose targets are the ones missed).
 #ifndef TIP4_MINB
 #define TIP4_MINB 2

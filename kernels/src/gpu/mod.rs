@@ -66,7 +66,7 @@ pub const TIP8_PIPE: usize = 224;
 /// in flight as int8's 2).
 pub const TIP4_PIPES: [usize; 2] = [4224, 4244];
 /// Default int4 TIP kernel (a decoder whose pipe names no int4 kernel runs it): 2 stages. GPU run
-/// 28, paper int4 step, Llama-3-8B shapes, same call, 4224 / 4244: 1 × 128k 33.6 / 34.7 µs, 1 × 32k
+/// 28, paper int4 step, Llama-3-8B shapes, same call, 4224 / 4244: 1 × 128k 33.5 / 34.7 µs, 1 × 32k
 /// 26.8 / 26.7, 16 × 32k 87.7 / 87.9, 16 × 128k 216.4 / 210.1: more bytes in flight did not
 /// shorten batch 1, whose TIP is bound by each chunk's instruction latency, not by its loads.
 pub const TIP4_PIPE: usize = 4224;
