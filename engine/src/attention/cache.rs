@@ -256,6 +256,11 @@ impl SeqCache {
         Self { shape, tiering, lens: vec![0; shape.n_layers], heads, resident: vec![], taken: None, compact: None, slow: None, rows, tip_bits: 8, state: SlotState::default() }
     }
 
+    /// Bits of the scoring planes' values (the pool's `tip_bits`).
+    pub fn tip_bits(&self) -> u32 {
+        self.tip_bits
+    }
+
     /// True for a FASA-M slot.
     pub fn is_tiered(&self) -> bool {
         matches!(self.tiering, Tiering::FasaM { .. })

@@ -260,7 +260,7 @@ impl GpuMirror {
             let dc = decode_config(st, d / 2);
             if dc.q8_tip {
                 // Quantises the rows mirrored so far; write_host and append keep the planes after.
-                dev.cache.enable_scoring_planes(g, super::cache::tip_bits())?;
+                dev.cache.enable_scoring_planes(g, c.tip_bits())?;
             }
             dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
         }
@@ -290,7 +290,7 @@ impl GpuMirror {
             // dev.out is next written by this (slot, layer)'s next step, on the same stream.
             Out::Device { ptr, .. } => unsafe { run.copy_dtod_raw(&dev.out, ptr)? },
         }
-        let mut stats = step_stats(st, hkv, d, n, sel.as_deref());
+        let mut stats = step_stats(st, hkv, d, n, sel.as_deref(), c.tip_bits());
         stats.ort_stream_steps = u64::from(on_ort);
         Ok(stats)
     }
@@ -343,10 +343,10 @@ fn decode_config(st: &DecodeStep, n_fc: usize) -> DecodeConfig {
 /// The step's counters, computed as the CPU path computes them (`op::select_group`) but with
 /// fp16 elements (`GPU_ELEM`): what the CPU kernels would read over the rows the GPU selected.
 /// With int8 TIP (`fasa`) a scored FC costs 2 bytes a token and a 4-byte scale per whole block
-/// of `QB` tokens, fp16 pairs after them.
+/// of `QB` tokens, fp16 pairs after them; `bits`: the scoring planes' width (int4: 1 byte).
 /// `sel` is the decoder's `(n_sel, B)` (the first `min(B, n)` of each selection valid); None
 /// with one selection per KV group, whose rows are distinct.
-fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32]>) -> AttnStats {
+fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32]>, bits: u32) -> AttnStats {
     let e = GPU_ELEM;
     if !st.sparse {
         let bytes = (hkv * n * 2 * d) as u64 * e;
@@ -385,7 +385,7 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32
         };
         let extra = if reranked { (sels.len() * c.rerank * d) as u64 * e } else { 0 };
         // The GPU trusts the int8 blocks below len/QB (`Q8Planes`).
-        let tip = tip_bytes(c, n, Some(n / QB), super::cache::tip_bits(), fcs, e);
+        let tip = tip_bytes(c, n, Some(n / QB), bits, fcs, e);
         total.merge(&AttnStats {
             sparse_layer_steps: 1,
             bytes_dense: (n * 2 * d) as u64 * e,

@@ -55,8 +55,8 @@ __device__ __forceinline__ void select_early_trigger(const Dims& D) {
     if (D.flags & EARLY_SELECT) pdl_trigger();
 }
 // The scoring planes hold int4 values, two per byte (GpuKvCache::enable_scoring_planes(4)): the
-// quantiser writes them (quant_block) and the summed-score pipelined TIP reads them (tip4p); a
-// (sequence, KV head) region is half an int8 one's (kq_region).
+// quantiser writes them (quant_block) and the pipelined TIP kernels read them (tip4p, tip4ph_h*);
+// a (sequence, KV head) region is half an int8 one's (kq_region).
 #define Q4_PLANES 2
 // FAC over candidates (flags bits 8..15: the most candidates per FAC block, cap ≤ CAND_MAX; 0 =
 // off; with FAC early, for fac_impl's register-q kernels only: in facl_h4 its registers spilled):
@@ -667,6 +667,12 @@ __device__ __forceinline__ float warp_max_abs(float x) { // (sm_80+: one redux o
 // Four int4 values (the low nibbles of v's bytes, v & 0x0f0f0f0f) as int8 bytes: bit 3 set adds
 // 0xf0 to its byte (8 · 0x1e), which sign-extends it; no byte carries into the next.
 __device__ __forceinline__ int sx4(u32 v) { return (int)(v + (v & 0x08080808u) * 0x1eu); }
+// One word of an int4 piece (4 slots: x in the low nibble of each byte, y in the high one) as
+// two words of int8 values: lo the x of its 4 slots, hi their y.
+__device__ __forceinline__ void i4_split(u32 w, int& lo, int& hi) {
+    lo = sx4(w & 0x0f0f0f0fu);
+    hi = sx4((w >> 4) & 0x0f0f0f0fu);
+}
 // Position of element e (0..15) of a (token, group) piece in the int4 order of q's int8 terms: the
 // nibbles of the piece's two words unpack as (x of slots 0..3), (y of 0..3), (x of 4..7), (y of
 // 4..7), i.e. elements 0 2 4 6, 1 3 5 7, 8 10 12 14, 9 11 13 15.
@@ -849,11 +855,15 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                                 raw[j] = t < qlen ? sd[(u * JU + j) * TIP_THREADS + tid] : make_uint4(0, 0, 0, 0);
                             }
                         }
-                        if (MODE == 2 && Q4) {
+                        if (MODE == 2) {
 #pragma unroll
                             for (int j = 0; j < JU; ++j) {
-                                u32 a = raw[j].x, c = raw[j].y;
-                                int w4[4] = {sx4(a & 0x0f0f0f0fu), sx4((a >> 4) & 0x0f0f0f0fu), sx4(c & 0x0f0f0f0fu), sx4((c >> 4) & 0x0f0f0f0fu)};
+                                // Four words of int8 values (int4: the piece's two words split).
+                                int w4[4] = {(int)raw[j].x, (int)raw[j].y, (int)raw[j].z, (int)raw[j].w};
+                                if (Q4) {
+                                    i4_split(raw[j].x, w4[0], w4[1]);
+                                    i4_split(raw[j].y, w4[2], w4[3]);
+                                }
 #pragma unroll
                                 for (int x = 0; x < 3; ++x) {
                                     int4 qw = *(const int4*)&qq_w[j][x][u][0];
@@ -865,19 +875,6 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                             }
                             continue;
                         }
-                        if (MODE == 2) {
-#pragma unroll
-                            for (int j = 0; j < JU; ++j)
-#pragma unroll
-                                for (int x = 0; x < 3; ++x) {
-                                    int4 qw = *(const int4*)&qq_w[j][x][u][0];
-                                    int d = dp4a((int)raw[j].x, qw.x, di[j][x]);
-                                    d = dp4a((int)raw[j].y, qw.y, d);
-                                    d = dp4a((int)raw[j].z, qw.z, d);
-                                    di[j][x] = dp4a((int)raw[j].w, qw.w, d);
-                                }
-                            continue;
-                        }
 #pragma unroll
                         for (int half = 0; half < 2; ++half) {
                             float f[JU][8];
@@ -886,8 +883,8 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                                 if (Q4) {
                                     // Half h is word h: slots 4h..4h+3, x low and y high; the signed
                                     // nibbles interleaved back into element order.
-                                    u32 w = half ? raw[j].y : raw[j].x;
-                                    u32 lo = (u32)sx4(w & 0x0f0f0f0fu), hi = (u32)sx4((w >> 4) & 0x0f0f0f0fu);
+                                    int lo, hi;
+                                    i4_split(half ? raw[j].y : raw[j].x, lo, hi);
                                     unpack8_i8(__byte_perm(lo, hi, 0x5140), __byte_perm(lo, hi, 0x7362), f[j]);
                                 } else {
                                     unpack8_i8(half ? raw[j].z : raw[j].x, half ? raw[j].w : raw[j].y, f[j]);

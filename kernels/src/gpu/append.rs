@@ -19,7 +19,7 @@
 //!   whole blocks of `QB` = 32 tokens ([`Q8Planes`]; the format of `cpu::quant`), one 16-byte
 //!   piece per group (K's layout with r = 1), so TIP reads only the chosen groups; or
 //!   ([`GpuKvCache::enable_scoring_planes`] with 4 bits) int4 ones, an 8-byte piece per group
-//!   (two values a byte), read by the summed-score pipelined TIP only.
+//!   (two values a byte), read by the pipelined TIP kernels only (`tip4p`, `tip4ph_h*`).
 //!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
 //! groups give TIP FC granularity of 8, the runs of groups FAC whole DRAM units.)
@@ -43,6 +43,14 @@ pub struct Q8Planes {
     pub blocks: CudaSlice<i32>,
     /// Bits per value: 8, or 4.
     pub bits: u32,
+}
+
+impl Q8Planes {
+    /// `Dims::flags` with the planes' width bit ([`super::Q4_PLANES`]) set from `bits`: the
+    /// kernels address and quantise the planes by it.
+    pub fn flags(planes: Option<&Q8Planes>, flags: i32) -> i32 {
+        (flags & !super::Q4_PLANES) | if planes.is_some_and(|p| p.bits == 4) { super::Q4_PLANES } else { 0 }
+    }
 }
 
 pub struct GpuKvCache {
@@ -197,7 +205,7 @@ impl GpuKvCache {
             n_grp: self.n_grp() as i32,
             l_max: self.l_max as i32,
             scale: 1.0 / (self.d as f32).sqrt(),
-            flags: if self.q8.as_ref().is_some_and(|p| p.bits == 4) { super::Q4_PLANES } else { 0 },
+            flags: Q8Planes::flags(self.q8.as_ref(), 0),
             ..Default::default()
         }
     }

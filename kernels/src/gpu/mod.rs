@@ -399,18 +399,22 @@ pub(crate) fn tip4ph_smem(hps: usize) -> usize {
     tip4p_smem(20 + TIP8PH_JU[heads_bound(hps)])
 }
 
-/// Dynamic shared memory of the pipelined int4 TIP `pipe` ([`TIP4_PIPES`]): NS stages of two
-/// groups' 8-byte pieces of JU·256 tokens and their scales (`TIP4P_STAGE`).
+/// Dynamic shared memory of the pipelined int4 TIP `pipe` ([`TIP4_PIPES`]): as
+/// [`tip8p_smem`] with 8-byte pieces (`TIP4P_STAGE`).
 pub(crate) fn tip4p_smem(pipe: usize) -> usize {
-    let (ns, ju, _) = tip8_pipe_parts(pipe);
-    ns * (2 * 256 * ju * 8 + 8 * ju * 2 * 8 * 4)
+    stage_smem(pipe, 8)
 }
 
 /// Dynamic shared memory of the pipelined int8 TIP `pipe`: NS stages of two groups' 16-byte
 /// pieces of JU·256 tokens and their scales ((8 warps, JU, 2 groups, 8 FCs) f32) (`TIP8P_STAGE`).
 pub(crate) fn tip8p_smem(pipe: usize) -> usize {
+    stage_smem(pipe, 16)
+}
+
+/// NS stages of two groups' `piece`-byte pieces of JU·256 tokens and their scales.
+fn stage_smem(pipe: usize, piece: usize) -> usize {
     let (ns, ju, _) = tip8_pipe_parts(pipe);
-    ns * (2 * 256 * ju * 16 + 8 * ju * 2 * 8 * 4)
+    ns * (2 * 256 * ju * piece + 8 * ju * 2 * 8 * 4)
 }
 
 #[derive(Clone, Copy)]

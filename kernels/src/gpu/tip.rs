@@ -64,8 +64,7 @@ pub fn launch(
         (false, _) => (gpu.f.tip(dt, q8.is_some()), 0),
     };
     // The planes' width travels in the flags (the region offsets, `kq_region` in fasa.cu).
-    let mut d = *dims;
-    d.flags = (d.flags & !super::Q4_PLANES) | if q4 { super::Q4_PLANES } else { 0 };
+    let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
     let mut l = gpu.launcher(f);
     l.arg(&d);
     arg_k(&mut l, k, q8);
@@ -132,9 +131,7 @@ pub fn launch_heads(
     let nc = nchunk as i32;
     let pipelined = pipelined && q8.is_some();
     let f = if q4 { gpu.f.tip4ph(dt, hps) } else { gpu.f.tip_heads(dt, hps, q8.is_some(), pipelined) };
-    // The planes' width travels in the flags (`kq_region` in fasa.cu).
-    let mut d = *dims;
-    d.flags = (d.flags & !super::Q4_PLANES) | if q4 { super::Q4_PLANES } else { 0 };
+    let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
     let mut l = gpu.launcher(f);
     l.arg(&d);
     arg_k(&mut l, k, q8);
