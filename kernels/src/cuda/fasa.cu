@@ -426,7 +426,7 @@ __device__ __forceinline__ void tip_pass16(const Dims& D, const u16* kb, u32 gma
 // heads. cpu::fc_scores_q8 folds the scale into q instead: the same value up to rounding.
 template <int NQ, int GP>
 __device__ __forceinline__ void tip_pass8(const Dims& D, const TipSrc& S, u32 gmask, const float (*qv)[MAXG * GE], int nq, int tc, int hi,
-                                          float (&acc)[TIP_TPT][NQ]) {
+                                          float (&acc)[TIP_TPT][NQ], u64 qmask) {
     int tid = threadIdx.x;
     for (u32 gm = gmask; gm;) {
         int gs[GP];
@@ -454,18 +454,21 @@ __device__ __forceinline__ void tip_pass8(const Dims& D, const TipSrc& S, u32 gm
             if (gs[u] < 0) break; // uniform over the block
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
+                u32 cm = (u32)(qmask >> (gs[u] * FCG + half * 4)) & 0xfu; // (block-uniform: tip_fma)
+                if (cm == 0) continue;
                 float f[TIP_TPT][8];
 #pragma unroll
                 for (int j = 0; j < TIP_TPT; ++j) {
                     unpack8_i8(half ? raw[u][j].z : raw[u][j].x, half ? raw[u][j].w : raw[u][j].y, f[j]);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        float sc = __shfl_sync(0xffffffffu, sl[u][j], half * 4 + e);
-                        f[j][2 * e] = __fmul_rn(f[j][2 * e], sc);
-                        f[j][2 * e + 1] = __fmul_rn(f[j][2 * e + 1], sc);
-                    }
+                    for (int e = 0; e < 4; ++e)
+                        if (cm & (1u << e)) {
+                            float sc = __shfl_sync(0xffffffffu, sl[u][j], half * 4 + e);
+                            f[j][2 * e] = __fmul_rn(f[j][2 * e], sc);
+                            f[j][2 * e + 1] = __fmul_rn(f[j][2 * e + 1], sc);
+                        }
                 }
-                tip_fma<NQ>(qv, nq, gs[u], half, f, acc);
+                tip_fma<NQ>(qv, nq, gs[u], half, f, acc, 0, cm);
             }
         }
     }
@@ -474,15 +477,16 @@ __device__ __forceinline__ void tip_pass8(const Dims& D, const TipSrc& S, u32 gm
 // One chunk of TIP_TOK tokens from tc (< len): int8 planes for whole quantised blocks, the
 // 16-bit groups after them (only the chunk holding the tail pays that pass), or 16-bit only.
 template <class T, int NQ, bool Q8>
+// qmask: the slots whose FC pairs the int8 pass sums (q_slots_mask; ~0: all).
 __device__ __forceinline__ void tip_chunk(const Dims& D, const TipSrc& S, u32 gmask, const float (*qv)[MAXG * GE], int nq, int tc, int len,
-                                          float (&acc)[TIP_TPT][NQ]) {
+                                          float (&acc)[TIP_TPT][NQ], u64 qmask = ~0ull) {
 #pragma unroll
     for (int j = 0; j < TIP_TPT; ++j)
 #pragma unroll
         for (int h = 0; h < NQ; ++h) acc[j][h] = 0.f;
     if (Q8) {
         int qlen = min(S.qlen, len);
-        if (tc < qlen) tip_pass8<NQ, NQ == 8 ? 1 : 2>(D, S, gmask, qv, nq, tc, qlen, acc);
+        if (tc < qlen) tip_pass8<NQ, NQ == 8 ? 1 : 2>(D, S, gmask, qv, nq, tc, qlen, acc, qmask);
         if (tc + TIP_TOK > qlen) tip_pass16<T, NQ>(D, S.k, gmask, qv, nq, tc, qlen, len, acc);
     } else {
         tip_pass16<T, NQ>(D, S.k, gmask, qv, nq, tc, 0, len, acc);
@@ -815,10 +819,12 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     }
     // MODE 0: the FC pairs with a nonzero q (the chosen FCs: about a quarter of every group read
     // in the default mode, k = 16 of a pool of 64) are the only ones scaled and summed; a half
-    // group without one is skipped. GPU run 29 (default mode, Llama-3-8B shapes, B = 1024, same
-    // call, every pair / these only): int8 16 × 32k 356.3 → 325.6 µs, 1 × 128k 115.0 → 102.1,
-    // 16 × 128k 1184.2 → 1112.8, 1 × 32k 54.1 both; int4 16 × 128k 1435.5 → 1209.8. The same
-    // sums bit for bit (tip_fma). TIP_PAIRS=0 (FASA_GPU_DEFINES) sums every pair, as before.
+    // group without one is skipped (tip_heads_impl's int8 pass likewise). GPU run 29 (default
+    // mode, Llama-3-8B shapes, B = 1024, same call, every pair / these only): int8 16 × 32k
+    // 356.3 → 325.6 µs, 1 × 128k 115.0 → 102.1, 16 × 128k 1184.2 → 1112.8, int4 16 × 128k
+    // 1435.5 → 1209.8 (call 4, this kernel); with tip8_heads too, int8 1 × 32k 57.4 → 53.5
+    // (call 8). The same sums bit for bit (tip_fma). TIP_PAIRS=0 (FASA_GPU_DEFINES) sums every
+    // pair, as before.
     u64 qmask = MODE == 0 ? (TIP_PAIRS ? q_slots_mask<NQ>(qeff, nq, D.n_fc) : ~0ull) : 0;
     trace_mark(M_TIP_SETUP);
     float ml_m[NQ], ml_s[NQ];                        // (NQ > 1: online softmax per head)
@@ -988,6 +994,8 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
     int kvh = kv_of_sel(D, s), hps = D.hps;
     u32 gmask = tip_setup<H>(D, q, fc_of_slot, pool, mom, b, s, len, qh);
     __syncthreads();
+    // (the int8 pass sums only the chosen FCs' pairs, as tip8p_impl's MODE 0)
+    u64 qmask = Q8 && TIP_PAIRS ? q_slots_mask<H>(qh, hps, D.n_fc) : ~0ull;
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
     float* xs = xh + (size_t)seg * hps * D.l_max;
@@ -998,7 +1006,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
         int tc = t0 + ch * TIP_TOK;
         if (tc >= len) break;
         float acc[TIP_TPT][H];
-        tip_chunk<T, H, Q8>(D, S, gmask, qh, hps, tc, len, acc);
+        tip_chunk<T, H, Q8>(D, S, gmask, qh, hps, tc, len, acc, qmask);
         heads_store<H>(D, acc, tc, len, xs, ml_m, ml_s);
     }
     heads_flush<H>(D, ml_m, ml_s, pml + ((size_t)seg * gridDim.x + blockIdx.x) * hps * 2);
