@@ -60,7 +60,7 @@ fn main() {
             let (kp, krp, vp, sp) = (refs(&g.k), refs(&g.kr), refs(&g.v), refs(&g.sc));
             let qp: Vec<&[i8]> = g.q8.iter().map(|x| &x[..]).collect();
             let view = HeadView { k_pages: &kp, kr_pages: &krp, v_pages: &vp, page: PAGE, n_fc: d / 2, len: n };
-            let q8 = Q8View { pages: &qp, scales: &sp, blocks: n / QB };
+            let q8 = Q8View { pages: &qp, scales: &sp, blocks: n / QB, bits: 8 };
             let mut lap = Instant::now();
             let mut tick = |i: usize| {
                 if step > 0 {

@@ -191,7 +191,7 @@ fn cpu_select(c: &Case, data: &Data, b: usize, s: usize) -> (Vec<f32>, Vec<u32>)
     // The int8 twin: every whole block of the (fp16/bf16-rounded) K quantised by the CPU.
     let (q8p, q8s) = if c.q8 { quantize_all(&data.planes[b][kv], len, c.d / 2, c.bits()) } else { (vec![], vec![]) };
     let (qp, sp) = ([q8p.as_slice()], [q8s.as_slice()]);
-    let q8v = Q8View { pages: &qp, scales: &sp, blocks: len / QB };
+    let q8v = Q8View { pages: &qp, scales: &sp, blocks: len / QB, bits: c.bits() };
     let q8 = c.q8.then_some(&q8v);
     if c.var_mass && hps > 1 {
         tip_group_mass(&vw, q8, &qr, &fcs, len, 1.0 / (c.d as f32).sqrt(), &mut sc);

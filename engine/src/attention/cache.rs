@@ -208,7 +208,7 @@ impl Pages<'_> {
 
     /// The int8 scoring planes (FASA-C; none on FASA-M).
     pub fn q8_view(&self) -> Option<Q8View<'_>> {
-        (!self.q8.is_empty()).then(|| Q8View { pages: &self.q8, scales: &self.q8_scale, blocks: self.q8_blocks.min(self.len / QB) })
+        (!self.q8.is_empty()).then(|| Q8View { pages: &self.q8, scales: &self.q8_scale, blocks: self.q8_blocks.min(self.len / QB), bits: self.q8_bits })
     }
 
     /// Bits of the scoring planes' values (`tip_bits`).

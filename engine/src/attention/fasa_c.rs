@@ -96,7 +96,7 @@ struct Chosen {
 pub(super) fn sparse_step(ctx: &ComputeContext, s: &Step, out: &SharedOut) -> ort::Result<AttnStats> {
     let (hkv, group, d) = (s.pages.len(), s.group, s.d);
     let moments: Vec<_> = (0..hkv).map(|g| if wants_moments(s.cfg) { s.cache.moments(s.layer, g) } else { vec![] }).collect();
-    let gctx = |g: usize| GroupCtx { view: s.pages[g].view(), q8: s.pages[g].q8_view(), q8_bits: s.pages[g].q8_bits(), bounds: &s.bounds[g], layer: s.layer, kv_head: g, n: s.n, cfg: s.cfg, profile: s.profile, moments: &moments[g], scale: s.scale, pre: None };
+    let gctx = |g: usize| GroupCtx { view: s.pages[g].view(), q8: s.pages[g].q8_view(), bounds: &s.bounds[g], layer: s.layer, kv_head: g, n: s.n, cfg: s.cfg, profile: s.profile, moments: &moments[g], scale: s.scale, pre: None };
     let heads = |g: usize| g * group..(g + 1) * group;
     let group_qs = |g: usize| -> Vec<&[f32]> { heads(g).map(|qh| &s.q_fc[qh * d..(qh + 1) * d]).collect() };
     // Stage 1 in `parts` parts per group where it is the group-mass TIP over a long context.

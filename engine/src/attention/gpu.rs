@@ -385,7 +385,7 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32
         };
         let extra = if reranked { (sels.len() * c.rerank * d) as u64 * e } else { 0 };
         // The GPU trusts the int8 blocks below len/QB (`Q8Planes`).
-        let tip = tip_bytes(c, n, Some(n / QB), bits, fcs, e);
+        let tip = tip_bytes(c, n, Some((n / QB, bits)), fcs, e);
         total.merge(&AttnStats {
             sparse_layer_steps: 1,
             bytes_dense: (n * 2 * d) as u64 * e,

@@ -335,7 +335,7 @@ fn sparse_group_tiered(c: &SeqCache, pool: &CachePool, pages: &Pages, profile: &
     let compact: Vec<Vec<f32>> = qs.iter().map(|q| resident.iter().flat_map(|&f| [q[2 * f], q[2 * f + 1]]).collect()).collect();
     let qc: Vec<&[f32]> = compact.iter().map(|q| q.as_slice()).collect();
     let moments = if wants_moments(cfg) { c.moments(layer, g) } else { vec![] };
-    let gctx = GroupCtx { view: pages.plane_view(), q8: None, q8_bits: 8, bounds: &[], layer, kv_head: g, n: n_all, cfg, profile, moments: &moments, scale, pre: None };
+    let gctx = GroupCtx { view: pages.plane_view(), q8: None, bounds: &[], layer, kv_head: g, n: n_all, cfg, profile, moments: &moments, scale, pre: None };
     let (sels, mut st) = select_group(&gctx, group, d, &qc);
     let mut rc = c.row_cache(layer, g).ok_or("FASA-M slot without row caches")?;
     let before = rc.bytes();

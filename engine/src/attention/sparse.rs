@@ -2,7 +2,7 @@
 //! Stage 2 (exact attention over the rows) is `fasa_kernels::cpu::attend_rows`.
 use std::ops::Range;
 
-use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, tip_mass_merge, tip_mass_part, top_b, FcMoments, HeadView, MassPart, Q8View, QB};
+use fasa_kernels::cpu::{choose_fcs, choose_fcs_var, fc_scores, fc_scores_q8, force_rows, q8_plane_bytes, quest_score, row_logits, softmax_in_place, tip_group_mass, tip_mass_merge, tip_mass_part, top_b, FcMoments, HeadView, MassPart, Q8View};
 
 use super::config::{AttnConfig, Mode, QUEST_PAGE};
 use super::profile::Profile;
@@ -17,10 +17,9 @@ pub struct GroupCtx<'a> {
     /// K moments of each FC plane of the view over its `n` tokens (`SeqCache::moments`); empty
     /// when the mode does not choose FCs per step.
     pub moments: &'a [FcMoments],
-    /// The int8 scoring planes (FASA-C), read by `fasa`'s TIP instead of the f32 planes.
+    /// The int8 (or int4: `cache::tip_bits`) scoring planes (FASA-C), read by `fasa`'s TIP
+    /// instead of the f32 planes.
     pub q8: Option<Q8View<'a>>,
-    /// Bits of their values: 8, or 4 (`cache::tip_bits`); for the byte counters.
-    pub q8_bits: u32,
     /// The model's softmax temperature `1/√d` (FASA-M's plane view has fewer dims than the head).
     pub scale: f32,
     pub layer: usize,
@@ -189,20 +188,15 @@ fn fasa_fcs(c: &GroupCtx, heads: &[usize], qs: &[&[f32]]) -> Vec<usize> {
 /// Bytes TIP reads from `fcs` planes over the context: int8 (or int4) pairs and scales when it
 /// read the scoring planes, f32 pairs otherwise.
 pub fn plane_bytes(c: &GroupCtx, fcs: usize) -> u64 {
-    tip_bytes(c.cfg, c.n, c.q8.map(|q| q.blocks), c.q8_bits, fcs, ELEM)
+    tip_bytes(c.cfg, c.n, c.q8.map(|q| (q.blocks, q.bits)), fcs, ELEM)
 }
 
 /// Bytes TIP reads for `cfg` from `fcs` planes over `n` tokens of `elem`-byte elements, given
-/// the whole blocks the cache holds quantised with `bits` bits (`None`: no quantised planes):
-/// CPU and GPU counters alike. Int4 values count packed two per byte (as the GPU packs them;
-/// the CPU holds one per `i8`): one byte per pair, the scales as int8's.
-pub(crate) fn tip_bytes(cfg: &AttnConfig, n: usize, q8_blocks: Option<usize>, bits: u32, fcs: usize, elem: u64) -> u64 {
-    match q8_blocks.filter(|_| q8_tip(cfg)) {
-        Some(blocks) => {
-            let int8 = q8_plane_bytes(n, blocks, fcs, elem as usize);
-            // The int8 count has 2 bytes per pair of the whole blocks' tokens; int4 half that.
-            if bits == 4 { int8 - (fcs * (blocks * QB).min(n)) as u64 } else { int8 }
-        }
+/// the whole blocks the cache holds quantised and their bits (`None`: no quantised planes): CPU
+/// and GPU counters alike (`q8_plane_bytes`).
+pub(crate) fn tip_bytes(cfg: &AttnConfig, n: usize, q8: Option<(usize, u32)>, fcs: usize, elem: u64) -> u64 {
+    match q8.filter(|_| q8_tip(cfg)) {
+        Some((blocks, bits)) => q8_plane_bytes(n, blocks, bits, fcs, elem as usize),
         None => (n * 2 * fcs) as u64 * elem,
     }
 }
@@ -426,7 +420,7 @@ mod tests {
         }
         let krr: Vec<&[f32]> = kr.iter().map(|p| p.as_slice()).collect();
         let view = HeadView { k_pages: &k, kr_pages: &krr, v_pages: &v, page: 64, n_fc: f.d / 2, len: f.n };
-        let c = GroupCtx { view, q8: None, q8_bits: 8, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt(), pre: None };
+        let c = GroupCtx { view, q8: None, bounds: &b, layer: 0, kv_head: 0, n: f.n, cfg, profile: prof, moments: &[], scale: 1.0 / (f.d as f32).sqrt(), pre: None };
         select(&c, &[0], &[q]).rows
     }
 

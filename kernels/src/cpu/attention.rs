@@ -471,7 +471,7 @@ mod tests {
             quantize_page_block(&kp[b * QB / page], page, d / 2, (b * QB % page) / QB, &mut q8[b * QB / page], &mut sc[b * QB / page]);
         }
         let (qp, sp): (Vec<&[i8]>, Vec<&[f32]>) = (q8.iter().map(|p| &p[..]).collect(), sc.iter().map(|p| &p[..]).collect());
-        let qv = Q8View { pages: &qp, scales: &sp, blocks: len / QB };
+        let qv = Q8View { pages: &qp, scales: &sp, blocks: len / QB, bits: 8 };
         let qs: Vec<Vec<f32>> = (0..3).map(|_| (0..d).map(|_| rng.random_range(-1.0..1.0)).collect()).collect();
         let qr: Vec<&[f32]> = qs.iter().map(|q| &q[..]).collect();
         let (fcs, scale) = ([0usize, 3, 5, 6], 0.7f32);

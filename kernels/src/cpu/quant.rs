@@ -25,6 +25,8 @@ pub struct Q8View<'a> {
     pub scales: &'a [&'a [f32]],
     /// Whole blocks quantised (tokens from `blocks · QB` on are read from the f32 planes).
     pub blocks: usize,
+    /// Bits of the values' grid: 8, or 4 (`quantize_block_bits`; still one value per `i8`).
+    pub bits: u32,
 }
 
 /// Quantises one block of one FC: `x`, `y` are the pair's two elements for `QB` tokens. Returns
@@ -186,12 +188,13 @@ fn heads_q8<const H: usize>(view: &HeadView, q8: &Q8View, qs: &[&[f32]], fcs: &[
     }
 }
 
-/// Bytes TIP reads for `fcs` FC planes over `n` tokens: int8 pairs and one f32 scale per whole
-/// block, pairs of `elem`-byte elements after them (`blocks` as in `Q8View`; f32 on the CPU,
-/// fp16 on the GPU).
-pub fn q8_plane_bytes(n: usize, blocks: usize, fcs: usize, elem: usize) -> u64 {
+/// Bytes TIP reads for `fcs` FC planes over `n` tokens: `bits`-bit pairs (int4 counted packed
+/// two values a byte, as the GPU holds them) and one f32 scale per whole block, pairs of
+/// `elem`-byte elements after them (`blocks`, `bits` as in `Q8View`; f32 on the CPU, fp16 on the
+/// GPU).
+pub fn q8_plane_bytes(n: usize, blocks: usize, bits: u32, fcs: usize, elem: usize) -> u64 {
     let q = (blocks * QB).min(n);
-    (fcs * (q * 2 + q / QB * 4 + (n - q) * 2 * elem)) as u64
+    (fcs * (q * 2 * bits as usize / 8 + q / QB * 4 + (n - q) * 2 * elem)) as u64
 }
 
 #[cfg(test)]
@@ -259,7 +262,7 @@ mod tests {
         let view = HeadView { k_pages: &kr, kr_pages: &[], v_pages: &[], page, n_fc, len };
         let qp: Vec<&[i8]> = q8.iter().map(|p| p.as_slice()).collect();
         let sp: Vec<&[f32]> = sc.iter().map(|p| p.as_slice()).collect();
-        let qv = Q8View { pages: &qp, scales: &sp, blocks };
+        let qv = Q8View { pages: &qp, scales: &sp, blocks, bits: 8 };
         let q: Vec<f32> = (0..2 * n_fc).map(|_| lcg(&mut s)).collect();
         let fcs = [1, 4, 6];
         let mut want = vec![0f32; len];
@@ -292,6 +295,6 @@ mod tests {
         for (g, e) in got.iter().zip(&exact) {
             assert!((g - e).abs() <= 0.03, "{g} vs {e}");
         }
-        assert_eq!(q8_plane_bytes(len, blocks, 3, 4), (3 * (96 * 2 + 3 * 4 + 13 * 8)) as u64);
+        assert_eq!(q8_plane_bytes(len, blocks, 8, 3, 4), (3 * (96 * 2 + 3 * 4 + 13 * 8)) as u64);
     }
 }

@@ -389,6 +389,8 @@ __device__ u64 q_slots_mask(const float (*qv)[MAXG * GE], int nq, int n_fc) {
     __syncthreads();
     return ((u64)words[1] << 32) | words[0];
 }
+// Its 4 bits for half `half` of FC group g (tip_fma's cm).
+__device__ __forceinline__ u32 half_pairs(u64 qmask, int g, int half) { return (u32)(qmask >> (g * FCG + half * 4)) & 0xfu; }
 
 // From the 16-bit groups, tokens lo ≤ t < hi.
 template <class T, int NQ>
@@ -454,7 +456,7 @@ __device__ __forceinline__ void tip_pass8(const Dims& D, const TipSrc& S, u32 gm
             if (gs[u] < 0) break; // uniform over the block
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                u32 cm = (u32)(qmask >> (gs[u] * FCG + half * 4)) & 0xfu; // (block-uniform: tip_fma)
+                u32 cm = half_pairs(qmask, gs[u], half); // (block-uniform: tip_fma)
                 if (cm == 0) continue;
                 float f[TIP_TPT][8];
 #pragma unroll
@@ -916,7 +918,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
                         }
 #pragma unroll
                         for (int half = 0; half < 2; ++half) {
-                            u32 cm = MODE == 0 ? (u32)(qmask >> (g * FCG + half * 4)) & 0xfu : 0xfu; // (block-uniform)
+                            u32 cm = MODE == 0 ? half_pairs(qmask, g, half) : 0xfu; // (block-uniform)
                             if (cm == 0) continue;
                             float f[JU][8];
 #pragma unroll

@@ -46,10 +46,15 @@ pub struct Q8Planes {
 }
 
 impl Q8Planes {
+    /// Whether `planes` are int4 ones (only the pipelined TIP kernels read them).
+    pub fn int4(planes: Option<&Q8Planes>) -> bool {
+        planes.is_some_and(|p| p.bits == 4)
+    }
+
     /// `Dims::flags` with the planes' width bit ([`super::Q4_PLANES`]) set from `bits`: the
     /// kernels address and quantise the planes by it.
     pub fn flags(planes: Option<&Q8Planes>, flags: i32) -> i32 {
-        (flags & !super::Q4_PLANES) | if planes.is_some_and(|p| p.bits == 4) { super::Q4_PLANES } else { 0 }
+        (flags & !super::Q4_PLANES) | if Self::int4(planes) { super::Q4_PLANES } else { 0 }
     }
 }
 

@@ -11,7 +11,7 @@
 use cudarc::driver::{CudaGraph, CudaSlice};
 
 use super::launch::pdl_scope;
-use super::{fac, rerank, select, tip, Dims, FacKernel, Gpu, GpuError, GpuKvCache, NBIN};
+use super::{fac, rerank, select, tip, Dims, FacKernel, Gpu, GpuError, GpuKvCache, Q8Planes, NBIN};
 
 /// The operator's mode, as `AttnConfig` on the CPU (engine): every knob of the default `fasa`
 /// mode and of the paper's recipe.
@@ -341,7 +341,7 @@ impl FasaDecoder {
     /// group-mass int8 stage 1 pipelined).
     fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool) -> Result<usize, GpuError> {
         let heads8 = cfg.q8_tip && Self::heads_mass(cfg, hps);
-        let q4 = cache.q8.as_ref().is_some_and(|p| p.bits == 4);
+        let q4 = Q8Planes::int4(cache.q8.as_ref());
         Ok(if Self::tip_pipelined(cfg, hps, pipe) && q4 {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip4p_blocks_per_sm(cache.dtype, pipe)? as usize)
         } else if Self::tip_pipelined(cfg, hps, pipe) {
@@ -457,7 +457,7 @@ impl FasaDecoder {
         let thr = if self.thr_in_tip { Some((&mut self.done_tip, &mut self.thr)) } else { None };
         if Self::heads_mass(&self.cfg, dims.hps as usize) {
             // (int4 planes: the pipelined kernel only)
-            let pipe = self.tip8_heads_pipe || q8.is_some_and(|p| p.bits == 4);
+            let pipe = self.tip8_heads_pipe || Q8Planes::int4(q8);
             tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
         } else {

@@ -51,7 +51,7 @@ pub fn launch(
     check_q8(dims, q8)?;
     let null = 0u64;
     let pipelined = q8.is_some() && pipe != 0;
-    let q4 = q8.is_some_and(|p| p.bits == 4);
+    let q4 = Q8Planes::int4(q8);
     if q4 && !pipelined {
         return Err(GpuError::Shape("tip: int4 scoring planes are read by the pipelined TIP only (FASA_GPU_TIP8=0 names the unpipelined one)".into()));
     }
@@ -123,7 +123,7 @@ pub fn launch_heads(
         return Err(GpuError::Shape("tip::launch_heads: xh or pml too small".into()));
     }
     check_q8(dims, q8)?;
-    let q4 = q8.is_some_and(|p| p.bits == 4);
+    let q4 = Q8Planes::int4(q8);
     if q4 && !pipelined {
         return Err(GpuError::Shape("tip::launch_heads: int4 scoring planes are read by the pipelined kernel only (tip4ph_h*)".into()));
     }
