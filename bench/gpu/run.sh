@@ -25,7 +25,7 @@ cat "$OUT/env.txt"
 chmod +x "$STAGE/gpu-tests" "$STAGE/gpu_bench" "$STAGE/gpu_op"
 # Real-model K/V (bench/gpu/build.sh writes it); without it the captured-K/V test skips, said below.
 export FASA_CAPTURED_KV=$STAGE/captured.bin
-timeout 240 "$STAGE/gpu-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E '^(test |test result|captured K/V: [0-9]+ cases|SKIPPED)|panicked'
+timeout 300 "$STAGE/gpu-tests" --include-ignored --test-threads=1 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E '^(test |test result|captured K/V: [0-9]+ cases|SKIPPED)|panicked'
 echo "tests exit ${PIPESTATUS[0]}"
 grep -q -E '^(SKIPPED|captured K/V: [0-9]+ cases)' "$OUT/tests.log" || echo "captured-K/V check: no result line (see tests.log)"
 # The engine's operator on the GPU vs its CPU path (synthetic model, outputs poisoned), then with

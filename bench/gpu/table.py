@@ -40,7 +40,8 @@ def compare(ours, sd):
     """fp16 vs int8 vs int4 TIP, same run: per shape, the paper's and the default's step (µs/layer, TIP µs
     in brackets), × vs SDPA and the byte limit of each."""
     by = {(r["model"], r["batch"], r["L"], r["B"], r["mode"]): r for r in ours}
-    modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_paper_group_int4", "fasa_default", "fasa_default_int8", "fasa_default_int4"]
+    modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_paper_group_int4", "fasa_default", "fasa_default_int8_grp", "fasa_default_int8",
+             "fasa_default_int4"]
     print("| shape (model batch×L, B) | SDPA µs | " + " | ".join(f"{m} µs [TIP] (× SDPA; limit ×)" for m in modes) + " |")
     print("|---|---|" + "---|" * len(modes))
     for key in dict.fromkeys((r["model"], r["batch"], r["L"], r["B"]) for r in ours):

@@ -40,6 +40,9 @@ use fasa_kernels::gpu::{decode::capture, fac, trace, tracing, DecodeConfig, Dtyp
 const INT8_GROUP_BYTES: f64 = 17.0;
 /// The same for int4 TIP: 8 B of pairs plus the same scales.
 const INT4_GROUP_BYTES: f64 = 9.0;
+/// Bytes per token and FC that int8 TIP reads from per-FC planes: its pair plus an f32 scale per
+/// 32 tokens.
+const INT8_FC_BYTES: f64 = 2.125;
 
 struct Shape {
     model: &'static str,
@@ -53,11 +56,12 @@ struct Shape {
 }
 
 /// One timed FASA-C row: name, pool P, sinks, recent, the default's stage 1 (variance + mass),
-/// bits of the scoring planes TIP reads (8 or 4; 0: the 16-bit K).
-type Mode = (&'static str, usize, usize, usize, bool, u32);
+/// bits of the scoring planes TIP reads (8 or 4; 0: the 16-bit K), int8 planes stored per FC
+/// (`Q8Planes::by_fc`, as the engine stores them when it chooses k of a larger pool).
+type Mode = (&'static str, usize, usize, usize, bool, u32, bool);
 
 /// The decoder settings of `mode` at shape `s` (dense rows: the paper's, only its dense kernels run).
-fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, bits): Mode) -> DecodeConfig {
+fn config(s: &Shape, pools: &[Vec<usize>], (_, pool, sinks, recent, var_mass, bits, _): Mode) -> DecodeConfig {
     DecodeConfig {
         n_q: s.n_q,
         per_group: true,
@@ -314,21 +318,24 @@ fn main() {
         // of 64 at Llama's); the old-default row keeps its earlier 2k.
         // `fasa_default_p2k`: the new stage 1 at the old row's pool, to tell the cost of the
         // stage 1 from that of the larger pool (whose chosen FCs spread over more FC groups).
-        // `*_int8`: the same as the row before with TIP reading the int8 planes; the int4 row
-        // last, as the caches' planes are requantised to int4 for it.
-        let paper: Mode = ("fasa_paper_group", s.k, 0, 0, false, 0);
-        let default: Mode = ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true, 0);
-        let all_modes: [Mode; 8] = [
+        // `*_int8`: the same as the row before with TIP reading the int8 planes (the default's
+        // stored per FC, as the engine stores them; `fasa_default_int8_grp` grouped, as before
+        // GPU run 30); the int4 rows last, as the caches' planes are requantised for them.
+        let paper: Mode = ("fasa_paper_group", s.k, 0, 0, false, 0, false);
+        let default: Mode = ("fasa_default", (4 * s.k).min(n_fc), 4, 32, true, 0, false);
+        let all_modes: [Mode; 9] = [
             paper,
-            ("fasa_paper_group_int8", s.k, 0, 0, false, 8),
-            ("fasa_default_old", 2 * s.k, 4, 32, false, 0),
-            ("fasa_default_p2k", 2 * s.k, 4, 32, true, 0),
+            ("fasa_paper_group_int8", s.k, 0, 0, false, 8, false),
+            ("fasa_default_old", 2 * s.k, 4, 32, false, 0, false),
+            ("fasa_default_p2k", 2 * s.k, 4, 32, true, 0, false),
             default,
-            ("fasa_default_int8", default.1, 4, 32, true, 8),
-            ("fasa_paper_group_int4", s.k, 0, 0, false, 4),
-            ("fasa_default_int4", default.1, 4, 32, true, 4),
+            ("fasa_default_int8_grp", default.1, 4, 32, true, 8, false),
+            ("fasa_default_int8", default.1, 4, 32, true, 8, default.1 > s.k),
+            ("fasa_paper_group_int4", s.k, 0, 0, false, 4, false),
+            ("fasa_default_int4", default.1, 4, 32, true, 4, false),
         ];
-        let target_modes = ["fasa_paper_group", "fasa_paper_group_int8", "fasa_default_int8", "fasa_paper_group_int4", "fasa_default_int4"];
+        let target_modes =
+            ["fasa_paper_group", "fasa_paper_group_int8", "fasa_default_int8_grp", "fasa_default_int8", "fasa_paper_group_int4", "fasa_default_int4"];
         let modes: Vec<Mode> = all_modes.into_iter().filter(|m| (!targets || target_modes.contains(&m.0)) && wanted(m.0)).collect();
         let dense_bytes = layer_bytes as f64;
         // Dense first.
@@ -405,11 +412,11 @@ fn main() {
             dense_us
         };
         for mode in modes {
-            let (name, p, bits) = (mode.0, mode.1, mode.5);
+            let (name, p, bits, by_fc) = (mode.0, mode.1, mode.5, mode.6);
             let q8 = bits > 0;
             if q8 {
                 for c in caches.iter_mut() {
-                    c.enable_scoring_planes(&gpu, bits).unwrap();
+                    c.enable_scoring_planes_as(&gpu, bits, by_fc).unwrap();
                 }
             }
             let cfg = config(s, &pools, mode);
@@ -434,7 +441,8 @@ fn main() {
             let fr_opts = nums("FASA_BENCH_FACROWS").unwrap_or_else(|| vec![0]);
             // The default's int8 rows: the group-mass TIP pipelined and not (`u`; int4: pipelined
             // only).
-            let hp_opts: &[bool] = if bits == 8 && mode.4 { &[true, false] } else { &[true] };
+            // (per-FC planes: tipfc_h* either way)
+            let hp_opts: &[bool] = if bits == 8 && mode.4 && !by_fc { &[true, false] } else { &[true] };
             let opts = fr_opts.iter().flat_map(|&fr| pipe_opts.iter().map(move |&p| (fr, p)));
             for (fr, pipe, hp) in opts.flat_map(|(fr, p)| hp_opts.iter().map(move |&hp| (fr, p, hp))) {
                 if decs.iter_mut().any(|d| d.set_fac_rows(fr).is_err()) {
@@ -534,13 +542,15 @@ fn main() {
             // Bytes the method must read: the FC groups holding the pool's chosen FCs of every
             // token (16-bit: 32 B per token and group; int8: 16 B and one f32 scale per FC and
             // block of 32 tokens, 17 B; int4: 8 B and the scales, 9 B; the partial last block's
-            // 16-bit groups not counted), plus
-            // full K and V of B rows (scores and histograms not counted).
+            // 16-bit groups not counted; int8 per FC: the k chosen FCs' pairs and scales, 2.125 B
+            // each), plus full K and V of B rows (scores, per-head scores and histograms not
+            // counted).
             let groups_read = (p.div_ceil(8)).min(n_fc / 8) as f64;
-            let tip = (s.batch * s.n_kv * s.len) as f64 * groups_read * match bits {
-                8 => INT8_GROUP_BYTES,
-                4 => INT4_GROUP_BYTES,
-                _ => 32.0,
+            let tip = (s.batch * s.n_kv * s.len) as f64 * match bits {
+                8 if by_fc => s.k.min(p) as f64 * INT8_FC_BYTES,
+                8 => groups_read * INT8_GROUP_BYTES,
+                4 => groups_read * INT4_GROUP_BYTES,
+                _ => groups_read * 32.0,
             };
             let fac = (s.batch * s.n_kv * s.budget.min(s.len) * s.d * 2 * 2) as f64;
             let bytes = tip + fac;

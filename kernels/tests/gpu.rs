@@ -64,6 +64,8 @@ struct Case {
     q8: bool,
     /// With `q8`: the planes hold int4 values (`quantize_page_block_bits(.., 4)` twin).
     q4: bool,
+    /// With `q8` (int8): the planes are stored per FC (`Q8Planes::by_fc`, the `tipfc_h*` TIP).
+    by_fc: bool,
 }
 
 /// Host copy of one case's data, values already rounded to the storage type.
@@ -274,7 +276,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let st = &g.stream;
     let mut cache = GpuKvCache::new(g, c.dt, batch, c.n_kv, c.d, c.l_max, Some(data.order.clone()))?;
     if c.q8 {
-        cache.enable_scoring_planes(g, c.bits())?;
+        cache.enable_scoring_planes_as(g, c.bits(), c.by_fc)?;
     }
     // The first tokens from the host, the last APPENDED (or all) one at a time through the append
     // op, so both the host path's and the append's quantiser (a block completed every 32) run.
@@ -557,7 +559,11 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
                         q8_same &= sh[(bk * (l / QB) + blk) * n_fc + slot].to_bits() == ws[f * (len.max(1) / QB) + blk].to_bits();
                         for t in blk * QB..(blk + 1) * QB {
                             let piece = (t / 64 * n_grp + slot / 8) * 64 + t % 64;
-                            let (x, y) = if c.q4 {
+                            let (x, y) = if c.by_fc {
+                                // Slot `slot`'s run of 64 pairs in the token's tile.
+                                let o = bk * l * c.d + ((t / 64 * n_fc + slot) * 64 + t % 64) * 2;
+                                (qh[o], qh[o + 1])
+                            } else if c.q4 {
                                 // Two's complement nibbles: x low, y high, one byte per slot.
                                 let byte = qh[bk * l * c.d / 2 + piece * 8 + slot % 8];
                                 ((byte << 4) >> 4, byte >> 4)
@@ -732,7 +738,7 @@ fn check_data(c: &Case, data: &Data, what: &str) -> Outcome {
     };
     eprintln!(
         "{what} {:?} d{} q{}/kv{} lens {:?} B{} k{}/P{} S{} R{} C{} per_group {} var_mass {} TIP planes {}: scores {:.2e}, moments {}, int8 planes {}, K layout {}, select exact {}, near-tie diffs {}, fac {:.2e}, dense {:.2e}, graph {}, variants {}, after an error {}",
-        c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group, c.var_mass, if c.q8 { c.bits() } else { 16 },
+        c.dt, c.d, c.n_q, c.n_kv, c.lens, c.budget, c.k, c.pool, c.sinks, c.recent, c.rerank, c.per_group, c.var_mass, if c.q8 { format!("{}{}", c.bits(), if c.by_fc { " per FC" } else { "" }) } else { "16".into() },
         o.score_err, o.moments_same, o.q8_same, o.k_same, o.exact_select, o.near_tie_diffs, o.fac_err, o.dense_err, o.graph_same, o.variants_same, o.after_error_same
     );
     if c.var_mass {
@@ -773,6 +779,7 @@ fn base(dt: Dtype, d: usize, n_q: usize, n_kv: usize) -> Case {
         var_mass: false,
         q8: false,
         q4: false,
+        by_fc: false,
     }
 }
 
@@ -872,6 +879,87 @@ fn int4_tip_matches_cpu() {
     check(Case { q8: true, q4: true, pool: 16, sinks: 4, recent: 32, rerank: 1024, lens: vec![3000, 1000, 200, 1], var_mass: true, ..base(Dtype::F16, 64, 14, 2) }, &mut r);
     check(Case { q8: true, q4: true, per_group: false, pool: 32, sinks: 4, recent: 16, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
     check(Case { q8: true, q4: true, lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn fc_planes_tip_matches_cpu() {
+    // Int8 planes stored per FC (`tipfc_h*`): the default's group-mass TIP (H = 2, 4, 8 kernels,
+    // FCs chosen from a pool larger than k, with a re-rank), the summed score (the paper's fixed
+    // set, a pool chosen from by norm), per head, both dtypes, d 64 and 128, and long enough for
+    // several TIP steps; lens 1 and 200 leave a tail only or a few blocks.
+    let mut r = rng();
+    for (dt, d, n_q, n_kv) in [(Dtype::F16, 128, 32, 8), (Dtype::Bf16, 64, 9, 3), (Dtype::F16, 64, 16, 2)] {
+        check(Case { q8: true, by_fc: true, pool: d / 4, sinks: 4, recent: 32, var_mass: true, ..base(dt, d, n_q, n_kv) }, &mut r);
+        check(Case { q8: true, by_fc: true, pool: d / 4, sinks: 4, recent: 32, ..base(dt, d, n_q, n_kv) }, &mut r);
+        check(Case { q8: true, by_fc: true, ..base(dt, d, n_q, n_kv) }, &mut r);
+    }
+    check(Case { q8: true, by_fc: true, pool: 32, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::Bf16, 128, 16, 8) }, &mut r);
+    check(Case { q8: true, by_fc: true, pool: 32, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::F16, 128, 56, 7) }, &mut r);
+    check(Case { q8: true, by_fc: true, per_group: false, pool: 32, sinks: 4, recent: 16, var_mass: true, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
+    check(Case { q8: true, by_fc: true, pool: 16, sinks: 4, recent: 32, rerank: 1024, lens: vec![3000, 1000, 200, 1], var_mass: true, ..base(Dtype::F16, 64, 14, 2) }, &mut r);
+    check(Case { q8: true, by_fc: true, lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, pool: 64, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn fc_planes_score_as_grouped_planes() {
+    // The same int8 values read per FC (`tipfc_h*`, scales folded into q) and per group: summed
+    // scores equal the pipelined `tip8p 124`'s (MODE 1, the same operations per token) bit for
+    // bit; group-mass scores within 1e-5 of the pipelined `tip8ph_h*`'s (MODE 0: each value times
+    // its scale, and each block's per-head (max, Σexp) merges its tokens in another order).
+    let g = gpu();
+    let mut r = rng();
+    let st = &g.stream;
+    for (d, n_q, n_kv, var_mass) in [(128, 32, 8, false), (64, 9, 3, false), (128, 32, 8, true), (64, 9, 3, true), (128, 56, 7, true)] {
+        let c = Case { q8: true, lens: vec![5000, 1111, 37], l_max: 5120, pool: d / 2, sinks: 4, recent: 32, var_mass, ..base(Dtype::F16, d, n_q, n_kv) };
+        let data = make_data(&c, &mut r);
+        let mut cache = GpuKvCache::new(&g, c.dt, c.lens.len(), c.n_kv, c.d, c.l_max, Some(data.order.clone())).unwrap();
+        for (b, &len) in c.lens.iter().enumerate() {
+            for kv in 0..c.n_kv {
+                cache.write_host(&g, b, kv, &data.k[b][kv][..len * d], &data.v[b][kv][..len * d]).unwrap();
+            }
+        }
+        let q = st.clone_htod(&data.q).unwrap();
+        let lens = st.clone_htod(&c.lens.iter().map(|&l| l as i32).collect::<Vec<_>>()).unwrap();
+        let cfg = DecodeConfig {
+            n_q,
+            per_group: true,
+            budget: c.budget,
+            chunks: c.k,
+            pools: data.pools.clone(),
+            pool: c.pool,
+            sinks: c.sinks,
+            recent: c.recent,
+            rerank: 0,
+            fc_by_variance: false,
+            group_mass: false,
+            q8_tip: true,
+        }
+        .with_var_mass(var_mass);
+        let mut scores = Vec::new();
+        for by_fc in [false, true] {
+            cache.enable_scoring_planes_as(&g, 8, by_fc).unwrap();
+            let mut dec = FasaDecoder::new(&g, &cache, cfg.clone()).unwrap();
+            dec.set_tip8_pipe(&g, &cache, 124).unwrap(); // (summed: tip8p, MODE 1)
+            st.memcpy_htod(&vec![f32::NAN; dec.scores.len()], &mut dec.scores).unwrap();
+            dec.tip_only(&g, &cache, &q, &lens).unwrap();
+            let sc = st.clone_dtoh(&dec.scores).unwrap();
+            let l = cache.l_max;
+            let segs = sc.len() / l;
+            scores.push((0..segs).flat_map(|seg| sc[seg * l..seg * l + c.lens[seg / (segs / c.lens.len())]].to_vec()).collect::<Vec<f32>>());
+        }
+        assert!(scores[1].iter().all(|x| !x.is_nan()), "every token scored");
+        if var_mass {
+            let fin = |v: &[f32]| v.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect::<Vec<f32>>();
+            let e = nerr(&fin(&scores[1]), &fin(&scores[0]));
+            eprintln!("group mass d{d} q{n_q}/kv{n_kv}: per FC vs grouped {e:.2e}");
+            assert!(e <= 1e-5, "group-mass scores per FC vs grouped: {e:.3e}");
+        } else {
+            let same = scores[0].iter().zip(&scores[1]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "summed scores per FC differ from grouped planes' (d{d} q{n_q}/kv{n_kv})");
+        }
+    }
 }
 
 #[test]
@@ -1098,10 +1186,12 @@ fn captured_kv_matches_cpu() {
                 let paper = Case { pool: 8, sinks: 0, recent: 0, rerank: 0, per_group: false, ..base };
                 let (fasa_q8, paper_q8) = (Case { q8: true, ..fasa.clone() }, Case { q8: true, ..paper.clone() });
                 let (fasa_q4, paper_q4) = (Case { q4: true, ..fasa_q8.clone() }, Case { q4: true, ..paper_q8.clone() });
+                let fasa_fc = Case { by_fc: true, ..fasa_q8.clone() };
                 let cases_here = [
                     ("fasa", fasa),
                     ("fasa-old", old),
                     ("fasa-paper", paper),
+                    ("fasa-int8-per-fc", fasa_fc),
                     ("fasa-int8", fasa_q8),
                     ("fasa-paper-int8", paper_q8),
                     ("fasa-int4", fasa_q4),

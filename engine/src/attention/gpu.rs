@@ -12,8 +12,9 @@
 //! device copy is allocated at the full context when a slot first decodes here); on a
 //! unified-memory board (Jetson) both come out of the same DRAM, about ×2 the KV memory.
 //! Mode `fasa` scores with TIP from int8 scoring planes, as the CPU's `fasa` does (whole blocks of
-//! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_scoring_planes`, half K's
-//! bytes again; int4 under `FASA_EXPERIMENT_TIP=int4`, a quarter); `fasa-paper` reads the fp16
+//! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_scoring_planes_as`, half
+//! K's bytes again, stored per FC as `fasa` chooses its FCs per step; int4 under
+//! `FASA_EXPERIMENT_TIP=int4`, a quarter); `fasa-paper` reads the fp16
 //! planes, or the quantised ones under `FASA_EXPERIMENT_PAPER_PLANES=1`, as the CPU does.
 //!
 //! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched;
@@ -260,7 +261,11 @@ impl GpuMirror {
             let dc = decode_config(st, d / 2);
             if dc.q8_tip {
                 // Quantises the rows mirrored so far; write_host and append keep the planes after.
-                dev.cache.enable_scoring_planes(g, c.tip_bits())?;
+                // Int8 planes stored per FC where TIP chooses its k FCs per step from a larger pool
+                // (`fasa`: it then reads only those k, not every group of 8 holding one).
+                let bits = c.tip_bits();
+                let by_fc = bits == 8 && dc.pool > dc.chunks;
+                dev.cache.enable_scoring_planes_as(g, bits, by_fc)?;
             }
             dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
         }

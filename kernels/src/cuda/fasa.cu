@@ -43,7 +43,7 @@ struct Dims {
     int pool, k; // FC pool size P and FCs chosen per step k
     int sinks, recent;
     float scale; // softmax scale of FAC (1/sqrt(d))
-    int flags;   // EARLY_SELECT | Q4_PLANES | cap << CANDS_SHIFT
+    int flags;   // EARLY_SELECT | Q4_PLANES | FC_PLANES | cap << CANDS_SHIFT
 };
 // Select early: the TIP launch before the select filter lets it launch at once, its last block per
 // selection sets thr's flag word once thr and the scores are written, and the filter's blocks wait
@@ -58,6 +58,12 @@ __device__ __forceinline__ void select_early_trigger(const Dims& D) {
 // quantiser writes them (quant_block) and the pipelined TIP kernels read them (tip4p, tip4ph_h*);
 // a (sequence, KV head) region is half an int8 one's (kq_region).
 #define Q4_PLANES 2
+// The int8 scoring planes are stored per FC (GpuKvCache::enable_scoring_planes_as, by_fc): in a
+// tile of KT tokens, slot j's pairs of all KT tokens are one run of 2·KT bytes (kqf_off), so a
+// TIP that scores k FCs chosen per step from a larger pool reads k runs a tile instead of every
+// group of 8 FCs holding one of them. The quantiser writes them (quant_block) and tipfc reads them;
+// a region is as large as a grouped int8 one (kq_region).
+#define FC_PLANES 4
 // FAC over candidates (flags bits 8..15: the most candidates per FAC block, cap ≤ CAND_MAX; 0 =
 // off; with FAC early, for fac_impl's register-q kernels only: in facl_h4 its registers spilled):
 // the select filter lets FAC launch from its start, so FAC's prologue runs during the filter; FAC
@@ -110,6 +116,12 @@ __device__ __forceinline__ size_t kq_off(int t, int g, int n_grp) {
     return (((size_t)(t / KT) * n_grp + g) * KT + (t % KT)) * GE;
 }
 
+// Byte offset of (token t, slot j)'s pair in one (sequence, KV head) region of per-FC int8 planes
+// (FC_PLANES): tile t/KT, slot j's run of KT pairs, token t%KT of it.
+__device__ __forceinline__ size_t kqf_off(int t, int j, int n_fc) {
+    return (((size_t)(t / KT) * n_fc + j) * KT + (t % KT)) * 2;
+}
+
 // Byte offset of one (sequence, KV head) region bk of the scoring planes: l_max·d bytes of int8
 // values, half that of int4. An int4 (token, group) piece is 8 bytes at kq_off / 2: byte i holds
 // slot 8g + i's pair, x in the low nibble and y in the high one (two's complement).
@@ -141,7 +153,8 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 // Quantises block blk (tokens blk·QB ..) of slot j of one (sequence, KV head): kb its K region,
 // qb its scoring-plane region (kq_region), sb its scales (l_max/QB, n_grp, FCG). As
 // cpu::quantize_block_bits: scale = absmax/L over both elements of the pair, q = round(v ·
-// (L/absmax)), an all-zero block 0; L = 127 (int8), or 7 with Q4_PLANES (int4 nibbles).
+// (L/absmax)), an all-zero block 0; L = 127 (int8), or 7 with Q4_PLANES (int4 nibbles); int8
+// pairs at kqf_off with FC_PLANES, else in their group's 16-byte piece.
 template <class T>
 __device__ void quant_block(const Dims& D, const u16* kb, i8* qb, float* sb, int blk, int j) {
     int g = j / FCG, e = (j % FCG) * 2;
@@ -158,8 +171,10 @@ __device__ void quant_block(const Dims& D, const u16* kb, i8* qb, float* sb, int
         size_t o = k_off(blk * QB + i, g, D.n_grp) + e;
         int x = ok ? (int)roundf(__fmul_rn(T::load(kb[o]), inv)) : 0;
         int y = ok ? (int)roundf(__fmul_rn(T::load(kb[o + 1]), inv)) : 0;
+        u16 pair = (u16)((x & 0xff) | ((y & 0xff) << 8));
         if (q4) qb[(kq_off(blk * QB + i, g, D.n_grp) >> 1) + (e >> 1)] = (i8)((x & 0xf) | ((y & 0xf) << 4));
-        else *(u16*)(qb + kq_off(blk * QB + i, g, D.n_grp) + e) = (u16)((x & 0xff) | ((y & 0xff) << 8));
+        else if (D.flags & FC_PLANES) *(u16*)(qb + kqf_off(blk * QB + i, j, D.n_fc)) = pair;
+        else *(u16*)(qb + kq_off(blk * QB + i, g, D.n_grp) + e) = pair;
     }
     sb[(size_t)blk * D.n_fc + j] = amax == 0.f ? 0.f : ok ? __fdiv_rn(amax, lv) : __int_as_float(0x7fc00000);
 }
@@ -1092,6 +1107,248 @@ extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* 
         }
     }
     flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + MASS_TOK - 1) / MASS_TOK);
+}
+
+// TIP over per-FC int8 planes (FC_PLANES; `tipfc_h<H>_<dtype>`): NQ = 1 the summed score with
+// tip_impl's outputs (scores, histogram, threshold), NQ > 1 the group-mass stage 1 with
+// tip_heads' (xh, per-block (max, Σexp)). Every TIP over grouped planes reads the whole 16-byte
+// piece of a group that holds a chosen FC: the default mode, k = 16 chosen per step from a pool
+// of 64, read all 8 groups (136 B a token at Llama-3-8B shapes) for the 16 FCs it sums (GPU run
+// 29). Here a thread holds TPT consecutive tokens of one tile, and for each chosen slot reads
+// their 2·TPT bytes of the slot's run (16 B at TPT = 8) and the scale of their block (one QB
+// block: TPT divides QB): k runs a tile, 34 B a token for k = 16.
+// The block walks its tokens in steps of TIP_THREADS·TPT and each step's chosen slots in units of
+// U. Each thread copies its own pieces and scales into shared memory with cp.async, NS − 1 units
+// ahead of the one it computes (as tip8p), and reads back only its own copies, so the loop needs
+// no barrier. (Loading the next unit into registers before this one's arithmetic, two register
+// buffers, left one unit in flight: GPU run 30, 16 × 32k, ncu: IPC 1.2, 23 % of DRAM bandwidth,
+// the stalls mostly on those loads; 16 × 128k step 1035 µs against 664 with the stages.)
+// Arithmetic per accumulator: pairs in slot order, x then y, the pairs whose q is zero in every
+// head left out (q_slots_mask: exactly nothing is added); with TIPFC_FOLD (default) the block's
+// scale folded into q (q·scale, __fmul_rn, as cpu::fc_scores_q8 and tip8p's MODE 1) and an FMA
+// with the int8 value, so summed scores equal tip8p 124's bit for bit; TIPFC_FOLD=0 multiplies
+// each value by its scale first (tip8's and tip8ph's MODE 0, their bits). Tokens from qlen on:
+// K's 16-bit pairs, as tip_pass16.
+template <int TPT> struct FcPiece;
+template <> struct FcPiece<8> {
+    typedef uint4 type;
+    static __device__ __forceinline__ u32 word(uint4 r, int i) { return i == 0 ? r.x : i == 1 ? r.y : i == 2 ? r.z : r.w; }
+};
+template <> struct FcPiece<4> {
+    typedef uint2 type;
+    static __device__ __forceinline__ u32 word(uint2 r, int i) { return i == 0 ? r.x : r.y; }
+};
+// The four int8 values of one word (x, y of two tokens) as f32, as unpack8_i8 converts them.
+__device__ __forceinline__ void unpack4_i8(u32 a, float (&f)[4]) {
+    a ^= 0x80808080u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[i] = __fsub_rn(__uint_as_float(__byte_perm(a, 0x4B000000u, 0x7440 | i)), 8388736.f);
+}
+// GPU run 30 (default int8 step, Llama-3-8B shapes, same call, two rounds, TIPFC_FOLD 0 / 1):
+// 16 × 128k 658.3 → 643.1 µs, 16 × 32k 209.2 → 206.0, 1 × 128k 73.9 → 73.2, 1 × 32k 50.5 → 50.1.
+#ifndef TIPFC_FOLD
+#define TIPFC_FOLD 1
+#endif
+// Group mass: each head's (max, Σexp) over a thread's TPT tokens of a step with the step's max
+// first and one rescale (TIPFC_ML, default), not per token with a branch that diverges (heads_store's
+// update; TIPFC_ML=0). GPU run 30 call 7 (default int8 step, same call, two rounds, 0 / 1): 1 × 32k
+// 50.1 → 48.6 µs, 16 × 32k 202.6 → 194.8, 1 × 128k 72.8 → 69.0, 16 × 128k 630.2 → 610.9.
+#ifndef TIPFC_ML
+#define TIPFC_ML 1
+#endif
+#define TIPFC_STAGE(TPT, U) ((U) * TIP_THREADS * ((TPT) * 2 + 4)) // bytes: U pieces and scales per thread
+template <class T, int NQ, int TPT, int U, int NS>
+__device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+                           const int* pool, const double* mom, const int* lens, float* out, u32* hist, u32* done, int* thr, int nchunk,
+                           float* pml) {
+    static_assert(QB % TPT == 0 && KT % TPT == 0, "a thread's tokens lie in one block and one tile");
+    typedef typename FcPiece<TPT>::type Piece;
+    PDL_BEGIN(TR_TIP);
+    if (NQ == 1) select_early_trigger(D); // (NQ > 1: the group-mass stage, whose tip_mass triggers)
+    __shared__ u32 sh_hist[NQ == 1 ? NBIN : 1];
+    __shared__ __align__(16) float qeff[NQ][MAXG * GE]; // summed q (NQ = 1) or per head, slot order
+    __shared__ int sl_s[64];                             // the slots summed, ascending
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    int len = lens[b];
+    int t0 = blockIdx.x * TIP_TOK * nchunk;
+    if (t0 >= len) return;
+    int kvh = kv_of_sel(D, s);
+    if constexpr (NQ == 1)
+        for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
+    TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
+    tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
+    __syncthreads();
+    const int nq = NQ == 1 ? 1 : D.hps;
+    u64 qmask = q_slots_mask<NQ>(qeff, nq, D.n_fc); // (its barrier orders qeff's writes)
+    int ns = __popcll(qmask);
+    if (tid < 64 && ((qmask >> tid) & 1)) sl_s[__popcll(qmask & ((1ull << tid) - 1))] = tid;
+    __syncthreads();
+    trace_mark(M_TIP_SETUP);
+    int t1 = min(len, t0 + TIP_TOK * nchunk);
+    int qlen = min(S.qlen, len); // a multiple of QB: a thread's tokens are all below it or none
+    constexpr int STEP = TIP_THREADS * TPT;
+    int nsteps = (t1 - t0 + STEP - 1) / STEP;
+    int nb = max((ns + U - 1) / U, 1); // units per step (one, storing zeros, when no q is nonzero)
+    int nunit = nsteps * nb;
+    int seg = b * D.n_sel + s;
+    float* xs = out + (size_t)seg * nq * D.l_max; // (NQ > 1: xh (hps, l_max) per selection)
+    float ml_m[NQ], ml_s[NQ];                     // (NQ > 1: online softmax per head)
+#pragma unroll
+    for (int h = 0; h < NQ; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
+    float acc[TPT][NQ];
+    // Stage st: U pieces of every thread ((i, tid) order), then their U scales.
+    extern __shared__ __align__(16) unsigned char tipfc_dyn[];
+    constexpr int STAGE = TIPFC_STAGE(TPT, U);
+    // Units in order: step st, its slots c·U .. c·U + U − 1; issue and compute each walk them once,
+    // (step, unit) counted as they go.
+    int ist = 0, ic = 0, cst = 0, cc = 0;
+    auto issue = [&](int u) {
+        if (u < nunit) {
+            int st = ist, c = ic;
+            if (++ic == nb) { ic = 0; ++ist; }
+            int tt = t0 + st * STEP + tid * TPT;
+            if (tt < qlen) {
+                const i8* base = S.kq + kqf_off(tt, 0, D.n_fc);
+                const float* sbase = S.ks + (size_t)(tt / QB) * D.n_fc;
+                unsigned char* sd = tipfc_dyn + (size_t)(u % NS) * STAGE;
+#pragma unroll
+                for (int i = 0; i < U; ++i) {
+                    int idx = c * U + i;
+                    if (idx < ns) {
+                        int j = sl_s[idx];
+                        void* dp = sd + (size_t)(i * TIP_THREADS + tid) * sizeof(Piece);
+                        if (TPT == 8) cp_async16(dp, base + (size_t)j * KT * 2);
+                        else cp_async8(dp, base + (size_t)j * KT * 2);
+                        cp_async4(sd + U * TIP_THREADS * sizeof(Piece) + (size_t)(i * TIP_THREADS + tid) * 4, sbase + j);
+                    }
+                }
+            }
+        }
+        cp_async_commit(); // (an empty group past the last unit keeps the wait count uniform)
+    };
+    auto compute = [&](int u) {
+        int st = cst, c = cc;
+        if (++cc == nb) { cc = 0; ++cst; }
+        const unsigned char* sd = tipfc_dyn + (size_t)(u % NS) * STAGE;
+        int tt = t0 + st * STEP + tid * TPT;
+        if (c == 0)
+#pragma unroll
+            for (int m = 0; m < TPT; ++m)
+#pragma unroll
+                for (int h = 0; h < NQ; ++h) acc[m][h] = 0.f;
+        if (tt < t1) {
+#pragma unroll
+            for (int i = 0; i < U; ++i) {
+                int idx = c * U + i;
+                if (idx >= ns) break; // uniform over the block
+                int j = sl_s[idx];
+                float2 qv[NQ];
+#pragma unroll
+                for (int h = 0; h < NQ; ++h) qv[h] = h < nq ? *(const float2*)&qeff[h][2 * j] : make_float2(0.f, 0.f);
+                // A word at a time: tokens 2w and 2w + 1; tokens from qlen on (after the whole
+                // quantised blocks) from K's 16-bit pairs, as tip_pass16 sums them.
+#pragma unroll
+                for (int w = 0; w < TPT / 2; ++w) {
+                    float f[4];
+                    if (tt < qlen) {
+                        // (this thread's own copies: its cp.async groups waited for)
+                        Piece r = *(const Piece*)(sd + (size_t)(i * TIP_THREADS + tid) * sizeof(Piece));
+                        float sc = *(const float*)(sd + U * TIP_THREADS * sizeof(Piece) + (size_t)(i * TIP_THREADS + tid) * 4);
+                        unpack4_i8(FcPiece<TPT>::word(r, w), f);
+                        if (TIPFC_FOLD) {
+                            if (w == 0)
+#pragma unroll
+                                for (int h = 0; h < NQ; ++h) qv[h] = make_float2(__fmul_rn(qv[h].x, sc), __fmul_rn(qv[h].y, sc));
+                        } else {
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) f[e] = __fmul_rn(f[e], sc);
+                        }
+                    } else {
+#pragma unroll
+                        for (int m = 0; m < 2; ++m) {
+                            int t = tt + 2 * w + m;
+                            f[2 * m] = f[2 * m + 1] = 0.f; // (t ≥ t1: not stored)
+                            if (t < t1) {
+                                const u16* p = S.k + k_off(t, j / FCG, D.n_grp) + (j % FCG) * 2;
+                                f[2 * m] = T::load(p[0]);
+                                f[2 * m + 1] = T::load(p[1]);
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int h = 0; h < NQ; ++h) {
+                        if (h < nq) {
+#pragma unroll
+                            for (int m = 0; m < 2; ++m) {
+                                acc[2 * w + m][h] += qv[h].x * f[2 * m];
+                                acc[2 * w + m][h] += qv[h].y * f[2 * m + 1];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if (c != nb - 1) return;
+        // The step's outputs for tokens tt .. tt + TPT − 1 below t1: whole 16-byte stores where
+        // all TPT are (a thread's tokens are one 32-byte sector at TPT = 8; scalar stores wrote
+        // 8 partial sectors, 16.8M L2 requests at 16 × 32k, GPU run 30).
+        if (tt >= t1) return;
+        bool whole = tt + TPT <= t1;
+#pragma unroll
+        for (int h = 0; h < NQ; ++h) {
+            if (h >= nq) break;
+            float x[TPT];
+#pragma unroll
+            for (int m = 0; m < TPT; ++m) {
+                int t = tt + m;
+                if constexpr (NQ == 1) {
+                    x[m] = (t < D.sinks || t >= len - D.recent) ? POS_INF : acc[m][0];
+                    if (t < t1) atomicAdd(&sh_hist[okey(x[m]) >> BIN_SHIFT], 1u);
+                } else {
+                    x[m] = __fmul_rn(D.scale, acc[m][h]); // as the CPU: ŝ, then · scale
+                    if (!TIPFC_ML && t < t1) {
+                        if (x[m] > ml_m[h]) { ml_s[h] = ml_s[h] * expf(ml_m[h] - x[m]) + 1.f; ml_m[h] = x[m]; }
+                        else ml_s[h] += expf(x[m] - ml_m[h]);
+                    }
+                }
+            }
+            if constexpr (NQ > 1) {
+                if (TIPFC_ML) {
+                    // The step's max first, then one rescale: TPT + 1 exps, no divergent branch.
+                    float mx = ml_m[h];
+#pragma unroll
+                    for (int m = 0; m < TPT; ++m)
+                        if (tt + m < t1) mx = fmaxf(mx, x[m]);
+                    float sm = ml_s[h] * expf(ml_m[h] - mx); // (ml_m = −∞ at first: 0 · 0)
+#pragma unroll
+                    for (int m = 0; m < TPT; ++m)
+                        if (tt + m < t1) sm += expf(x[m] - mx);
+                    ml_m[h] = mx;
+                    ml_s[h] = sm;
+                }
+            }
+            float* o = xs + (size_t)h * D.l_max + tt;
+            if (whole) {
+#pragma unroll
+                for (int m = 0; m < TPT; m += 4) *(float4*)(o + m) = make_float4(x[m], x[m + 1], x[m + 2], x[m + 3]);
+            } else {
+#pragma unroll
+                for (int m = 0; m < TPT; ++m)
+                    if (tt + m < t1) o[m] = x[m];
+            }
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) issue(i);
+    for (int u = 0; u < nunit; ++u) {
+        issue(u + NS - 1); // (into the stage compute(u − 1) read: this thread's reads are done)
+        cp_async_wait<NS - 1>();
+        compute(u);
+    }
+    cp_async_wait<0>();
+    trace_mark(M_TIP_LOOP);
+    if constexpr (NQ == 1) flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + TIP_TOK * nchunk - 1) / (TIP_TOK * nchunk));
+    else heads_flush<NQ>(D, ml_m, ml_s, pml + ((size_t)seg * gridDim.x + blockIdx.x) * nq * 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2403,6 +2660,24 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         tip8p_impl<TY, 2, JU, 0, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr,      \
                                            nullptr, nchunk, pml);                                                        \
     }
+// TIP over per-FC int8 planes `tipfc_h<H>_<dtype>` (tipfc_impl): H = 1 the summed score (tip8's
+// arguments and outputs), else the group-mass stage 1 (tip8_heads'); TPT tokens a thread (8, or 4
+// for 8 heads' accumulators), units of TIPFC_U slots in TIPFC_NS stages (dynamic shared memory:
+// the launcher sets both, gpu::tipfc_cfg), 2 resident blocks per SM.
+#ifndef TIPFC_U
+#define TIPFC_U 4
+#endif
+#ifndef TIPFC_NS
+#define TIPFC_NS 3
+#endif
+#define TIPFC_ENTRY(NAME, TY, HH, TPT)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tipfc_h##HH##_##NAME(                                  \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        const int* pool, const double* mom, const int* lens, float* out, u32* hist, u32* done, int* thr, int nchunk,     \
+        float* pml) {                                                                                                    \
+        tipfc_impl<TY, HH, TPT, TIPFC_U, TIPFC_NS>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, out, hist, done, thr, nchunk, \
+                                         pml);                                                                           \
+    }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
                                              const int* slot_of_fc, double* mom, int* mom_len, i8* kq, float* ks,        \
@@ -2440,6 +2715,10 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     TIP4PH_ENTRY(NAME, TY, 2, 4)                                                                                        \
     TIP4PH_ENTRY(NAME, TY, 4, 4)                                                                                        \
     TIP4PH_ENTRY(NAME, TY, 8, 2)                                                                                        \
+    TIPFC_ENTRY(NAME, TY, 1, 8)                                                                                         \
+    TIPFC_ENTRY(NAME, TY, 2, 8)                                                                                         \
+    TIPFC_ENTRY(NAME, TY, 4, 8)                                                                                         \
+    TIPFC_ENTRY(NAME, TY, 8, 4)                                                                                         \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \

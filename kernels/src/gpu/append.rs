@@ -19,7 +19,10 @@
 //!   whole blocks of `QB` = 32 tokens ([`Q8Planes`]; the format of `cpu::quant`), one 16-byte
 //!   piece per group (K's layout with r = 1), so TIP reads only the chosen groups; or
 //!   ([`GpuKvCache::enable_scoring_planes`] with 4 bits) int4 ones, an 8-byte piece per group
-//!   (two values a byte), read by the pipelined TIP kernels only (`tip4p`, `tip4ph_h*`).
+//!   (two values a byte), read by the pipelined TIP kernels only (`tip4p`, `tip4ph_h*`); or
+//!   ([`GpuKvCache::enable_scoring_planes_as`], `by_fc`) int8 ones stored per FC, a run of 64
+//!   pairs per slot and tile, read by `tipfc_h*` only: a TIP that chooses k FCs per step from a
+//!   larger pool reads those k, not every group holding one.
 //!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
 //! groups give TIP FC granularity of 8, the runs of groups FAC whole DRAM units.)
@@ -35,7 +38,9 @@ use super::{cfg, k_run, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};
 pub struct Q8Planes {
     /// `(batch, n_kv, l_max/KT, n_grp, KT, GE)` i8: tiles of `KT` tokens, group `g` of all of
     /// them contiguous, one byte per element; with int4 `(…, KT, GE/2)`: byte `i` of a piece is
-    /// slot `8g + i`'s pair, x in the low nibble and y in the high one (two's complement).
+    /// slot `8g + i`'s pair, x in the low nibble and y in the high one (two's complement); per FC
+    /// (`by_fc`, int8) `(batch, n_kv, l_max/KT, n_fc, KT, 2)`: slot `j` of all of a tile's tokens
+    /// contiguous.
     pub q: CudaSlice<i8>,
     /// `(batch, n_kv, l_max/QB, n_fc)` f32, slots in order: the dequantisation factors.
     pub scales: CudaSlice<f32>,
@@ -43,6 +48,10 @@ pub struct Q8Planes {
     pub blocks: CudaSlice<i32>,
     /// Bits per value: 8, or 4.
     pub bits: u32,
+    /// Int8 values stored per FC (the `tipfc_h*` TIP reads them): a TIP that chooses its k FCs
+    /// per step from a larger pool then reads k of them a token, not every group of 8 FCs that
+    /// holds one. Grouped planes (false) serve the other TIP kernels.
+    pub by_fc: bool,
 }
 
 impl Q8Planes {
@@ -51,10 +60,17 @@ impl Q8Planes {
         planes.is_some_and(|p| p.bits == 4)
     }
 
-    /// `Dims::flags` with the planes' width bit ([`super::Q4_PLANES`]) set from `bits`: the
-    /// kernels address and quantise the planes by it.
+    /// `Dims::flags` with the planes' width bit ([`super::Q4_PLANES`]) set from `bits` and their
+    /// layout bit ([`super::FC_PLANES`]) from `by_fc`: the kernels address and quantise the planes
+    /// by them.
     pub fn flags(planes: Option<&Q8Planes>, flags: i32) -> i32 {
-        (flags & !super::Q4_PLANES) | if Self::int4(planes) { super::Q4_PLANES } else { 0 }
+        let fc = if Self::per_fc(planes) { super::FC_PLANES } else { 0 };
+        (flags & !(super::Q4_PLANES | super::FC_PLANES)) | if Self::int4(planes) { super::Q4_PLANES } else { 0 } | fc
+    }
+
+    /// Whether `planes` are stored per FC (read by `tipfc_h*` only).
+    pub fn per_fc(planes: Option<&Q8Planes>) -> bool {
+        planes.is_some_and(|p| p.by_fc)
     }
 }
 
@@ -141,17 +157,26 @@ impl GpuKvCache {
     }
 
     /// [`enable_q8`](Self::enable_q8) with values of `bits` bits: 8, or 4 (a quarter of K's
-    /// bytes; `cpu::quantize_block_bits`). Planes of the other width are replaced.
+    /// bytes; `cpu::quantize_block_bits`), grouped. Planes of another width or layout are replaced.
     pub fn enable_scoring_planes(&mut self, gpu: &Gpu, bits: u32) -> Result<(), GpuError> {
+        self.enable_scoring_planes_as(gpu, bits, false)
+    }
+
+    /// [`enable_scoring_planes`](Self::enable_scoring_planes), the int8 values stored per FC when
+    /// `by_fc` ([`Q8Planes::by_fc`]; for a TIP that chooses its FCs per step from a larger pool).
+    pub fn enable_scoring_planes_as(&mut self, gpu: &Gpu, bits: u32, by_fc: bool) -> Result<(), GpuError> {
         if bits != 8 && bits != 4 {
             return Err(GpuError::Shape(format!("scoring planes of {bits} bits: 8 or 4")));
         }
-        if self.q8.as_ref().is_none_or(|p| p.bits != bits) {
+        if by_fc && bits != 8 {
+            return Err(GpuError::Shape("scoring planes per FC hold int8 values only".into()));
+        }
+        if self.q8.as_ref().is_none_or(|p| p.bits != bits || p.by_fc != by_fc) {
             self.q8 = None; // (freed before the new planes are allocated)
             let st = &gpu.stream;
             let (bk, l) = (self.batch * self.n_kv, self.l_max);
             let q = st.alloc_zeros(bk * l * self.d * bits as usize / 8)?;
-            self.q8 = Some(Q8Planes { q, scales: st.alloc_zeros(bk * (l / QB) * self.n_fc())?, blocks: st.alloc_zeros(bk)?, bits });
+            self.q8 = Some(Q8Planes { q, scales: st.alloc_zeros(bk * (l / QB) * self.n_fc())?, blocks: st.alloc_zeros(bk)?, bits, by_fc });
         }
         self.quantize(gpu, None)
     }

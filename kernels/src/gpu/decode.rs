@@ -69,7 +69,9 @@ pub struct FasaDecoder {
     pub tip_chunks: usize,
     /// The pipelined int8 TIP kernel (a `gpu::TIP8_PIPES` code), or 0 for the unpipelined `tip8`
     /// kernel (`gpu::tip8_pipe()` by default). Used by the summed-score int8 TIP only (the
-    /// paper's mode, selections of one head); set it with [`FasaDecoder::set_tip8_pipe`].
+    /// paper's mode, selections of one head); set it with [`FasaDecoder::set_tip8_pipe`]. Planes
+    /// stored per FC (`Q8Planes::by_fc`) are read by `tipfc_h*` whatever this and
+    /// `tip8_heads_pipe` say.
     pub tip8_pipe: usize,
     /// The group-mass stage 1 over int8 planes runs the pipelined per-head kernel (`tip8ph_h*`)
     /// rather than `tip8_heads_h*`: on by default (GPU run 20, default int8 step, Llama-3-8B
@@ -342,7 +344,11 @@ impl FasaDecoder {
     fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool) -> Result<usize, GpuError> {
         let heads8 = cfg.q8_tip && Self::heads_mass(cfg, hps);
         let q4 = Q8Planes::int4(cache.q8.as_ref());
-        Ok(if Self::tip_pipelined(cfg, hps, pipe) && q4 {
+        let by_fc = cfg.q8_tip && Q8Planes::per_fc(cache.q8.as_ref());
+        let fc_hps = if Self::heads_mass(cfg, hps) { hps } else { 1 };
+        Ok(if by_fc {
+            tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tipfc_blocks_per_sm(cache.dtype, fc_hps)? as usize)
+        } else if Self::tip_pipelined(cfg, hps, pipe) && q4 {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip4p_blocks_per_sm(cache.dtype, pipe)? as usize)
         } else if Self::tip_pipelined(cfg, hps, pipe) {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip8p_blocks_per_sm(cache.dtype, pipe)? as usize)

@@ -106,6 +106,33 @@ pub fn tracing() -> bool {
     *R.get_or_init(|| std::env::var("FASA_GPU_TRACE").is_ok_and(|v| v == "1"))
 }
 
+/// Slots per unit and stages of the TIP over per-FC planes (`TIPFC_U`, `TIPFC_NS` in fasa.cu):
+/// 4 and 3, or `FASA_GPU_TIPFC=U,NS` (U 1..=8, NS 2..=6; benchmarks). Read once: the kernels and
+/// their shared memory ([`tipfc_smem`]) follow it.
+pub fn tipfc_cfg() -> (usize, usize) {
+    static R: OnceLock<(usize, usize)> = OnceLock::new();
+    *R.get_or_init(|| {
+        let v: Vec<usize> = std::env::var("FASA_GPU_TIPFC").unwrap_or_default().split(',').filter_map(|x| x.trim().parse().ok()).collect();
+        match v[..] {
+            [u, ns] if (1..=8).contains(&u) && (2..=6).contains(&ns) => (u, ns),
+            _ => (4, 3),
+        }
+    })
+}
+
+/// Tokens per thread of the TIP over per-FC planes for `hps` heads (8; 4 for 8 heads, whose
+/// accumulators leave fewer registers): `tipfc_h*`'s TPT.
+fn tipfc_tpt(hps: usize) -> usize {
+    if hps > 4 { 4 } else { 8 }
+}
+
+/// Dynamic shared memory of the TIP over per-FC planes for `hps` heads: NS stages of U pieces of
+/// 2·TPT bytes and U f32 scales per thread (`TIPFC_STAGE`).
+pub(crate) fn tipfc_smem(hps: usize) -> usize {
+    let (u, ns) = tipfc_cfg();
+    ns * u * 256 * (2 * tipfc_tpt(hps) + 4)
+}
+
 /// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], `FASA_TRACE` when
 /// [`tracing`], and the macros of `FASA_GPU_DEFINES=NAME[=VALUE],…` (benchmarks: a kernel
 /// change and the code before it timed in one run, on one GPU).
@@ -117,7 +144,8 @@ fn source() -> String {
         .filter(|d| !d.is_empty())
         .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
         .collect();
-    format!("{trace}{defs}#define KR {}\n#define FACM_TU {}\n{SOURCE}", k_run(), facm_tiles())
+    let (u, ns) = tipfc_cfg();
+    format!("{trace}{defs}#define KR {}\n#define FACM_TU {}\n#define TIPFC_U {u}\n#define TIPFC_NS {ns}\n{SOURCE}", k_run(), facm_tiles())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +230,9 @@ pub const EARLY_SELECT: i32 = 1;
 /// `Dims::flags`: the cache's scoring planes hold int4 values (fasa.cu's `Q4_PLANES`;
 /// [`GpuKvCache::enable_scoring_planes`]): set by [`GpuKvCache::dims`] and the TIP launcher.
 pub const Q4_PLANES: i32 = 2;
+/// `Dims::flags`: the cache's int8 scoring planes are stored per FC (fasa.cu's `FC_PLANES`;
+/// [`GpuKvCache::enable_scoring_planes_as`]), read by the `tipfc_h*` kernels only.
+pub const FC_PLANES: i32 = 4;
 /// i32 words of `thr` per selection (fasa.cu's `THR_W`): threshold bin, rows above it, select
 /// early's flag, FAC over candidates' count and cut (a u64 in words 4–5), unused.
 pub const THR_W: usize = 8;
@@ -253,6 +284,9 @@ pub(crate) struct Funcs {
     /// Its twin over int4 planes (`tip4ph_h*x*`), per dtype and head bound.
     pub tip4ph: [[CudaFunction; 3]; 2],
     pub quant_blocks: [CudaFunction; 2],
+    /// TIP over per-FC int8 planes (`tipfc_h*`), per dtype, for at most 1 (summed score), 2, 4,
+    /// 8 heads per selection.
+    pub tipfc: [[CudaFunction; 4]; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
     /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
@@ -318,6 +352,12 @@ impl Funcs {
             (true, false) => &self.tip8_heads[dt as usize][i],
             (false, _) => &self.tip_heads[dt as usize][i],
         }
+    }
+
+    /// The TIP over per-FC int8 planes for `hps` heads: the summed score at 1, else the
+    /// group-mass stage 1 for the smallest head bound ≥ `hps` (2, 4, 8).
+    pub fn tipfc(&self, dt: Dtype, hps: usize) -> &CudaFunction {
+        &self.tipfc[dt as usize][if hps <= 1 { 0 } else { 1 + heads_bound(hps) }]
     }
 
     /// The pipelined group-mass TIP over int4 planes for the smallest head bound ≥ `hps`.
@@ -586,6 +626,11 @@ impl Gpu {
             let [a, b, c] = [2, 4, 8].map(|h| get_dyn(&format!("tip8ph_h{h}x{}_{s}", TIP8PH_JU[heads_bound(h)]), tip8ph_smem(h)));
             Ok([a?, b?, c?])
         };
+        let tipfc = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
+            let s = dt.suffix();
+            let [a, b, c, d] = [1, 2, 4, 8].map(|h| get_dyn(&format!("tipfc_h{h}_{s}"), tipfc_smem(h)));
+            Ok([a?, b?, c?, d?])
+        };
         let f = Funcs {
             tip_mass: get("tip_mass")?,
             select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
@@ -601,6 +646,7 @@ impl Gpu {
             tip8ph: [tip8ph(Dtype::F16)?, tip8ph(Dtype::Bf16)?],
             tip4ph: [tip4ph(Dtype::F16)?, tip4ph(Dtype::Bf16)?],
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
+            tipfc: [tipfc(Dtype::F16)?, tipfc(Dtype::Bf16)?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
             facw: [facw(Dtype::F16)?, facw(Dtype::Bf16)?],
@@ -721,6 +767,9 @@ impl Gpu {
             ("tip4p 4224", self.tip4p_blocks_per_sm(dt, 4224)?),
             ("tip4p 4244", self.tip4p_blocks_per_sm(dt, 4244)?),
             ("facm(d=128)", self.fac_blocks_per_sm(dt, 4, FacKernel::Mma, 128)?),
+            ("tipfc(H=1)", self.tipfc_blocks_per_sm(dt, 1)?),
+            ("tipfc(H=4)", self.tipfc_blocks_per_sm(dt, 4)?),
+            ("tipfc(H=8)", self.tipfc_blocks_per_sm(dt, 8)?),
         ])
     }
 
@@ -732,6 +781,11 @@ impl Gpu {
     /// Resident blocks per multiprocessor of the pipelined group-mass int8 TIP for `hps` heads.
     pub fn tip8ph_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
         Ok(self.f.tip_heads(dt, hps, true, true).occupancy_max_active_blocks_per_multiprocessor(256, tip8ph_smem(hps), None)?)
+    }
+
+    /// Resident blocks per multiprocessor of the TIP over per-FC int8 planes for `hps` heads.
+    pub fn tipfc_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
+        Ok(self.f.tipfc(dt, hps).occupancy_max_active_blocks_per_multiprocessor(256, tipfc_smem(hps), None)?)
     }
 
     /// The same for its int4 twin.

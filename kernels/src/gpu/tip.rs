@@ -23,7 +23,8 @@ use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
 /// Each block scores `nchunk` chunks of `TIP_TOK` tokens (see [`chunks`], [`chunks_wave`]). `q8`:
 /// score whole quantised blocks from the int8 planes, with the pipelined kernel `pipe` (a
 /// `gpu::TIP8_PIPES` code; 0: the unpipelined `tip8` of GPU run 14); int4 planes by the int4
-/// kernel `pipe` names (a `gpu::TIP4_PIPES` code; any other but 0, `gpu::TIP4_PIPE`).
+/// kernel `pipe` names (a `gpu::TIP4_PIPES` code; any other but 0, `gpu::TIP4_PIPE`); per-FC
+/// planes (`Q8Planes::by_fc`) by `tipfc_h1`, whatever `pipe`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch(
     gpu: &Gpu,
@@ -55,7 +56,9 @@ pub fn launch(
     if q4 && !pipelined {
         return Err(GpuError::Shape("tip: int4 scoring planes are read by the pipelined TIP only (FASA_GPU_TIP8=0 names the unpipelined one)".into()));
     }
+    let by_fc = Q8Planes::per_fc(q8);
     let (f, smem) = match (pipelined, q4) {
+        _ if by_fc => (gpu.f.tipfc(dt, 1), super::tipfc_smem(1)),
         (true, true) => {
             let (f, code) = gpu.f.tip4p(dt, pipe);
             (f, super::tip4p_smem(code))
@@ -81,6 +84,9 @@ pub fn launch(
     let nchunk = nchunk.max(1);
     let nc = nchunk as i32;
     l.arg(&nc);
+    if by_fc {
+        l.arg(&null); // (tipfc's per-head partials: none for the summed score)
+    }
     let grid = ((dims.l_max as usize).div_ceil(TIP_TOK * nchunk), dims.n_sel as usize, dims.batch as usize);
     let mut c = cfg(grid, 256);
     c.shared_mem_bytes = smem as u32; // (its limit raised to this when the module was loaded)
@@ -96,6 +102,7 @@ pub fn launch(
 /// must be passed on to [`mass`]. `pipelined` (with `q8`): the kernel that copies its int8
 /// pieces into shared memory ahead of the compute as the summed-score `tip8p` does (`tip8ph_h*`;
 /// the same operations per token as `tip8_heads_*`); size `nchunk` with [`chunks_wave`].
+/// Per-FC planes (`Q8Planes::by_fc`) are read by `tipfc_h*`, whatever `pipelined`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_heads(
     gpu: &Gpu,
@@ -129,8 +136,15 @@ pub fn launch_heads(
     }
     let null = 0u64;
     let nc = nchunk as i32;
-    let pipelined = pipelined && q8.is_some();
-    let f = if q4 { gpu.f.tip4ph(dt, hps) } else { gpu.f.tip_heads(dt, hps, q8.is_some(), pipelined) };
+    let by_fc = Q8Planes::per_fc(q8);
+    let pipelined = pipelined && q8.is_some() && !by_fc;
+    let f = if by_fc {
+        gpu.f.tipfc(dt, hps.max(2))
+    } else if q4 {
+        gpu.f.tip4ph(dt, hps)
+    } else {
+        gpu.f.tip_heads(dt, hps, q8.is_some(), pipelined)
+    };
     let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
     let mut l = gpu.launcher(f);
     l.arg(&d);
@@ -140,11 +154,18 @@ pub fn launch_heads(
         Some(m) => l.arg(m),
         None => l.arg(&null),
     };
-    l.arg(lens).arg(xh).arg(pml).arg(&nc);
+    l.arg(lens).arg(xh);
+    if by_fc {
+        // (tipfc's summed-score outputs: none here)
+        l.arg(&null).arg(&null).arg(&null).arg(&nc).arg(pml);
+    } else {
+        l.arg(pml).arg(&nc);
+    }
     // SAFETY: sizes checked; each block reads tokens < lens[b] ≤ l_max of its (b, kv) region and writes its
     // own selection's xh rows and its own pml entry.
     let mut c = cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256);
     c.shared_mem_bytes = match (pipelined, q4) {
+        _ if by_fc => super::tipfc_smem(hps.max(2)) as u32,
         (true, true) => super::tip4ph_smem(hps) as u32,
         (true, false) => super::tip8ph_smem(hps) as u32,
         (false, _) => 0,
