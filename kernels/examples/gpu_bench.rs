@@ -1,7 +1,8 @@
 //! Per-step decode attention time on the GPU: FASA-C (TIP + select + FAC) in the paper's mode and
 //! the default mode (`fasa_default`: FC choice by K variance, group score by per-head mass, as the
 //! CPU default; `fasa_default_old`: by query norm, scores summed), each of the paper's and the
-//! default's also with TIP reading the int8 scoring planes (`*_int8`) and int4 ones (`*_int4`),
+//! default's also with TIP reading the int8 scoring planes (`*_int8`; the default's stored per FC,
+//! as the engine stores them, `fasa_default_int8_grp` grouped) and int4 ones (`*_int4`),
 //! and in-house dense, over the same cache; plus the device copy
 //! bandwidth.
 //! Each step runs over several layers' caches in turn (as many as make the bytes of dense and of

@@ -271,6 +271,25 @@ struct Outcome {
     after_error_same: bool,
 }
 
+/// The decoder settings of case `c` (its FC pools from `data`).
+fn decode_config(c: &Case, data: &Data) -> DecodeConfig {
+    DecodeConfig {
+        n_q: c.n_q,
+        per_group: c.per_group,
+        budget: c.budget,
+        chunks: c.k,
+        pools: data.pools.clone(),
+        pool: c.pool,
+        sinks: c.sinks,
+        recent: c.recent,
+        rerank: c.rerank,
+        fc_by_variance: false,
+        group_mass: false,
+        q8_tip: c.q8,
+    }
+    .with_var_mass(c.var_mass)
+}
+
 fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let batch = c.lens.len();
     let st = &g.stream;
@@ -309,22 +328,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     }
     let q = st.clone_htod(&data.q)?;
     let lens_d = st.clone_htod(&c.lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?;
-    let cfg = DecodeConfig {
-        n_q: c.n_q,
-        per_group: c.per_group,
-        budget: c.budget,
-        chunks: c.k,
-        pools: data.pools.clone(),
-        pool: c.pool,
-        sinks: c.sinks,
-        recent: c.recent,
-        rerank: c.rerank,
-        fc_by_variance: false,
-        group_mass: false,
-        q8_tip: c.q8,
-    }
-    .with_var_mass(c.var_mass);
-    let mut dec = FasaDecoder::new(g, &cache, cfg)?;
+    let mut dec = FasaDecoder::new(g, &cache, decode_config(c, data))?;
     let n_out = batch * c.n_q * c.d;
     let nan_out = vec![f32::NAN; n_out];
     // Poison.
@@ -922,21 +926,7 @@ fn fc_planes_score_as_grouped_planes() {
         }
         let q = st.clone_htod(&data.q).unwrap();
         let lens = st.clone_htod(&c.lens.iter().map(|&l| l as i32).collect::<Vec<_>>()).unwrap();
-        let cfg = DecodeConfig {
-            n_q,
-            per_group: true,
-            budget: c.budget,
-            chunks: c.k,
-            pools: data.pools.clone(),
-            pool: c.pool,
-            sinks: c.sinks,
-            recent: c.recent,
-            rerank: 0,
-            fc_by_variance: false,
-            group_mass: false,
-            q8_tip: true,
-        }
-        .with_var_mass(var_mass);
+        let cfg = decode_config(&c, &data);
         let mut scores = Vec::new();
         for by_fc in [false, true] {
             cache.enable_scoring_planes_as(&g, 8, by_fc).unwrap();

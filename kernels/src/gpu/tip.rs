@@ -6,7 +6,7 @@
 //! launches, by summing each head's softmax over the tokens ([`launch_heads`] then [`mass`]:
 //! `cpu::tip_group_mass`). Both read the 16-bit K groups or, given the cache's int8 scoring planes
 //! (`Q8Planes`), those for whole quantised blocks and K for the tokens after them
-//! (`cpu::fc_scores_q8`).
+//! (`cpu::fc_scores_q8`); planes stored per FC are read by `tipfc_h*`, the chosen FCs' runs only.
 use cudarc::driver::CudaSlice;
 
 use super::launch::Launch;
