@@ -57,8 +57,9 @@ struct Shape {
 }
 
 /// One timed FASA-C row: name, pool P, sinks, recent, the default's stage 1 (variance + mass),
-/// bits of the scoring planes TIP reads (8 or 4; 0: the 16-bit K), int8 planes stored per FC
-/// (`Q8Planes::by_fc`, as the engine stores them when it chooses k of a larger pool).
+/// bits of the scoring planes TIP reads (8 or 4; 0: the 16-bit K), int8 planes laid out as the
+/// engine lays them out (per FC where TIP chooses k of a larger pool, `DecodeConfig::chooses_fcs`;
+/// false: grouped).
 type Mode = (&'static str, usize, usize, usize, bool, u32, bool);
 
 /// The decoder settings of `mode` at shape `s` (dense rows: the paper's, only its dense kernels run).
@@ -331,7 +332,7 @@ fn main() {
             ("fasa_default_p2k", 2 * s.k, 4, 32, true, 0, false),
             default,
             ("fasa_default_int8_grp", default.1, 4, 32, true, 8, false),
-            ("fasa_default_int8", default.1, 4, 32, true, 8, default.1 > s.k),
+            ("fasa_default_int8", default.1, 4, 32, true, 8, true),
             ("fasa_paper_group_int4", s.k, 0, 0, false, 4, false),
             ("fasa_default_int4", default.1, 4, 32, true, 4, false),
         ];
@@ -413,14 +414,15 @@ fn main() {
             dense_us
         };
         for mode in modes {
-            let (name, p, bits, by_fc) = (mode.0, mode.1, mode.5, mode.6);
+            let (name, p, bits) = (mode.0, mode.1, mode.5);
+            let cfg = config(s, &pools, mode);
+            let by_fc = mode.6 && bits == 8 && cfg.chooses_fcs();
             let q8 = bits > 0;
             if q8 {
                 for c in caches.iter_mut() {
                     c.enable_scoring_planes_as(&gpu, bits, by_fc).unwrap();
                 }
             }
-            let cfg = config(s, &pools, mode);
             let mut decs: Vec<FasaDecoder> = caches.iter().map(|c| FasaDecoder::new(&gpu, c, cfg.clone()).unwrap()).collect();
             decs.iter_mut().for_each(|d| d.filter_tok = filter_tok);
             // Every code-path variant (threshold found by TIP's last block or by each filter

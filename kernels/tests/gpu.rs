@@ -1051,7 +1051,15 @@ fn nvrtc_compiles_for_orin_and_hopper() {
     // Needs only libnvrtc (no GPU): both targets compile.
     fasa_kernels::gpu::libraries_present().ok();
     for arch in [(8, 7), (9, 0)] {
-        fasa_kernels::gpu::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
+        let ptx = fasa_kernels::gpu::compile_ptx(arch).unwrap_or_else(|e| panic!("{e}"));
+        // The per-FC TIP kernels' names carry the tokens per thread their shared memory is sized
+        // for: the loader's names must be the compiled ones.
+        for dt in [Dtype::F16, Dtype::Bf16] {
+            for h in [1, 2, 4, 8] {
+                let name = fasa_kernels::gpu::tipfc_name(h, dt);
+                assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the module");
+            }
+        }
     }
 }
 

@@ -1109,7 +1109,7 @@ extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* 
     flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + MASS_TOK - 1) / MASS_TOK);
 }
 
-// TIP over per-FC int8 planes (FC_PLANES; `tipfc_h<H>_<dtype>`): NQ = 1 the summed score with
+// TIP over per-FC int8 planes (FC_PLANES; `tipfc_h<H>x<TPT>_<dtype>`): NQ = 1 the summed score with
 // tip_impl's outputs (scores, histogram, threshold), NQ > 1 the group-mass stage 1 with
 // tip_heads' (xh, per-block (max, Σexp)). Every TIP over grouped planes reads the whole 16-byte
 // piece of a group that holds a chosen FC: the default mode, k = 16 chosen per step from a pool
@@ -2660,9 +2660,10 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         tip8p_impl<TY, 2, JU, 0, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr,      \
                                            nullptr, nchunk, pml);                                                        \
     }
-// TIP over per-FC int8 planes `tipfc_h<H>_<dtype>` (tipfc_impl): H = 1 the summed score (tip8's
-// arguments and outputs), else the group-mass stage 1 (tip8_heads'); TPT tokens a thread (8, or 4
-// for 8 heads' accumulators), units of TIPFC_U slots in TIPFC_NS stages (dynamic shared memory:
+// TIP over per-FC int8 planes `tipfc_h<H>x<TPT>_<dtype>` (tipfc_impl): H = 1 the summed score
+// (tip8's arguments and outputs), else the group-mass stage 1 (tip8_heads'); TPT tokens a thread
+// (8, or 4 for 8 heads' accumulators; in the name because the launcher sizes the stages' shared
+// memory from it, gpu::tipfc_tpt), units of TIPFC_U slots in TIPFC_NS stages (dynamic shared memory:
 // the launcher sets both, gpu::tipfc_cfg), 2 resident blocks per SM.
 #ifndef TIPFC_U
 #define TIPFC_U 4
@@ -2671,7 +2672,7 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 #define TIPFC_NS 3
 #endif
 #define TIPFC_ENTRY(NAME, TY, HH, TPT)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tipfc_h##HH##_##NAME(                                  \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tipfc_h##HH##x##TPT##_##NAME(                                  \
         Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
         const int* pool, const double* mom, const int* lens, float* out, u32* hist, u32* done, int* thr, int nchunk,     \
         float* pml) {                                                                                                    \

@@ -53,6 +53,12 @@ impl DecodeConfig {
     pub fn with_var_mass(self, on: bool) -> Self {
         Self { fc_by_variance: on, group_mass: on, ..self }
     }
+
+    /// Whether TIP chooses its k FCs per step from a larger pool: then int8 scoring planes pay
+    /// stored per FC (`GpuKvCache::enable_scoring_planes_as`), as TIP reads only those k.
+    pub fn chooses_fcs(&self) -> bool {
+        self.pool > self.chunks
+    }
 }
 
 /// Workspace and plan of one decoder (one layer's shape; reusable across layers of that shape).

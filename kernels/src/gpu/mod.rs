@@ -121,9 +121,16 @@ pub fn tipfc_cfg() -> (usize, usize) {
 }
 
 /// Tokens per thread of the TIP over per-FC planes for `hps` heads (8; 4 for 8 heads, whose
-/// accumulators leave fewer registers): `tipfc_h*`'s TPT.
+/// accumulators leave fewer registers): the kernels are `tipfc_h<H>x<TPT>_*`, so a TPT that
+/// differs from the source's finds no kernel rather than too little shared memory.
 fn tipfc_tpt(hps: usize) -> usize {
     if hps > 4 { 4 } else { 8 }
+}
+
+/// Name of the TIP over per-FC planes the module loader takes for head bound `h` (1, 2, 4, 8)
+/// and `dt` (the GPU tests check that the compiled module has it).
+pub fn tipfc_name(h: usize, dt: Dtype) -> String {
+    format!("tipfc_h{h}x{}_{}", tipfc_tpt(h), dt.suffix())
 }
 
 /// Dynamic shared memory of the TIP over per-FC planes for `hps` heads: NS stages of U pieces of
@@ -627,8 +634,7 @@ impl Gpu {
             Ok([a?, b?, c?])
         };
         let tipfc = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
-            let s = dt.suffix();
-            let [a, b, c, d] = [1, 2, 4, 8].map(|h| get_dyn(&format!("tipfc_h{h}_{s}"), tipfc_smem(h)));
+            let [a, b, c, d] = [1, 2, 4, 8].map(|h| get_dyn(&tipfc_name(h, dt), tipfc_smem(h)));
             Ok([a?, b?, c?, d?])
         };
         let f = Funcs {

@@ -137,7 +137,7 @@ pub fn launch_heads(
     let null = 0u64;
     let nc = nchunk as i32;
     let by_fc = Q8Planes::per_fc(q8);
-    let pipelined = pipelined && q8.is_some() && !by_fc;
+    let pipelined = pipelined && q8.is_some();
     let f = if by_fc {
         gpu.f.tipfc(dt, hps.max(2))
     } else if q4 {
