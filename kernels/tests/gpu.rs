@@ -1055,8 +1055,8 @@ fn nvrtc_compiles_for_orin_and_hopper() {
         // The per-FC TIP kernels' names carry the tokens per thread their shared memory is sized
         // for: the loader's names must be the compiled ones.
         for dt in [Dtype::F16, Dtype::Bf16] {
-            for h in [1, 2, 4, 8] {
-                let name = fasa_kernels::gpu::tipfc_name(h, dt);
+            for (h, narrow) in [1, 2, 4, 8].into_iter().flat_map(|h| [(h, false), (h, true)]) {
+                let name = fasa_kernels::gpu::tipfc_name(h, narrow, dt);
                 assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the module");
             }
         }

@@ -10,8 +10,8 @@
 //   q      (batch, n_q, d) f32              rotated queries, FC-pair order (2f, 2f+1 = FC f)
 //   fc_of_slot (n_kv, n_fc) i32             FC stored in slot s of a KV head (slot_of_fc: inverse)
 //   pool   (2, n_sel, P) i32                calibrated FC pool of each selection, as slots, then the
-//                                           FC ids in those slots (fc_of_slot of them, for TIP's
-//                                           fixed-set prologue)
+//                                           FC ids in those slots (fc_of_slot of them, which TIP's
+//                                           prologue reads, pool_ent)
 //   lens   (batch,) i32                     tokens cached per sequence
 //   scores (batch·n_sel, l_max) f32         TIP scores; hist (batch·n_sel, NBIN) u32
 //   thr    (batch·n_sel, THR_W) i32         threshold bin and rows above it (TIP's last block), select early's
@@ -263,16 +263,31 @@ __device__ void quant_blocks_impl(Dims D, const u16* k, i8* kq, float* ks, int* 
 __device__ void find_threshold(const u32* hg, int B, int* tb_out, int* above_out);
 __device__ bool last_block(u32* done, int seg, int n);
 
-// Block-wide: marks the k FCs chosen from selection s's pool (chosen_s[i] for pool entry i) and
-// returns the mask of the FC groups (slot / FCG) holding them. qb: the selection's q heads.
-__device__ u32 choose_pool(const Dims& D, const float* qb, const int* fos, const int* pl, const double* mom_bk, int len,
-                           bool* chosen_s) {
+// Pool entry tid of selection s (tid < P): its slot and the FC id in it, both from pool (the
+// decoder writes the FC ids as its second half), so a TIP kernel loads them with lens at its start
+// and its FC choice waits for one round trip less than through fc_of_slot[slot] (the TIP kernels
+// keep fc_of_slot in their arguments but no longer read it). GPU run 31 (same call, two rounds,
+// a2733ec's kernels / these, per-FC TIP at 8 tokens a thread in both): default int8 step 1 × 32k
+// 48.6 → 47.9 µs, 1 × 128k 68.9 → 68.4, 16 × 32k 194.9 → 194.1, 16 × 128k 614.6 → 611.4.
+struct PoolEnt {
+    int slot, fc; // (−1, −1) for threads past the pool
+};
+__device__ __forceinline__ PoolEnt pool_ent(const Dims& D, const int* pool, int s) {
+    int tid = threadIdx.x;
+    if (tid >= D.pool) return PoolEnt{-1, -1};
+    return PoolEnt{pool[s * D.pool + tid], pool[(D.n_sel + s) * D.pool + tid]};
+}
+
+// Block-wide: marks the k FCs chosen from selection s's pool (chosen_s[i] for pool entry i, pe the
+// thread's) and returns the mask of the FC groups (slot / FCG) holding them. qb: the selection's
+// q heads.
+__device__ u32 choose_pool(const Dims& D, const float* qb, PoolEnt pe, const double* mom_bk, int len, bool* chosen_s) {
     __shared__ double w[64];
     __shared__ u32 gmask_s;
     int tid = threadIdx.x;
     if (tid == 0) gmask_s = 0;
     if (tid < D.pool) {
-        int f = fos[pl[tid]];
+        int f = pe.fc;
         double wi = 0.0;
         if (mom_bk) {
             // cpu::choose_fcs_var, operation for operation.
@@ -307,7 +322,7 @@ __device__ u32 choose_pool(const Dims& D, const float* qb, const int* fos, const
             chosen = rank < D.k;
         }
         chosen_s[tid] = chosen;
-        if (chosen) atomicOr(&gmask_s, 1u << (pl[tid] / FCG));
+        if (chosen) atomicOr(&gmask_s, 1u << (pe.slot / FCG));
     }
     __syncthreads();
     return gmask_s;
@@ -540,20 +555,18 @@ __device__ __forceinline__ void put_slot_q(const Dims& D, float (*qv)[MAXG * GE]
 // q of the chosen FCs into qv (NQ × MAXG·GE floats, slot order, zero elsewhere; visible after the
 // caller's next barrier): with NQ = 1 the heads' sum (tip_impl, tip8p_impl), else each head's
 // (tip_heads_impl, tip8p_impl with NQ > 1). Returns the mask of the FC groups holding them.
+// pe: the thread's pool entry (pool_ent).
 template <int NQ>
-__device__ u32 tip_setup(const Dims& D, const float* q, const int* fc_of_slot, const int* pool, const double* mom, int b, int s, int len,
-                         float (*qv)[MAXG * GE]) {
+__device__ u32 tip_setup(const Dims& D, const float* q, PoolEnt pe, const double* mom, int b, int s, int len, float (*qv)[MAXG * GE]) {
     __shared__ bool chosen[64];
     int tid = threadIdx.x, h0 = s * D.hps, kvh = kv_of_sel(D, s);
-    const int* fos = fc_of_slot + kvh * D.n_fc;
-    const int* pl = pool + s * D.pool;
     for (int i = tid; i < NQ * MAXG * GE; i += blockDim.x) (&qv[0][0])[i] = 0.f;
     const float* qb = q + ((size_t)b * D.n_q + h0) * D.d;
     const double* mom_bk = mom ? mom + ((size_t)b * D.n_kv + kvh) * D.n_fc * 5 : nullptr;
-    u32 gmask = choose_pool(D, qb, fos, pl, mom_bk, len, chosen); // (its barriers order the zeroing)
+    u32 gmask = choose_pool(D, qb, pe, mom_bk, len, chosen); // (its barriers order the zeroing)
     if (tid < D.pool && chosen[tid]) {
-        int f = fos[pl[tid]];
-        put_slot_q<NQ>(D, qv, pl[tid], [&](int h) { return make_float2(qb[h * D.d + 2 * f], qb[h * D.d + 2 * f + 1]); });
+        int f = pe.fc;
+        put_slot_q<NQ>(D, qv, pe.slot, [&](int h) { return make_float2(qb[h * D.d + 2 * f], qb[h * D.d + 2 * f + 1]); });
     }
     return gmask;
 }
@@ -592,12 +605,13 @@ __device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, co
     __shared__ u32 sh_hist[NBIN];
     __shared__ __align__(16) float qeff[1][MAXG * GE];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    PoolEnt pe = pool_ent(D, pool, s);
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
     int kvh = kv_of_sel(D, s);
     for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
-    u32 gmask = tip_setup<1>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
+    u32 gmask = tip_setup<1>(D, q, pe, mom, b, s, len, qeff);
     __syncthreads();
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
     int seg = b * D.n_sel + s;
@@ -759,11 +773,12 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     // them behind every block's (GPU run 21's timeline, 1 × 32k: a 4 µs prologue of a 10 µs TIP,
     // the loads of tip_setup's chain pool → fc_of_slot → q issued after the copies).
     bool fixed = D.pool <= D.k;
+    PoolEnt pe = pool_ent(D, pool, s);
     int qslot = -1;
     float2 qr[MAXH];
     if (fixed && tid < D.pool) {
-        qslot = pool[s * D.pool + tid];
-        int f = pool[(D.n_sel + s) * D.pool + tid];
+        qslot = pe.slot;
+        int f = pe.fc;
         const float* qb = q + ((size_t)b * D.n_q + s * D.hps) * D.d + 2 * f;
 #pragma unroll
         for (int h = 0; h < MAXH; ++h)
@@ -774,7 +789,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     if constexpr (NQ == 1)
         for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
-    u32 gmask = fixed ? pool_groups(qslot) : tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
+    u32 gmask = fixed ? pool_groups(qslot) : tip_setup<NQ>(D, q, pe, mom, b, s, len, qeff);
     if (tid == 0) {
         int n = 0;
         for (u32 m = gmask; m; m &= m - 1) gl_s[n++] = __ffs(m) - 1;
@@ -1005,11 +1020,12 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
     PDL_BEGIN(TR_TIP);
     __shared__ __align__(16) float qh[H][MAXG * GE]; // chosen FCs' q per head, slot order, zero elsewhere
     int s = blockIdx.y, b = blockIdx.z;
+    PoolEnt pe = pool_ent(D, pool, s);
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
     int kvh = kv_of_sel(D, s), hps = D.hps;
-    u32 gmask = tip_setup<H>(D, q, fc_of_slot, pool, mom, b, s, len, qh);
+    u32 gmask = tip_setup<H>(D, q, pe, mom, b, s, len, qh);
     __syncthreads();
     // (the int8 pass sums only the chosen FCs' pairs, as tip8p_impl's MODE 0)
     u64 qmask = Q8 && TIP_PAIRS ? q_slots_mask<H>(qh, hps, D.n_fc) : ~0ull;
@@ -1169,6 +1185,7 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     __shared__ __align__(16) float qeff[NQ][MAXG * GE]; // summed q (NQ = 1) or per head, slot order
     __shared__ int sl_s[64];                             // the slots summed, ascending
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+    PoolEnt pe = pool_ent(D, pool, s);
     int len = lens[b];
     int t0 = blockIdx.x * TIP_TOK * nchunk;
     if (t0 >= len) return;
@@ -1176,7 +1193,7 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     if constexpr (NQ == 1)
         for (int i = tid; i < NBIN; i += blockDim.x) sh_hist[i] = 0;
     TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
-    tip_setup<NQ>(D, q, fc_of_slot, pool, mom, b, s, len, qeff);
+    tip_setup<NQ>(D, q, pe, mom, b, s, len, qeff);
     __syncthreads();
     const int nq = NQ == 1 ? 1 : D.hps;
     u64 qmask = q_slots_mask<NQ>(qeff, nq, D.n_fc); // (its barrier orders qeff's writes)
@@ -2662,9 +2679,10 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     }
 // TIP over per-FC int8 planes `tipfc_h<H>x<TPT>_<dtype>` (tipfc_impl): H = 1 the summed score
 // (tip8's arguments and outputs), else the group-mass stage 1 (tip8_heads'); TPT tokens a thread
-// (8, or 4 for 8 heads' accumulators; in the name because the launcher sizes the stages' shared
-// memory from it, gpu::tipfc_tpt), units of TIPFC_U slots in TIPFC_NS stages (dynamic shared memory:
-// the launcher sets both, gpu::tipfc_cfg), 2 resident blocks per SM.
+// (8, or 4 for 8 heads' accumulators, and 4 for a block of an odd number of 1024-token chunks,
+// whose last step of 2048 would leave half the threads idle: gpu::tipfc_tpt; in the name because
+// the launcher sizes the stages' shared memory from it), units of TIPFC_U slots in TIPFC_NS
+// stages (dynamic shared memory: the launcher sets both, gpu::tipfc_cfg), 2 resident blocks per SM.
 #ifndef TIPFC_U
 #define TIPFC_U 4
 #endif
@@ -2719,6 +2737,9 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     TIPFC_ENTRY(NAME, TY, 1, 8)                                                                                         \
     TIPFC_ENTRY(NAME, TY, 2, 8)                                                                                         \
     TIPFC_ENTRY(NAME, TY, 4, 8)                                                                                         \
+    TIPFC_ENTRY(NAME, TY, 1, 4)                                                                                         \
+    TIPFC_ENTRY(NAME, TY, 2, 4)                                                                                         \
+    TIPFC_ENTRY(NAME, TY, 4, 4)                                                                                         \
     TIPFC_ENTRY(NAME, TY, 8, 4)                                                                                         \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \

@@ -120,24 +120,41 @@ pub fn tipfc_cfg() -> (usize, usize) {
     })
 }
 
-/// Tokens per thread of the TIP over per-FC planes for `hps` heads (8; 4 for 8 heads, whose
-/// accumulators leave fewer registers): the kernels are `tipfc_h<H>x<TPT>_*`, so a TPT that
-/// differs from the source's finds no kernel rather than too little shared memory.
-fn tipfc_tpt(hps: usize) -> usize {
-    if hps > 4 { 4 } else { 8 }
+/// Tokens per thread of the TIP over per-FC planes for `hps` heads: 8 (`narrow` or 8 heads,
+/// whose accumulators leave fewer registers: 4). The kernels are `tipfc_h<H>x<TPT>_*`, so a TPT
+/// that differs from the source's finds no kernel rather than too little shared memory.
+fn tipfc_tpt(hps: usize, narrow: bool) -> usize {
+    if hps > 4 || narrow { 4 } else { 8 }
 }
 
-/// Name of the TIP over per-FC planes the module loader takes for head bound `h` (1, 2, 4, 8)
-/// and `dt` (the GPU tests check that the compiled module has it).
-pub fn tipfc_name(h: usize, dt: Dtype) -> String {
-    format!("tipfc_h{h}x{}_{}", tipfc_tpt(h), dt.suffix())
+/// Whether a TIP over per-FC planes whose blocks score `nchunk` chunks of 1024 tokens runs its
+/// narrow kernel (4 tokens a thread, steps of 1024): for an odd count, where the last step of
+/// 2048 tokens would keep half the block's threads idle (every step at batch 1 of a 32k context:
+/// one chunk a block). `FASA_GPU_TIPFC_TPT=4` or `8` forces one (benchmarks). Read once.
+/// GPU run 31 (default int8 step, Llama-3-8B shapes, B = 1024, same call, two rounds, 8 / this
+/// rule): 1 × 32k 47.9 → 46.4 µs; the other target shapes have even counts (4 forced everywhere:
+/// 16 × 32k 194.1 → 235.5, 1 × 128k 68.4 → 78.8, 16 × 128k 611.4 → 767.5).
+pub fn tipfc_narrow(nchunk: usize) -> bool {
+    static R: OnceLock<Option<bool>> = OnceLock::new();
+    let forced = *R.get_or_init(|| match std::env::var("FASA_GPU_TIPFC_TPT").as_deref() {
+        Ok("4") => Some(true),
+        Ok("8") => Some(false),
+        _ => None,
+    });
+    forced.unwrap_or(nchunk % 2 == 1)
+}
+
+/// Name of the TIP over per-FC planes the module loader takes for head bound `h` (1, 2, 4, 8),
+/// `narrow` ([`tipfc_narrow`]) and `dt` (the GPU tests check that the compiled module has it).
+pub fn tipfc_name(h: usize, narrow: bool, dt: Dtype) -> String {
+    format!("tipfc_h{h}x{}_{}", tipfc_tpt(h, narrow), dt.suffix())
 }
 
 /// Dynamic shared memory of the TIP over per-FC planes for `hps` heads: NS stages of U pieces of
 /// 2·TPT bytes and U f32 scales per thread (`TIPFC_STAGE`).
-pub(crate) fn tipfc_smem(hps: usize) -> usize {
+pub(crate) fn tipfc_smem(hps: usize, narrow: bool) -> usize {
     let (u, ns) = tipfc_cfg();
-    ns * u * 256 * (2 * tipfc_tpt(hps) + 4)
+    ns * u * 256 * (2 * tipfc_tpt(hps, narrow) + 4)
 }
 
 /// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], `FASA_TRACE` when
@@ -291,9 +308,9 @@ pub(crate) struct Funcs {
     /// Its twin over int4 planes (`tip4ph_h*x*`), per dtype and head bound.
     pub tip4ph: [[CudaFunction; 3]; 2],
     pub quant_blocks: [CudaFunction; 2],
-    /// TIP over per-FC int8 planes (`tipfc_h*`), per dtype, for at most 1 (summed score), 2, 4,
-    /// 8 heads per selection.
-    pub tipfc: [[CudaFunction; 4]; 2],
+    /// TIP over per-FC int8 planes (`tipfc_h*`), wide and narrow ([`tipfc_narrow`]), per dtype,
+    /// for at most 1 (summed score), 2, 4, 8 heads per selection.
+    pub tipfc: [[[CudaFunction; 4]; 2]; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
     /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
@@ -362,9 +379,10 @@ impl Funcs {
     }
 
     /// The TIP over per-FC int8 planes for `hps` heads: the summed score at 1, else the
-    /// group-mass stage 1 for the smallest head bound ≥ `hps` (2, 4, 8).
-    pub fn tipfc(&self, dt: Dtype, hps: usize) -> &CudaFunction {
-        &self.tipfc[dt as usize][if hps <= 1 { 0 } else { 1 + heads_bound(hps) }]
+    /// group-mass stage 1 for the smallest head bound ≥ `hps` (2, 4, 8); `narrow`: 4 tokens a
+    /// thread ([`tipfc_narrow`]).
+    pub fn tipfc(&self, dt: Dtype, hps: usize, narrow: bool) -> &CudaFunction {
+        &self.tipfc[narrow as usize][dt as usize][if hps <= 1 { 0 } else { 1 + heads_bound(hps) }]
     }
 
     /// The pipelined group-mass TIP over int4 planes for the smallest head bound ≥ `hps`.
@@ -633,8 +651,8 @@ impl Gpu {
             let [a, b, c] = [2, 4, 8].map(|h| get_dyn(&format!("tip8ph_h{h}x{}_{s}", TIP8PH_JU[heads_bound(h)]), tip8ph_smem(h)));
             Ok([a?, b?, c?])
         };
-        let tipfc = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
-            let [a, b, c, d] = [1, 2, 4, 8].map(|h| get_dyn(&tipfc_name(h, dt), tipfc_smem(h)));
+        let tipfc = |dt: Dtype, narrow: bool| -> Result<[CudaFunction; 4], DriverError> {
+            let [a, b, c, d] = [1, 2, 4, 8].map(|h| get_dyn(&tipfc_name(h, narrow, dt), tipfc_smem(h, narrow)));
             Ok([a?, b?, c?, d?])
         };
         let f = Funcs {
@@ -652,7 +670,7 @@ impl Gpu {
             tip8ph: [tip8ph(Dtype::F16)?, tip8ph(Dtype::Bf16)?],
             tip4ph: [tip4ph(Dtype::F16)?, tip4ph(Dtype::Bf16)?],
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
-            tipfc: [tipfc(Dtype::F16)?, tipfc(Dtype::Bf16)?],
+            tipfc: [[tipfc(Dtype::F16, false)?, tipfc(Dtype::Bf16, false)?], [tipfc(Dtype::F16, true)?, tipfc(Dtype::Bf16, true)?]],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
             facw: [facw(Dtype::F16)?, facw(Dtype::Bf16)?],
@@ -789,9 +807,10 @@ impl Gpu {
         Ok(self.f.tip_heads(dt, hps, true, true).occupancy_max_active_blocks_per_multiprocessor(256, tip8ph_smem(hps), None)?)
     }
 
-    /// Resident blocks per multiprocessor of the TIP over per-FC int8 planes for `hps` heads.
+    /// Resident blocks per multiprocessor of the TIP over per-FC int8 planes for `hps` heads, its
+    /// wide kernel (which sizes the chunks; the narrow one holds less shared memory).
     pub fn tipfc_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
-        Ok(self.f.tipfc(dt, hps).occupancy_max_active_blocks_per_multiprocessor(256, tipfc_smem(hps), None)?)
+        Ok(self.f.tipfc(dt, hps, false).occupancy_max_active_blocks_per_multiprocessor(256, tipfc_smem(hps, false), None)?)
     }
 
     /// The same for its int4 twin.

@@ -58,7 +58,10 @@ pub fn launch(
     }
     let by_fc = Q8Planes::per_fc(q8);
     let (f, smem) = match (pipelined, q4) {
-        _ if by_fc => (gpu.f.tipfc(dt, 1), super::tipfc_smem(1)),
+        _ if by_fc => {
+            let narrow = super::tipfc_narrow(nchunk.max(1));
+            (gpu.f.tipfc(dt, 1, narrow), super::tipfc_smem(1, narrow))
+        }
         (true, true) => {
             let (f, code) = gpu.f.tip4p(dt, pipe);
             (f, super::tip4p_smem(code))
@@ -137,9 +140,10 @@ pub fn launch_heads(
     let null = 0u64;
     let nc = nchunk as i32;
     let by_fc = Q8Planes::per_fc(q8);
+    let narrow = super::tipfc_narrow(nchunk);
     let pipelined = pipelined && q8.is_some();
     let f = if by_fc {
-        gpu.f.tipfc(dt, hps.max(2))
+        gpu.f.tipfc(dt, hps.max(2), narrow)
     } else if q4 {
         gpu.f.tip4ph(dt, hps)
     } else {
@@ -165,7 +169,7 @@ pub fn launch_heads(
     // own selection's xh rows and its own pml entry.
     let mut c = cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256);
     c.shared_mem_bytes = match (pipelined, q4) {
-        _ if by_fc => super::tipfc_smem(hps.max(2)) as u32,
+        _ if by_fc => super::tipfc_smem(hps.max(2), narrow) as u32,
         (true, true) => super::tip4ph_smem(hps) as u32,
         (true, false) => super::tip8ph_smem(hps) as u32,
         (false, _) => 0,
