@@ -30,17 +30,29 @@ pub fn split_wave(n_rows: usize, n_seg: usize, sm_count: usize, per_sm: usize) -
     (rows, n_rows.div_ceil(rows).max(1))
 }
 
-/// The same for dense attention (rows `0..len`): about 16 blocks per multiprocessor, at least 256
-/// rows each (so the partials stay under ~3 % of the K/V bytes), no upper bound; with few
-/// selections (at most a 32nd of a wave of `per_sm` resident blocks on each multiprocessor: batch
-/// 1 of Llama-3-8B shapes) one wave of longer blocks instead. GPU run 18 (dense, lean kernel,
-/// same call): 1 × 32k 65.2 → 58.9 µs (512 rows instead of 256), 1 × 128k 214.8 → 199.6 (2048);
-/// at 16 × 32k 256 to 4096 rows were within 1.5 %, so the 16-per-SM split stays there.
+/// The same for dense attention (rows `0..len`): about 16 blocks per multiprocessor, but no
+/// shorter than the blocks of about 3 per multiprocessor, rounded up to a power of two, up to 2048
+/// rows; at least 256 rows (so the partials stay under ~3 % of the K/V bytes); with few selections
+/// (at most a 32nd of a wave of `per_sm` resident blocks on each multiprocessor: batch 1 of
+/// Llama-3-8B shapes) one wave of longer blocks instead. GPU run 18 (dense, lean kernel, same
+/// call): 1 × 32k 65.2 → 58.9 µs (512 rows instead of 256), 1 × 128k 214.8 → 199.6 (2048); at
+/// 16 × 32k 256 to 4096 rows were within 1.5 %. GPU run 31 (tensor-core kernel, µs, same call):
+/// Llama-3-8B 16 × 8k 512 rows (16 per SM) 163.4, 1024 148.9, 2048 141.5; SmolLM2 16 × 8k 256 (16
+/// per SM) 44.9, 512 37.8, 1024 34.5, 2048 46.6, and 960 (9 splits: 432 blocks against 384) 42.9
+/// in another call where 512 ran 37.3; 16 × 32k 2048 rows 527 µs against ~1984 (17 splits)
+/// 531–538. At batch 1 the one-wave split stays the fastest (Llama 1 × 8k 256 rows 19.2 µs, 512
+/// 23.0; SmolLM2 11.8, 14.6).
 pub fn split_dense(n_rows: usize, n_seg: usize, sm_count: usize, per_sm: usize) -> (usize, usize) {
     let n_seg = n_seg.max(1);
     let wave = per_sm.max(1) * sm_count;
-    let want = if n_seg * 32 <= wave { wave / n_seg } else { (16 * sm_count).div_ceil(n_seg) }.max(1);
-    let rows = n_rows.div_ceil(want).next_multiple_of(64).max(256);
+    let rows = if n_seg * 32 <= wave {
+        n_rows.div_ceil((wave / n_seg).max(1))
+    } else {
+        let r16 = n_rows.div_ceil((16 * sm_count).div_ceil(n_seg));
+        let r3 = n_rows.div_ceil((3 * sm_count).div_ceil(n_seg)).next_power_of_two().min(2048);
+        r16.max(r3)
+    };
+    let rows = rows.next_multiple_of(64).max(256);
     (rows, n_rows.div_ceil(rows).max(1))
 }
 
@@ -159,4 +171,27 @@ pub fn combine(
     // each block writes the d outputs of its head.
     unsafe { l.launch(cfg((dims.hps as usize, dims.n_sel as usize, dims.batch as usize), 512)) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_dense;
+
+    #[test]
+    fn dense_split_keeps_blocks_long_at_batch_16_and_one_wave_at_batch_1() {
+        // (H200: 132 SMs, 2 tensor-core dense blocks per SM.) Llama-3-8B, 8 KV heads: batch 16 at
+        // 8k runs 2048-row blocks (GPU run 31: 141.5 µs against 163.4 at the 16-per-SM 512), at
+        // 32k as before (~2k) and at 128k the 16-per-SM rows (7744).
+        assert_eq!(split_dense(8192, 128, 132, 2), (2048, 4));
+        assert_eq!(split_dense(32768, 128, 132, 2), (2048, 16));
+        assert_eq!(split_dense(131072, 128, 132, 2), (7744, 17));
+        // SmolLM2, 3 KV heads: batch 16 at 8k in blocks of 1024 rows (34.5 µs against 44.9 at 256
+        // and 42.9 at 960: 9 splits left a second wave).
+        assert_eq!(split_dense(8192, 48, 132, 2), (1024, 8));
+        // Batch 1: one wave of 256-row blocks at 8k, longer ones at 32k and 128k.
+        assert_eq!(split_dense(8192, 8, 132, 2), (256, 32));
+        assert_eq!(split_dense(32768, 8, 132, 2), (1024, 32));
+        assert_eq!(split_dense(131072, 8, 132, 2), (4032, 33));
+        assert_eq!(split_dense(8192, 3, 132, 2), (256, 32));
+    }
 }
