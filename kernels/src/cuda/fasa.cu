@@ -2680,9 +2680,10 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 // TIP over per-FC int8 planes `tipfc_h<H>x<TPT>_<dtype>` (tipfc_impl): H = 1 the summed score
 // (tip8's arguments and outputs), else the group-mass stage 1 (tip8_heads'); TPT tokens a thread
 // (8, or 4 for 8 heads' accumulators, and 4 for a block of an odd number of 1024-token chunks,
-// whose last step of 2048 would leave half the threads idle: gpu::tipfc_tpt; in the name because
-// the launcher sizes the stages' shared memory from it), units of TIPFC_U slots in TIPFC_NS
-// stages (dynamic shared memory: the launcher sets both, gpu::tipfc_cfg), 2 resident blocks per SM.
+// whose last step of 2048 would leave half the threads idle: gpu::tipfc_narrow; in the name
+// because the launcher sizes the stages' shared memory from it, gpu::tipfc_tpt), units of TIPFC_U
+// slots in TIPFC_NS stages (dynamic shared memory: the launcher sets both, gpu::tipfc_cfg), 2
+// resident blocks per SM.
 #ifndef TIPFC_U
 #define TIPFC_U 4
 #endif
