@@ -58,8 +58,7 @@ struct Shape {
 
 /// One timed FASA-C row: name, pool P, sinks, recent, the default's stage 1 (variance + mass),
 /// bits of the scoring planes TIP reads (8 or 4; 0: the 16-bit K), int8 planes laid out as the
-/// engine lays them out (per FC where TIP chooses k of a larger pool, `DecodeConfig::chooses_fcs`;
-/// false: grouped).
+/// engine lays them out (per FC where `DecodeConfig::planes_per_fc` says so; false: grouped).
 type Mode = (&'static str, usize, usize, usize, bool, u32, bool);
 
 /// The decoder settings of `mode` at shape `s` (dense rows: the paper's, only its dense kernels run).
@@ -416,7 +415,7 @@ fn main() {
         for mode in modes {
             let (name, p, bits) = (mode.0, mode.1, mode.5);
             let cfg = config(s, &pools, mode);
-            let by_fc = mode.6 && bits == 8 && cfg.chooses_fcs();
+            let by_fc = mode.6 && cfg.planes_per_fc(bits);
             let q8 = bits > 0;
             if q8 {
                 for c in caches.iter_mut() {

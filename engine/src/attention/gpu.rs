@@ -264,8 +264,7 @@ impl GpuMirror {
                 // Int8 planes stored per FC where TIP chooses its k FCs per step from a larger pool
                 // (`fasa`: it then reads only those k, not every group of 8 holding one).
                 let bits = c.tip_bits();
-                let by_fc = bits == 8 && dc.chooses_fcs();
-                dev.cache.enable_scoring_planes_as(g, bits, by_fc)?;
+                dev.cache.enable_scoring_planes_as(g, bits, dc.planes_per_fc(bits))?;
             }
             dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
         }

@@ -506,16 +506,29 @@ __device__ __forceinline__ void tip_pass8(const Dims& D, const TipSrc& S, u32 gm
     }
 }
 
+// A thread's per-token, per-head TIP accumulators zeroed (TIP kernels start each chunk or step
+// from +0, which tip_fma's left-out pairs rely on), and an empty per-head online-softmax state
+// (−∞, 0) for the group-mass TIP kernels.
+template <int N, int H>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][H]) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+        for (int h = 0; h < H; ++h) acc[j][h] = 0.f;
+}
+template <int H>
+__device__ __forceinline__ void ml_init(float (&m)[H], float (&s)[H]) {
+#pragma unroll
+    for (int h = 0; h < H; ++h) { m[h] = NEG_INF; s[h] = 0.f; }
+}
+
 // One chunk of TIP_TOK tokens from tc (< len): int8 planes for whole quantised blocks, the
 // 16-bit groups after them (only the chunk holding the tail pays that pass), or 16-bit only.
 template <class T, int NQ, bool Q8>
 // qmask: the slots whose FC pairs the int8 pass sums (q_slots_mask; ~0: all).
 __device__ __forceinline__ void tip_chunk(const Dims& D, const TipSrc& S, u32 gmask, const float (*qv)[MAXG * GE], int nq, int tc, int len,
                                           float (&acc)[TIP_TPT][NQ], u64 qmask = ~0ull) {
-#pragma unroll
-    for (int j = 0; j < TIP_TPT; ++j)
-#pragma unroll
-        for (int h = 0; h < NQ; ++h) acc[j][h] = 0.f;
+    zero_acc(acc);
     if (Q8) {
         int qlen = min(S.qlen, len);
         if (tc < qlen) tip_pass8<NQ, NQ == 8 ? 1 : 2>(D, S, gmask, qv, nq, tc, qlen, acc, qmask);
@@ -860,16 +873,12 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     u64 qmask = MODE == 0 ? (TIP_PAIRS ? q_slots_mask<NQ>(qeff, nq, D.n_fc) : ~0ull) : 0;
     trace_mark(M_TIP_SETUP);
     float ml_m[NQ], ml_s[NQ];                        // (NQ > 1: online softmax per head)
-#pragma unroll
-    for (int h = 0; h < NQ; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
+    ml_init(ml_m, ml_s);
     int unit = 0;
     for (int ch = 0; ch < nch; ++ch) {
         int tc = t0 + ch * TIP_TOK;
         float acc[TIP_TPT][NQ];
-#pragma unroll
-        for (int j = 0; j < TIP_TPT; ++j)
-#pragma unroll
-            for (int h = 0; h < NQ; ++h) acc[j][h] = 0.f;
+        zero_acc(acc);
         if (ch < n8) {
 #pragma unroll
             for (int jh = 0; jh < NJ; ++jh) {
@@ -1033,8 +1042,7 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
     int seg = b * D.n_sel + s;
     float* xs = xh + (size_t)seg * hps * D.l_max;
     float ml_m[H], ml_s[H];
-#pragma unroll
-    for (int h = 0; h < H; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
+    ml_init(ml_m, ml_s);
     for (int ch = 0; ch < nchunk; ++ch) {
         int tc = t0 + ch * TIP_TOK;
         if (tc >= len) break;
@@ -1210,8 +1218,7 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     int seg = b * D.n_sel + s;
     float* xs = out + (size_t)seg * nq * D.l_max; // (NQ > 1: xh (hps, l_max) per selection)
     float ml_m[NQ], ml_s[NQ];                     // (NQ > 1: online softmax per head)
-#pragma unroll
-    for (int h = 0; h < NQ; ++h) { ml_m[h] = NEG_INF; ml_s[h] = 0.f; }
+    ml_init(ml_m, ml_s);
     float acc[TPT][NQ];
     // Stage st: U pieces of every thread ((i, tid) order), then their U scales.
     extern __shared__ __align__(16) unsigned char tipfc_dyn[];
@@ -1248,11 +1255,7 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
         if (++cc == nb) { cc = 0; ++cst; }
         const unsigned char* sd = tipfc_dyn + (size_t)(u % NS) * STAGE;
         int tt = t0 + st * STEP + tid * TPT;
-        if (c == 0)
-#pragma unroll
-            for (int m = 0; m < TPT; ++m)
-#pragma unroll
-                for (int h = 0; h < NQ; ++h) acc[m][h] = 0.f;
+        if (c == 0) zero_acc(acc);
         if (tt < t1) {
 #pragma unroll
             for (int i = 0; i < U; ++i) {

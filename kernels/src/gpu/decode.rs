@@ -59,6 +59,12 @@ impl DecodeConfig {
     pub fn chooses_fcs(&self) -> bool {
         self.pool > self.chunks
     }
+
+    /// Whether scoring planes of `bits` bits are stored per FC for this mode: int8 ones where TIP
+    /// chooses its FCs ([`DecodeConfig::chooses_fcs`]); int4 ones are grouped only.
+    pub fn planes_per_fc(&self, bits: u32) -> bool {
+        bits == 8 && self.chooses_fcs()
+    }
 }
 
 /// Workspace and plan of one decoder (one layer's shape; reusable across layers of that shape).
