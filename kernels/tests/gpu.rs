@@ -66,6 +66,9 @@ struct Case {
     q4: bool,
     /// With `q8` (int8): the planes are stored per FC (`Q8Planes::by_fc`, the `tipfc_h*` TIP).
     by_fc: bool,
+    /// With `by_fc` and `var_mass`: the group-mass stage 1 on CUDA cores (`tipfc_h*`) rather
+    /// than on tensor cores (`tipm_h*`, `FasaDecoder::tipm`).
+    cuda_cores: bool,
 }
 
 /// Host copy of one case's data, values already rounded to the storage type.
@@ -329,6 +332,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let q = st.clone_htod(&data.q)?;
     let lens_d = st.clone_htod(&c.lens.iter().map(|&l| l as i32).collect::<Vec<_>>())?;
     let mut dec = FasaDecoder::new(g, &cache, decode_config(c, data))?;
+    dec.set_tipm(g, &cache, !c.cuda_cores)?;
     let n_out = batch * c.n_q * c.d;
     let nan_out = vec![f32::NAN; n_out];
     // Poison.
@@ -489,6 +493,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let mut o_next = st.clone_htod(&nan_out)?;
     dec.step(g, &cache, &q_neg, &lens_d, &mut o_next)?;
     let mut fresh = FasaDecoder::new(g, &cache, dec.cfg.clone())?;
+    fresh.set_tipm(g, &cache, dec.tipm)?;
     let mut o_fresh = st.clone_htod(&nan_out)?;
     fresh.step(g, &cache, &q_neg, &lens_d, &mut o_fresh)?;
     let after_error_same = broke && nerr(&st.clone_dtoh(&o_next)?, &st.clone_dtoh(&o_fresh)?) <= 1e-5;
@@ -784,6 +789,7 @@ fn base(dt: Dtype, d: usize, n_q: usize, n_kv: usize) -> Case {
         q8: false,
         q4: false,
         by_fc: false,
+        cuda_cores: false,
     }
 }
 
@@ -888,13 +894,15 @@ fn int4_tip_matches_cpu() {
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
 fn fc_planes_tip_matches_cpu() {
-    // Int8 planes stored per FC (`tipfc_h*`): the default's group-mass TIP (H = 2, 4, 8 kernels,
-    // FCs chosen from a pool larger than k, with a re-rank), the summed score (the paper's fixed
-    // set, a pool chosen from by norm), per head, both dtypes, d 64 and 128, and long enough for
-    // several TIP steps; lens 1 and 200 leave a tail only or a few blocks.
+    // Int8 planes stored per FC (`tipm_h*` on tensor cores, `tipfc_h*`): the default's group-mass
+    // TIP (H = 2, 4, 8 kernels, FCs chosen from a pool larger than k, with a re-rank; both kernels),
+    // the summed score (the paper's fixed set, a pool chosen from by norm), per head, both dtypes,
+    // d 64 and 128, 1 and 2 tensor-core k-steps of 16 FCs (more: tipfc), and long enough for several TIP steps;
+    // lens 1 and 200 leave a tail only or a few blocks, 3000 half a 64-token tile.
     let mut r = rng();
     for (dt, d, n_q, n_kv) in [(Dtype::F16, 128, 32, 8), (Dtype::Bf16, 64, 9, 3), (Dtype::F16, 64, 16, 2)] {
         check(Case { q8: true, by_fc: true, pool: d / 4, sinks: 4, recent: 32, var_mass: true, ..base(dt, d, n_q, n_kv) }, &mut r);
+        check(Case { q8: true, by_fc: true, pool: d / 4, sinks: 4, recent: 32, var_mass: true, cuda_cores: true, ..base(dt, d, n_q, n_kv) }, &mut r);
         check(Case { q8: true, by_fc: true, pool: d / 4, sinks: 4, recent: 32, ..base(dt, d, n_q, n_kv) }, &mut r);
         check(Case { q8: true, by_fc: true, ..base(dt, d, n_q, n_kv) }, &mut r);
     }
@@ -903,15 +911,21 @@ fn fc_planes_tip_matches_cpu() {
     check(Case { q8: true, by_fc: true, per_group: false, pool: 32, sinks: 4, recent: 16, var_mass: true, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
     check(Case { q8: true, by_fc: true, pool: 16, sinks: 4, recent: 32, rerank: 1024, lens: vec![3000, 1000, 200, 1], var_mass: true, ..base(Dtype::F16, 64, 14, 2) }, &mut r);
     check(Case { q8: true, by_fc: true, lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, pool: 64, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::F16, 128, 32, 8) }, &mut r);
+    for (k, pool) in [(24, 32), (40, 64), (64, 64)] {
+        check(Case { q8: true, by_fc: true, k, pool, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::Bf16, 128, 32, 8) }, &mut r);
+    }
+    check(Case { q8: true, by_fc: true, k: 40, pool: 64, sinks: 4, recent: 32, var_mass: true, cuda_cores: true, ..base(Dtype::F16, 128, 56, 7) }, &mut r);
 }
 
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
 fn fc_planes_score_as_grouped_planes() {
-    // The same int8 values read per FC (`tipfc_h*`, scales folded into q) and per group: summed
-    // scores equal the pipelined `tip8p 124`'s (MODE 1, the same operations per token) bit for
-    // bit; group-mass scores within 1e-5 of the pipelined `tip8ph_h*`'s (MODE 0: each value times
-    // its scale, and each block's per-head (max, Σexp) merges its tokens in another order).
+    // The same int8 values read per FC (`tipfc_h*`, scales folded into q; the group mass also on
+    // tensor cores, `tipm_h*`) and per group: summed scores equal the pipelined `tip8p 124`'s
+    // (MODE 1, the same operations per token) bit for bit; group-mass scores within 1e-5 of the
+    // pipelined `tip8ph_h*`'s (MODE 0: each value times its scale, and each block's per-head
+    // (max, Σexp) merges its tokens in another order; `tipm_h*` sums exact products of q rounded
+    // to 22 bits of each block's largest, rounded once).
     let g = gpu();
     let mut r = rng();
     let st = &g.stream;
@@ -928,10 +942,11 @@ fn fc_planes_score_as_grouped_planes() {
         let lens = st.clone_htod(&c.lens.iter().map(|&l| l as i32).collect::<Vec<_>>()).unwrap();
         let cfg = decode_config(&c, &data);
         let mut scores = Vec::new();
-        for by_fc in [false, true] {
+        for (by_fc, tc) in [(false, false), (true, false), (true, true)] {
             cache.enable_scoring_planes_as(&g, 8, by_fc).unwrap();
             let mut dec = FasaDecoder::new(&g, &cache, cfg.clone()).unwrap();
             dec.set_tip8_pipe(&g, &cache, 124).unwrap(); // (summed: tip8p, MODE 1)
+            dec.set_tipm(&g, &cache, tc).unwrap();
             st.memcpy_htod(&vec![f32::NAN; dec.scores.len()], &mut dec.scores).unwrap();
             dec.tip_only(&g, &cache, &q, &lens).unwrap();
             let sc = st.clone_dtoh(&dec.scores).unwrap();
@@ -939,15 +954,17 @@ fn fc_planes_score_as_grouped_planes() {
             let segs = sc.len() / l;
             scores.push((0..segs).flat_map(|seg| sc[seg * l..seg * l + c.lens[seg / (segs / c.lens.len())]].to_vec()).collect::<Vec<f32>>());
         }
-        assert!(scores[1].iter().all(|x| !x.is_nan()), "every token scored");
-        if var_mass {
-            let fin = |v: &[f32]| v.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect::<Vec<f32>>();
-            let e = nerr(&fin(&scores[1]), &fin(&scores[0]));
-            eprintln!("group mass d{d} q{n_q}/kv{n_kv}: per FC vs grouped {e:.2e}");
-            assert!(e <= 1e-5, "group-mass scores per FC vs grouped: {e:.3e}");
-        } else {
-            let same = scores[0].iter().zip(&scores[1]).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "summed scores per FC differ from grouped planes' (d{d} q{n_q}/kv{n_kv})");
+        for (i, what) in [(1, "CUDA cores"), (2, "tensor cores")] {
+            assert!(scores[i].iter().all(|x| !x.is_nan()), "every token scored ({what})");
+            if var_mass {
+                let fin = |v: &[f32]| v.iter().map(|&x| if x.is_finite() { x } else { 0.0 }).collect::<Vec<f32>>();
+                let e = nerr(&fin(&scores[i]), &fin(&scores[0]));
+                eprintln!("group mass d{d} q{n_q}/kv{n_kv}: per FC ({what}) vs grouped {e:.2e}");
+                assert!(e <= 1e-5, "group-mass scores per FC ({what}) vs grouped: {e:.3e}");
+            } else {
+                let same = scores[0].iter().zip(&scores[i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "summed scores per FC ({what}) differ from grouped planes' (d{d} q{n_q}/kv{n_kv})");
+            }
         }
     }
 }
@@ -1057,6 +1074,10 @@ fn nvrtc_compiles_for_orin_and_hopper() {
         for dt in [Dtype::F16, Dtype::Bf16] {
             for (h, narrow) in [1, 2, 4, 8].into_iter().flat_map(|h| [(h, false), (h, true)]) {
                 let name = fasa_kernels::gpu::tipfc_name(h, narrow, dt);
+                assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the module");
+            }
+            for (h, ks) in [2, 4, 8].into_iter().flat_map(|h| [(h, 1), (h, 2)]) {
+                let name = fasa_kernels::gpu::tipm_name(h, ks, dt);
                 assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the module");
             }
         }
@@ -1185,11 +1206,13 @@ fn captured_kv_matches_cpu() {
                 let (fasa_q8, paper_q8) = (Case { q8: true, ..fasa.clone() }, Case { q8: true, ..paper.clone() });
                 let (fasa_q4, paper_q4) = (Case { q4: true, ..fasa_q8.clone() }, Case { q4: true, ..paper_q8.clone() });
                 let fasa_fc = Case { by_fc: true, ..fasa_q8.clone() };
+                let fasa_fc_cc = Case { cuda_cores: true, ..fasa_fc.clone() };
                 let cases_here = [
                     ("fasa", fasa),
                     ("fasa-old", old),
                     ("fasa-paper", paper),
                     ("fasa-int8-per-fc", fasa_fc),
+                    ("fasa-int8-per-fc-cuda-cores", fasa_fc_cc),
                     ("fasa-int8", fasa_q8),
                     ("fasa-paper-int8", paper_q8),
                     ("fasa-int4", fasa_q4),

@@ -1371,6 +1371,276 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     else heads_flush<NQ>(D, ml_m, ml_s, pml + ((size_t)seg * gridDim.x + blockIdx.x) * nq * 2);
 }
 
+// Group-mass stage 1 over per-FC int8 planes on tensor cores (`tipm_h<H>k<KS>_<dtype>`):
+// tipfc_h<H>'s arguments and outputs (xh, per-block (max, Σexp)), the per-head scores from
+// integer products (mma.sync m16n8k32, s8 planes × 8-bit limbs of q, int32 sums: exact), for
+// selections summing at most 16·KS FCs (KS = 1, 2). Per warp, tiles of KT = 64 tokens (warp w
+// takes tiles w, w + 8, … of the block's tokens below qlen), each staged by its own lanes with
+// cp.async, TIPM_WS stages a warp: the chosen slots' runs of 128 bytes at a stride of TIPM_RS (so
+// ldmatrix's 8 rows, 8 FCs, fall in 8 bank groups), then each QB block's 16·KS scales (zero past
+// ns, so padding adds nothing). Operands, for k-step st (chosen FCs 16st .. 16st + 15, q zero
+// past ns) and 16 tokens:
+//   A (16 tokens × 32 bytes) = ldmatrix.x4.trans of the four 8 × 8 (FC, token) pair matrices:
+//     lane (g = lane/4, c = lane%4) gets token g's (and g + 8's) pairs of FCs 2c, 2c + 1 (and
+//     8 + 2c, 9 + 2c): the s8 A fragment's k = 4c .. 4c + 3 (and 16 + …), x then y.
+//   B (32 × 8 heads) = q'·2^E of head g at the same FCs, q' = q·scale (__fmul_rn, the CPU's fold),
+//     E per (head, QB block) so that max |q'|·2^E < 2^22, rounded to an integer Q and cut into
+//     bytes: Q = s8(byte 2)·2^16 + byte 1·2^8 + byte 0, three mma (s8·s8, s8·u8, s8·u8).
+//   ŝ·2^E = C2·2^16 + C1·2^8 + C0 (two f32 FMAs), x = ŝ·(scale·2^−E).
+// So ŝ is the dot product of the planes with q' rounded to 22 bits of its block's largest element,
+// exact until the FMAs round it, where cpu::tip_group_mass rounds an f32 FMA chain: the scores
+// differ in the last bits (the tests' tolerances: normalized error, near-ties of the mass), not
+// bit for bit as tipfc's; the per-block Σexp uses __expf. Tokens from qlen on are scored from K's
+// 16-bit pairs per thread (tipfc's arithmetic). Why: tipfc executes ~15.6 warp instructions a
+// token at 4 heads to unpack int8 to f32 and do 128 FMAs; here one ldmatrix and three mma cover
+// 16 tokens × 16 FCs × 8 heads, and q's quantisation is paid once per QB block and lane (q, the
+// copy offsets in registers: a first version that re-read them from shared memory per block ran
+// 78.7M instructions and was slower than tipfc). GPU run 32 (ncu, default int8 step, 16 × 32k,
+// Llama-3-8B shapes): tipfc_h4x8 120.1 µs, 65.4M instructions, IPC 2.28, DRAM 38 %; tipm_h4k1
+// 76.5 µs, 44.2M, DRAM 61 %. Steps, same call, two rounds (tipfc → tipm): 1 × 32k 46.5 → 42.3 µs,
+// 16 × 32k 194.5 → 153.2, 1 × 128k 68.4 → 58.0, 16 × 128k 611.4 → 448.4.
+#define TIPM_RS 144 // staged run stride, bytes
+#define TIPM_WS 2   // stages a warp
+#define TIPM_STAGE(KS) ((KS) * (16 * TIPM_RS + 2 * 16 * 4)) // runs, then 2 blocks × 16·KS scales
+
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], u32 saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr) : "memory");
+}
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+// c += a · b, m16n8k32, s8 A, s8 (BU = false) or u8 B, s32 sums.
+template <bool BU> __device__ __forceinline__ void mma_i8(int (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BU)
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.u8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+            : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// Bytes L = 0, 1, 2 of four integers (k order) as one operand word each.
+__device__ __forceinline__ void limbs4(int a, int b, int c, int d, u32 (&l)[3]) {
+    u32 x = __byte_perm(a, b, 0x5140), y = __byte_perm(c, d, 0x5140); // [a0 b0 a1 b1], [c0 d0 c1 d1]
+    l[0] = __byte_perm(x, y, 0x5410);
+    l[1] = __byte_perm(x, y, 0x7632);
+    l[2] = __byte_perm(__byte_perm(a, b, 0x0062), __byte_perm(c, d, 0x0062), 0x5410);
+}
+__device__ __forceinline__ float pow2f(int e) { return __uint_as_float((u32)(e + 127) << 23); } // e in [−126, 127]
+
+template <class T, int H, int KS>
+__device__ void tipm_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* pool,
+                          const double* mom, const int* lens, float* xh, int nchunk, float* pml) {
+    PDL_BEGIN(TR_TIP);
+    __shared__ __align__(16) float qeff[H][MAXG * GE];
+    __shared__ int sl_s[64];
+    int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    PoolEnt pe = pool_ent(D, pool, s);
+    int len = lens[b];
+    int t0 = blockIdx.x * TIP_TOK * nchunk;
+    if (t0 >= len) return;
+    int kvh = kv_of_sel(D, s);
+    TipSrc S = tip_src(D, k, kq, ks, q8n, b, kvh, len);
+    extern __shared__ __align__(16) unsigned char tipm_dyn[];
+    constexpr int STAGE = TIPM_STAGE(KS), RUNS = KS * 16 * TIPM_RS;
+    unsigned char* wst = tipm_dyn + (size_t)w * TIPM_WS * STAGE;
+    // Scales zero where no copy lands (past ns), so padded FCs add 0 · 0.
+    for (int i = lane; i < TIPM_WS * 32 * KS; i += 32) ((float*)(wst + (i / (32 * KS)) * STAGE + RUNS))[i % (32 * KS)] = 0.f;
+    tip_setup<H>(D, q, pe, mom, b, s, len, qeff);
+    __syncthreads();
+    const int nq = D.hps;
+    u64 qmask = q_slots_mask<H>(qeff, nq, D.n_fc);
+    int ns = __popcll(qmask);
+    if (tid < 64 && ((qmask >> tid) & 1)) sl_s[__popcll(qmask & ((1ull << tid) - 1))] = tid;
+    __syncthreads();
+    int g = lane >> 2, c = lane & 3;
+    // Fixed for the step, per lane: q of head g at its FCs (k-step st: 16st + 2c, +1, then
+    // 16st + 8 + 2c, +1; zero past ns), the byte offsets of the pieces it copies in a tile (run
+    // lane/8 + 4m, piece lane%8; −1 past ns) and of the scales (entry lane + 32m of the stage's
+    // 2 × 16·KS: block, slot).
+    float qr[KS][8];
+    int src[4 * KS], ssrc[KS];
+#pragma unroll
+    for (int st = 0; st < KS; ++st)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            int i = 16 * st + (v >> 1) * 8 + 2 * c + (v & 1);
+            float2 qq = i < ns && g < nq ? *(const float2*)&qeff[g < H ? g : 0][2 * sl_s[i]] : make_float2(0.f, 0.f);
+            qr[st][2 * v] = qq.x;
+            qr[st][2 * v + 1] = qq.y;
+        }
+#pragma unroll
+    for (int m = 0; m < 4 * KS; ++m) {
+        int r = (lane >> 3) + 4 * m;
+        src[m] = r < ns ? sl_s[r] * KT * 2 + (lane & 7) * 16 : -1;
+    }
+#pragma unroll
+    for (int m = 0; m < KS; ++m) {
+        int i = lane + 32 * m, bb = i / (16 * KS), r = i % (16 * KS);
+        ssrc[m] = r < ns ? bb * D.n_fc + sl_s[r] : -1;
+    }
+    // ldmatrix rows: lane l gives row l%8 of matrix l/8, (tokens +0 | +8) × (FCs +0 .. 7 | 8 .. 15).
+    u32 lrow = ((lane >> 4) * 8 + (lane & 7)) * TIPM_RS + ((lane >> 3) & 1) * 16;
+    trace_mark(M_TIP_SETUP);
+    int t1 = min(len, t0 + TIP_TOK * nchunk);
+    int mend = max(t0, min(S.qlen, t1)); // tokens t0 .. mend on tensor cores (a multiple of QB)
+    int seg = b * D.n_sel + s;
+    float* xs = xh + (size_t)seg * nq * D.l_max;
+    float mm[2] = {NEG_INF, NEG_INF}, ms[2] = {0.f, 0.f}; // heads 2c, 2c + 1: online softmax
+    int ntile = (mend - t0 + KT - 1) / KT;
+    int nit = ntile > w ? (ntile - w + 7) >> 3 : 0; // this warp's tiles
+    auto issue = [&](int it) {
+        if (it < nit) {
+            int tt = t0 + (w + 8 * it) * KT;
+            unsigned char* sd = wst + (it % TIPM_WS) * STAGE;
+            const i8* base = S.kq + kqf_off(tt, 0, D.n_fc);
+#pragma unroll
+            for (int m = 0; m < 4 * KS; ++m)
+                if (src[m] >= 0) cp_async16(sd + (lane >> 3) * TIPM_RS + 4 * m * TIPM_RS + (lane & 7) * 16, base + src[m]);
+            const float* sb = S.ks + (size_t)(tt / QB) * D.n_fc;
+#pragma unroll
+            for (int m = 0; m < KS; ++m)
+                if (ssrc[m] >= 0 && tt + (lane + 32 * m) / (16 * KS) * QB < mend) cp_async4(sd + RUNS + (lane + 32 * m) * 4, sb + ssrc[m]);
+        }
+        cp_async_commit();
+    };
+    auto compute = [&](int it) {
+        int tt = t0 + (w + 8 * it) * KT;
+        const unsigned char* sd = wst + (it % TIPM_WS) * STAGE;
+        u32 sa = smem_u32(sd) + lrow;
+        int nbk = min(2, (mend - tt) / QB);
+        float xv[2][2][4]; // [QB block][16-token row tile][(token g | g + 8) × (head 2c | 2c + 1)]
+#pragma unroll
+        for (int bk = 0; bk < 2; ++bk) {
+            if (bk >= nbk) break;
+            const float* scs = (const float*)(sd + RUNS) + bk * 16 * KS;
+            float qp[KS][8];
+            float mx = 0.f;
+#pragma unroll
+            for (int st = 0; st < KS; ++st) {
+                float2 s0 = *(const float2*)&scs[16 * st + 2 * c], s1 = *(const float2*)&scs[16 * st + 8 + 2 * c];
+                float sv[4] = {s0.x, s0.y, s1.x, s1.y};
+#pragma unroll
+                for (int v = 0; v < 8; ++v) {
+                    qp[st][v] = __fmul_rn(qr[st][v], sv[v >> 1]);
+                    mx = fmaxf(mx, fabsf(qp[st][v]));
+                }
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            int e = mx > 0.f ? min(max(21 - (int)((__float_as_uint(mx) >> 23) & 0xff) + 127, -126), 126) : 0;
+            float up = pow2f(e);
+            // Heads 2c, 2c + 1: scale·2^−E (exact, so x = scale·ŝ rounded once as the CPU's).
+            float f0 = D.scale * pow2f(-__shfl_sync(0xffffffffu, e, 8 * c)), f1 = D.scale * pow2f(-__shfl_sync(0xffffffffu, e, 8 * c + 4));
+            u32 bq[KS][3][2];
+#pragma unroll
+            for (int st = 0; st < KS; ++st) {
+                int qi[8];
+#pragma unroll
+                for (int v = 0; v < 8; ++v) qi[v] = __float2int_rn(qp[st][v] * up);
+                u32 l0[3], l1[3];
+                limbs4(qi[0], qi[1], qi[2], qi[3], l0);
+                limbs4(qi[4], qi[5], qi[6], qi[7], l1);
+#pragma unroll
+                for (int L = 0; L < 3; ++L) { bq[st][L][0] = l0[L]; bq[st][L][1] = l1[L]; }
+            }
+#pragma unroll
+            for (int rt = 0; rt < 2; ++rt) {
+                int cc[3][4] = {};
+#pragma unroll
+                for (int st = 0; st < KS; ++st) {
+                    u32 a[4];
+                    ldsm_x4_trans(a, sa + st * 16 * TIPM_RS + (bk * 2 + rt) * 32);
+                    mma_i8<false>(cc[2], a, bq[st][2][0], bq[st][2][1]);
+                    mma_i8<true>(cc[1], a, bq[st][1][0], bq[st][1][1]);
+                    mma_i8<true>(cc[0], a, bq[st][0][0], bq[st][0][1]);
+                }
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    float v = fmaf((float)cc[2][i], 65536.f, fmaf((float)cc[1][i], 256.f, (float)cc[0][i]));
+                    xv[bk][rt][i] = __fmul_rn(v, (i & 1) ? f1 : f0);
+                }
+            }
+        }
+        // The tile's outputs of heads 2c, 2c + 1: each head's max over them first, one rescale.
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            int h = 2 * c + e;
+            if (h >= nq) break;
+            float mx = mm[e];
+#pragma unroll
+            for (int bk = 0; bk < 2; ++bk)
+                if (bk < nbk)
+#pragma unroll
+                    for (int i = 0; i < 4; i += 2) mx = fmaxf(mx, fmaxf(xv[bk][0][i + e], xv[bk][1][i + e]));
+            float sm = ms[e] * __expf(mm[e] - mx); // (mm = −∞ at first: 0 · 0)
+            float* o = xs + (size_t)h * D.l_max + tt + g;
+#pragma unroll
+            for (int bk = 0; bk < 2; ++bk)
+                if (bk < nbk)
+#pragma unroll
+                    for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+                        for (int hf = 0; hf < 2; ++hf) {
+                            float x = xv[bk][rt][2 * hf + e];
+                            sm += __expf(x - mx);
+                            o[(bk * 2 + rt) * 16 + hf * 8] = x;
+                        }
+            mm[e] = mx;
+            ms[e] = sm;
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < TIPM_WS - 1; ++i) issue(i);
+    for (int it = 0; it < nit; ++it) {
+        __syncwarp(); // (every lane is done reading the stage issue(it + WS − 1) overwrites)
+        issue(it + TIPM_WS - 1);
+        cp_async_wait<TIPM_WS - 1>();
+        __syncwarp(); // (the stage's copies by every lane are visible)
+        compute(it);
+    }
+    cp_async_wait<0>();
+    // Tokens mend .. t1 (not quantised): every head per thread, from K's 16-bit pairs in slot
+    // order, x then y, as tipfc's tail.
+    float tm[H], ts[H];
+    ml_init(tm, ts);
+    for (int t = mend + tid; t < t1; t += TIP_THREADS) {
+        float acc[H];
+#pragma unroll
+        for (int h = 0; h < H; ++h) acc[h] = 0.f;
+        for (int i = 0; i < ns; ++i) {
+            int j = sl_s[i];
+            const u16* p = S.k + k_off(t, j / FCG, D.n_grp) + (j % FCG) * 2;
+            float fx = T::load(p[0]), fy = T::load(p[1]);
+#pragma unroll
+            for (int h = 0; h < H; ++h) {
+                if (h < nq) {
+                    acc[h] += qeff[h][2 * j] * fx;
+                    acc[h] += qeff[h][2 * j + 1] * fy;
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < H; ++h) {
+            if (h < nq) {
+                float x = __fmul_rn(D.scale, acc[h]);
+                xs[(size_t)h * D.l_max + t] = x;
+                if (x > tm[h]) { ts[h] = ts[h] * expf(tm[h] - x) + 1.f; tm[h] = x; }
+                else ts[h] += expf(x - tm[h]);
+            }
+        }
+    }
+    trace_mark(M_TIP_LOOP);
+#pragma unroll
+    for (int h = 0; h < H; ++h) { // (selects, not a branch per head: ptxas put tm in local memory)
+        bool e0 = h == 2 * c, e1 = h == 2 * c + 1;
+        ml_merge(tm[h], ts[h], e0 ? mm[0] : e1 ? mm[1] : NEG_INF, e0 ? ms[0] : e1 ? ms[1] : 0.f);
+    }
+    heads_flush<H>(D, tm, ts, pml + ((size_t)seg * gridDim.x + blockIdx.x) * nq * 2);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Top-B selection: the histogram gives the bin tb holding the B-th largest score; every
 // score above tb is kept (filter), the scores inside tb are candidates, and a radix select over
@@ -2701,6 +2971,19 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         tipfc_impl<TY, HH, TPT, TIPFC_U, TIPFC_NS>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, out, hist, done, thr, nchunk, \
                                          pml);                                                                           \
     }
+// Group-mass stage 1 over per-FC int8 planes on tensor cores `tipm_h<H>k<KS>_<dtype>` (tipm_impl):
+// KS k-steps of 16 FCs, TIPM_MINB resident blocks per SM at least; dynamic shared memory
+// gpu::tipm_smem. GPU run 32 (default int8 step, same call, TIPM_MINB 2 / 3: 80 registers, no
+// spills): 16 × 32k 153.2 / 158.7 µs, 1 × 128k 58.0 / 61.3, 16 × 128k 448.4 / 459.6.
+#ifndef TIPM_MINB
+#define TIPM_MINB 2
+#endif
+#define TIPM_ENTRY(NAME, TY, HH, KS)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(TIP_THREADS, TIPM_MINB) tipm_h##HH##k##KS##_##NAME(                     \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* pool,            \
+        const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                                         \
+        tipm_impl<TY, HH, KS>(D, k, kq, ks, q8n, q, pool, mom, lens, xh, nchunk, pml);                                   \
+    }
 #define DEFINE_TYPED(NAME, TY)                                                                                           \
     extern "C" __global__ void append_##NAME(Dims D, u16* k, u16* v, const float* k_new, const float* v_new, const int* pos, \
                                              const int* slot_of_fc, double* mom, int* mom_len, i8* kq, float* ks,        \
@@ -2745,6 +3028,12 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     TIPFC_ENTRY(NAME, TY, 2, 4)                                                                                         \
     TIPFC_ENTRY(NAME, TY, 4, 4)                                                                                         \
     TIPFC_ENTRY(NAME, TY, 8, 4)                                                                                         \
+    TIPM_ENTRY(NAME, TY, 2, 1)                                                                                          \
+    TIPM_ENTRY(NAME, TY, 4, 1)                                                                                          \
+    TIPM_ENTRY(NAME, TY, 8, 1)                                                                                          \
+    TIPM_ENTRY(NAME, TY, 2, 2)                                                                                          \
+    TIPM_ENTRY(NAME, TY, 4, 2)                                                                                          \
+    TIPM_ENTRY(NAME, TY, 8, 2)                                                                                          \
     TIP_HEADS_ENTRY(NAME, TY, 2)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 4)                                                                                        \
     TIP_HEADS_ENTRY(NAME, TY, 8)                                                                                        \

@@ -91,6 +91,13 @@ pub struct FasaDecoder {
     /// 131.2 → 111.7, 16 × 128k 1225.2 → 1176.7; 1 × 32k 56.0 vs 56.8, a tie). Set it with
     /// [`FasaDecoder::set_tip8_heads_pipe`] (the chunk count follows).
     pub tip8_heads_pipe: bool,
+    /// The group-mass stage 1 over per-FC int8 planes runs on tensor cores (`tipm_h*`, integer
+    /// mma) rather than `tipfc_h*`, where it has a kernel for k (`gpu::tipm_fits`: at most 32
+    /// FCs summed): on unless `FASA_GPU_TIPM=0` ([`super::tipm_on`]). GPU run 32 (default int8
+    /// step, Llama-3-8B shapes, B = 1024, same call, two rounds, off / on): 1 × 32k 46.5 → 42.3
+    /// µs, 16 × 32k 194.5 → 153.2, 1 × 128k 68.4 → 58.0, 16 × 128k 611.4 → 448.4. Set it with
+    /// [`FasaDecoder::set_tipm`] (the chunk count follows).
+    pub tipm: bool,
     /// Scores per select-filter block, 8192 or 2048; 0 (default): chosen by `select::filter`.
     pub filter_tok: usize,
     /// FAC early: the FAC launch starts while the select filter's last blocks refine, scores the
@@ -249,7 +256,8 @@ impl FasaDecoder {
         let c = rerank.max(1);
         let heads_mass = Self::heads_mass(&cfg, hps);
         let (tip8_pipe, tip8_heads_pipe) = (super::tip8_pipe(), true);
-        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe, tip8_heads_pipe)?;
+        let tipm = super::tipm_on();
+        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe, tip8_heads_pipe, tipm)?;
         Ok(Self {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
@@ -281,6 +289,7 @@ impl FasaDecoder {
             tip_chunks,
             tip8_pipe,
             tip8_heads_pipe,
+            tipm,
             filter_tok: 0,
             early_fac: true,
             early_select: true,
@@ -353,12 +362,16 @@ impl FasaDecoder {
 
     /// The automatic TIP chunk count for the TIP kernel these settings run (`heads_pipe`: the
     /// group-mass int8 stage 1 pipelined).
-    fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool) -> Result<usize, GpuError> {
+    #[allow(clippy::too_many_arguments)]
+    fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool, tipm: bool) -> Result<usize, GpuError> {
         let heads8 = cfg.q8_tip && Self::heads_mass(cfg, hps);
         let q4 = Q8Planes::int4(cache.q8.as_ref());
         let by_fc = cfg.q8_tip && Q8Planes::per_fc(cache.q8.as_ref());
         let fc_hps = if Self::heads_mass(cfg, hps) { hps } else { 1 };
-        Ok(if by_fc {
+        let k_slots = cfg.chunks.min(cfg.pool);
+        Ok(if by_fc && fc_hps > 1 && tipm && super::tipm_fits(k_slots) {
+            tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tipm_blocks_per_sm(cache.dtype, fc_hps, k_slots)? as usize)
+        } else if by_fc {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tipfc_blocks_per_sm(cache.dtype, fc_hps)? as usize)
         } else if Self::tip_pipelined(cfg, hps, pipe) && q4 {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tip4p_blocks_per_sm(cache.dtype, pipe)? as usize)
@@ -387,10 +400,17 @@ impl FasaDecoder {
         self.reset_tip_chunks(gpu, cache)
     }
 
+    /// Switches the group-mass stage 1 over per-FC planes between tensor cores (`on`: `tipm_h*`)
+    /// and `tipfc_h*`, and resets `tip_chunks` to that kernel's automatic count.
+    pub fn set_tipm(&mut self, gpu: &Gpu, cache: &GpuKvCache, on: bool) -> Result<(), GpuError> {
+        self.tipm = on;
+        self.reset_tip_chunks(gpu, cache)
+    }
+
     /// `tip_chunks` back to the automatic count of the TIP kernel the decoder's settings run.
     fn reset_tip_chunks(&mut self, gpu: &Gpu, cache: &GpuKvCache) -> Result<(), GpuError> {
         let segs = cache.batch * self.dims.n_sel as usize;
-        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, self.tip8_pipe, self.tip8_heads_pipe)?;
+        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, self.tip8_pipe, self.tip8_heads_pipe, self.tipm)?;
         Ok(())
     }
 
@@ -476,7 +496,7 @@ impl FasaDecoder {
         if Self::heads_mass(&self.cfg, dims.hps as usize) {
             // (int4 planes: the pipelined kernel only)
             let pipe = self.tip8_heads_pipe || Q8Planes::int4(q8);
-            tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe)?;
+            tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe, self.tipm)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
         } else {
             tip::launch(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks, self.tip8_pipe)

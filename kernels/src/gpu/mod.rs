@@ -157,6 +157,38 @@ pub(crate) fn tipfc_smem(hps: usize, narrow: bool) -> usize {
     ns * u * 256 * (2 * tipfc_tpt(hps, narrow) + 4)
 }
 
+/// Whether decoders start with the group-mass stage 1 over per-FC int8 planes on tensor cores
+/// (`tipm_h*`, integer mma; `FasaDecoder::tipm`): yes, or `FASA_GPU_TIPM=0` for the CUDA-core
+/// `tipfc_h*`. Read once.
+pub fn tipm_on() -> bool {
+    static R: OnceLock<bool> = OnceLock::new();
+    *R.get_or_init(|| std::env::var("FASA_GPU_TIPM").map_or(true, |v| v != "0"))
+}
+
+/// Name of the tensor-core group-mass stage 1 the module loader takes for head bound `h` (2, 4,
+/// 8), `ks` k-steps of 16 FCs (1, 2) and `dt`.
+pub fn tipm_name(h: usize, ks: usize, dt: Dtype) -> String {
+    format!("tipm_h{h}k{ks}_{}", dt.suffix())
+}
+
+/// k-steps of 16 FCs of `tipm_h*` for selections summing up to `k_slots` FCs (1 or 2; more
+/// FCs run `tipfc_h*`).
+fn tipm_steps(k_slots: usize) -> usize {
+    k_slots.div_ceil(16).clamp(1, 2)
+}
+
+/// Whether `tipm_h*` has a kernel for selections summing up to `k_slots` FCs (at most 32).
+pub fn tipm_fits(k_slots: usize) -> bool {
+    k_slots <= 32
+}
+
+/// Dynamic shared memory of `tipm_h*` for a selection that sums up to `k_slots` FCs: for each of
+/// a block's 8 warps, `TIPM_WS` = 2 stages of [`tipm_steps`] k-steps, each 16 runs of `TIPM_RS`
+/// = 144 bytes and two QB blocks' 16 scales (`TIPM_STAGE` in fasa.cu).
+pub(crate) fn tipm_smem(k_slots: usize) -> usize {
+    8 * 2 * tipm_steps(k_slots) * (16 * 144 + 2 * 16 * 4)
+}
+
 /// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], `FASA_TRACE` when
 /// [`tracing`], and the macros of `FASA_GPU_DEFINES=NAME[=VALUE],…` (benchmarks: a kernel
 /// change and the code before it timed in one run, on one GPU).
@@ -311,6 +343,9 @@ pub(crate) struct Funcs {
     /// TIP over per-FC int8 planes (`tipfc_h*`), wide and narrow ([`tipfc_narrow`]), per dtype,
     /// for at most 1 (summed score), 2, 4, 8 heads per selection.
     pub tipfc: [[[CudaFunction; 4]; 2]; 2],
+    /// The group-mass stage 1 over per-FC int8 planes on tensor cores (`tipm_h*k*`), per dtype,
+    /// for 1 and 2 k-steps of 16 FCs, for at most 2, 4, 8 heads per selection.
+    pub tipm: [[[CudaFunction; 3]; 2]; 2],
     /// Per dtype, FAC/dense kernels for at most 1, 2, 4, 8 heads per selection.
     pub fac: [[CudaFunction; 4]; 2],
     /// The same, lean variant (`facl_h*`: q re-read from shared memory, more blocks per SM).
@@ -383,6 +418,12 @@ impl Funcs {
     /// thread ([`tipfc_narrow`]).
     pub fn tipfc(&self, dt: Dtype, hps: usize, narrow: bool) -> &CudaFunction {
         &self.tipfc[narrow as usize][dt as usize][if hps <= 1 { 0 } else { 1 + heads_bound(hps) }]
+    }
+
+    /// The tensor-core group-mass stage 1 over per-FC planes for the smallest head bound ≥ `hps`
+    /// and selections summing up to `k_slots` FCs.
+    pub fn tipm(&self, dt: Dtype, hps: usize, k_slots: usize) -> &CudaFunction {
+        &self.tipm[dt as usize][tipm_steps(k_slots) - 1][heads_bound(hps)]
     }
 
     /// The pipelined group-mass TIP over int4 planes for the smallest head bound ≥ `hps`.
@@ -655,6 +696,13 @@ impl Gpu {
             let [a, b, c, d] = [1, 2, 4, 8].map(|h| get_dyn(&tipfc_name(h, narrow, dt), tipfc_smem(h, narrow)));
             Ok([a?, b?, c?, d?])
         };
+        let tipm = |dt: Dtype| -> Result<[[CudaFunction; 3]; 2], DriverError> {
+            let f = |ks: usize| -> Result<[CudaFunction; 3], DriverError> {
+                let [a, b, c] = [2, 4, 8].map(|h| get_dyn(&tipm_name(h, ks, dt), tipm_smem(16 * ks)));
+                Ok([a?, b?, c?])
+            };
+            Ok([f(1)?, f(2)?])
+        };
         let f = Funcs {
             tip_mass: get("tip_mass")?,
             select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
@@ -671,6 +719,7 @@ impl Gpu {
             tip4ph: [tip4ph(Dtype::F16)?, tip4ph(Dtype::Bf16)?],
             quant_blocks: [get("quant_blocks_f16")?, get("quant_blocks_bf16")?],
             tipfc: [[tipfc(Dtype::F16, false)?, tipfc(Dtype::Bf16, false)?], [tipfc(Dtype::F16, true)?, tipfc(Dtype::Bf16, true)?]],
+            tipm: [tipm(Dtype::F16)?, tipm(Dtype::Bf16)?],
             fac: [fac(Dtype::F16)?, fac(Dtype::Bf16)?],
             facl: [facl(Dtype::F16)?, facl(Dtype::Bf16)?],
             facw: [facw(Dtype::F16)?, facw(Dtype::Bf16)?],
@@ -811,6 +860,11 @@ impl Gpu {
     /// wide kernel (which sizes the chunks; the narrow one holds less shared memory).
     pub fn tipfc_blocks_per_sm(&self, dt: Dtype, hps: usize) -> Result<u32, GpuError> {
         Ok(self.f.tipfc(dt, hps, false).occupancy_max_active_blocks_per_multiprocessor(256, tipfc_smem(hps, false), None)?)
+    }
+
+    /// Resident blocks per multiprocessor of `tipm_h*` for `hps` heads summing `k_slots` FCs.
+    pub fn tipm_blocks_per_sm(&self, dt: Dtype, hps: usize, k_slots: usize) -> Result<u32, GpuError> {
+        Ok(self.f.tipm(dt, hps, k_slots).occupancy_max_active_blocks_per_multiprocessor(256, tipm_smem(k_slots), None)?)
     }
 
     /// The same for its int4 twin.

@@ -105,7 +105,9 @@ pub fn launch(
 /// must be passed on to [`mass`]. `pipelined` (with `q8`): the kernel that copies its int8
 /// pieces into shared memory ahead of the compute as the summed-score `tip8p` does (`tip8ph_h*`;
 /// the same operations per token as `tip8_heads_*`); size `nchunk` with [`chunks_wave`].
-/// Per-FC planes (`Q8Planes::by_fc`) are read by `tipfc_h*`, whatever `pipelined`.
+/// Per-FC planes (`Q8Planes::by_fc`) are read by `tipm_h*` on tensor cores where `tensor_cores`
+/// and it has a kernel for k ([`tipm_fits`](super::tipm_fits)), else by `tipfc_h*`,
+/// whatever `pipelined`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_heads(
     gpu: &Gpu,
@@ -122,6 +124,7 @@ pub fn launch_heads(
     pml: &mut CudaSlice<f32>,
     nchunk: usize,
     pipelined: bool,
+    tensor_cores: bool,
 ) -> Result<(), GpuError> {
     check(dims, q, pool, xh.len() / (dims.hps.max(1) as usize))?;
     check_mom(dims, mom)?;
@@ -140,6 +143,26 @@ pub fn launch_heads(
     let null = 0u64;
     let nc = nchunk as i32;
     let by_fc = Q8Planes::per_fc(q8);
+    let k_slots = dims.k.min(dims.pool) as usize;
+    if by_fc && tensor_cores && super::tipm_fits(k_slots) {
+        let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
+        let mut l = gpu.launcher(gpu.f.tipm(dt, hps, k_slots));
+        l.arg(&d);
+        arg_k(&mut l, k, q8);
+        l.arg(q).arg(pool);
+        match mom {
+            Some(m) => l.arg(m),
+            None => l.arg(&null),
+        };
+        l.arg(lens).arg(xh).arg(pml).arg(&nc);
+        let mut c = cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256);
+        c.shared_mem_bytes = super::tipm_smem(k_slots) as u32;
+        // SAFETY: sizes checked; each block reads tokens < lens[b] ≤ l_max of its (b, kv) region
+        // (whole 64-token tiles of the planes below l_max) and writes its own selection's xh rows
+        // and its own pml entry.
+        unsafe { l.launch(c) }?;
+        return Ok(());
+    }
     let narrow = super::tipfc_narrow(nchunk);
     let pipelined = pipelined && q8.is_some();
     let f = if by_fc {
