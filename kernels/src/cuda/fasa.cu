@@ -1061,6 +1061,14 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
 #ifndef MASS_PIPE
 #define MASS_PIPE 1
 #endif
+// exp of the mass terms: __expf (ex2.approx of x·log2 e, relative error ~2e-7 plus the rounding of
+// the product: ≤ ~3e-6 where x − M_h ≥ −50, far below the tests' near-tie bound of 1e-4), or
+// MASS_EXP=expf, the accurate sequence the kernel used up to GPU run 31. GPU run 32 (default int8
+// step with tipm, same call, two rounds, expf / __expf): 16 × 32k 152.4 → 151.4 µs, 1 × 128k
+// 57.9 → 57.2, 16 × 128k 448.1 → 444.7, 1 × 32k 42.3 → 42.1.
+#ifndef MASS_EXP
+#define MASS_EXP __expf
+#endif
 extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* xh, const float* pml, const int* lens, int nchunk,
                                                            float* scores, u32* hist, u32* done, int* thr) {
     PDL_BEGIN(TR_MASS);
@@ -1117,7 +1125,7 @@ extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* 
 #pragma unroll
         for (int j = 0; j < MASS_TPT; ++j) {
             int t = t0 + j * 256 + tid;
-            if (t < len) a[j] = __fadd_rn(a[j], __fmul_rn(expf(xc[j] - m), iz));
+            if (t < len) a[j] = __fadd_rn(a[j], __fmul_rn(MASS_EXP(xc[j] - m), iz));
         }
     }
     float* sc = scores + (size_t)seg * D.l_max;
@@ -1400,7 +1408,9 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
 // 76.5 µs, 44.2M, DRAM 61 %. Steps, same call, two rounds (tipfc → tipm): 1 × 32k 46.5 → 42.3 µs,
 // 16 × 32k 194.5 → 153.2, 1 × 128k 68.4 → 58.0, 16 × 128k 611.4 → 448.4.
 #define TIPM_RS 144 // staged run stride, bytes
-#define TIPM_WS 2   // stages a warp
+#ifndef TIPM_WS
+#define TIPM_WS 2 // stages a warp (the launcher sets it: gpu::tipm_stages)
+#endif
 #define TIPM_STAGE(KS) ((KS) * (16 * TIPM_RS + 2 * 16 * 4)) // runs, then 2 blocks × 16·KS scales
 
 __device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], u32 saddr) {

@@ -182,14 +182,24 @@ pub fn tipm_fits(k_slots: usize) -> bool {
     k_slots <= 32
 }
 
-/// Dynamic shared memory of `tipm_h*` for a selection that sums up to `k_slots` FCs: for each of
-/// a block's 8 warps, `TIPM_WS` = 2 stages of [`tipm_steps`] k-steps, each 16 runs of `TIPM_RS`
-/// = 144 bytes and two QB blocks' 16 scales (`TIPM_STAGE` in fasa.cu).
-pub(crate) fn tipm_smem(k_slots: usize) -> usize {
-    8 * 2 * tipm_steps(k_slots) * (16 * 144 + 2 * 16 * 4)
+/// Stages a warp of `tipm_h*` (`TIPM_WS` in fasa.cu): 2, or `FASA_GPU_TIPM_WS` (2..=4;
+/// benchmarks). Read once: the kernels and their shared memory ([`tipm_smem`]) follow it. GPU
+/// run 32 (default int8 step, Llama-3-8B shapes, B = 1024, same call, two rounds, 2 / 3 / 4):
+/// 16 × 32k 151.5 / 153.1 / 154.6 µs, 1 × 128k 57.2 / 58.0 / 60.1, 16 × 128k 443.9 / 448.8 /
+/// 449.2, 1 × 32k 42.1 / 42.2 / 42.4.
+pub fn tipm_stages() -> usize {
+    static R: OnceLock<usize> = OnceLock::new();
+    *R.get_or_init(|| std::env::var("FASA_GPU_TIPM_WS").ok().and_then(|v| v.parse().ok()).filter(|n| (2..=4).contains(n)).unwrap_or(2))
 }
 
-/// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], `FASA_TRACE` when
+/// Dynamic shared memory of `tipm_h*` for a selection that sums up to `k_slots` FCs: for each of
+/// a block's 8 warps, [`tipm_stages`] stages of [`tipm_steps`] k-steps, each 16 runs of
+/// `TIPM_RS` = 144 bytes and two QB blocks' 16 scales (`TIPM_STAGE` in fasa.cu).
+pub(crate) fn tipm_smem(k_slots: usize) -> usize {
+    8 * tipm_stages() * tipm_steps(k_slots) * (16 * 144 + 2 * 16 * 4)
+}
+
+/// [`SOURCE`] with `KR` set to [`k_run`], `FACM_TU` to [`facm_tiles`], `TIPM_WS` to [`tipm_stages`], `FASA_TRACE` when
 /// [`tracing`], and the macros of `FASA_GPU_DEFINES=NAME[=VALUE],…` (benchmarks: a kernel
 /// change and the code before it timed in one run, on one GPU).
 fn source() -> String {
@@ -201,7 +211,7 @@ fn source() -> String {
         .map(|d| format!("#define {}\n", d.replacen('=', " ", 1)))
         .collect();
     let (u, ns) = tipfc_cfg();
-    format!("{trace}{defs}#define KR {}\n#define FACM_TU {}\n#define TIPFC_U {u}\n#define TIPFC_NS {ns}\n{SOURCE}", k_run(), facm_tiles())
+    format!("{trace}{defs}#define KR {}\n#define FACM_TU {}\n#define TIPFC_U {u}\n#define TIPFC_NS {ns}\n#define TIPM_WS {}\n{SOURCE}", k_run(), facm_tiles(), tipm_stages())
 }
 
 #[derive(Debug, thiserror::Error)]
