@@ -79,8 +79,9 @@ def why(r):
         kind = "split-K flash-decode and its combine launch: too few bytes per multiprocessor to hide their latency"
     elif r["batch"] == "1" and frac < 0.35:
         kind = "latency: a chain of dependent stages, each a few µs of launch, flag and memory round trips, not their bytes"
-    elif tip is not None and tip >= 0.75 * us:
-        kind = "stage 1: TIP's arithmetic and (default) its per-head scores' round trip, not counted as bytes"
+    elif "default" in r["mode"] and tip is not None and tip >= 0.6 * us:
+        kind = ("stage 1: TIP's arithmetic, and its second launch, which reads the per-head scores the first "
+                "wrote (not counted as bytes) for the softmax mass")
     else:
         kind = "gathered rows and stage boundaries"
     return f"{kind} ({parts})"
