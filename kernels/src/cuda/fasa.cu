@@ -265,8 +265,8 @@ __device__ bool last_block(u32* done, int seg, int n);
 
 // Pool entry tid of selection s (tid < P): its slot and the FC id in it, both from pool (the
 // decoder writes the FC ids as its second half), so a TIP kernel loads them with lens at its start
-// and its FC choice waits for one round trip less than through fc_of_slot[slot] (the TIP kernels
-// keep fc_of_slot in their arguments but no longer read it). GPU run 31 (same call, two rounds,
+// and its FC choice waits for one round trip less than through fc_of_slot[slot] (so the TIP
+// kernels no longer take fc_of_slot). GPU run 31 (same call, two rounds,
 // a2733ec's kernels / these, per-FC TIP at 8 tokens a thread in both): default int8 step 1 × 32k
 // 48.6 → 47.9 µs, 1 × 128k 68.9 → 68.4, 16 × 32k 194.9 → 194.1, 16 × 128k 614.6 → 611.4.
 struct PoolEnt {
@@ -611,7 +611,7 @@ __device__ __forceinline__ void tip_store(const Dims& D, const float (&acc)[TIP_
 }
 
 template <class T, bool Q8>
-__device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+__device__ void tip_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,
                          const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) {
     PDL_BEGIN(TR_TIP);
     select_early_trigger(D);
@@ -757,7 +757,7 @@ __device__ __forceinline__ int q4_pos(int e) { return (e >> 3) * 8 + (e & 1) * 4
 // stored in q4_pos order (MODE 2: the same integer dot products as int8's), or unpacked to f32 in
 // element order (MODE 0: the same float operations as int8's on the int4 values).
 template <class T, int NS, int JU, int MODE, int NQ, bool Q4 = false>
-__device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+__device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,
                            const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk,
                            float* pml) {
     static_assert(NQ == 1 || MODE == 0, "per-head scores: MODE 0 only");
@@ -1024,7 +1024,7 @@ __device__ void tip8p_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
 // on the heads (2, 4, 8): the per-head accumulators live in registers, and fewer registers let
 // more blocks stay resident (the loads in flight are what keeps TIP at the memory limit).
 template <class T, int H, bool Q8>
-__device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+__device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,
                                const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {
     PDL_BEGIN(TR_TIP);
     __shared__ __align__(16) float qh[H][MAXG * GE]; // chosen FCs' q per head, slot order, zero elsewhere
@@ -1190,7 +1190,7 @@ __device__ __forceinline__ void unpack4_i8(u32 a, float (&f)[4]) {
 #endif
 #define TIPFC_STAGE(TPT, U) ((U) * TIP_THREADS * ((TPT) * 2 + 4)) // bytes: U pieces and scales per thread
 template <class T, int NQ, int TPT, int U, int NS>
-__device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,
+__device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,
                            const int* pool, const double* mom, const int* lens, float* out, u32* hist, u32* done, int* thr, int nchunk,
                            float* pml) {
     static_assert(QB % TPT == 0 && KT % TPT == 0, "a thread's tokens lie in one block and one tile");
@@ -2910,22 +2910,22 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     }
 #define TIP_HEADS_ENTRY(NAME, TY, HH)                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_heads_h##HH##_##NAME(                                  \
-        Dims D, const u16* k, const float* q, const int* fc_of_slot, const int* pool, const double* mom, const int* lens,  \
+        Dims D, const u16* k, const float* q, const int* pool, const double* mom, const int* lens,                         \
         float* xh, float* pml, int nchunk) {                                                                             \
-        tip_heads_impl<TY, HH, false>(D, k, nullptr, nullptr, nullptr, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk); \
+        tip_heads_impl<TY, HH, false>(D, k, nullptr, nullptr, nullptr, q, pool, mom, lens, xh, pml, nchunk);             \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip8_heads_h##HH##_##NAME(                              \
-        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,                             \
         const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
-        tip_heads_impl<TY, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, pml, nchunk);               \
+        tip_heads_impl<TY, HH, true>(D, k, kq, ks, q8n, q, pool, mom, lens, xh, pml, nchunk);                           \
     }
 // Pipelined int8 TIP `tip8p_<NS>x<JU><MN>_<dtype>` (MN: false, true, int for MODE 0, 1, 2),
 // MINB resident blocks per SM.
 #define TIP8P_ENTRY(NAME, TY, NS, JU, MINB, MODE, MN)                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, MINB) tip8p_##NS##x##JU##MN##_##NAME(                     \
-        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,                             \
         const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) { \
-        tip8p_impl<TY, NS, JU, MODE, 1>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk, \
+        tip8p_impl<TY, NS, JU, MODE, 1>(D, k, kq, ks, q8n, q, pool, mom, lens, scores, hist, done, thr, nchunk,             \
                                         nullptr);                                                                        \
     }
 // Pipelined int4 TIP `tip4p_<NS>x4int_<dtype>`: tip8p_<NS>x4int over int4 planes (Q4_PLANES),
@@ -2937,9 +2937,9 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 #endif
 #define TIP4P_ENTRY(NAME, TY, NS)                                                                                        \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, TIP4_MINB) tip4p_##NS##x4int_##NAME(                      \
-        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,                             \
         const int* pool, const double* mom, const int* lens, float* scores, u32* hist, u32* done, int* thr, int nchunk) { \
-        tip8p_impl<TY, NS, 4, 2, 1, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr,    \
+        tip8p_impl<TY, NS, 4, 2, 1, true>(D, k, kq, ks, q8n, q, pool, mom, lens, scores, hist, done, thr,                \
                                           nchunk, nullptr);                                                              \
     }
 // Pipelined per-head int8 TIP `tip8ph_h<H>x<JU>_<dtype>` (group-mass stage 1, tip8_heads' outputs
@@ -2947,17 +2947,17 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 // sizes the stages' shared memory from it (gpu::TIP8PH_JU).
 #define TIP8PH_ENTRY(NAME, TY, HH, JU)                                                                                   \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip8ph_h##HH##x##JU##_##NAME(                          \
-        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,                             \
         const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
-        tip8p_impl<TY, 2, JU, 0, HH>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr, nullptr,   \
+        tip8p_impl<TY, 2, JU, 0, HH>(D, k, kq, ks, q8n, q, pool, mom, lens, xh, nullptr, nullptr, nullptr,               \
                                      nchunk, pml);                                                                       \
     }
 // Its twin over int4 planes, `tip4ph_h<H>x<JU>_<dtype>` (Q4_PLANES).
 #define TIP4PH_ENTRY(NAME, TY, HH, JU)                                                                                   \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tip4ph_h##HH##x##JU##_##NAME(                          \
-        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,                             \
         const int* pool, const double* mom, const int* lens, float* xh, float* pml, int nchunk) {                        \
-        tip8p_impl<TY, 2, JU, 0, HH, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, xh, nullptr, nullptr,      \
+        tip8p_impl<TY, 2, JU, 0, HH, true>(D, k, kq, ks, q8n, q, pool, mom, lens, xh, nullptr, nullptr,                  \
                                            nullptr, nchunk, pml);                                                        \
     }
 // TIP over per-FC int8 planes `tipfc_h<H>x<TPT>_<dtype>` (tipfc_impl): H = 1 the summed score
@@ -2975,10 +2975,10 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
 #endif
 #define TIPFC_ENTRY(NAME, TY, HH, TPT)                                                                                   \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, 2) tipfc_h##HH##x##TPT##_##NAME(                                  \
-        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q, const int* fc_of_slot,      \
+        Dims D, const u16* k, const i8* kq, const float* ks, const int* q8n, const float* q,                             \
         const int* pool, const double* mom, const int* lens, float* out, u32* hist, u32* done, int* thr, int nchunk,     \
         float* pml) {                                                                                                    \
-        tipfc_impl<TY, HH, TPT, TIPFC_U, TIPFC_NS>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, out, hist, done, thr, nchunk, \
+        tipfc_impl<TY, HH, TPT, TIPFC_U, TIPFC_NS>(D, k, kq, ks, q8n, q, pool, mom, lens, out, hist, done, thr, nchunk,             \
                                          pml);                                                                           \
     }
 // Group-mass stage 1 over per-FC int8 planes on tensor cores `tipm_h<H>k<KS>_<dtype>` (tipm_impl):
@@ -3005,20 +3005,20 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
         quant_blocks_impl<TY>(D, k, kq, ks, q8n, b0, kv0, lens, len);                                                    \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_##NAME(Dims D, const u16* k, const float* q,             \
-                                                                         const int* fc_of_slot, const int* pool,          \
+                                                                         const int* pool,                                 \
                                                                          const double* mom, const int* lens,              \
                                                                          float* scores, u32* hist, u32* done, int* thr,   \
                                                                          int nchunk) {                                    \
-        tip_impl<TY, false>(D, k, nullptr, nullptr, nullptr, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr,    \
+        tip_impl<TY, false>(D, k, nullptr, nullptr, nullptr, q, pool, mom, lens, scores, hist, done, thr,                \
                             nchunk);                                                                                     \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS, 3) tip8_##NAME(Dims D, const u16* k, const i8* kq,          \
                                                                           const float* ks, const int* q8n,               \
-                                                                          const float* q, const int* fc_of_slot,          \
+                                                                          const float* q,                                 \
                                                                           const int* pool, const double* mom,             \
                                                                           const int* lens, float* scores, u32* hist,      \
                                                                           u32* done, int* thr, int nchunk) {              \
-        tip_impl<TY, true>(D, k, kq, ks, q8n, q, fc_of_slot, pool, mom, lens, scores, hist, done, thr, nchunk);         \
+        tip_impl<TY, true>(D, k, kq, ks, q8n, q, pool, mom, lens, scores, hist, done, thr, nchunk);                     \
     }                                                                                                                    \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 0, false)                                                                            \
     TIP8P_ENTRY(NAME, TY, 2, 4, 2, 1, true)                                                                             \

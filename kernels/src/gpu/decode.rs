@@ -496,10 +496,10 @@ impl FasaDecoder {
         if Self::heads_mass(&self.cfg, dims.hps as usize) {
             // (int4 planes: the pipelined kernel only)
             let pipe = self.tip8_heads_pipe || Q8Planes::int4(q8);
-            tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe, self.tipm)?;
+            tip::launch_heads(gpu, dt, dims, &cache.k, q8, q, &self.pool, mom, lens, &mut self.xh, &mut self.xml, self.tip_chunks, pipe, self.tipm)?;
             tip::mass(gpu, dims, &self.xh, &self.xml, lens, self.tip_chunks, &mut self.scores, &mut self.hist, thr)
         } else {
-            tip::launch(gpu, dt, dims, &cache.k, q8, q, &cache.fc_of_slot, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks, self.tip8_pipe)
+            tip::launch(gpu, dt, dims, &cache.k, q8, q, &self.pool, mom, lens, &mut self.scores, &mut self.hist, thr, self.tip_chunks, self.tip8_pipe)
         }
     }
 

@@ -33,7 +33,6 @@ pub fn launch(
     k: &CudaSlice<u16>,
     q8: Option<&Q8Planes>,
     q: &CudaSlice<f32>,
-    fc_of_slot: &CudaSlice<i32>,
     pool: &CudaSlice<i32>,
     mom: Option<&CudaSlice<f64>>,
     lens: &CudaSlice<i32>,
@@ -74,7 +73,7 @@ pub fn launch(
     let mut l = gpu.launcher(f);
     l.arg(&d);
     arg_k(&mut l, k, q8);
-    l.arg(q).arg(fc_of_slot).arg(pool);
+    l.arg(q).arg(pool);
     match mom {
         Some(m) => l.arg(m),
         None => l.arg(&null),
@@ -116,7 +115,6 @@ pub fn launch_heads(
     k: &CudaSlice<u16>,
     q8: Option<&Q8Planes>,
     q: &CudaSlice<f32>,
-    fc_of_slot: &CudaSlice<i32>,
     pool: &CudaSlice<i32>,
     mom: Option<&CudaSlice<f64>>,
     lens: &CudaSlice<i32>,
@@ -176,7 +174,7 @@ pub fn launch_heads(
     let mut l = gpu.launcher(f);
     l.arg(&d);
     arg_k(&mut l, k, q8);
-    l.arg(q).arg(fc_of_slot).arg(pool);
+    l.arg(q).arg(pool);
     match mom {
         Some(m) => l.arg(m),
         None => l.arg(&null),
