@@ -71,13 +71,7 @@ pub fn launch(
     // The planes' width travels in the flags (the region offsets, `kq_region` in fasa.cu).
     let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
     let mut l = gpu.launcher(f);
-    l.arg(&d);
-    arg_k(&mut l, k, q8);
-    l.arg(q).arg(pool);
-    match mom {
-        Some(m) => l.arg(m),
-        None => l.arg(&null),
-    };
+    lead_args(&mut l, &d, k, q8, q, pool, mom, &null);
     l.arg(lens).arg(scores).arg(hist);
     match thr {
         Some((d, t)) => l.arg(d).arg(t),
@@ -142,16 +136,10 @@ pub fn launch_heads(
     let nc = nchunk as i32;
     let by_fc = Q8Planes::per_fc(q8);
     let k_slots = dims.k.min(dims.pool) as usize;
+    let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
     if by_fc && tensor_cores && super::tipm_fits(k_slots) {
-        let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
         let mut l = gpu.launcher(gpu.f.tipm(dt, hps, k_slots));
-        l.arg(&d);
-        arg_k(&mut l, k, q8);
-        l.arg(q).arg(pool);
-        match mom {
-            Some(m) => l.arg(m),
-            None => l.arg(&null),
-        };
+        lead_args(&mut l, &d, k, q8, q, pool, mom, &null);
         l.arg(lens).arg(xh).arg(pml).arg(&nc);
         let mut c = cfg((nblk, dims.n_sel as usize, dims.batch as usize), 256);
         c.shared_mem_bytes = super::tipm_smem(k_slots) as u32;
@@ -170,15 +158,8 @@ pub fn launch_heads(
     } else {
         gpu.f.tip_heads(dt, hps, q8.is_some(), pipelined)
     };
-    let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
     let mut l = gpu.launcher(f);
-    l.arg(&d);
-    arg_k(&mut l, k, q8);
-    l.arg(q).arg(pool);
-    match mom {
-        Some(m) => l.arg(m),
-        None => l.arg(&null),
-    };
+    lead_args(&mut l, &d, k, q8, q, pool, mom, &null);
     l.arg(lens).arg(xh);
     if by_fc {
         // (tipfc's summed-score outputs: none here)
@@ -238,6 +219,28 @@ pub fn mass(
     // held tokens (< lens[b]) and writes its own tokens' scores and its selection's histogram.
     unsafe { l.launch(cfg(grid, 256)) }?;
     Ok(())
+}
+
+/// Every TIP kernel's leading arguments: dims `d` (with the planes' flags), K and the planes
+/// ([`arg_k`]), q, the pool, the K moments or null.
+#[allow(clippy::too_many_arguments)]
+fn lead_args<'a>(
+    l: &mut Launch<'a>,
+    d: &'a Dims,
+    k: &'a CudaSlice<u16>,
+    q8: Option<&'a Q8Planes>,
+    q: &'a CudaSlice<f32>,
+    pool: &'a CudaSlice<i32>,
+    mom: Option<&'a CudaSlice<f64>>,
+    null: &'a u64,
+) {
+    l.arg(d);
+    arg_k(l, k, q8);
+    l.arg(q).arg(pool);
+    match mom {
+        Some(m) => l.arg(m),
+        None => l.arg(null),
+    };
 }
 
 /// K, then with int8 planes their values, scales and block counts (the `tip8*` kernels' order).
