@@ -129,22 +129,25 @@ __device__ __forceinline__ size_t kq_region(const Dims& D, size_t bk) {
     return (bk * D.l_max * D.d) >> ((D.flags & Q4_PLANES) ? 1 : 0);
 }
 
+// A generic pointer into shared memory as a shared-window address (cp.async, ldmatrix).
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
 // 16-byte asynchronous global → shared copy (sm_80+), completion by group.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    u32 a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
+    u32 a = smem_u32(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
 }
 // 8-byte asynchronous copy (through L1: .cg takes 16 bytes only), in the same groups.
 __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-    u32 a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
+    u32 a = smem_u32(smem);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(a), "l"(gmem) : "memory");
 }
 // 4-byte asynchronous copy (through L1), in the same groups.
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
-    u32 a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(smem));
+    u32 a = smem_u32(smem);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(a), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
@@ -418,6 +421,17 @@ __device__ u64 q_slots_mask(const float (*qv)[MAXG * GE], int nq, int n_fc) {
     }
     __syncthreads();
     return ((u64)words[1] << 32) | words[0];
+}
+
+// Block-wide, after qv is complete: the slots with a nonzero q element in some head
+// (q_slots_mask), ascending, into sl (visible after its barrier); returns their count.
+template <int NQ>
+__device__ int slots_list(const float (*qv)[MAXG * GE], int nq, int n_fc, int* sl) {
+    u64 qmask = q_slots_mask<NQ>(qv, nq, n_fc); // (its barrier orders qv's writes)
+    int tid = threadIdx.x;
+    if (tid < 64 && ((qmask >> tid) & 1)) sl[__popcll(qmask & ((1ull << tid) - 1))] = tid;
+    __syncthreads();
+    return __popcll(qmask);
 }
 // Its 4 bits for half `half` of FC group g (tip_fma's cm).
 __device__ __forceinline__ u32 half_pairs(u64 qmask, int g, int half) { return (u32)(qmask >> (g * FCG + half * 4)) & 0xfu; }
@@ -1212,10 +1226,7 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     tip_setup<NQ>(D, q, pe, mom, b, s, len, qeff);
     __syncthreads();
     const int nq = NQ == 1 ? 1 : D.hps;
-    u64 qmask = q_slots_mask<NQ>(qeff, nq, D.n_fc); // (its barrier orders qeff's writes)
-    int ns = __popcll(qmask);
-    if (tid < 64 && ((qmask >> tid) & 1)) sl_s[__popcll(qmask & ((1ull << tid) - 1))] = tid;
-    __syncthreads();
+    int ns = slots_list<NQ>(qeff, nq, D.n_fc, sl_s);
     trace_mark(M_TIP_SETUP);
     int t1 = min(len, t0 + TIP_TOK * nchunk);
     int qlen = min(S.qlen, len); // a multiple of QB: a thread's tokens are all below it or none
@@ -1417,11 +1428,6 @@ __device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], u32 saddr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr) : "memory");
 }
-__device__ __forceinline__ u32 smem_u32(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
 // c += a · b, m16n8k32, s8 A, s8 (BU = false) or u8 B, s32 sums.
 template <bool BU> __device__ __forceinline__ void mma_i8(int (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     if (BU)
@@ -1461,10 +1467,7 @@ __device__ void tipm_impl(Dims D, const u16* k, const i8* kq, const float* ks, c
     tip_setup<H>(D, q, pe, mom, b, s, len, qeff);
     __syncthreads();
     const int nq = D.hps;
-    u64 qmask = q_slots_mask<H>(qeff, nq, D.n_fc);
-    int ns = __popcll(qmask);
-    if (tid < 64 && ((qmask >> tid) & 1)) sl_s[__popcll(qmask & ((1ull << tid) - 1))] = tid;
-    __syncthreads();
+    int ns = slots_list<H>(qeff, nq, D.n_fc, sl_s);
     int g = lane >> 2, c = lane & 3;
     // Fixed for the step, per lane: q of head g at its FCs (k-step st: 16st + 2c, +1, then
     // 16st + 8 + 2c, +1; zero past ns), the byte offsets of the pieces it copies in a tile (run

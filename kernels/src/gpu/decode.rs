@@ -92,7 +92,7 @@ pub struct FasaDecoder {
     /// [`FasaDecoder::set_tip8_heads_pipe`] (the chunk count follows).
     pub tip8_heads_pipe: bool,
     /// The group-mass stage 1 over per-FC int8 planes runs on tensor cores (`tipm_h*`, integer
-    /// mma) rather than `tipfc_h*`, where it has a kernel for k (`gpu::tipm_fits`: at most 32
+    /// mma) rather than `tipfc_h*`, where it has a kernel for k (`gpu::tipm_slots`: at most 32
     /// FCs summed): on unless `FASA_GPU_TIPM=0` ([`super::tipm_on`]). GPU run 32 (default int8
     /// step, Llama-3-8B shapes, B = 1024, same call, two rounds, off / on): 1 × 32k 46.5 → 42.3
     /// µs, 16 × 32k 194.5 → 153.2, 1 × 128k 68.4 → 58.0, 16 × 128k 611.4 → 448.4. Set it with
@@ -368,8 +368,8 @@ impl FasaDecoder {
         let q4 = Q8Planes::int4(cache.q8.as_ref());
         let by_fc = cfg.q8_tip && Q8Planes::per_fc(cache.q8.as_ref());
         let fc_hps = if Self::heads_mass(cfg, hps) { hps } else { 1 };
-        let k_slots = cfg.chunks.min(cfg.pool);
-        Ok(if by_fc && fc_hps > 1 && tipm && super::tipm_fits(k_slots) {
+        let tipm_k = if by_fc && fc_hps > 1 { super::tipm_slots(tipm, cfg.chunks, cfg.pool) } else { None };
+        Ok(if let Some(k_slots) = tipm_k {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tipm_blocks_per_sm(cache.dtype, fc_hps, k_slots)? as usize)
         } else if by_fc {
             tip::chunks_wave(cache.l_max, segs, gpu.sm_count, gpu.tipfc_blocks_per_sm(cache.dtype, fc_hps)? as usize)

@@ -177,9 +177,12 @@ fn tipm_steps(k_slots: usize) -> usize {
     k_slots.div_ceil(16).clamp(1, 2)
 }
 
-/// Whether `tipm_h*` has a kernel for selections summing up to `k_slots` FCs (at most 32).
-pub fn tipm_fits(k_slots: usize) -> bool {
-    k_slots <= 32
+/// The FCs a group-mass stage 1 over per-FC planes sums on tensor cores, where it runs there
+/// (`tensor_cores`: `FasaDecoder::tipm`, and a `tipm_h*` kernel for them: k = min(k, P) ≤ 32);
+/// None: `tipfc_h*` runs. The one rule for the launcher and the chunk count.
+pub fn tipm_slots(tensor_cores: bool, k: usize, pool: usize) -> Option<usize> {
+    let s = k.min(pool);
+    (tensor_cores && s <= 32).then_some(s)
 }
 
 /// Stages a warp of `tipm_h*` (`TIPM_WS` in fasa.cu): 2, or `FASA_GPU_TIPM_WS` (2..=4;

@@ -99,7 +99,7 @@ pub fn launch(
 /// pieces into shared memory ahead of the compute as the summed-score `tip8p` does (`tip8ph_h*`;
 /// the same operations per token as `tip8_heads_*`); size `nchunk` with [`chunks_wave`].
 /// Per-FC planes (`Q8Planes::by_fc`) are read by `tipm_h*` on tensor cores where `tensor_cores`
-/// and it has a kernel for k ([`tipm_fits`](super::tipm_fits)), else by `tipfc_h*`,
+/// and it has a kernel for k ([`tipm_slots`](super::tipm_slots)), else by `tipfc_h*`,
 /// whatever `pipelined`.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_heads(
@@ -135,9 +135,9 @@ pub fn launch_heads(
     let null = 0u64;
     let nc = nchunk as i32;
     let by_fc = Q8Planes::per_fc(q8);
-    let k_slots = dims.k.min(dims.pool) as usize;
     let d = Dims { flags: Q8Planes::flags(q8, dims.flags), ..*dims };
-    if by_fc && tensor_cores && super::tipm_fits(k_slots) {
+    let tipm_k = if by_fc { super::tipm_slots(tensor_cores, dims.k as usize, dims.pool as usize) } else { None };
+    if let Some(k_slots) = tipm_k {
         let mut l = gpu.launcher(gpu.f.tipm(dt, hps, k_slots));
         lead_args(&mut l, &d, k, q8, q, pool, mom, &null);
         l.arg(lens).arg(xh).arg(pml).arg(&nc);
