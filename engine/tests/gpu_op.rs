@@ -2,7 +2,8 @@
 //! qwen2 (no download): the model loaded twice, with and without the GPU, a prompt of 320 tokens
 //! prefilled (on the CPU in both), then 40 greedy decode steps in lockstep (the CPU model's token
 //! fed to both) in each of `dense`, `fasa` and `fasa-paper` at a budget of 64 (sparse from the
-//! first step). Needs an NVIDIA GPU: ignored in CI; on the device run with `--include-ignored`.
+//! first step), once with the GPU steps replayed from CUDA graphs (the default) and once launched
+//! one by one. Needs an NVIDIA GPU: ignored in CI; on the device run with `--include-ignored`.
 //!
 //! Tolerance: the GPU stores K and V as fp16 (relative rounding ≤ 2^-11 ≈ 4.9e-4 per element)
 //! and accumulates in f32, so attention outputs differ from the f32 CPU cache's by about 1e-3
@@ -85,20 +86,28 @@ fn gpu_decode_matches_the_cpu_path() {
     let prompt: Vec<u32> = (0..PROMPT as u64).map(|i| ((i * 2654435761 + 12345) >> 7) as u32 % 256).collect();
     let decode_steps = (STEPS * LAYERS) as u64;
     let mut failures = vec![];
-    for cfg in [AttnConfig::dense(), AttnConfig::fasa(BUDGET, 4), AttnConfig::paper(BUDGET, 4)] {
+    // Each mode with its steps replayed as CUDA graphs (the default: every step after a layer's
+    // first, which uploads the whole slot and is launched directly) and launched one by one.
+    let runs = [true, false].into_iter().flat_map(|g| [AttnConfig::dense(), AttnConfig::fasa(BUDGET, 4), AttnConfig::paper(BUDGET, 4)].map(|c| (g, c)));
+    for (graphs, cfg) in runs {
+        gpu.pool().gpu().expect("checked above").set_graphs(graphs);
         let o = lockstep(&mut cpu, &mut gpu, &cfg, &prompt);
         let mut sorted = o.errs.clone();
         sorted.sort_by(f32::total_cmp);
         let (median, p90, worst) = (sorted[STEPS / 2], sorted[STEPS * 9 / 10 - 1], sorted[STEPS - 1]);
         eprintln!(
-            "{:>10}: logits rel-L2 median {median:.2e}, p90 {p90:.2e}, max {worst:.2e}; greedy tokens differ at {}/{} clear-margin steps; GPU layer-steps {}/{decode_steps}; read fraction CPU {:.3} GPU {:.3}; rows CPU {} GPU {}",
-            cfg.mode.as_str(), o.disagree, o.clear, o.gpu.gpu_layer_steps, o.cpu.read_fraction(), o.gpu.read_fraction(), o.cpu.rows, o.gpu.rows
+            "{:>10} (graphs {graphs}): logits rel-L2 median {median:.2e}, p90 {p90:.2e}, max {worst:.2e}; greedy tokens differ at {}/{} clear-margin steps; GPU layer-steps {}/{decode_steps}, replayed from graphs {}; read fraction CPU {:.3} GPU {:.3}; rows CPU {} GPU {}",
+            cfg.mode.as_str(), o.disagree, o.clear, o.gpu.gpu_layer_steps, o.gpu.graph_steps, o.cpu.read_fraction(), o.gpu.read_fraction(), o.cpu.rows, o.gpu.rows
         );
         let off: Vec<String> = o.errs.iter().enumerate().filter(|(_, &e)| e > 1e-2).map(|(s, e)| format!("{s}:{e:.1e}")).collect();
         if !off.is_empty() {
             eprintln!("{:>10}: steps over 1e-2 (step:err, position = {PROMPT} + step): {}", cfg.mode.as_str(), off.join(" "));
         }
-        let mode = cfg.mode.as_str();
+        let mode = format!("{} (graphs {graphs})", cfg.mode.as_str());
+        let want_graph = if graphs { decode_steps - LAYERS as u64 } else { 0 };
+        if o.gpu.graph_steps != want_graph {
+            failures.push(format!("{mode}: {} layer-steps replayed from CUDA graphs, want {want_graph}", o.gpu.graph_steps));
+        }
         let sparse = cfg.mode != fasa_engine::Mode::Dense;
         if o.gpu.gpu_layer_steps != decode_steps || o.cpu.gpu_layer_steps != 0 {
             failures.push(format!("{mode}: GPU layer-steps {} (want {decode_steps}), CPU model {}", o.gpu.gpu_layer_steps, o.cpu.gpu_layer_steps));

@@ -81,7 +81,7 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 serde_json::json!({
-                    "activations": opts.activations.as_str(), "execution_provider": model.info().execution_provider.as_str(), "gpu_layer_steps": st.gpu_layer_steps, "depth": depth, "prefill_depth": prefill_depth, "mode": mode.as_str(), "budget": cfg.budget, "chunks": cfg.chunks,
+                    "activations": opts.activations.as_str(), "execution_provider": model.info().execution_provider.as_str(), "gpu_layer_steps": st.gpu_layer_steps, "graph_steps": st.graph_steps, "depth": depth, "prefill_depth": prefill_depth, "mode": mode.as_str(), "budget": cfg.budget, "chunks": cfg.chunks,
                     "prefill_tokens": n_prefill, "prefill_tok_s": n_prefill as f64 / prefill_s,
                     "decode_tokens": n_decode, "decode_tok_s": n_decode as f64 / decode_s,
                     "kv_read_fraction": st.read_fraction(), "peak_rss_mib": peak_rss_kib() as f64 / 1024.0,

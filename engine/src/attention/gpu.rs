@@ -17,13 +17,23 @@
 //! `FASA_EXPERIMENT_TIP=int4`, a quarter); `fasa-paper` reads the fp16
 //! planes, or the quantised ones under `FASA_EXPERIMENT_PAPER_PLANES=1`, as the CPU does.
 //!
+//! A step moves q, the new row, its position and the length up and the output down through
+//! page-locked staging (`fasa_kernels::gpu::io`), one copy each way. From the second step of a
+//! decoder on, the step (those copies, the append and the decode launches) is replayed as a CUDA
+//! graph captured on the stream it runs on: at batch 1 the host's cost of launching a step's
+//! kernels one by one is a large part of the step (GPU run 33: 20–45 µs, against 10–15 µs for
+//! the replay). `FASA_GPU_GRAPH=0` launches them one by one; so does a mirror whose capture failed.
+//!
 //! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched;
 //! otherwise `Gpu::try_default` checks for the driver, NVRTC and a device without calling into
 //! cudarc (which panics when its libraries are absent). Which path is used is logged once.
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 use fasa_kernels::gpu::append::append;
-use fasa_kernels::gpu::{CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS, QB};
+use fasa_kernels::gpu::decode::capture;
+use fasa_kernels::gpu::io::{poison, Pinned, StepIo};
+use fasa_kernels::gpu::{CudaGraph, CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS, QB};
 
 use super::cache::{CacheShape, SeqCache};
 use super::config::{AttnConfig, Mode};
@@ -69,6 +79,9 @@ pub struct GpuMirror {
     last_error: Mutex<Option<String>>,
     /// The kernels launching on ONNX Runtime's stream, for the stream they were made for.
     ort_view: Mutex<Option<(usize, Arc<Gpu>)>>,
+    /// Decode steps replayed as CUDA graphs (off with `FASA_GPU_GRAPH=0`, or once a capture
+    /// failed: then launched one by one).
+    graphs: AtomicBool,
 }
 
 #[derive(Default)]
@@ -84,14 +97,26 @@ struct Device {
     cache: GpuKvCache,
     /// The decoder for the settings (and profile) it was built for.
     dec: Option<(DecKey, FasaDecoder)>,
-    /// `(n_q, d)` queries in, attention out; `(n_kv, d)` new K and V; `(1,)` position, length.
-    q: CudaSlice<f32>,
+    /// q, the new K and V row, position and length in; the output back (page-locked staging).
+    io: StepIo,
+    /// `(n_q, d)` attention out.
     out: CudaSlice<f32>,
-    k_new: CudaSlice<f32>,
-    v_new: CudaSlice<f32>,
-    pos: CudaSlice<i32>,
-    lens: CudaSlice<i32>,
+    /// The step (copies, append, decode) as a CUDA graph, for the decoder in `dec`, captured on
+    /// the stream it runs on and for where its output goes (`GraphKey`).
+    graph: Option<(GraphKey, StepGraph)>,
+    /// Per-q-head selections' rows, read back for the counters.
+    sel: Option<Pinned<u32>>,
 }
+
+/// A captured step. The driver lets any thread use a graph as long as the calls on one are
+/// serialized; this one is only reached under its slot's mutex (`GpuMirror::layers`).
+struct StepGraph(CudaGraph);
+// SAFETY: see above: one thread at a time, under the slot's lock.
+unsafe impl Send for StepGraph {}
+
+/// What a captured step depends on besides the decoder: the stream (ours or ONNX Runtime's)
+/// and whether it copies its output to the host.
+type GraphKey = (usize, bool);
 
 /// Settings a decoder was built for; None = dense only.
 type DecKey = (Option<AttnConfig>, Arc<Profile>);
@@ -129,7 +154,7 @@ impl GpuMirror {
         };
         log_once(&ON, || format!("FasaAttention: decode on the GPU (sm_{}{}), fp16 mirror of the FASA-C cache; prefill and other modes on the CPU", gpu.arch.0, gpu.arch.1));
         let slots = (0..n_slots).map(|_| Mutex::new((0..shape.n_layers).map(|_| LayerMirror::default()).collect())).collect();
-        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None), ort_view: Mutex::new(None) })
+        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None), ort_view: Mutex::new(None), graphs: AtomicBool::new(!std::env::var("FASA_GPU_GRAPH").is_ok_and(|v| v == "0")) })
     }
 
     fn layers(&self, slot: usize) -> std::sync::MutexGuard<'_, Vec<LayerMirror>> {
@@ -193,6 +218,12 @@ impl GpuMirror {
         unsafe { run.copy_to_raw(host, ptr) }
     }
 
+    /// Whether decode steps are replayed as CUDA graphs from now on (the default unless
+    /// `FASA_GPU_GRAPH=0`); off, each step's launches are made one by one.
+    pub fn set_graphs(&self, on: bool) {
+        self.graphs.store(on, Ordering::Relaxed);
+    }
+
     /// The last GPU step's error, if any step failed (it ran on the CPU instead).
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -224,16 +255,12 @@ impl GpuMirror {
                 // Slots in the KV ranking's order: the pool's FCs lead each tile (speed only).
                 cache: GpuKvCache::new(g, Dtype::F16, 1, hkv, d, self.l_max, Some(st.profile.layers[st.layer].kv_heads.iter().map(|h| h.ranked_fcs.clone()).collect()))?,
                 dec: None,
-                q: s.alloc_zeros(st.n_q * d)?,
+                io: StepIo::new(g, st.n_q, hkv, d)?,
                 out: s.alloc_zeros(st.n_q * d)?,
-                k_new: s.alloc_zeros(hkv * d)?,
-                v_new: s.alloc_zeros(hkv * d)?,
-                pos: s.alloc_zeros(1)?,
-                lens: s.alloc_zeros(1)?,
+                graph: None,
+                sel: None,
             }),
         };
-        // Until the step itself: on our stream for a set-up, else on the step's.
-        let pre = if setup { g } else { run };
         // (n_kv, rows, d) K and V, one KV head after the other.
         let (mut k, mut v) = (vec![0f32; hkv * rows.len() * d], vec![0f32; hkv * rows.len() * d]);
         for (kh, (kk, vv)) in k.chunks_exact_mut(rows.len() * d).zip(v.chunks_exact_mut(rows.len() * d)).enumerate() {
@@ -244,18 +271,13 @@ impl GpuMirror {
                 dev.cache.write_host(g, 0, kh, kk, vv)?;
             }
         }
-        let ps = &pre.stream;
-        if rows.start > 0 {
-            // (n_kv, d) rows of token n - 1; the append kernel adds them to the K moments.
-            ps.memcpy_htod(&k, &mut dev.k_new)?;
-            ps.memcpy_htod(&v, &mut dev.v_new)?;
-            ps.memcpy_htod(&[(n - 1) as i32], &mut dev.pos)?;
-            append(pre, &mut dev.cache, &dev.k_new, &dev.v_new, &dev.pos)?;
-        }
-        ps.memcpy_htod(st.q_fc, &mut dev.q)?;
-        ps.memcpy_htod(&[n as i32], &mut dev.lens)?;
-        if self.poison {
-            ps.memcpy_htod(&vec![f32::NAN; st.n_q * d], &mut dev.out)?;
+        // The new row: appended by the step, or at set-up before the decoder is built (whose
+        // scoring planes are quantised from the rows mirrored then), on set-up's stream.
+        let row = (rows.start > 0).then(|| (&k[..], &v[..], (n - 1) as i32));
+        dev.io.stage(st.q_fc, row, n as i32)?;
+        if setup && row.is_some() {
+            dev.io.upload(g)?;
+            append(g, &mut dev.cache, &dev.io.k_new, &dev.io.v_new, &dev.io.pos)?;
         }
         if rebuild {
             let dc = decode_config(st, d / 2);
@@ -266,36 +288,101 @@ impl GpuMirror {
                 let bits = c.tip_bits();
                 dev.cache.enable_scoring_planes_as(g, bits, dc.planes_per_fc(bits))?;
             }
-            dev.dec = Some((key, FasaDecoder::new(g, &dev.cache, dc)?));
+            dev.graph = None;
+            dev.dec = None;
+            let dec = FasaDecoder::new(g, &dev.cache, dc)?;
+            // The rows each group read, for the counters: with one selection per KV group they
+            // are its first min(B, n) rows, known without reading the selection back.
+            dev.sel = if st.sparse && !st.cfg.per_group { Some(Pinned::new(g, dec.sel.len())?) } else { None };
+            dev.dec = Some((key, dec));
         }
         if setup && other {
             s.synchronize()?;
         }
-        let r = &run.stream;
-        let dec = &mut dev.dec.as_mut().expect("decoder built above").1;
-        if st.sparse {
-            dec.step(run, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
+        // The step on `run`'s stream: the inputs up, (the new row appended,) the decode, the
+        // output (and per-head selections) down, through the page-locked staging. Steps after the
+        // first of a decoder replay it as a CUDA graph (module docs), unless graphs are off; a
+        // set-up step runs its launches directly.
+        let append_row = row.is_some() && !setup;
+        let host_out = matches!(out, Out::Host(_));
+        let gkey: GraphKey = (Arc::as_ptr(&run.stream) as usize, host_out);
+        let Device { cache, dec: dec_slot, io, out: dout, graph, sel } = dev;
+        let dec = &mut dec_slot.as_mut().expect("decoder built above").1;
+        let poisoned = self.poison;
+        let mut launches = || -> Result<(), GpuError> {
+            io.upload(run)?;
+            if append_row {
+                append(run, cache, &io.k_new, &io.v_new, &io.pos)?;
+            }
+            if poisoned {
+                poison(run, dout)?;
+            }
+            if st.sparse {
+                dec.step(run, cache, &io.q, &io.lens, dout)?;
+            } else {
+                dec.dense(run, cache, &io.q, &io.lens, dout)?;
+            }
+            if host_out {
+                io.download(run, dout)?;
+            }
+            if let Some(h) = sel.as_mut() {
+                h.download(run, &dec.sel)?;
+            }
+            Ok(())
+        };
+        let mut replayed = false;
+        let r = if setup || !self.graphs.load(Ordering::Relaxed) {
+            launches()
         } else {
-            dec.dense(run, &dev.cache, &dev.q, &dev.lens, &mut dev.out)?;
-        }
-        // The rows each group read, for the counters: with one selection per KV group they are
-        // its first min(B, n) rows, known without reading the selection back.
-        let sel = if st.sparse && !st.cfg.per_group { Some(r.clone_dtoh(&dec.sel)?) } else { None };
-        let on_ort = matches!(out, Out::Device { .. });
-        match out {
-            Out::Host(out) => {
-                r.memcpy_dtoh(&dev.out, out)?;
-                r.synchronize()?;
-                if out.iter().any(|x| !x.is_finite()) {
-                    return Err(GpuError::Shape("the GPU step left non-finite outputs".into()));
+            if graph.as_ref().is_none_or(|(k, _)| *k != gkey) {
+                *graph = None;
+                match capture(run, &mut launches) {
+                    Ok(gr) => *graph = Some((gkey, StepGraph(gr))),
+                    Err(e) => {
+                        // (nothing of a failed capture ran: the step is launched directly below)
+                        static WARN: Once = Once::new();
+                        WARN.call_once(|| log::warn!("FasaAttention: a GPU decode step could not be captured as a CUDA graph ({e}); steps are launched one by one"));
+                        self.graphs.store(false, Ordering::Relaxed);
+                    }
                 }
             }
-            // SAFETY: `ptr` is the operator's output tensor of (n_q, d) floats on this device;
-            // dev.out is next written by this (slot, layer)'s next step, on the same stream.
-            Out::Device { ptr, .. } => unsafe { run.copy_dtod_raw(&dev.out, ptr)? },
+            match graph {
+                Some((_, gr)) => {
+                    replayed = true;
+                    gr.0.launch().map_err(GpuError::from)
+                }
+                None => launches(),
+            }
+        };
+        if let Err(e) = r {
+            // Rebuilt, and captured again, at the next step (nothing of this one may have run).
+            *graph = None;
+            *dec_slot = None;
+            return Err(e);
         }
-        let mut stats = step_stats(st, hkv, d, n, sel.as_deref(), c.tip_bits());
+        if let Out::Device { ptr, .. } = out {
+            // SAFETY: `ptr` is the operator's output tensor of (n_q, d) floats on this device;
+            // dout is next written by this (slot, layer)'s next step, on the same stream.
+            unsafe { run.copy_dtod_raw(dout, ptr)? };
+        }
+        io.finish(run)?;
+        if let Out::Host(out) = out {
+            out.copy_from_slice(io.output()?);
+            if out.iter().any(|x| !x.is_finite()) {
+                return Err(GpuError::Shape("the GPU step left non-finite outputs".into()));
+            }
+        }
+        let sel = match sel {
+            Some(h) => {
+                io.output()?; // (waits for the copy)
+                Some(h.as_slice())
+            }
+            None => None,
+        };
+        let on_ort = !host_out;
+        let mut stats = step_stats(st, hkv, d, n, sel, c.tip_bits());
         stats.ort_stream_steps = u64::from(on_ort);
+        stats.graph_steps = u64::from(replayed);
         Ok(stats)
     }
 }

@@ -36,6 +36,9 @@ pub struct AttnStats {
     /// Of those, the pairs launched on ONNX Runtime's stream (its CUDA execution provider).
     #[serde(default)]
     pub ort_stream_steps: u64,
+    /// Of the GPU pairs, those replayed from a captured CUDA graph (`attention::gpu`).
+    #[serde(default)]
+    pub graph_steps: u64,
 }
 
 impl AttnStats {
@@ -53,6 +56,7 @@ impl AttnStats {
         self.row_hits += o.row_hits;
         self.gpu_layer_steps += o.gpu_layer_steps;
         self.ort_stream_steps += o.ort_stream_steps;
+        self.graph_steps += o.graph_steps;
     }
     /// FASA-M: fraction of selected rows found in the row cache (1.0 when none were fetched).
     pub fn hit_rate(&self) -> f64 {

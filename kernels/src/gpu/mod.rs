@@ -10,6 +10,7 @@
 pub mod append;
 pub mod decode;
 pub mod fac;
+pub mod io;
 mod launch;
 pub mod rerank;
 pub mod select;
@@ -27,7 +28,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use append::{GpuKvCache, Q8Planes};
 /// Device buffers, as the launchers take them (so callers need no cudarc of their own).
-pub use cudarc::driver::CudaSlice;
+pub use cudarc::driver::{CudaGraph, CudaSlice};
 pub use decode::{DecodeConfig, FasaDecoder};
 
 /// FCs per K group: a token's FCs `8g..8g+8` are one 32-byte sector (`FCG` in common.cuh).
