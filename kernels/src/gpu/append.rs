@@ -219,9 +219,7 @@ impl GpuKvCache {
     /// follows): tile `t/KT`, run `g/r`, token `t%KT`, group `g%r` of the run, `g = s/FCG`, r =
     /// min(`KR`, n_grp) (`k_off` in fasa.cu).
     pub fn k_index(&self, t: usize, s: usize) -> usize {
-        let (n_grp, g) = (self.n_grp(), s / FCG);
-        let r = k_run().min(n_grp);
-        t / KT * n_grp * KT * GE + (g / r * KT + t % KT) * r * GE + (g % r) * GE + (s % FCG) * 2
+        k_offset(self.d, t, s)
     }
 
     /// Dims with the cache's shape filled in.
@@ -247,30 +245,20 @@ impl GpuKvCache {
     pub fn write_host(&mut self, gpu: &Gpu, b: usize, kv: usize, k: &[f32], v: &[f32]) -> Result<(), GpuError> {
         let (d, l) = (self.d, self.l_max);
         let len = k.len() / d;
-        if len > l || v.len() != k.len() {
-            return Err(GpuError::Shape(format!("{len} tokens do not fit l_max {l}")));
+        if len > l || v.len() != k.len() || k.len() != len * d || b >= self.batch || kv >= self.n_kv {
+            return Err(GpuError::Shape(format!("{len} tokens of (b < {}, kv < {}) do not fit l_max {l}", self.batch, self.n_kv)));
         }
-        let mut kr = vec![0u16; l * d];
-        for t in 0..len {
-            for (s, &f) in self.order[kv].iter().enumerate() {
-                let o = self.k_index(t, s);
-                kr[o] = self.dtype.encode(k[t * d + 2 * f]);
-                kr[o + 1] = self.dtype.encode(k[t * d + 2 * f + 1]);
-            }
-        }
-        let vr: Vec<u16> = v.iter().map(|&x| self.dtype.encode(x)).collect();
+        // K: the tiles that hold tokens 0..len (the rest of the region zeroed on the device).
+        let (kr, m) = encode_k(self.dtype, d, &self.order[kv], k);
+        let mut vr = vec![0u16; len * d];
+        self.dtype.encode_slice(v, &mut vr);
         let base = (b * self.n_kv + kv) * l * d;
-        gpu.stream.memcpy_htod(&kr, &mut self.k.slice_mut(base..base + l * d))?;
+        gpu.stream.memcpy_htod(&kr, &mut self.k.slice_mut(base..base + kr.len()))?;
+        if kr.len() < l * d {
+            gpu.stream.memset_zeros(&mut self.k.slice_mut(base + kr.len()..base + l * d))?;
+        }
         gpu.stream.memcpy_htod(&vr, &mut self.v.slice_mut(base..base + len * d))?;
         self.quantize(gpu, Some((b, kv, len)))?;
-        let n_fc = self.n_fc();
-        let mut m = vec![[0f64; 5]; n_fc];
-        let round = |x: f32| self.dtype.decode(self.dtype.encode(x));
-        for row in k.chunks_exact(d) {
-            for (f, mf) in m.iter_mut().enumerate() {
-                crate::cpu::add_moments(mf, round(row[2 * f]), round(row[2 * f + 1]));
-            }
-        }
         self.write_moments(gpu, b, kv, &m, len)
     }
 
@@ -288,6 +276,43 @@ impl GpuKvCache {
         gpu.stream.memcpy_htod(&[len as i32], &mut self.mom_len.slice_mut(i..i + 1))?;
         Ok(())
     }
+}
+
+/// Offset in one (sequence, KV head) region of `k` of token `t`'s FC slot `s` (its x; y
+/// follows), head dim `d`: [`GpuKvCache::k_index`].
+fn k_offset(d: usize, t: usize, s: usize) -> usize {
+    let (n_grp, g) = (d / 2 / FCG, s / FCG);
+    let r = k_run().min(n_grp);
+    t / KT * n_grp * KT * GE + (g / r * KT + t % KT) * r * GE + (g % r) * GE + (s % FCG) * 2
+}
+
+/// Host rows `k (len, d)` (rotated, FC-pair order) of one KV head as its region of
+/// [`GpuKvCache::k`] stores them: the `ceil(len / KT)` tiles holding them, FC `order[s]` in slot
+/// `s`, tokens past len zero; and the K moments of the stored (rounded) values per FC id, summed
+/// in token order as the CPU cache sums them. Each row is converted once, in FC-pair order, then
+/// its pairs go to their slots: a slot's offset from its token's first is the same for every
+/// token. (At a decoder's first step after a prefill the engine uploads the whole slot: GPU run
+/// 33 put that at ~2.9 ms a KV head for 2k tokens when each value was converted one by one,
+/// twice, and the whole `l_max` region was copied.)
+fn encode_k(dtype: Dtype, d: usize, order: &[usize], k: &[f32]) -> (Vec<u16>, Vec<crate::cpu::FcMoments>) {
+    let len = k.len() / d;
+    let slots: Vec<(usize, usize)> = order.iter().enumerate().map(|(s, &f)| (k_offset(d, 0, s), f)).collect();
+    let mut kr = vec![0u16; len.div_ceil(KT) * KT * d];
+    let (mut bits, mut rounded) = (vec![0u16; d], vec![0f32; d]);
+    let mut m = vec![[0f64; 5]; d / 2];
+    for (t, row) in k.chunks_exact(d).enumerate() {
+        dtype.encode_slice(row, &mut bits);
+        let at = k_offset(d, t, 0);
+        for &(o, f) in &slots {
+            kr[at + o] = bits[2 * f];
+            kr[at + o + 1] = bits[2 * f + 1];
+        }
+        dtype.decode_slice(&bits, &mut rounded);
+        for (f, mf) in m.iter_mut().enumerate() {
+            crate::cpu::add_moments(mf, rounded[2 * f], rounded[2 * f + 1]);
+        }
+    }
+    (kr, m)
 }
 
 /// Op 1: writes one new token per sequence at `pos[b]`: `k_new`, `v_new` `(batch, n_kv, d)` f32
@@ -314,4 +339,37 @@ pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: 
     // n_kv, d) (checked above), mom (batch, n_kv, n_fc, 5), q8 as allocated by enable_q8.
     unsafe { l.launch(cfg((cache.n_kv, cache.batch, 1), cache.d)) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{encode_k, k_offset, Dtype, KT};
+
+    /// The tiles and moments of `encode_k` against a value-by-value reference: each element
+    /// converted on its own at `k_offset`, moments of the rounded values in token order.
+    #[test]
+    fn encoded_rows_match_a_value_by_value_reference() {
+        for (dt, d, len) in [(Dtype::F16, 64, 2049), (Dtype::Bf16, 128, 70), (Dtype::F16, 128, 64), (Dtype::F16, 64, 1)] {
+            let n_fc = d / 2;
+            let order: Vec<usize> = (0..n_fc).map(|s| (s * 7 + 3) % n_fc).collect();
+            let k: Vec<f32> = (0..len * d).map(|i| ((i * 2654435761usize) % 20011) as f32 / 20011.0 * 8.0 - 4.0).collect();
+            let (kr, m) = encode_k(dt, d, &order, &k);
+            assert_eq!(kr.len(), len.div_ceil(KT) * KT * d);
+            let mut want = vec![0u16; kr.len()];
+            let mut wm = vec![[0f64; 5]; n_fc];
+            for t in 0..len {
+                for (s, &f) in order.iter().enumerate() {
+                    let o = k_offset(d, t, s);
+                    want[o] = dt.encode(k[t * d + 2 * f]);
+                    want[o + 1] = dt.encode(k[t * d + 2 * f + 1]);
+                }
+                for (f, mf) in wm.iter_mut().enumerate() {
+                    let r = |x: f32| dt.decode(dt.encode(x));
+                    crate::cpu::add_moments(mf, r(k[t * d + 2 * f]), r(k[t * d + 2 * f + 1]));
+                }
+            }
+            assert!(kr == want, "{dt:?} d {d} len {len}: tiles differ");
+            assert!(m == wm, "{dt:?} d {d} len {len}: moments differ");
+        }
+    }
 }

@@ -263,6 +263,25 @@ impl Dtype {
             Dtype::Bf16 => half::bf16::from_bits(b).to_f32(),
         }
     }
+
+    /// [`Dtype::encode`] of each of `src` into `dst` (as long), the same bits; vectorised where
+    /// the CPU converts to f16 in hardware (F16C).
+    pub fn encode_slice(self, src: &[f32], dst: &mut [u16]) {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        match self {
+            Dtype::F16 => dst.reinterpret_cast_mut::<half::f16>().convert_from_f32_slice(src),
+            Dtype::Bf16 => dst.reinterpret_cast_mut::<half::bf16>().convert_from_f32_slice(src),
+        }
+    }
+
+    /// [`Dtype::decode`] of each of `src` into `dst` (as long).
+    pub fn decode_slice(self, src: &[u16], dst: &mut [f32]) {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        match self {
+            Dtype::F16 => src.reinterpret_cast::<half::f16>().convert_to_f32_slice(dst),
+            Dtype::Bf16 => src.reinterpret_cast::<half::bf16>().convert_to_f32_slice(dst),
+        }
+    }
 }
 
 /// Shapes passed by value to every kernel (`struct Dims` in fasa.cu; keep the two in step).
