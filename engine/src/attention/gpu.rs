@@ -20,9 +20,9 @@
 //! A step moves q, the new row, its position and the length up and the output down through
 //! page-locked staging (`fasa_kernels::gpu::io`), one copy each way. From the second step of a
 //! decoder on, the step (those copies, the append and the decode launches) is replayed as a CUDA
-//! graph captured on the stream it runs on: at batch 1 the host's cost of launching a step's
-//! kernels one by one is a large part of the step (GPU run 33: 20–45 µs, against 10–15 µs for
-//! the replay). `FASA_GPU_GRAPH=0` launches them one by one; so does a mirror whose capture failed.
+//! graph captured on the stream it runs on: launching a step's kernels one by one took 20–45 µs
+//! of host time, the replay 10–15 µs (GPU run 33; the GPU runs meanwhile, so a step ends 2–6 µs
+//! sooner). `FASA_GPU_GRAPH=0` launches them one by one; so does a mirror whose capture failed.
 //!
 //! Detection: `FASA_GPU=0` or the load option turns the mirror off before cudarc is touched;
 //! otherwise `Gpu::try_default` checks for the driver, NVRTC and a device without calling into
