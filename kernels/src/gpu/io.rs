@@ -12,23 +12,23 @@ use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
-use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaSlice, DevicePtr};
+use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaSlice, DevicePtr, ValidAsZeroBits};
 
 use super::{Gpu, GpuError};
 
-/// `len` values of `T` in page-locked host memory (zeroed at allocation).
-pub struct Pinned<T: Copy> {
+/// `len` values of `T` in page-locked host memory (zeroed at allocation: `T` is valid as zeros).
+pub struct Pinned<T: Copy + ValidAsZeroBits> {
     ptr: *mut T,
     len: usize,
     ctx: Arc<CudaContext>,
 }
 
 // SAFETY: plain host memory owned by this value; the CUDA calls on it are made by its owner.
-unsafe impl<T: Copy + Send> Send for Pinned<T> {}
+unsafe impl<T: Copy + ValidAsZeroBits + Send> Send for Pinned<T> {}
 // SAFETY: as above; shared access only reads.
-unsafe impl<T: Copy + Sync> Sync for Pinned<T> {}
+unsafe impl<T: Copy + ValidAsZeroBits + Sync> Sync for Pinned<T> {}
 
-impl<T: Copy> Pinned<T> {
+impl<T: Copy + ValidAsZeroBits> Pinned<T> {
     pub fn new(gpu: &Gpu, len: usize) -> Result<Self, GpuError> {
         gpu.ctx.bind_to_thread()?;
         let bytes = len.max(1) * std::mem::size_of::<T>();
@@ -40,7 +40,7 @@ impl<T: Copy> Pinned<T> {
     }
 
     pub fn as_slice(&self) -> &[T] {
-        // SAFETY: len values, initialized (zeroed, then written as T).
+        // SAFETY: len values, initialized (zeros, valid for T, then written as T).
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
@@ -63,7 +63,7 @@ impl<T: Copy> Pinned<T> {
     }
 }
 
-impl<T: Copy> Drop for Pinned<T> {
+impl<T: Copy + ValidAsZeroBits> Drop for Pinned<T> {
     fn drop(&mut self) {
         // (the owner has waited for every copy from or to it: StepIo::drop)
         let _ = self.ctx.bind_to_thread();
