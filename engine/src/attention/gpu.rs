@@ -334,6 +334,10 @@ impl GpuMirror {
         let r = if setup || !self.graphs.load(Ordering::Relaxed) {
             launches()
         } else {
+            // (A capture records whatever is queued on its stream, from any thread. Our stream is
+            // the process's (`Gpu::try_default`), so this holds while one thread at a time decodes
+            // on it: the daemon's worker thread owns the model, and a `Model` is not `Sync`.
+            // Two models decoding at once from two threads would want a stream per mirror.)
             if graph.as_ref().is_none_or(|(k, _)| *k != gkey) {
                 *graph = None;
                 match capture(run, &mut launches) {
