@@ -28,7 +28,8 @@ stage)
   cargo build --release -p fasa-bench --bin speed
   objcopy --strip-debug "${CARGO_TARGET_DIR:-target}/release/speed" "$DEST/bin/speed"
   xz -6 -T2 "$DEST/bin/speed"
-  xz -6 -T2 -c "$(ls "$src"/onnxruntime/libonnxruntime.so.* | head -1)" > "$DEST/bin/$(basename "$(ls "$src"/onnxruntime/libonnxruntime.so.* | head -1)").xz"
+  ort=$(ls "$src"/onnxruntime/libonnxruntime.so.* | head -1)
+  xz -6 -T2 -c "$ort" > "$DEST/bin/$(basename "$ort").xz"
   du -sh "$DEST"/*
   ;;
 unpack)

@@ -376,16 +376,11 @@ impl GpuMirror {
                 return Err(GpuError::Shape("the GPU step left non-finite outputs".into()));
             }
         }
-        let sel = match sel {
-            Some(h) => {
-                io.output()?; // (waits for the copy)
-                Some(h.as_slice())
-            }
-            None => None,
-        };
-        let on_ort = !host_out;
-        let mut stats = step_stats(st, hkv, d, n, sel, c.tip_bits());
-        stats.ort_stream_steps = u64::from(on_ort);
+        if sel.is_some() {
+            io.wait()?; // (the selections' copy)
+        }
+        let mut stats = step_stats(st, hkv, d, n, sel.as_ref().map(|h| h.as_slice()), c.tip_bits());
+        stats.ort_stream_steps = u64::from(!host_out);
         stats.graph_steps = u64::from(replayed);
         Ok(stats)
     }

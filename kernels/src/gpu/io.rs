@@ -154,7 +154,7 @@ impl StepIo {
         if q.len() != nq || row.is_some_and(|(k, v, _)| k.len() != nk || v.len() != nk) {
             return Err(GpuError::Shape(format!("step inputs: q of {} floats (want {nq}), the new K and V rows of {nk}", q.len())));
         }
-        self.done.synchronize()?;
+        self.wait()?;
         let h = self.host.as_mut_slice();
         let put = |h: &mut [u32], at: usize, x: &[f32]| h[at..at + x.len()].iter_mut().zip(x).for_each(|(w, x)| *w = x.to_bits());
         put(h, l.q, q);
@@ -190,9 +190,15 @@ impl StepIo {
         Ok(())
     }
 
+    /// Waits for the work before [`StepIo::finish`] (the step, and any copy queued with it).
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.done.synchronize()?;
+        Ok(())
+    }
+
     /// The output, once the work before [`StepIo::finish`] has run (waits for it).
     pub fn output(&self) -> Result<&[f32], GpuError> {
-        self.done.synchronize()?;
+        self.wait()?;
         Ok(self.out.as_slice())
     }
 }
