@@ -1015,6 +1015,75 @@ fn int8_blocks_follow_rewrites() {
 
 #[test]
 #[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn appended_rows_equal_host_writes() {
+    // append_rows (the engine's prefill mirror: chunks of rows, a rollback, a catch-up) against
+    // write_host of the final rows: K tiles, V, moments and mom_len bit for bit, and the int8
+    // planes (grouped and per FC) the same.
+    let g = gpu();
+    let st = &g.stream;
+    let mut r = rng();
+    for (dt, d, n_kv, by_fc) in [(Dtype::F16, 64, 3, false), (Dtype::Bf16, 128, 2, true), (Dtype::F16, 128, 1, false)] {
+        let (l_max, len) = (1024, 777);
+        let n_fc = d / 2;
+        let order: Vec<Vec<usize>> = (0..n_kv).map(|kv| (0..n_fc).map(|s| (s * 5 + kv) % n_fc).collect()).collect();
+        let rows = |r: &mut StdRng| -> Vec<Vec<f32>> { (0..n_kv).map(|_| (0..len * d).map(|_| r.random_range(-3.0f32..3.0)).collect()).collect() };
+        let (k, v, k_old) = (rows(&mut r), rows(&mut r), rows(&mut r));
+        // What `got` holds at the end (below): k_old's rows below the rollback, k's after.
+        let fin: Vec<Vec<f32>> = (0..n_kv).map(|kv| k_old[kv][..100 * d].iter().chain(&k[kv][100 * d..]).copied().collect()).collect();
+        let mut want = GpuKvCache::new(&g, dt, 1, n_kv, d, l_max, Some(order.clone())).unwrap();
+        for kv in 0..n_kv {
+            want.write_host(&g, 0, kv, &fin[kv], &v[kv]).unwrap();
+        }
+        want.enable_scoring_planes_as(&g, 8, by_fc).unwrap();
+        let mut got = GpuKvCache::new(&g, dt, 1, n_kv, d, l_max, Some(order)).unwrap();
+        got.enable_scoring_planes_as(&g, 8, by_fc).unwrap();
+        // (n_kv, t1 - t0, d) rows of `src` uploaded and appended.
+        let put = |c: &mut GpuKvCache, src: &[Vec<f32>], t0: usize, t1: usize| {
+            let flat: Vec<f32> = src.iter().flat_map(|h| h[t0 * d..t1 * d].iter().copied()).collect();
+            let dev = st.clone_htod(&flat).unwrap();
+            let vf: Vec<f32> = v.iter().flat_map(|h| h[t0 * d..t1 * d].iter().copied()).collect();
+            let vd = st.clone_htod(&vf).unwrap();
+            fasa_kernels::gpu::append::append_rows(&g, c, 0, t0, t1 - t0, &dev.as_view(), &vd.as_view()).unwrap();
+        };
+        // Other rows first up to 600, then rolled back to 100 and written in chunks of 300
+        // (moments counted again below 100), the last chunk not a whole block.
+        put(&mut got, &k_old, 0, 600);
+        for (t0, t1) in [(100, 400), (400, 700), (700, len)] {
+            put(&mut got, &k, t0, t1);
+        }
+        let what = format!("{dt:?} d {d} n_kv {n_kv} per FC {by_fc}");
+        assert!(st.clone_dtoh(&got.v).unwrap() == st.clone_dtoh(&want.v).unwrap(), "{what}: V");
+        let (gk, wk) = (st.clone_dtoh(&got.k).unwrap(), st.clone_dtoh(&want.k).unwrap());
+        // (rows past len: the stale rows the rollback left on the one side, zeros on the other)
+        for kv in 0..n_kv {
+            for t in 0..len {
+                for s in 0..n_fc {
+                    let o = kv * l_max * d + got.k_index(t, s);
+                    assert!(gk[o] == wk[o] && gk[o + 1] == wk[o + 1], "{what}: K of token {t}, slot {s}, KV head {kv}");
+                }
+            }
+        }
+        let bits = |m: Vec<f64>| m.into_iter().map(f64::to_bits).collect::<Vec<_>>();
+        assert!(bits(st.clone_dtoh(&got.mom).unwrap()) == bits(st.clone_dtoh(&want.mom).unwrap()), "{what}: moments");
+        assert_eq!(st.clone_dtoh(&got.mom_len).unwrap(), vec![len as i32; n_kv], "{what}: mom_len");
+        let (gq, wq) = (got.q8.as_ref().unwrap(), want.q8.as_ref().unwrap());
+        assert_eq!(st.clone_dtoh(&gq.blocks).unwrap(), vec![(len / QB) as i32; n_kv], "{what}: quantised blocks");
+        let whole = |p: &fasa_kernels::gpu::Q8Planes| -> (Vec<i8>, Vec<f32>) {
+            let (q, sc) = (st.clone_dtoh(&p.q).unwrap(), st.clone_dtoh(&p.scales).unwrap());
+            // (the blocks below len/QB of every KV head: regions of l_max·d bytes and (l_max/QB)·n_fc scales)
+            let qb = (len / QB) * QB;
+            let q = (0..n_kv).flat_map(|kv| q[kv * l_max * d..kv * l_max * d + qb * d].to_vec()).collect();
+            let sc = (0..n_kv).flat_map(|kv| sc[kv * (l_max / QB) * n_fc..kv * (l_max / QB) * n_fc + (len / QB) * n_fc].to_vec()).collect::<Vec<f32>>();
+            (q, sc)
+        };
+        let ((q1, s1), (q2, s2)) = (whole(gq), whole(wq));
+        assert!(q1 == q2, "{what}: int8 planes");
+        assert!(s1.iter().map(|x| x.to_bits()).eq(s2.iter().map(|x| x.to_bits())), "{what}: int8 scales");
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
 fn long_and_large_budget_matches_cpu() {
     let mut r = rng();
     let c = Case { lens: vec![40000, 33000], l_max: 40960, budget: 1024, k: 16, pool: 32, sinks: 4, recent: 32, var_mass: true, ..base(Dtype::F16, 128, 32, 8) };

@@ -231,6 +231,77 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
     }
 }
 
+// 1b. Append rows: tokens t0..t0+len of sequence b, every KV head, from (n_kv, len, d) f32 rows
+// (K rotated, FC-pair order; V in the model's order) in one launch: what GpuKvCache::write_host
+// stores, with the conversion and the tile layout done here instead of on the host (the engine
+// mirrors each prefill chunk this way). The moments become the sums over tokens 0..t0+len in
+// token order, rounded as cpu::add_moments (so the bits write_host's host sums give): continued
+// from the stored ones when they cover exactly 0..t0, else counted again from the stored K below
+// t0 first (as the CPU cache recounts after a rollback); mom_len = t0 + len. The int8 planes are
+// the caller's to quantise again (quant_blocks). grid (n_kv, 1 + row blocks), block ≥ n_fc: the
+// blocks of y = 0 count the moments (thread j < n_fc: FC j, sequential over tokens), the others
+// store the rows' elements (rows ≥ t0, which the count below t0 does not read).
+template <class T>
+__device__ void append_rows_impl(Dims D, u16* __restrict__ k, u16* __restrict__ v, const float* __restrict__ k_new,
+                                 const float* __restrict__ v_new, int b, int t0, int len, const int* slot_of_fc,
+                                 double* mom, int* mom_len) {
+    int kvh = blockIdx.x;
+    size_t bk = (size_t)b * D.n_kv + kvh;
+    u16* kb = k + bk * D.l_max * D.d;
+    const float* kn = k_new + (size_t)kvh * len * D.d;
+    if (blockIdx.y == 0) {
+        int f = threadIdx.x;
+        int covered = mom_len[bk];
+        if (f < D.n_fc) {
+            int slot = slot_of_fc[kvh * D.n_fc + f];
+            const u16* kp = kb + (slot % FCG) * 2;
+            int g = slot / FCG;
+            double* mp = mom + (bk * D.n_fc + f) * 5;
+            double m[5] = {0., 0., 0., 0., 0.};
+            if (covered == t0) {
+                for (int i = 0; i < 5; ++i) m[i] = mp[i];
+            }
+            auto add = [&](double x, double y) {
+                m[0] = __dadd_rn(m[0], x); m[1] = __dadd_rn(m[1], y);
+                m[2] = __dadd_rn(m[2], __dmul_rn(x, x)); m[3] = __dadd_rn(m[3], __dmul_rn(x, y));
+                m[4] = __dadd_rn(m[4], __dmul_rn(y, y));
+            };
+            if (covered != t0) {
+                for (int t = 0; t < t0; ++t) {
+                    const u16* p = kp + k_off(t, g, D.n_grp);
+                    add(T::load(p[0]), T::load(p[1]));
+                }
+            }
+            // (loads of 8 tokens issued before their adds: the adds are the only chain)
+            int t = 0;
+            for (; t + 8 <= len; t += 8) {
+                float2 r[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) r[u] = *(const float2*)(kn + (size_t)(t + u) * D.d + 2 * f);
+#pragma unroll
+                for (int u = 0; u < 8; ++u) add(T::load(T::store(r[u].x)), T::load(T::store(r[u].y)));
+            }
+            for (; t < len; ++t) {
+                float2 r = *(const float2*)(kn + (size_t)t * D.d + 2 * f);
+                add(T::load(T::store(r.x)), T::load(T::store(r.y)));
+            }
+            for (int i = 0; i < 5; ++i) mp[i] = m[i];
+        }
+        __syncthreads(); // every thread has read mom_len
+        if (threadIdx.x == 0) mom_len[bk] = t0 + len;
+        return;
+    }
+    const float* vn = v_new + (size_t)kvh * len * D.d;
+    u16* vb = v + (bk * D.l_max + t0) * D.d;
+    int nb = gridDim.y - 1;
+    for (int i = (blockIdx.y - 1) * blockDim.x + threadIdx.x; i < len * D.d; i += nb * blockDim.x) {
+        int t = i / D.d, j = i % D.d;
+        vb[i] = T::store(vn[i]);
+        int slot = slot_of_fc[kvh * D.n_fc + (j >> 1)];
+        kb[k_off(t0 + t, slot / FCG, D.n_grp) + (slot % FCG) * 2 + (j & 1)] = T::store(kn[i]);
+    }
+}
+
 // Quantises every whole block below the length of (sequence b0 + blockIdx.z, KV head kv0 +
 // blockIdx.y): lens (batch, n_kv) (the cache's mom_len), or len where lens is null; one block of
 // QB tokens per thread block; sets q8n to their count. grid (≥ blocks, KV heads, sequences),
@@ -3002,6 +3073,11 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
                                              const int* slot_of_fc, double* mom, int* mom_len, i8* kq, float* ks,        \
                                              int* q8n) {                                                                 \
         append_impl<TY>(D, k, v, k_new, v_new, pos, slot_of_fc, mom, mom_len, kq, ks, q8n);                              \
+    }                                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) append_rows_##NAME(Dims D, u16* k, u16* v, const float* k_new,   \
+                                                    const float* v_new, int b, int t0, int len,          \
+                                                    const int* slot_of_fc, double* mom, int* mom_len) {  \
+        append_rows_impl<TY>(D, k, v, k_new, v_new, b, t0, len, slot_of_fc, mom, mom_len);                \
     }                                                                                                                    \
     extern "C" __global__ void quant_blocks_##NAME(Dims D, const u16* k, i8* kq, float* ks, int* q8n, int b0, int kv0,    \
                                                    const int* lens, int len) {                                           \

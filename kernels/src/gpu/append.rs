@@ -26,7 +26,7 @@
 //!
 //! (The CPU cache keeps K twice, as FC planes and as rows; the GPU keeps it once: the 32-byte
 //! groups give TIP FC granularity of 8, the runs of groups FAC whole DRAM units.)
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
 use super::{cfg, k_run, Dims, Dtype, Gpu, GpuError, TypedOp, FCG, GE, KT, QB};
 
@@ -339,6 +339,34 @@ pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: 
     // n_kv, d) (checked above), mom (batch, n_kv, n_fc, 5), q8 as allocated by enable_q8.
     unsafe { l.launch(cfg((cache.n_kv, cache.batch, 1), cache.d)) }?;
     Ok(())
+}
+
+/// Writes tokens `t0..t0 + len` of sequence `b`, every KV head, from device rows `k_rows`,
+/// `v_rows` `(n_kv, len, d)` f32 (K rotated, FC-pair order; V in the model's order): the contents
+/// [`GpuKvCache::write_host`] gives, converted and laid out on the device (fasa.cu's
+/// `append_rows_impl`), so a host only gathers rows. The K moments become those of tokens
+/// `0..t0 + len` in token order (counted again below `t0` unless they covered exactly `0..t0`),
+/// `mom_len` `t0 + len`; int8 planes are quantised again up to the new length.
+pub fn append_rows(gpu: &Gpu, cache: &mut GpuKvCache, b: usize, t0: usize, len: usize, k_rows: &CudaView<f32>, v_rows: &CudaView<f32>) -> Result<(), GpuError> {
+    let n = cache.n_kv * len * cache.d;
+    if b >= cache.batch || t0 + len > cache.l_max || k_rows.len() < n || v_rows.len() < n {
+        return Err(GpuError::Shape(format!("append_rows: tokens {t0}..{} of sequence {b} from (n_kv, len, d) rows: batch {}, l_max {}", t0 + len, cache.batch, cache.l_max)));
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    let dims = cache.dims(cache.n_kv);
+    let (b32, t0_32, len32) = (b as i32, t0 as i32, len as i32);
+    // Row blocks: about 8 elements a thread, at most 32 blocks per KV head.
+    let row_blocks = n.div_ceil(cache.n_kv * 256 * 8).clamp(1, 32);
+    let mut l = gpu.stream.launch_builder(gpu.f.typed(cache.dtype, TypedOp::AppendRows));
+    l.arg(&dims).arg(&mut cache.k).arg(&mut cache.v).arg(k_rows).arg(v_rows).arg(&b32).arg(&t0_32).arg(&len32);
+    l.arg(&cache.slot_of_fc).arg(&mut cache.mom).arg(&mut cache.mom_len);
+    // SAFETY: grid (n_kv, 1 + row_blocks) × 256 threads (≥ n_fc); the row blocks write tokens
+    // t0..t0+len < l_max of sequence b's regions, the moment block reads K below t0 and writes
+    // mom/mom_len of (b, kv) only; the rows hold (n_kv, len, d) (checked above).
+    unsafe { l.launch(cfg((cache.n_kv, 1 + row_blocks, 1), 256)) }?;
+    cache.quantize(gpu, None)
 }
 
 #[cfg(test)]

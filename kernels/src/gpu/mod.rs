@@ -356,8 +356,8 @@ pub(crate) struct Funcs {
     pub fac_combine: [CudaFunction; 2],
     pub fill_random_f32: CudaFunction,
     pub copy_u4: CudaFunction,
-    /// Per dtype: append, tip, rerank_scores, fill_random.
-    pub typed: [[CudaFunction; 4]; 2],
+    /// Per dtype: append, tip, rerank_scores, fill_random, append_rows.
+    pub typed: [[CudaFunction; 5]; 2],
     /// Per dtype, group-mass TIP (per-head scores) for at most 2, 4, 8 heads per selection.
     pub tip_heads: [[CudaFunction; 3]; 2],
     /// The same two TIP kernels reading the int8 scoring planes for whole blocks (`tip8_*`,
@@ -562,6 +562,7 @@ pub(crate) enum TypedOp {
     Tip = 1,
     RerankScores = 2,
     Fill = 3,
+    AppendRows = 4,
 }
 
 /// One device: context, stream, the compiled module.
@@ -664,9 +665,15 @@ impl Gpu {
         let ptx = compile_ptx(arch)?;
         let module = ctx.load_module(Ptx::from_src(ptx))?;
         let get = |n: &str| module.load_function(n);
-        let typed = |dt: Dtype| -> Result<[CudaFunction; 4], DriverError> {
+        let typed = |dt: Dtype| -> Result<[CudaFunction; 5], DriverError> {
             let s = dt.suffix();
-            Ok([get(&format!("append_{s}"))?, get(&format!("tip_{s}"))?, get(&format!("rerank_scores_{s}"))?, get(&format!("fill_random_{s}"))?])
+            Ok([
+                get(&format!("append_{s}"))?,
+                get(&format!("tip_{s}"))?,
+                get(&format!("rerank_scores_{s}"))?,
+                get(&format!("fill_random_{s}"))?,
+                get(&format!("append_rows_{s}"))?,
+            ])
         };
         let tip_heads = |dt: Dtype| -> Result<[CudaFunction; 3], DriverError> {
             let s = dt.suffix();
