@@ -10,9 +10,11 @@
 #               bash bench/gpu/e2e.sh unpack && bash bench/gpu/e2e.sh run [DEPTHS]
 #               (carry [".dev/e2e/p2", ".dev/e2e/bin"]; depths default 2048,8000): the model is
 #               whole once both parts came ("model: <file>").
-# Output: one line per (provider, attention path, round, depth, mode): decode tokens/s over all
-# tokens, the first decode token's ms (on the GPU path it uploads the whole slot) and the rate of
-# the others; the JSON lines in $OUT/e2e.jsonl.
+# Output: one line per (binary, provider, attention path, round, depth, mode): decode tokens/s
+# over all tokens, the first decode token's ms and the rate of the others; the JSON lines in
+# $OUT/e2e.jsonl. Every `speed*` binary staged in .dev/e2e/bin runs (E2E_BASE=<speed built at
+# another commit> at `stage` adds it as speed-base, for a same-call A/B); E2E_PATHS=<labels,…>
+# keeps only those attention paths (gpu-graphs, gpu-one-by-one, cpu-attention).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DEST=${E2E_STAGE:-.dev/e2e}
@@ -28,6 +30,10 @@ stage)
   cargo build --release -p fasa-bench --bin speed
   objcopy --strip-debug "${CARGO_TARGET_DIR:-target}/release/speed" "$DEST/bin/speed"
   xz -6 -T2 "$DEST/bin/speed"
+  if [ -n "${E2E_BASE:-}" ]; then
+    objcopy --strip-debug "$E2E_BASE" "$DEST/bin/speed-base"
+    xz -6 -T2 "$DEST/bin/speed-base"
+  fi
   ort=$(ls "$src"/onnxruntime/libonnxruntime.so.* | head -1)
   xz -6 -T2 -c "$ort" > "$DEST/bin/$(basename "$ort").xz"
   du -sh "$DEST"/*
@@ -49,7 +55,7 @@ run)
   python3 -c 'import lzma, shutil, sys, glob, os
 for f in glob.glob(sys.argv[1] + "/*.xz"):
     shutil.copyfileobj(lzma.open(f), open(os.path.join(sys.argv[2], os.path.basename(f)[:-3]), "wb"))' "$DEST/bin" "$bin"
-  chmod +x "$bin/speed"
+  chmod +x "$bin"/speed*
   [ -f "/tmp/e2e-model/$MODEL" ] || { echo "no model: run 'unpack' with each part first" >&2; exit 1; }
   SITE=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
   export FASA_MODEL="/tmp/e2e-model/$MODEL" FASA_CACHE_DIR=/tmp/e2e-cache FASA_PTX_CACHE=/tmp/fasa-ptx
@@ -64,13 +70,17 @@ for f in glob.glob(sys.argv[1] + "/*.xz"):
   for round in 1 2; do
     for c in "${cfgs[@]}"; do
       set -- $c
-      FASA_ORT_LIB=$2 FASA_GPU=$3 FASA_GPU_GRAPH=$4 timeout 300 "$bin/speed" --depth "$depths" --modes dense,fasa \
-        --prefill 64 --decode 128 --execution-provider "$1" 2>/dev/null \
-        | sed "s/^{/{\"path\":\"$5\",\"round\":$round,/" | tee -a "$OUT/e2e.jsonl" \
-        | python3 -c 'import json, sys
+      [ -n "${E2E_PATHS:-}" ] && [[ ",$E2E_PATHS," != *",$5,"* ]] && continue
+      for exe in "$bin"/speed*; do
+        FASA_ORT_LIB=$2 FASA_GPU=$3 FASA_GPU_GRAPH=$4 timeout 300 "$exe" --depth "$depths" --modes dense,fasa \
+          --prefill 64 --decode 128 --execution-provider "$1" 2>/dev/null \
+          | sed "s/^{/{\"bin\":\"${exe##*/}\",\"path\":\"$5\",\"round\":$round,/" | tee -a "$OUT/e2e.jsonl" \
+          | python3 -c 'import json, sys
 for j in map(json.loads, sys.stdin):
-    print(j["round"], j["execution_provider"], j["path"], j["depth"], j["mode"], "tok/s %.1f" % j["decode_tok_s"],
-          "first %.1f ms" % j["first_decode_ms"], "then %.1f tok/s" % j["steady_decode_tok_s"], "graph steps", j["graph_steps"])'
+    print(j["round"], j["bin"], j["execution_provider"], j["path"], j["depth"], j["mode"], "tok/s %.1f" % j["decode_tok_s"],
+          "first %.1f ms" % j["first_decode_ms"], "then %.1f tok/s" % j["steady_decode_tok_s"],
+          "prefill %.1f tok/s" % j["prefill_tok_s"], "graph steps", j["graph_steps"])'
+      done
     done
   done
   ;;

@@ -4,12 +4,14 @@
 //! The CPU cache stays authoritative and is written exactly as without a GPU: prefill,
 //! calibration, recall/mass measurement, K/V capture, the baselines (oracle, streaming, quest,
 //! random-fc), FASA-M and rewinds all use it, and it needs no second implementation of them. The
-//! mirror follows it per (slot, layer): at a decode step that runs here only the new token's
-//! rotated K and V row goes in (the append kernel also keeps the K moments that `fasa` picks FCs
-//! by); when the mirror is behind or positions were rewritten (a prefill, a rewind, a new
-//! sequence in the slot, `CachePool::copy_slot`) the slot's rows are uploaded again from the CPU
-//! cache first, once. Cost: the cache is held twice, f32 on the host and fp16 on the device (the
-//! device copy is allocated at the full context when a slot first decodes here); on a
+//! mirror follows it per (slot, layer): a prefill's rows go up as the prefill writes them (the
+//! host gathers rows from the CPU cache, a kernel converts them to fp16 and lays them out:
+//! `append_rows`), at a decode step that runs here only the new token's rotated K and V row goes
+//! in (the append kernel also keeps the K moments that `fasa` picks FCs by), and when the mirror
+//! is behind (a rewind, a new sequence in the slot, `CachePool::copy_slot`, a prefill that ran
+//! with measurement or calibration on) the rows it lacks go up at the next decode step, once.
+//! Cost: the cache is held twice, f32 on the host and fp16 on the device (the device copy is
+//! allocated at the full context when a slot first prefills or decodes here); on a
 //! unified-memory board (Jetson) both come out of the same DRAM, about ×2 the KV memory.
 //! Mode `fasa` scores with TIP from int8 scoring planes, as the CPU's `fasa` does (whole blocks of
 //! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_scoring_planes_as`, half
@@ -30,7 +32,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
-use fasa_kernels::gpu::append::append;
+use fasa_kernels::gpu::append::{append, append_rows};
 use fasa_kernels::gpu::decode::capture;
 use fasa_kernels::gpu::io::{poison, Pinned, StepIo};
 use fasa_kernels::gpu::{CudaGraph, CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS, QB};
@@ -82,12 +84,21 @@ pub struct GpuMirror {
     /// Decode steps replayed as CUDA graphs (off with `FASA_GPU_GRAPH=0`, or once a capture
     /// failed: then launched one by one).
     graphs: AtomicBool,
+    /// `(n_kv, ROWS_PIECE, d)` f32 K and V rows on their way into a cache (`GpuMirror::extend`;
+    /// allocated at first use; reused in the order of our stream).
+    staging: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
 }
+
+/// Rows a mirror takes in one piece through its staging (a prefill chunk is 512).
+const ROWS_PIECE: usize = 1024;
 
 #[derive(Default)]
 struct LayerMirror {
     /// Tokens `0..valid` (and their K moments) equal the CPU cache's.
     valid: usize,
+    /// Rows were written on our stream since the last step (a prefill): a step on another
+    /// stream (ONNX Runtime's) waits for them.
+    pending: bool,
     dev: Option<Device>,
 }
 
@@ -154,7 +165,7 @@ impl GpuMirror {
         };
         log_once(&ON, || format!("FasaAttention: decode on the GPU (sm_{}{}), fp16 mirror of the FASA-C cache; prefill and other modes on the CPU", gpu.arch.0, gpu.arch.1));
         let slots = (0..n_slots).map(|_| Mutex::new((0..shape.n_layers).map(|_| LayerMirror::default()).collect())).collect();
-        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None), ort_view: Mutex::new(None), graphs: AtomicBool::new(!std::env::var("FASA_GPU_GRAPH").is_ok_and(|v| v == "0")) })
+        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None), ort_view: Mutex::new(None), graphs: AtomicBool::new(!std::env::var("FASA_GPU_GRAPH").is_ok_and(|v| v == "0")), staging: Mutex::new(None) })
     }
 
     fn layers(&self, slot: usize) -> std::sync::MutexGuard<'_, Vec<LayerMirror>> {
@@ -173,6 +184,86 @@ impl GpuMirror {
         if let Some(l) = self.layers(slot).get_mut(layer) {
             l.valid = l.valid.min(pos);
         }
+    }
+
+    /// A prefill wrote tokens `pos..n` of `layer` to the CPU cache (`n = c.len(layer)`): the mirror
+    /// takes them now (the host gathers the rows; their conversion runs on our stream while the
+    /// CPU goes on with the next layers), so the first decode step after a prompt has only its own
+    /// row to add (it uploaded every row of the slot until GPU run 34). Rows the mirror lacks
+    /// below `pos` come along. On an error the rows stay unmirrored (logged once) and the next
+    /// decode step writes them.
+    pub fn prefill(&self, c: &SeqCache, slot: usize, layer: usize, pos: usize, n_q: usize, profile: &Arc<Profile>) {
+        let mut layers = self.layers(slot);
+        let lm = &mut layers[layer];
+        lm.valid = lm.valid.min(pos);
+        let n = c.len(layer);
+        if n > self.l_max || lm.valid >= n {
+            return;
+        }
+        let t0 = lm.valid;
+        // A decode step queued on ONNX Runtime's stream may still read these rows.
+        let ort = self.ort_view.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, g)| Arc::clone(g));
+        let r = match ort {
+            Some(o) => self.gpu.stream.join(&o.stream).map_err(GpuError::from),
+            None => Ok(()),
+        };
+        let r = r.and_then(|()| self.device(lm, n_q, profile, layer)).and_then(|dev| self.extend(dev, c, layer, t0, n));
+        match r {
+            Ok(()) => {
+                lm.valid = n;
+                lm.pending = true;
+            }
+            Err(e) => {
+                static WARN: Once = Once::new();
+                WARN.call_once(|| log::warn!("FasaAttention: the GPU mirror could not take a prefill's rows ({e}); the next decode step uploads them"));
+            }
+        }
+    }
+
+    /// The device buffers of `lm`, allocated at the full context on first use.
+    fn device<'a>(&self, lm: &'a mut LayerMirror, n_q: usize, profile: &Profile, layer: usize) -> Result<&'a mut Device, GpuError> {
+        let (g, s) = (&*self.gpu, &self.gpu.stream);
+        let (hkv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
+        Ok(match &mut lm.dev {
+            Some(dev) => dev,
+            none => none.insert(Device {
+                // Slots in the KV ranking's order: the pool's FCs lead each tile (speed only).
+                cache: GpuKvCache::new(g, Dtype::F16, 1, hkv, d, self.l_max, Some(profile.layers[layer].kv_heads.iter().map(|h| h.ranked_fcs.clone()).collect()))?,
+                dec: None,
+                io: StepIo::new(g, n_q, hkv, d)?,
+                out: s.alloc_zeros(n_q * d)?,
+                graph: None,
+                sel: None,
+            }),
+        })
+    }
+
+    /// Rows `t0..n` of `layer` from the CPU cache into `dev`'s cache on our stream, in pieces of
+    /// `ROWS_PIECE` through the staging: the host gathers rows, the device converts them to fp16
+    /// and lays them out (`append_rows`).
+    fn extend(&self, dev: &mut Device, c: &SeqCache, layer: usize, t0: usize, n: usize) -> Result<(), GpuError> {
+        let (g, s) = (&*self.gpu, &self.gpu.stream);
+        let (hkv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
+        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
+        let (ks, vs) = match &mut *staging {
+            Some(st) => st,
+            none => none.insert((s.alloc_zeros(hkv * ROWS_PIECE * d)?, s.alloc_zeros(hkv * ROWS_PIECE * d)?)),
+        };
+        let piece = ROWS_PIECE.min(n - t0);
+        let (mut k, mut v) = (vec![0f32; hkv * piece * d], vec![0f32; hkv * piece * d]);
+        for a in (t0..n).step_by(ROWS_PIECE) {
+            // (n_kv, len, d): one KV head's rows after the other.
+            let len = ROWS_PIECE.min(n - a);
+            let m = hkv * len * d;
+            for (i, (kr, vr)) in k[..m].chunks_exact_mut(d).zip(v[..m].chunks_exact_mut(d)).enumerate() {
+                c.load_row(layer, i / len, (a + i % len) as u32, kr, vr);
+            }
+            // (pageable memory: the copy has taken k and v when it returns, so they are reused)
+            s.memcpy_htod(&k[..m], &mut ks.slice_mut(..m))?;
+            s.memcpy_htod(&v[..m], &mut vs.slice_mut(..m))?;
+            append_rows(g, &mut dev.cache, 0, a, len, &ks.slice(..m), &vs.slice(..m))?;
+        }
+        Ok(())
     }
 
     /// One decode step of `c` (the token at `n - 1` already written to the CPU cache) on the GPU:
@@ -238,42 +329,35 @@ impl GpuMirror {
         if n > self.l_max {
             return Err(GpuError::Shape(format!("context of {n} tokens exceeds the GPU cache's {}", self.l_max)));
         }
-        // Bring the mirror to the CPU cache's n rows: the new row alone, or all of them again.
-        let rows = if lm.valid + 1 == n { n - 1..n } else { 0..n };
+        // Bring the mirror to the CPU cache's n rows: the new row alone, or every row it lacks
+        // (the mirror behind: a prefill it could not take, a rewind, a copied slot) at set-up.
+        let t0 = lm.valid.min(n - 1);
+        let catch_up = t0 + 1 < n;
+        let pending = std::mem::take(&mut lm.pending);
         let key: DecKey = (st.sparse.then(|| st.cfg.clone()), Arc::clone(st.profile));
         let rebuild = !lm.dev.as_ref().and_then(|dev| dev.dec.as_ref()).is_some_and(|(k, _)| k.0 == key.0 && Arc::ptr_eq(&k.1, &key.1));
-        // Set-up (allocation, a whole slot's upload, a new decoder) runs on our stream; on another
-        // stream it waits for that stream's earlier steps first and is finished before the step.
+        // Set-up (allocation, rows caught up, a new decoder) runs on our stream; on another
+        // stream it waits for that stream's earlier steps first and is finished before the step,
+        // as are a prefill's rows.
         let other = !std::ptr::eq(&*run.stream, &**s);
-        let setup = rows.start == 0 || rebuild;
+        let setup = catch_up || rebuild;
         if setup && other {
             s.join(&run.stream)?;
         }
-        let dev = match &mut lm.dev {
-            Some(dev) => dev,
-            none => none.insert(Device {
-                // Slots in the KV ranking's order: the pool's FCs lead each tile (speed only).
-                cache: GpuKvCache::new(g, Dtype::F16, 1, hkv, d, self.l_max, Some(st.profile.layers[st.layer].kv_heads.iter().map(|h| h.ranked_fcs.clone()).collect()))?,
-                dec: None,
-                io: StepIo::new(g, st.n_q, hkv, d)?,
-                out: s.alloc_zeros(st.n_q * d)?,
-                graph: None,
-                sel: None,
-            }),
-        };
-        // (n_kv, rows, d) K and V, one KV head after the other.
-        let (mut k, mut v) = (vec![0f32; hkv * rows.len() * d], vec![0f32; hkv * rows.len() * d]);
-        for (kh, (kk, vv)) in k.chunks_exact_mut(rows.len() * d).zip(v.chunks_exact_mut(rows.len() * d)).enumerate() {
-            for (t, (kr, vr)) in rows.clone().zip(kk.chunks_exact_mut(d).zip(vv.chunks_exact_mut(d))) {
-                c.load_row(st.layer, kh, t as u32, kr, vr);
-            }
-            if rows.start == 0 {
-                dev.cache.write_host(g, 0, kh, kk, vv)?;
+        let dev = self.device(lm, st.n_q, st.profile, st.layer)?;
+        if catch_up {
+            self.extend(dev, c, st.layer, t0, n)?;
+        }
+        // The new row `(n_kv, d)`: appended by the step, or at set-up before the decoder is
+        // built (whose scoring planes are quantised from the rows mirrored then), on set-up's
+        // stream.
+        let (mut k, mut v) = (vec![0f32; hkv * d], vec![0f32; hkv * d]);
+        if !catch_up {
+            for (kh, (kr, vr)) in k.chunks_exact_mut(d).zip(v.chunks_exact_mut(d)).enumerate() {
+                c.load_row(st.layer, kh, (n - 1) as u32, kr, vr);
             }
         }
-        // The new row: appended by the step, or at set-up before the decoder is built (whose
-        // scoring planes are quantised from the rows mirrored then), on set-up's stream.
-        let row = (rows.start > 0).then(|| (&k[..], &v[..], (n - 1) as i32));
+        let row = (!catch_up).then(|| (&k[..], &v[..], (n - 1) as i32));
         dev.io.stage(st.q_fc, row, n as i32)?;
         if setup && row.is_some() {
             dev.io.upload(g)?;
@@ -282,7 +366,7 @@ impl GpuMirror {
         if rebuild {
             let dc = decode_config(st, d / 2);
             if dc.q8_tip {
-                // Quantises the rows mirrored so far; write_host and append keep the planes after.
+                // Quantises the rows mirrored so far; append and append_rows keep the planes after.
                 // Int8 planes stored per FC where TIP chooses its k FCs per step from a larger pool
                 // (`fasa`: it then reads only those k, not every group of 8 holding one).
                 let bits = c.tip_bits();
@@ -296,7 +380,7 @@ impl GpuMirror {
             dev.sel = if st.sparse && !st.cfg.per_group { Some(Pinned::new(g, dec.sel.len())?) } else { None };
             dev.dec = Some((key, dec));
         }
-        if setup && other {
+        if (setup || pending) && other {
             s.synchronize()?;
         }
         // The step on `run`'s stream: the inputs up, (the new row appended,) the decode, the

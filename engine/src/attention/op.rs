@@ -215,8 +215,11 @@ impl FasaKernel {
         // CPU cache stays authoritative; steps that need it (measurement, calibration, capture,
         // other modes, FASA-M) and any GPU error take the CPU path below.
         if let Some(m) = self.pool.gpu() {
-            let on_gpu = s == 1 && !tiered && !measure && recorder.is_none() && cache.state.capture.is_none() && super::gpu::serves(cfg.mode);
-            if !on_gpu {
+            let mirrored = !tiered && !measure && recorder.is_none() && cache.state.capture.is_none() && super::gpu::serves(cfg.mode);
+            if s > 1 && mirrored {
+                // (the prompt's rows go up now, beside the CPU's prefill attention below)
+                m.prefill(&cache, slot, layer, pos, h, &self.pool.profile());
+            } else if !(s == 1 && mirrored) {
                 m.rewind(slot, layer, pos);
             } else {
                 let step = super::gpu::DecodeStep { slot, layer, q_fc: &q_fc, n_q: h, cfg: &cfg, profile: &self.pool.profile(), sparse };
