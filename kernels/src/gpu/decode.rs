@@ -257,7 +257,7 @@ impl FasaDecoder {
         let heads_mass = Self::heads_mass(&cfg, hps);
         let (tip8_pipe, tip8_heads_pipe) = (super::tip8_pipe(), true);
         let tipm = super::tipm_on();
-        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, hps, segs, tip8_pipe, tip8_heads_pipe, tipm)?;
+        let tip_chunks = Self::auto_chunks(gpu, cache, &cfg, tip8_pipe, tip8_heads_pipe, tipm)?;
         Ok(Self {
             pool: st.clone_htod(&pool)?,
             scores: st.alloc_zeros(segs * cache.l_max)?,
@@ -360,10 +360,12 @@ impl FasaDecoder {
         cfg.q8_tip && !Self::heads_mass(cfg, hps) && pipe != 0
     }
 
-    /// The automatic TIP chunk count for the TIP kernel these settings run (`heads_pipe`: the
-    /// group-mass int8 stage 1 pipelined).
-    #[allow(clippy::too_many_arguments)]
-    fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, hps: usize, segs: usize, pipe: usize, heads_pipe: bool, tipm: bool) -> Result<usize, GpuError> {
+    /// The automatic TIP chunk count for the TIP kernel these settings run (`pipe`,
+    /// `heads_pipe`, `tipm`: the decoder's fields of those names).
+    fn auto_chunks(gpu: &Gpu, cache: &GpuKvCache, cfg: &DecodeConfig, pipe: usize, heads_pipe: bool, tipm: bool) -> Result<usize, GpuError> {
+        // (as `new` sizes them: heads per selection, selections per step)
+        let hps = if cfg.per_group { cfg.n_q / cache.n_kv } else { 1 };
+        let segs = cache.batch * (cfg.n_q / hps);
         let heads8 = cfg.q8_tip && Self::heads_mass(cfg, hps);
         let q4 = Q8Planes::int4(cache.q8.as_ref());
         let by_fc = cfg.q8_tip && Q8Planes::per_fc(cache.q8.as_ref());
@@ -409,8 +411,7 @@ impl FasaDecoder {
 
     /// `tip_chunks` back to the automatic count of the TIP kernel the decoder's settings run.
     fn reset_tip_chunks(&mut self, gpu: &Gpu, cache: &GpuKvCache) -> Result<(), GpuError> {
-        let segs = cache.batch * self.dims.n_sel as usize;
-        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.dims.hps as usize, segs, self.tip8_pipe, self.tip8_heads_pipe, self.tipm)?;
+        self.tip_chunks = Self::auto_chunks(gpu, cache, &self.cfg, self.tip8_pipe, self.tip8_heads_pipe, self.tipm)?;
         Ok(())
     }
 
