@@ -139,3 +139,57 @@ fn gpu_decode_matches_the_cpu_path() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Greedy decoding of `STEPS` tokens after the prompt on a fresh slot of `m`, the mode switched
+/// between `fasa` and `fasa-paper` every two steps (each switch builds the layer's decoder again,
+/// and its next step captures a new CUDA graph): the tokens, each step's logits, the counters.
+fn greedy(m: &mut Model, prompt: &[u32]) -> (Vec<u32>, Vec<Vec<f32>>, AttnStats) {
+    let lease = m.pool().acquire().unwrap();
+    let cfgs = [AttnConfig::fasa(BUDGET, 4), AttnConfig::paper(BUDGET, 4)];
+    m.configure_slot(lease.slot(), &cfgs[0], false);
+    let mut lo = m.forward(prompt, 0, lease.slot()).unwrap();
+    let (mut toks, mut logits) = (vec![], vec![]);
+    for s in 0..STEPS {
+        let next = top2(&lo).0;
+        toks.push(next);
+        m.configure_slot(lease.slot(), &cfgs[s / 2 % 2], false);
+        lo = m.forward(&[next], prompt.len() + s, lease.slot()).unwrap();
+        logits.push(lo.clone());
+    }
+    (toks, logits, m.slot_stats(lease.slot()))
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU: run on the device with --include-ignored (FASA_ORT_LIB, NVRTC on LD_LIBRARY_PATH)"]
+fn two_models_decode_at_once() {
+    // Two GPU models decoding in two threads, as fasad's worker and a calibration's second
+    // instance of the model can: each mirror has its own stream, so one's CUDA graph capture
+    // does not take in the other's launches. Each thread's decode, in three rounds, must equal
+    // the same decode run alone, every step on the GPU, every other one captured and replayed.
+    use fasa_engine::gguf::GgmlType::{Q4K, Q5K, Q5_0, Q6K, Q8_0};
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_model_ctx(dir.path(), &Types { embd: Q8_0, output: Some(Q6K), layers: [[Q5_0, Q5_0, Q8_0, Q4K, Q5K, Q5_0, Q6K]; LAYERS] }, 1024);
+    let (mut a, mut b) = (load(&path, true), load(&path, true));
+    assert!(a.pool().gpu().is_some() && b.pool().gpu().is_some(), "no GPU path");
+    let prompt: Vec<u32> = (0..PROMPT as u64).map(|i| ((i * 2654435761 + 777) >> 7) as u32 % 256).collect();
+    let (alone, alone_logits, _) = greedy(&mut a, &prompt);
+    let steps = (STEPS * LAYERS) as u64;
+    for round in 0..3 {
+        let (ra, rb) = std::thread::scope(|s| {
+            let ha = s.spawn(|| greedy(&mut a, &prompt));
+            let hb = s.spawn(|| greedy(&mut b, &prompt));
+            (ha.join().unwrap(), hb.join().unwrap())
+        });
+        for (who, (toks, logits, st)) in [("first", ra), ("second", rb)] {
+            let worst = logits.iter().zip(&alone_logits).map(|(x, y)| rel_err(x, y)).fold(0f32, f32::max);
+            eprintln!("round {round}, {who} model beside the other: logits vs alone max rel-L2 {worst:.2e}; GPU layer-steps {}/{steps}, replayed {}", st.gpu_layer_steps, st.graph_steps);
+            assert_eq!(toks, alone, "round {round}, {who} model: greedy tokens differ from the decode run alone");
+            assert!(worst <= 1e-5, "round {round}, {who} model: logits differ from the decode run alone by {worst:.2e}");
+            assert_eq!(st.gpu_layer_steps, steps, "round {round}, {who} model: GPU layer-steps");
+            assert_eq!(st.graph_steps, steps / 2, "round {round}, {who} model: layer-steps replayed from graphs");
+        }
+    }
+    for m in [&a, &b] {
+        assert!(m.pool().gpu().and_then(|g| g.last_error()).is_none(), "a GPU step failed and ran on the CPU");
+    }
+}

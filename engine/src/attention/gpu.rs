@@ -159,9 +159,20 @@ impl GpuMirror {
             log_once(&SHAPE, || format!("FasaAttention: CPU path (the GPU kernels take head dim 64 or 128 and 1..=8 query heads per KV head, not {} and {group})", shape.head_dim));
             return None;
         }
-        let Some(gpu) = Gpu::try_default() else {
+        let Some(base) = Gpu::try_default() else {
             log_once(&NONE, || "FasaAttention: CPU path (no usable CUDA driver, NVRTC or GPU)".into());
             return None;
+        };
+        // A stream of the mirror's own: a graph capture records whatever is queued on its stream,
+        // from any thread, and two models may decode at once (fasad's worker and a calibration's
+        // second instance of the model, which writes its own text on the GPU when it has no
+        // licence texts), so they must not share the process's stream.
+        let gpu = match base.ctx.new_stream() {
+            Ok(st) => Arc::new(base.on_stream(st)),
+            Err(e) => {
+                log_once(&NONE, || format!("FasaAttention: CPU path (no CUDA stream for the GPU mirror: {e})"));
+                return None;
+            }
         };
         log_once(&ON, || format!("FasaAttention: decode on the GPU (sm_{}{}), fp16 mirror of the FASA-C cache; prefill and other modes on the CPU", gpu.arch.0, gpu.arch.1));
         let slots = (0..n_slots).map(|_| Mutex::new((0..shape.n_layers).map(|_| LayerMirror::default()).collect())).collect();
@@ -321,7 +332,7 @@ impl GpuMirror {
     }
 
     /// `run` launches the step (its stream: ours, or ONNX Runtime's for `Out::Device`); buffers
-    /// are allocated and whole slots uploaded on ours.
+    /// are allocated and missing rows uploaded on ours.
     fn decode_in(&self, lm: &mut LayerMirror, c: &SeqCache, st: &DecodeStep, run: &Gpu, out: Out) -> Result<AttnStats, GpuError> {
         let (g, s) = (&*self.gpu, &self.gpu.stream);
         let (hkv, d, n) = (self.shape.n_kv_heads, self.shape.head_dim, c.len(st.layer));
@@ -388,13 +399,17 @@ impl GpuMirror {
         // first of a decoder replay it as a CUDA graph (module docs), unless graphs are off; a
         // set-up step runs its launches directly.
         let append_row = row.is_some() && !setup;
+        // (a set-up step that appended the row has its inputs on the device already)
+        let uploaded = row.is_some() && setup;
         let host_out = matches!(out, Out::Host(_));
         let gkey: GraphKey = (Arc::as_ptr(&run.stream) as usize, host_out);
         let Device { cache, dec: dec_slot, io, out: dout, graph, sel } = dev;
         let dec = &mut dec_slot.as_mut().expect("decoder built above").1;
         let poisoned = self.poison;
         let mut launches = || -> Result<(), GpuError> {
-            io.upload(run)?;
+            if !uploaded {
+                io.upload(run)?;
+            }
             if append_row {
                 append(run, cache, &io.k_new, &io.v_new, &io.pos)?;
             }
@@ -419,9 +434,9 @@ impl GpuMirror {
             launches()
         } else {
             // (A capture records whatever is queued on its stream, from any thread. Our stream is
-            // the process's (`Gpu::try_default`), so this holds while one thread at a time decodes
-            // on it: the daemon's worker thread owns the model, and a `Model` is not `Sync`.
-            // Two models decoding at once from two threads would want a stream per mirror.)
+            // this mirror's own (`detect`), and one thread at a time decodes on a model: the
+            // daemon's worker owns it, and a `Model` is not `Sync`. ONNX Runtime's stream under
+            // the CUDA provider is its session's, which runs one `Run` at a time here.)
             if graph.as_ref().is_none_or(|(k, _)| *k != gkey) {
                 *graph = None;
                 match capture(run, &mut launches) {
