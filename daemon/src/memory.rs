@@ -60,6 +60,12 @@ pub struct Ask {
     pub sessions: usize,
 }
 
+/// Whether the model's GPU decode mirror will take its bytes from the host's memory (a GPU
+/// sharing it, Jetson): the plan counts them then.
+fn gpu_mirror(config: &ModelConfig) -> bool {
+    fasa_engine::attention::gpu::mirror_in_host_memory(config.head_dim, config.n_heads, config.n_kv_heads, true)
+}
+
 /// Plans for a model of `config` with `weight_bytes` of weights. `before_load`: the reading
 /// includes what the model will take (live reading before loading).
 pub fn plan_for(config: &ModelConfig, weight_bytes: u64, headroom: Headroom, kv_only: bool, ask: Ask) -> Result<Plan, PlanError> {
@@ -70,6 +76,7 @@ pub fn plan_for(config: &ModelConfig, weight_bytes: u64, headroom: Headroom, kv_
         weight_bytes,
         workspace_bytes: workspace_bytes(&shapes, fasa_engine::model::PREFILL_CHUNK, context),
         element_bytes: ELEMENT_BYTES,
+        gpu_mirror: gpu_mirror(config),
         profile: None,
         requested_context: ask.context,
         requested_sessions: ask.sessions.max(1),
@@ -100,6 +107,7 @@ pub fn replan(prev: Option<&Plan>, info: &ModelInfo, headroom: Headroom, ask: As
         weight_bytes: info.weight_bytes,
         workspace_bytes: workspace_bytes(&shapes, fasa_engine::model::PREFILL_CHUNK, info.max_context),
         element_bytes: ELEMENT_BYTES,
+        gpu_mirror: gpu_mirror(&info.config),
         profile: None,
         requested_context: ask.context,
         requested_sessions: ask.sessions.max(1),

@@ -132,6 +132,22 @@ type GraphKey = (usize, bool);
 /// Settings a decoder was built for; None = dense only.
 type DecKey = (Option<AttnConfig>, Arc<Profile>);
 
+/// Whether the GPU kernels take these shapes: head dim 64 or 128, 1..=8 query heads per KV head.
+fn serves_shape(head_dim: usize, group: usize) -> bool {
+    matches!(head_dim, 64 | 128) && (1..=MAX_HPS).contains(&group)
+}
+
+/// Whether a model of these shapes gets a GPU mirror (as [`GpuMirror::detect`] decides, with
+/// `FASA_GPU`) on a GPU that shares the host's memory (Jetson). Then the mirror's bytes come out
+/// of the memory the planner fits the cache into (`plan::PlanInput::gpu_mirror`). Initialises
+/// the GPU where there is one, as loading the model would.
+pub fn mirror_in_host_memory(head_dim: usize, n_heads: usize, n_kv_heads: usize, enabled: bool) -> bool {
+    enabled
+        && !std::env::var("FASA_GPU").is_ok_and(|v| v == "0")
+        && serves_shape(head_dim, n_heads / n_kv_heads.max(1))
+        && Gpu::try_default().is_some_and(|g| g.integrated)
+}
+
 /// Whether the GPU runs this mode (the rest stay on the CPU).
 pub fn serves(mode: Mode) -> bool {
     matches!(mode, Mode::Dense | Mode::Fasa | Mode::FasaPaper)
@@ -155,7 +171,7 @@ impl GpuMirror {
             return None;
         }
         let group = n_heads / shape.n_kv_heads.max(1);
-        if !matches!(shape.head_dim, 64 | 128) || group == 0 || group > MAX_HPS {
+        if !serves_shape(shape.head_dim, group) {
             log_once(&SHAPE, || format!("FasaAttention: CPU path (the GPU kernels take head dim 64 or 128 and 1..=8 query heads per KV head, not {} and {group})", shape.head_dim));
             return None;
         }

@@ -126,6 +126,11 @@ pub struct Layout {
     pub dense_layers: usize,
     /// Bytes per element: 4 for the f32 CPU cache, 2 for the fp16 GPU cache.
     pub element_bytes: usize,
+    /// The GPU decode mirror of the whole-cache variants (`attention::gpu`: fp16 K and V, int8
+    /// scoring planes, decoder workspaces, `fasa_kernels::gpu::append::mirror_bytes_per_token`
+    /// per layer and token) comes out of the fast tier too: a GPU that shares the host's memory
+    /// (Jetson). FASA-M keeps no mirror.
+    pub gpu_mirror: bool,
 }
 
 /// Whole-cache elements of one page of one (layer, KV head): K planes, K rows, V, Quest bounds.
@@ -156,8 +161,9 @@ pub fn tier_bytes_per_token(l: &Layout, s: &Shapes) -> TierBytes {
     let d = s.head_dim;
     let e = l.element_bytes;
     let heads = s.n_kv_heads;
+    let mirror = if l.gpu_mirror { s.n_layers as u64 * fasa_kernels::gpu::append::mirror_bytes_per_token(heads, s.n_heads, d) * PAGE as u64 } else { 0 };
     let per_page = match l.variant {
-        Variant::Dense | Variant::FasaC => TierBytes { fast: (s.n_layers * heads * whole_page_bytes(d, e)) as u64, slow: 0 },
+        Variant::Dense | Variant::FasaC => TierBytes { fast: (s.n_layers * heads * whole_page_bytes(d, e)) as u64 + mirror, slow: 0 },
         Variant::FasaM => {
             let dense = l.dense_layers.min(s.n_layers);
             let (f, sl) = tiered_page_elems(d, l.pool);
@@ -170,10 +176,10 @@ pub fn tier_bytes_per_token(l: &Layout, s: &Shapes) -> TierBytes {
     TierBytes { fast: per_page.fast / PAGE as u64, slow: per_page.slow / PAGE as u64 }
 }
 
-/// `tier_bytes_per_token` with the default dense layers (the signature the daemon and the
-/// tables use).
+/// `tier_bytes_per_token` with the default dense layers and no GPU mirror (the signature the
+/// daemon and the tables use).
 pub fn kv_bytes_per_token(variant: Variant, shapes: &Shapes, pool: usize, element_bytes: usize) -> TierBytes {
-    tier_bytes_per_token(&Layout { variant, pool, budget: 0, dense_layers: DEFAULT_DENSE_LAYERS, element_bytes }, shapes)
+    tier_bytes_per_token(&Layout { variant, pool, budget: 0, dense_layers: DEFAULT_DENSE_LAYERS, element_bytes, gpu_mirror: false }, shapes)
 }
 
 /// K and V rows only (`2·d` elements per layer, head and token): what a plain dense engine such

@@ -57,6 +57,9 @@ pub struct PlanInput<'a> {
     pub workspace_bytes: u64,
     /// KV cache element bytes: 4 for the f32 CPU cache, 2 for the fp16 GPU cache.
     pub element_bytes: usize,
+    /// The GPU decode mirror comes out of the same memory as the cache (`Layout::gpu_mirror`):
+    /// a GPU that shares the host's memory (`attention::gpu::mirror_in_host_memory`).
+    pub gpu_mirror: bool,
     /// Calibration profile: CA per FC. `None` or uncalibrated: pool FCs are never dropped early.
     pub profile: Option<&'a Profile>,
     /// Tokens per sequence; 0 = the trained context.
@@ -99,6 +102,9 @@ pub struct Plan {
     pub max_context: usize,
     pub max_sessions: usize,
     pub element_bytes: usize,
+    /// The whole-cache variants' GPU mirror is counted in the fast tier (`PlanInput::gpu_mirror`).
+    #[serde(default)]
+    pub gpu_mirror: bool,
     pub bytes: PlanBytes,
     /// KV headroom the plan was fitted into (after weights, workspace, margin and pressure).
     pub available: TierBytes,
@@ -131,7 +137,7 @@ impl Plan {
     }
 
     fn layout(&self) -> Layout {
-        Layout { variant: self.variant, pool: self.pool_fcs, budget: self.budget, dense_layers: self.dense_layers, element_bytes: self.element_bytes }
+        Layout { variant: self.variant, pool: self.pool_fcs, budget: self.budget, dense_layers: self.dense_layers, element_bytes: self.element_bytes, gpu_mirror: self.gpu_mirror }
     }
 }
 
@@ -180,12 +186,13 @@ struct Fitter<'a> {
     shapes: &'a Shapes,
     dense_layers: usize,
     element_bytes: usize,
+    gpu_mirror: bool,
     avail: TierBytes,
 }
 
 impl Fitter<'_> {
     fn layout(&self, r: &Rung, context: usize) -> Layout {
-        Layout { variant: r.variant, pool: r.pool, budget: r.budget.min(context), dense_layers: self.dense_layers, element_bytes: self.element_bytes }
+        Layout { variant: r.variant, pool: r.pool, budget: r.budget.min(context), dense_layers: self.dense_layers, element_bytes: self.element_bytes, gpu_mirror: self.gpu_mirror }
     }
     fn need(&self, r: &Rung, context: usize, sessions: usize) -> TierBytes {
         session_bytes(&self.layout(r, context), self.shapes, context).times(sessions as u64)
@@ -367,7 +374,11 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
             expensive.push(Rung { variant: Variant::FasaM, chunks: k_full.min(p), pool: p, budget: b });
         }
     }
-    let fit = Fitter { shapes: s, dense_layers: dl, element_bytes: input.element_bytes, avail };
+    let fit = Fitter { shapes: s, dense_layers: dl, element_bytes: input.element_bytes, gpu_mirror: input.gpu_mirror, avail };
+    if input.gpu_mirror {
+        let mirror = s.n_layers as u64 * fasa_kernels::gpu::append::mirror_bytes_per_token(s.n_kv_heads, s.n_heads, s.head_dim);
+        reasons.push(format!("GPU mirror: the GPU shares this memory, so its fp16 copy of a whole cache (planes and workspaces included) counts too, {} per token", format_size(mirror)));
+    }
 
     // --- 1. The requested context × sessions.
     let mut chosen: Option<(Rung, usize, usize)> = cheap.iter().find(|r| fit.fits(r, context, sessions)).map(|r| (*r, context, sessions));
@@ -427,7 +438,7 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
         Variant::FasaC => reasons.push(format!("variant fasa-c: the whole cache fits in fast memory; fasa reads k={} of {n_fc} FCs per token plus B={budget} full rows per step", r.chunks)),
         Variant::FasaM => reasons.push(format!(
             "variant fasa-m: the whole cache ({} per token) does not fit in fast memory; only the P={} pool planes stay there, V and the other K pairs go to the slow tier",
-            format_size(tier_bytes_per_token(&Layout { variant: whole, pool: r.pool, budget, dense_layers: dl, element_bytes: input.element_bytes }, s).fast),
+            format_size(tier_bytes_per_token(&Layout { variant: whole, pool: r.pool, budget, dense_layers: dl, element_bytes: input.element_bytes, gpu_mirror: input.gpu_mirror }, s).fast),
             r.pool
         )),
     }
@@ -454,6 +465,7 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
         max_context: context,
         max_sessions: sessions,
         element_bytes: input.element_bytes,
+        gpu_mirror: input.gpu_mirror,
         bytes: PlanBytes { weights: input.weight_bytes, workspace: input.workspace_bytes, kv_fast: kv.fast, kv_slow: kv.slow },
         available: avail,
         per_token: tier_bytes_per_token(&layout, s),
@@ -468,7 +480,7 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
 /// The longest context (whole pages, ≤ `cap`) that `sessions` sessions of `layout` can hold in
 /// `avail`; 0 if not even one page fits. The tables of docs/plan.md come from this.
 pub fn longest_context(layout: &Layout, shapes: &Shapes, avail: TierBytes, sessions: usize, cap: usize) -> usize {
-    let fit = Fitter { shapes, dense_layers: layout.dense_layers, element_bytes: layout.element_bytes, avail };
+    let fit = Fitter { shapes, dense_layers: layout.dense_layers, element_bytes: layout.element_bytes, gpu_mirror: layout.gpu_mirror, avail };
     fit.max_context(&Rung { variant: layout.variant, chunks: layout.pool, pool: layout.pool, budget: layout.budget }, sessions, cap)
 }
 

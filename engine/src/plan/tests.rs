@@ -50,6 +50,7 @@ fn input(shapes: Shapes, weights: u64, element_bytes: usize, headroom: Headroom,
         weight_bytes: weights,
         workspace_bytes: workspace_bytes(&shapes, crate::model::PREFILL_CHUNK, shapes.context_length),
         element_bytes,
+        gpu_mirror: false,
         profile: None,
         requested_context: context,
         requested_sessions: sessions,
@@ -106,7 +107,7 @@ fn byte_accounting_mirrors_the_cpu_cache() {
     assert_eq!(plain_kv_bytes_per_token(&l, 2), 128 * 1024); // the well-known 128 KiB/token
     assert_eq!(kv_bytes_per_token(Variant::FasaM, &l, 32, 2), TierBytes { fast: (400 + 31 * 64) * 8 * 2, slow: 31 * 8 * 192 * 2 });
     // Pages are allocated whole; the row cache is per session.
-    let lay = Layout { variant: Variant::FasaM, pool: 16, budget: 256, dense_layers: 1, element_bytes: 2 };
+    let lay = Layout { variant: Variant::FasaM, pool: 16, budget: 256, dense_layers: 1, element_bytes: 2, gpu_mirror: false };
     assert_eq!(per_session_bytes(&lay, &s, 8192).fast, (29 * 3 * 512 * 96 * 2) as u64);
     assert_eq!(per_session_bytes(&lay, &s, 128).fast, (29 * 3 * 128 * 96 * 2) as u64);
     assert_eq!(session_bytes(&lay, &s, 65), session_bytes(&lay, &s, 128));
@@ -300,12 +301,12 @@ fn kv_table() {
             let elem = if e == 2 { "fp16" } else { "f32" };
             let longest = |l: &Layout| longest_context(l, &s, avail, 1, 1 << 26);
             let row = |label: String, t: TierBytes, ctx: usize| println!("| {name} | {elem} | {label} | {} | {} | {:.3} | {ctx} |", t.fast, t.slow, t.fast as f64 / dense as f64);
-            let whole = Layout { variant: Variant::Dense, pool: 0, budget: 0, dense_layers: 1, element_bytes: e };
+            let whole = Layout { variant: Variant::Dense, pool: 0, budget: 0, dense_layers: 1, element_bytes: e, gpu_mirror: false };
             row("plain K+V (reference, not ours)".into(), TierBytes { fast: plain, slow: 0 }, (GIB / plain) as usize);
             row("dense (whole cache)".into(), kv_bytes_per_token(Variant::Dense, &s, 0, e), longest(&whole));
             row("FASA-C (whole cache)".into(), kv_bytes_per_token(Variant::FasaC, &s, 0, e), longest(&Layout { variant: Variant::FasaC, ..whole }));
             for p in [2 * k, k, n_fc / 8] {
-                let l = Layout { variant: Variant::FasaM, pool: p, budget: 1024, dense_layers: 1, element_bytes: e };
+                let l = Layout { variant: Variant::FasaM, pool: p, budget: 1024, dense_layers: 1, element_bytes: e, gpu_mirror: false };
                 row(format!("FASA-M P={p} (B=1024)"), kv_bytes_per_token(Variant::FasaM, &s, p, e), longest(&l));
             }
         }
@@ -326,4 +327,34 @@ fn print_plans() {
     println!("{}", serde_json::to_string_pretty(&p).unwrap());
     let e = plan(&PlanInput { model_in_headroom: false, safety_margin: 0, ..input(smollm2(), SMOL_WEIGHTS, 4, Headroom { fast_bytes: 16 * MIB, slow_bytes: 0, pressure: PressureLevel::None }, 8192, 1) }).unwrap_err();
     println!("{e}\n{}", serde_json::to_string(&e).unwrap());
+}
+
+#[test]
+fn a_gpu_sharing_the_host_memory_counts_its_mirror() {
+    // SmolLM2 with the daemon's f32 cache: on a GPU that shares the host's memory (Jetson) the
+    // whole-cache variants' GPU mirror costs its bytes per layer and token on top (FASA-M keeps
+    // no mirror), so a headroom that holds 4 full sessions without it holds fewer with it.
+    let s = smollm2();
+    let m = fasa_kernels::gpu::append::mirror_bytes_per_token(3, 9, 64);
+    // fp16 K and V (3 heads × 2 × 64 × 2 B), int8 planes and scales (3 × (64 + 32·4/32)), and
+    // 32 B a query head of decoder workspaces.
+    assert_eq!(m, 768 + 204 + 288);
+    let per = |v: Variant, on: bool| tier_bytes_per_token(&Layout { variant: v, pool: 16, budget: 256, dense_layers: 1, element_bytes: 4, gpu_mirror: on }, &s);
+    for v in [Variant::Dense, Variant::FasaC] {
+        assert_eq!(per(v, true).fast - per(v, false).fast, 30 * m, "{v}");
+    }
+    assert_eq!(per(Variant::FasaM, true), per(Variant::FasaM, false));
+    let base = input(s, SMOL_WEIGHTS, 4, Headroom { fast_bytes: 0, slow_bytes: 0, pressure: PressureLevel::None }, 0, 4);
+    let kv = 4 * 8192 * per(Variant::Dense, false).fast;
+    let fast = SMOL_WEIGHTS + base.workspace_bytes + base.safety_margin + kv + MIB;
+    let h = Headroom { fast_bytes: fast, slow_bytes: 0, pressure: PressureLevel::None };
+    let without = plan(&input(s, SMOL_WEIGHTS, 4, h, 0, 4)).unwrap();
+    assert_eq!((without.variant, without.max_context, without.max_sessions, without.gpu_mirror), (Variant::Dense, 8192, 4, false));
+    let with = plan(&PlanInput { gpu_mirror: true, ..input(s, SMOL_WEIGHTS, 4, h, 0, 4) }).unwrap();
+    check_fits(&with);
+    assert!(with.gpu_mirror && with.max_context == 8192 && with.max_sessions < 4, "{with:#?}");
+    assert_eq!(with.per_token.fast, per(Variant::Dense, true).fast);
+    assert!(with.reasons.iter().any(|r| r.starts_with("GPU mirror:")), "{:?}", with.reasons);
+    // The plan's own byte count for admitting a job includes the mirror too.
+    assert_eq!(with.session_bytes(&s, 8192).fast, 8192 * per(Variant::Dense, true).fast);
 }

@@ -278,6 +278,19 @@ impl GpuKvCache {
     }
 }
 
+/// Device bytes a layer's GPU mirror holds per token of its `l_max`, for `n_kv` KV heads, `n_q`
+/// query heads and head dim `d`: K and V in fp16 ([`GpuKvCache::new`]), the int8 scoring planes
+/// and their scales ([`GpuKvCache::enable_scoring_planes_as`]), and at most 32 bytes a query
+/// head of the decoder's workspaces sized by the context (`FasaDecoder::new`, per selection and
+/// token: f32 scores, u64 candidate keys; per query head: f32 per-head scores; the re-rank's C ≤
+/// l_max candidates: f32 per-head scores, mass and u32 rows). The memory planner counts them
+/// where the GPU shares the host's memory.
+pub fn mirror_bytes_per_token(n_kv: usize, n_q: usize, d: usize) -> u64 {
+    let kv = n_kv * 2 * d * 2;
+    let planes = n_kv * (d + (d / 2) * 4 / QB);
+    (kv + planes + 32 * n_q) as u64
+}
+
 /// Offset in one (sequence, KV head) region of `k` of token `t`'s FC slot `s` (its x; y
 /// follows), head dim `d`: [`GpuKvCache::k_index`].
 fn k_offset(d: usize, t: usize, s: usize) -> usize {

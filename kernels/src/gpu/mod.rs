@@ -572,6 +572,9 @@ pub struct Gpu {
     /// Compute capability (major, minor).
     pub arch: (i32, i32),
     pub sm_count: usize,
+    /// The GPU shares the host's memory (Jetson): what it allocates comes out of the RAM the
+    /// host's memory readings show.
+    pub integrated: bool,
     module: Arc<CudaModule>,
     pub(crate) f: Funcs,
     /// Programmatic dependent launch forced on or off, or left to each decoder (`launch::PDL_*`).
@@ -662,6 +665,7 @@ impl Gpu {
         unsafe { ctx.disable_event_tracking() };
         let arch = ctx.compute_capability()?;
         let sm_count = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        let integrated = ctx.attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_INTEGRATED)? != 0;
         let ptx = compile_ptx(arch)?;
         let module = ctx.load_module(Ptx::from_src(ptx))?;
         let get = |n: &str| module.load_function(n);
@@ -774,7 +778,7 @@ impl Gpu {
             Ok("1" | "0") => launch::PDL_OFF,
             _ => launch::PDL_AUTO,
         };
-        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, module, f, pdl: AtomicU8::new(pdl) }))
+        Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, integrated, module, f, pdl: AtomicU8::new(pdl) }))
     }
 
     /// Device 0, or None (logged once) when there is no usable GPU: callers run the CPU path.
@@ -798,7 +802,7 @@ impl Gpu {
     /// context); ordering work across the two streams is the caller's (events, or a sync).
     pub fn on_stream(&self, stream: Arc<CudaStream>) -> Gpu {
         let pdl = AtomicU8::new(self.pdl.load(Ordering::Relaxed));
-        Gpu { ctx: Arc::clone(&self.ctx), stream, arch: self.arch, sm_count: self.sm_count, module: Arc::clone(&self.module), f: self.f.clone(), pdl }
+        Gpu { ctx: Arc::clone(&self.ctx), stream, arch: self.arch, sm_count: self.sm_count, integrated: self.integrated, module: Arc::clone(&self.module), f: self.f.clone(), pdl }
     }
 
     /// Wraps a CUDA stream that another library owns and destroys (ONNX Runtime's compute stream,
