@@ -91,6 +91,8 @@ fn gpu_decode_matches_the_cpu_path() {
         let why = if std::env::var("FASA_GPU").is_ok_and(|v| v == "0") { "FASA_GPU=0".into() } else { fasa_kernels::gpu::Gpu::new(0).err().map_or("?".into(), |e| e.to_string()) };
         panic!("no GPU path: {why}");
     }
+    let integrated = fasa_kernels::gpu::Gpu::try_default().is_some_and(|g| g.integrated);
+    eprintln!("GPU shares the host's memory (the memory plan counts the mirror there): {integrated}");
     // Deterministic token ids over the byte vocabulary.
     let prompt: Vec<u32> = (0..PROMPT as u64).map(|i| ((i * 2654435761 + 12345) >> 7) as u32 % 256).collect();
     let decode_steps = (STEPS * LAYERS) as u64;
