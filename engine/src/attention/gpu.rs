@@ -132,6 +132,11 @@ type GraphKey = (usize, bool);
 /// Settings a decoder was built for; None = dense only.
 type DecKey = (Option<AttnConfig>, Arc<Profile>);
 
+/// Whether the GPU path may be used: the load option, and `FASA_GPU=0` not set.
+fn gpu_allowed(enabled: bool) -> bool {
+    enabled && !std::env::var("FASA_GPU").is_ok_and(|v| v == "0")
+}
+
 /// Whether the GPU kernels take these shapes: head dim 64 or 128, 1..=8 query heads per KV head.
 fn serves_shape(head_dim: usize, group: usize) -> bool {
     matches!(head_dim, 64 | 128) && (1..=MAX_HPS).contains(&group)
@@ -142,8 +147,7 @@ fn serves_shape(head_dim: usize, group: usize) -> bool {
 /// of the memory the planner fits the cache into (`plan::PlanInput::gpu_mirror`). Initialises
 /// the GPU where there is one, as loading the model would.
 pub fn mirror_in_host_memory(head_dim: usize, n_heads: usize, n_kv_heads: usize, enabled: bool) -> bool {
-    enabled
-        && !std::env::var("FASA_GPU").is_ok_and(|v| v == "0")
+    gpu_allowed(enabled)
         && serves_shape(head_dim, n_heads / n_kv_heads.max(1))
         && Gpu::try_default().is_some_and(|g| g.integrated)
 }
@@ -166,7 +170,7 @@ impl GpuMirror {
         static NONE: Once = Once::new();
         static SHAPE: Once = Once::new();
         static ON: Once = Once::new();
-        if !enabled || std::env::var("FASA_GPU").is_ok_and(|v| v == "0") {
+        if !gpu_allowed(enabled) {
             log_once(&OFF, || "FasaAttention: CPU path (GPU off: FASA_GPU=0 or the load options)".into());
             return None;
         }
@@ -356,10 +360,11 @@ impl GpuMirror {
         if n > self.l_max {
             return Err(GpuError::Shape(format!("context of {n} tokens exceeds the GPU cache's {}", self.l_max)));
         }
-        // Bring the mirror to the CPU cache's n rows: the new row alone, or every row it lacks
-        // (the mirror behind: a prefill it could not take, a rewind, a copied slot) at set-up.
+        // Bring the mirror to the CPU cache's n rows: the step appends the new row, or set-up
+        // writes every row the mirror lacks, the new one included (the mirror behind: a prefill
+        // it could not take, a rewind, a copied slot; or a new decoder, whose scoring planes are
+        // quantised from the rows mirrored then).
         let t0 = lm.valid.min(n - 1);
-        let catch_up = t0 + 1 < n;
         let pending = std::mem::take(&mut lm.pending);
         let key: DecKey = (st.sparse.then(|| st.cfg.clone()), Arc::clone(st.profile));
         let rebuild = !lm.dev.as_ref().and_then(|dev| dev.dec.as_ref()).is_some_and(|(k, _)| k.0 == key.0 && Arc::ptr_eq(&k.1, &key.1));
@@ -367,29 +372,23 @@ impl GpuMirror {
         // stream it waits for that stream's earlier steps first and is finished before the step,
         // as are a prefill's rows.
         let other = !std::ptr::eq(&*run.stream, &**s);
-        let setup = catch_up || rebuild;
+        let setup = t0 + 1 < n || rebuild;
         if setup && other {
             s.join(&run.stream)?;
         }
         let dev = self.device(lm, st.n_q, st.profile, st.layer)?;
-        if catch_up {
+        if setup {
             self.extend(dev, c, st.layer, t0, n)?;
         }
-        // The new row `(n_kv, d)`: appended by the step, or at set-up before the decoder is
-        // built (whose scoring planes are quantised from the rows mirrored then), on set-up's
-        // stream.
+        // The new row `(n_kv, d)`, for the step to append.
         let (mut k, mut v) = (vec![0f32; hkv * d], vec![0f32; hkv * d]);
-        if !catch_up {
+        if !setup {
             for (kh, (kr, vr)) in k.chunks_exact_mut(d).zip(v.chunks_exact_mut(d)).enumerate() {
                 c.load_row(st.layer, kh, (n - 1) as u32, kr, vr);
             }
         }
-        let row = (!catch_up).then(|| (&k[..], &v[..], (n - 1) as i32));
+        let row = (!setup).then(|| (&k[..], &v[..], (n - 1) as i32));
         dev.io.stage(st.q_fc, row, n as i32)?;
-        if setup && row.is_some() {
-            dev.io.upload(g)?;
-            append(g, &mut dev.cache, &dev.io.k_new, &dev.io.v_new, &dev.io.pos)?;
-        }
         if rebuild {
             let dc = decode_config(st, d / 2);
             if dc.q8_tip {
@@ -414,18 +413,14 @@ impl GpuMirror {
         // output (and per-head selections) down, through the page-locked staging. Steps after the
         // first of a decoder replay it as a CUDA graph (module docs), unless graphs are off; a
         // set-up step runs its launches directly.
-        let append_row = row.is_some() && !setup;
-        // (a set-up step that appended the row has its inputs on the device already)
-        let uploaded = row.is_some() && setup;
+        let append_row = row.is_some();
         let host_out = matches!(out, Out::Host(_));
         let gkey: GraphKey = (Arc::as_ptr(&run.stream) as usize, host_out);
         let Device { cache, dec: dec_slot, io, out: dout, graph, sel } = dev;
         let dec = &mut dec_slot.as_mut().expect("decoder built above").1;
         let poisoned = self.poison;
         let mut launches = || -> Result<(), GpuError> {
-            if !uploaded {
-                io.upload(run)?;
-            }
+            io.upload(run)?;
             if append_row {
                 append(run, cache, &io.k_new, &io.v_new, &io.pos)?;
             }

@@ -161,7 +161,7 @@ pub fn tier_bytes_per_token(l: &Layout, s: &Shapes) -> TierBytes {
     let d = s.head_dim;
     let e = l.element_bytes;
     let heads = s.n_kv_heads;
-    let mirror = if l.gpu_mirror { s.n_layers as u64 * fasa_kernels::gpu::append::mirror_bytes_per_token(heads, s.n_heads, d) * PAGE as u64 } else { 0 };
+    let mirror = if l.gpu_mirror { gpu_mirror_bytes_per_token(s) * PAGE as u64 } else { 0 };
     let per_page = match l.variant {
         Variant::Dense | Variant::FasaC => TierBytes { fast: (s.n_layers * heads * whole_page_bytes(d, e)) as u64 + mirror, slow: 0 },
         Variant::FasaM => {
@@ -174,6 +174,11 @@ pub fn tier_bytes_per_token(l: &Layout, s: &Shapes) -> TierBytes {
         }
     };
     TierBytes { fast: per_page.fast / PAGE as u64, slow: per_page.slow / PAGE as u64 }
+}
+
+/// Bytes a GPU mirror holds per cached token over all layers (`Layout::gpu_mirror`).
+pub fn gpu_mirror_bytes_per_token(s: &Shapes) -> u64 {
+    s.n_layers as u64 * fasa_kernels::gpu::append::mirror_bytes_per_token(s.n_kv_heads, s.n_heads, s.head_dim)
 }
 
 /// `tier_bytes_per_token` with the default dense layers and no GPU mirror (the signature the

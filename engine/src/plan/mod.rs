@@ -22,7 +22,7 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use accuracy::ca_share;
-pub use bytes::{kv_bytes_per_token, per_session_bytes, plain_kv_bytes_per_token, row_cache_rows, session_bytes, tier_bytes_per_token, workspace_bytes, Layout, Shapes, TierBytes, Variant, DEFAULT_DENSE_LAYERS, ROW_CACHE_FACTOR};
+pub use bytes::{gpu_mirror_bytes_per_token, kv_bytes_per_token, per_session_bytes, plain_kv_bytes_per_token, row_cache_rows, session_bytes, tier_bytes_per_token, workspace_bytes, Layout, Shapes, TierBytes, Variant, DEFAULT_DENSE_LAYERS, ROW_CACHE_FACTOR};
 
 use crate::attention::{AttnConfig, Profile, PAGE};
 use crate::headroom::{format_size, Headroom, PressureLevel};
@@ -376,8 +376,7 @@ fn plan_capped(input: &PlanInput, cap: Option<Cap>) -> Result<Plan, PlanError> {
     }
     let fit = Fitter { shapes: s, dense_layers: dl, element_bytes: input.element_bytes, gpu_mirror: input.gpu_mirror, avail };
     if input.gpu_mirror {
-        let mirror = s.n_layers as u64 * fasa_kernels::gpu::append::mirror_bytes_per_token(s.n_kv_heads, s.n_heads, s.head_dim);
-        reasons.push(format!("GPU mirror: the GPU shares this memory, so its fp16 copy of a whole cache (planes and workspaces included) counts too, {} per token", format_size(mirror)));
+        reasons.push(format!("GPU mirror: the GPU shares this memory, so its fp16 copy of a whole cache (planes and workspaces included) counts too, {} per token", format_size(gpu_mirror_bytes_per_token(s))));
     }
 
     // --- 1. The requested context × sessions.

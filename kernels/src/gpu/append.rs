@@ -92,9 +92,10 @@ pub struct GpuKvCache {
     /// `(batch, n_kv, n_fc, 5)` K moments per FC id over tokens `0..mom_len` (module docs).
     pub mom: CudaSlice<f64>,
     /// `(batch, n_kv)` tokens the moments cover: [`append`] keeps it at the highest position
-    /// written + 1, [`GpuKvCache::write_host`] sets it to the rows written. TIP takes the moments
-    /// as covering the sequence's `lens[b]` tokens, so the two must agree (as they do when tokens
-    /// are only appended; after a rewind, write the kept rows again).
+    /// written + 1, [`GpuKvCache::write_host`] and [`append_rows`] set it to the end of the rows
+    /// written. TIP takes the moments as covering the sequence's `lens[b]` tokens, so the two
+    /// must agree (as they do when tokens are only appended; after a rewind, write the kept rows
+    /// again).
     pub mom_len: CudaSlice<i32>,
     /// Int8 scoring planes (None until [`GpuKvCache::enable_q8`]).
     pub q8: Option<Q8Planes>,
@@ -304,9 +305,8 @@ fn k_offset(d: usize, t: usize, s: usize) -> usize {
 /// `s`, tokens past len zero; and the K moments of the stored (rounded) values per FC id, summed
 /// in token order as the CPU cache sums them. Each row is converted once, in FC-pair order, then
 /// its pairs go to their slots: a slot's offset from its token's first is the same for every
-/// token. (At a decoder's first step after a prefill the engine uploads the whole slot: GPU run
-/// 33 put that at ~2.9 ms a KV head for 2k tokens when each value was converted one by one,
-/// twice, and the whole `l_max` region was copied.)
+/// token. ([`GpuKvCache::write_host`] is the host-side twin of [`append_rows`], which the engine
+/// uses: tests and benchmarks fill caches with it, and the GPU tests check one against the other.)
 fn encode_k(dtype: Dtype, d: usize, order: &[usize], k: &[f32]) -> (Vec<u16>, Vec<crate::cpu::FcMoments>) {
     let len = k.len() / d;
     let slots: Vec<(usize, usize)> = order.iter().enumerate().map(|(s, &f)| (k_offset(d, 0, s), f)).collect();
