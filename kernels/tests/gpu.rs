@@ -1018,7 +1018,7 @@ fn int8_blocks_follow_rewrites() {
 fn appended_rows_equal_host_writes() {
     // append_rows (the engine's prefill mirror: chunks of rows, a rollback, a catch-up) against
     // write_host of the final rows: K tiles, V, moments and mom_len bit for bit, and the int8
-    // planes (grouped and per FC) the same.
+    // planes (grouped and per FC) the same; a rewrite quantises only the blocks it touched.
     let g = gpu();
     let st = &g.stream;
     let mut r = rng();
@@ -1079,6 +1079,22 @@ fn appended_rows_equal_host_writes() {
         let ((q1, s1), (q2, s2)) = (whole(gq), whole(wq));
         assert!(q1 == q2, "{what}: int8 planes");
         assert!(s1.iter().map(|x| x.to_bits()).eq(s2.iter().map(|x| x.to_bits())), "{what}: int8 scales");
+        // Rows written again from t0 = len − 10: only the blocks from t0's on are quantised again
+        // (a prompt written in chunks quantises each block once), so a mark left in the scales of
+        // block 0 stays, and the rewritten blocks equal write_host's.
+        let (per_kv, t0) = ((l_max / QB) * n_fc, len - 10);
+        let mark = 0x7fc0_dead_u32;
+        let mut sc = st.clone_dtoh(&got.q8.as_ref().unwrap().scales).unwrap();
+        (0..n_kv).for_each(|kv| sc[kv * per_kv] = f32::from_bits(mark));
+        st.memcpy_htod(&sc, &mut got.q8.as_mut().unwrap().scales).unwrap();
+        put(&mut got, &k, t0, len);
+        let (sc, sw) = (st.clone_dtoh(&got.q8.as_ref().unwrap().scales).unwrap(), st.clone_dtoh(&want.q8.as_ref().unwrap().scales).unwrap());
+        for kv in 0..n_kv {
+            assert_eq!(sc[kv * per_kv].to_bits(), mark, "{what}: block 0 quantised again by a write from row {t0}");
+            let r = kv * per_kv + (t0 / QB) * n_fc..kv * per_kv + (len / QB) * n_fc;
+            assert!(sc[r.clone()].iter().map(|x| x.to_bits()).eq(sw[r].iter().map(|x| x.to_bits())), "{what}: scales of the blocks from row {t0}");
+        }
+        assert_eq!(st.clone_dtoh(&got.q8.as_ref().unwrap().blocks).unwrap(), vec![(len / QB) as i32; n_kv], "{what}: quantised blocks after the rewrite");
     }
 }
 

@@ -238,13 +238,15 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
 // token order, rounded as cpu::add_moments (so the bits write_host's host sums give): continued
 // from the stored ones when they cover exactly 0..t0, else counted again from the stored K below
 // t0 first (as the CPU cache recounts after a rollback); mom_len = t0 + len. The int8 planes are
-// the caller's to quantise again (quant_blocks). grid (n_kv, 1 + row blocks), block ≥ n_fc: the
+// the caller's to quantise again (quant_blocks with `from`): with planes (q8n set) the blocks
+// from t0's on are dropped, and q8from gets the first block to quantise, min(q8n, t0/QB) (the
+// blocks below it hold no rewritten row). grid (n_kv, 1 + row blocks), block ≥ n_fc: the
 // blocks of y = 0 count the moments (thread j < n_fc: FC j, sequential over tokens), the others
 // store the rows' elements (rows ≥ t0, which the count below t0 does not read).
 template <class T>
 __device__ void append_rows_impl(Dims D, u16* __restrict__ k, u16* __restrict__ v, const float* __restrict__ k_new,
                                  const float* __restrict__ v_new, int b, int t0, int len, const int* slot_of_fc,
-                                 double* mom, int* mom_len) {
+                                 double* mom, int* mom_len, int* q8n, int* q8from) {
     int kvh = blockIdx.x;
     size_t bk = (size_t)b * D.n_kv + kvh;
     u16* kb = k + bk * D.l_max * D.d;
@@ -288,7 +290,14 @@ __device__ void append_rows_impl(Dims D, u16* __restrict__ k, u16* __restrict__ 
             for (int i = 0; i < 5; ++i) mp[i] = m[i];
         }
         __syncthreads(); // every thread has read mom_len
-        if (threadIdx.x == 0) mom_len[bk] = t0 + len;
+        if (threadIdx.x == 0) {
+            mom_len[bk] = t0 + len;
+            if (q8n) {
+                int f = min(q8n[bk], t0 / QB);
+                q8n[bk] = f;
+                q8from[bk] = f;
+            }
+        }
         return;
     }
     const float* vn = v_new + (size_t)kvh * len * D.d;
@@ -304,15 +313,17 @@ __device__ void append_rows_impl(Dims D, u16* __restrict__ k, u16* __restrict__ 
 
 // Quantises every whole block below the length of (sequence b0 + blockIdx.z, KV head kv0 +
 // blockIdx.y): lens (batch, n_kv) (the cache's mom_len), or len where lens is null; one block of
-// QB tokens per thread block; sets q8n to their count. grid (≥ blocks, KV heads, sequences),
-// block n_fc (thread j: slot j).
+// QB tokens per thread block; sets q8n to their count. With `from` (batch, n_kv) (append_rows's
+// q8from; not q8n, which block 0 writes while others would read it) the blocks below from[bk]
+// are kept as they are. grid (≥ blocks, KV heads, sequences), block n_fc (thread j: slot j).
 template <class T>
-__device__ void quant_blocks_impl(Dims D, const u16* k, i8* kq, float* ks, int* q8n, int b0, int kv0, const int* lens, int len) {
+__device__ void quant_blocks_impl(Dims D, const u16* k, i8* kq, float* ks, int* q8n, int b0, int kv0, const int* lens, int len,
+                                  const int* from) {
     int blk = blockIdx.x, kvh = kv0 + blockIdx.y, b = b0 + blockIdx.z, j = threadIdx.x;
     size_t bk = (size_t)b * D.n_kv + kvh;
     int n = min(lens ? lens[bk] : len, D.l_max) / QB;
     if (blk == 0 && j == 0) q8n[bk] = n;
-    if (blk >= n || j >= D.n_fc) return;
+    if (blk >= n || j >= D.n_fc || (from && blk < from[bk])) return;
     quant_block<T>(D, k + bk * D.l_max * D.d, kq + kq_region(D, bk), ks + bk * (D.l_max / QB) * D.n_fc, blk, j);
 }
 
@@ -3076,12 +3087,13 @@ __device__ __forceinline__ float hash_unit(u64 i, u32 seed) {
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) append_rows_##NAME(Dims D, u16* k, u16* v, const float* k_new,   \
                                                     const float* v_new, int b, int t0, int len,          \
-                                                    const int* slot_of_fc, double* mom, int* mom_len) {  \
-        append_rows_impl<TY>(D, k, v, k_new, v_new, b, t0, len, slot_of_fc, mom, mom_len);                \
+                                                    const int* slot_of_fc, double* mom, int* mom_len,    \
+                                                    int* q8n, int* q8from) {                              \
+        append_rows_impl<TY>(D, k, v, k_new, v_new, b, t0, len, slot_of_fc, mom, mom_len, q8n, q8from);    \
     }                                                                                                                    \
     extern "C" __global__ void quant_blocks_##NAME(Dims D, const u16* k, i8* kq, float* ks, int* q8n, int b0, int kv0,    \
-                                                   const int* lens, int len) {                                           \
-        quant_blocks_impl<TY>(D, k, kq, ks, q8n, b0, kv0, lens, len);                                                    \
+                                                   const int* lens, int len, const int* from) {                          \
+        quant_blocks_impl<TY>(D, k, kq, ks, q8n, b0, kv0, lens, len, from);                                              \
     }                                                                                                                    \
     extern "C" __global__ void __launch_bounds__(TIP_THREADS) tip_##NAME(Dims D, const u16* k, const float* q,             \
                                                                          const int* pool,                                 \

@@ -46,6 +46,9 @@ pub struct Q8Planes {
     pub scales: CudaSlice<f32>,
     /// `(batch, n_kv)` whole blocks quantised.
     pub blocks: CudaSlice<i32>,
+    /// `(batch, n_kv)` the first block [`append_rows`] left to quantise (the blocks below it hold
+    /// none of the rows it wrote); the quantiser reads it where it writes `blocks`.
+    pub from: CudaSlice<i32>,
     /// Bits per value: 8, or 4.
     pub bits: u32,
     /// Int8 values stored per FC (the `tipfc_h*` TIP reads them): a TIP that chooses its k FCs
@@ -177,29 +180,35 @@ impl GpuKvCache {
             let st = &gpu.stream;
             let (bk, l) = (self.batch * self.n_kv, self.l_max);
             let q = st.alloc_zeros(bk * l * self.d * bits as usize / 8)?;
-            self.q8 = Some(Q8Planes { q, scales: st.alloc_zeros(bk * (l / QB) * self.n_fc())?, blocks: st.alloc_zeros(bk)?, bits, by_fc });
+            let (blocks, from) = (st.alloc_zeros(bk)?, st.alloc_zeros(bk)?);
+            self.q8 = Some(Q8Planes { q, scales: st.alloc_zeros(bk * (l / QB) * self.n_fc())?, blocks, from, bits, by_fc });
         }
-        self.quantize(gpu, None)
+        self.quantize(gpu, Quantize::All)
     }
 
-    /// Quantises the whole blocks below the stored length of sequence `b`, KV head `kv` (`Some((b,
-    /// kv, len))`), or of every one by its `mom_len` (None). No-op without int8 planes.
-    fn quantize(&mut self, gpu: &Gpu, one: Option<(usize, usize, usize)>) -> Result<(), GpuError> {
+    /// Quantises whole blocks of the int8 planes (`Quantize`). No-op without them.
+    fn quantize(&mut self, gpu: &Gpu, which: Quantize) -> Result<(), GpuError> {
         let (dims, n_fc) = (self.dims(self.n_kv), self.n_fc());
         let Some(q8) = &mut self.q8 else { return Ok(()) };
         // grid (blocks, KV heads, sequences) from (b0, kv0).
-        let (grid, b0, kv0, len) = match one {
-            Some((b, kv, len)) => (((len / QB).max(1), 1, 1), b as i32, kv as i32, len as i32),
-            None => ((self.l_max / QB, self.n_kv, self.batch), 0, 0, 0),
+        let (grid, b0, kv0, len) = match which {
+            Quantize::One { b, kv, len } => (((len / QB).max(1), 1, 1), b, kv, len),
+            Quantize::Rows { b, len } => (((len / QB).max(1), self.n_kv, 1), b, 0, len),
+            Quantize::All => ((self.l_max / QB, self.n_kv, self.batch), 0, 0, 0),
         };
+        let (b0, kv0, len) = (b0 as i32, kv0 as i32, len as i32);
         let null = 0u64;
         let mut l = gpu.stream.launch_builder(&gpu.f.quant_blocks[self.dtype as usize]);
         l.arg(&dims).arg(&self.k).arg(&mut q8.q).arg(&mut q8.scales).arg(&mut q8.blocks).arg(&b0).arg(&kv0);
-        match one {
-            Some(_) => l.arg(&null),
-            None => l.arg(&self.mom_len),
+        match which {
+            Quantize::All => l.arg(&self.mom_len),
+            _ => l.arg(&null),
         };
         l.arg(&len);
+        match which {
+            Quantize::Rows { .. } => l.arg(&q8.from),
+            _ => l.arg(&null),
+        };
         // SAFETY: the grid covers (sequence, KV head) pairs inside (batch, n_kv) (b < batch, kv <
         // n_kv checked by the callers) and blocks < l_max/QB; each thread block reads and writes
         // one block of QB tokens of its own (sequence, KV head) region (threads j < n_fc, one
@@ -259,7 +268,7 @@ impl GpuKvCache {
             gpu.stream.memset_zeros(&mut self.k.slice_mut(base + kr.len()..base + l * d))?;
         }
         gpu.stream.memcpy_htod(&vr, &mut self.v.slice_mut(base..base + len * d))?;
-        self.quantize(gpu, Some((b, kv, len)))?;
+        self.quantize(gpu, Quantize::One { b, kv, len })?;
         self.write_moments(gpu, b, kv, &m, len)
     }
 
@@ -359,7 +368,9 @@ pub fn append(gpu: &Gpu, cache: &mut GpuKvCache, k_new: &CudaSlice<f32>, v_new: 
 /// [`GpuKvCache::write_host`] gives, converted and laid out on the device (fasa.cu's
 /// `append_rows_impl`), so a host only gathers rows. The K moments become those of tokens
 /// `0..t0 + len` in token order (counted again below `t0` unless they covered exactly `0..t0`),
-/// `mom_len` `t0 + len`; int8 planes are quantised again up to the new length.
+/// `mom_len` `t0 + len`; the int8 planes' blocks are quantised again from the one holding `t0`
+/// (or the first not quantised, if earlier) to the new length, so a prompt written in chunks
+/// quantises each block once.
 pub fn append_rows(gpu: &Gpu, cache: &mut GpuKvCache, b: usize, t0: usize, len: usize, k_rows: &CudaView<f32>, v_rows: &CudaView<f32>) -> Result<(), GpuError> {
     let n = cache.n_kv * len * cache.d;
     if b >= cache.batch || t0 + len > cache.l_max || k_rows.len() < n || v_rows.len() < n {
@@ -375,11 +386,27 @@ pub fn append_rows(gpu: &Gpu, cache: &mut GpuKvCache, b: usize, t0: usize, len: 
     let mut l = gpu.stream.launch_builder(gpu.f.typed(cache.dtype, TypedOp::AppendRows));
     l.arg(&dims).arg(&mut cache.k).arg(&mut cache.v).arg(k_rows).arg(v_rows).arg(&b32).arg(&t0_32).arg(&len32);
     l.arg(&cache.slot_of_fc).arg(&mut cache.mom).arg(&mut cache.mom_len);
+    let null = 0u64;
+    match &mut cache.q8 {
+        Some(q8) => l.arg(&mut q8.blocks).arg(&mut q8.from),
+        None => l.arg(&null).arg(&null),
+    };
     // SAFETY: grid (n_kv, 1 + row_blocks) × 256 threads (≥ n_fc); the row blocks write tokens
     // t0..t0+len < l_max of sequence b's regions, the moment block reads K below t0 and writes
-    // mom/mom_len of (b, kv) only; the rows hold (n_kv, len, d) (checked above).
+    // mom/mom_len (and the planes' blocks/from) of (b, kv) only; the rows hold (n_kv, len, d)
+    // (checked above).
     unsafe { l.launch(cfg((cache.n_kv, 1 + row_blocks, 1), 256)) }?;
-    cache.quantize(gpu, None)
+    cache.quantize(gpu, Quantize::Rows { b, len: t0 + len })
+}
+
+/// Which blocks [`GpuKvCache::quantize`] quantises: those below `len` of (`b`, `kv`); those of
+/// sequence `b` from each KV head's `from` (set by [`append_rows`]) below `len`; or those below
+/// every (sequence, KV head)'s `mom_len`. Each sets `blocks` to the count below its length.
+#[derive(Clone, Copy)]
+enum Quantize {
+    One { b: usize, kv: usize, len: usize },
+    Rows { b: usize, len: usize },
+    All,
 }
 
 #[cfg(test)]
