@@ -117,6 +117,9 @@ struct Device {
     graph: Option<(GraphKey, StepGraph)>,
     /// Per-q-head selections' rows, read back for the counters.
     sel: Option<Pinned<u32>>,
+    /// The new token's K and V rows `(n_kv, d)`, gathered here before they are staged (kept, so
+    /// a step allocates nothing for them).
+    row: (Vec<f32>, Vec<f32>),
 }
 
 /// A captured step. The driver lets any thread use a graph as long as the calls on one are
@@ -265,6 +268,7 @@ impl GpuMirror {
                 out: s.alloc_zeros(n_q * d)?,
                 graph: None,
                 sel: None,
+                row: (vec![0f32; hkv * d], vec![0f32; hkv * d]),
             }),
         })
     }
@@ -381,7 +385,7 @@ impl GpuMirror {
             self.extend(dev, c, st.layer, t0, n)?;
         }
         // The new row `(n_kv, d)`, for the step to append.
-        let (mut k, mut v) = (vec![0f32; hkv * d], vec![0f32; hkv * d]);
+        let (k, v) = &mut dev.row;
         if !setup {
             for (kh, (kr, vr)) in k.chunks_exact_mut(d).zip(v.chunks_exact_mut(d)).enumerate() {
                 c.load_row(st.layer, kh, (n - 1) as u32, kr, vr);
@@ -416,7 +420,7 @@ impl GpuMirror {
         let append_row = row.is_some();
         let host_out = matches!(out, Out::Host(_));
         let gkey: GraphKey = (Arc::as_ptr(&run.stream) as usize, host_out);
-        let Device { cache, dec: dec_slot, io, out: dout, graph, sel } = dev;
+        let Device { cache, dec: dec_slot, io, out: dout, graph, sel, .. } = dev;
         let dec = &mut dec_slot.as_mut().expect("decoder built above").1;
         let poisoned = self.poison;
         let mut launches = || -> Result<(), GpuError> {
