@@ -12,6 +12,7 @@ TARGET=${CARGO_TARGET_DIR:-target}
 nice cargo test --release -p fasa-kernels --features cuda,gpu-tests --no-run 2>&1 | tee /tmp/fasa-gpu-build.log
 nice cargo test --release -p fasa-engine --test gpu_op --no-run 2>&1 | tee /tmp/fasa-gpu-op-build.log
 nice cargo test --release -p fasa-engine --test cuda_ep --no-run 2>&1 | tee /tmp/fasa-cuda-ep-build.log
+nice cargo test --release -p fasa-engine --test gpu_mem --no-run 2>&1 | tee /tmp/fasa-gpu-mem-build.log
 nice cargo build --release -p fasa-kernels --features cuda --example gpu_bench
 nice cargo build --release -p fasa-bench
 mkdir -p "$STAGE"
@@ -21,6 +22,7 @@ bin() { grep -o "$1 ([^)]*)" "$2" | tail -1 | sed 's/.*(\(.*\))/\1/'; }
 objcopy --strip-debug "$(bin tests/gpu.rs /tmp/fasa-gpu-build.log)" "$STAGE/gpu-tests"
 objcopy --strip-debug "$(bin tests/gpu_op.rs /tmp/fasa-gpu-op-build.log)" "$STAGE/gpu_op"
 objcopy --strip-debug "$(bin tests/cuda_ep.rs /tmp/fasa-cuda-ep-build.log)" "$STAGE/cuda_ep"
+objcopy --strip-debug "$(bin tests/gpu_mem.rs /tmp/fasa-gpu-mem-build.log)" "$STAGE/gpu_mem"
 objcopy --strip-debug "$TARGET/release/examples/gpu_bench" "$STAGE/gpu_bench"
 cp "${FASA_CACHE_DIR:?set FASA_CACHE_DIR to the folder with onnxruntime/ and models/}"/onnxruntime/libonnxruntime.so.* "$STAGE/"
 ls -la "$STAGE"

@@ -39,6 +39,11 @@ echo "gpu_op exit ${PIPESTATUS[0]}"
 FASA_EXPERIMENT_TIP=int4 FASA_EXPERIMENT_PAPER_PLANES=1 FASA_ORT_LIB=$ORT timeout 200 "$STAGE/gpu_op" --include-ignored --nocapture 2>&1 \
   | tee "$OUT/gpu_op_int4.log" | grep -E 'logits rel-L2|test result|panicked|no GPU path'
 echo "gpu_op (int4 planes) exit ${PIPESTATUS[0]}"
+# A GPU memory budget (FASA_GPU_MEM_MB) of one slot and a half mirrors one of two slots; the
+# other decodes on the CPU (its own binary: the test sets the variable).
+chmod +x "$STAGE/gpu_mem"
+FASA_ORT_LIB=$ORT timeout 100 "$STAGE/gpu_mem" --include-ignored --nocapture 2>&1 | tee "$OUT/gpu_mem.log" | grep -E 'slot bytes|test result|panicked'
+echo "gpu_mem exit ${PIPESTATUS[0]}"
 off=$(FASA_GPU=0 FASA_ORT_LIB=$ORT timeout 60 "$STAGE/gpu_op" --include-ignored 2>&1)
 grep -m1 -o -E "no GPU path[^\"]*" <<<"$off" || echo "FASA_GPU=0: no 'no GPU path' failure seen"
 # The graph under ONNX Runtime's CUDA execution provider, FasaAttention on ORT's stream, against

@@ -12,7 +12,9 @@
 //! with measurement or calibration on) the rows it lacks go up at the next decode step, once.
 //! Cost: the cache is held twice, f32 on the host and fp16 on the device (the device copy is
 //! allocated at the full context when a slot first prefills or decodes here); on a
-//! unified-memory board (Jetson) both come out of the same DRAM, about ×2 the KV memory.
+//! unified-memory board (Jetson) both come out of the same DRAM, about ×2 the KV memory. A GPU
+//! with memory of its own mirrors only the slots that fit the part of it the mirror may take
+//! (`slot_bytes`, `FASA_GPU_MEM_MB`); the other slots decode on the CPU.
 //! Mode `fasa` scores with TIP from int8 scoring planes, as the CPU's `fasa` does (whole blocks of
 //! 32 tokens, quantised on the GPU from its fp16 K: `GpuKvCache::enable_scoring_planes_as`, half
 //! K's bytes again, stored per FC as `fasa` chooses its FCs per step; int4 under
@@ -155,6 +157,34 @@ pub fn mirror_in_host_memory(head_dim: usize, n_heads: usize, n_kv_heads: usize,
         && Gpu::try_default().is_some_and(|g| g.integrated)
 }
 
+/// Device bytes one slot's mirror takes at `l_max` tokens: every layer's fp16 K and V, scoring
+/// planes and context-sized workspaces (`mirror_bytes_per_token`), and 1 MiB a layer for the
+/// fixed ones (the decoder's partials and histogram, the step's staging and graph).
+pub fn slot_bytes(shape: CacheShape, n_heads: usize, l_max: usize) -> u64 {
+    let per_token = fasa_kernels::gpu::append::mirror_bytes_per_token(shape.n_kv_heads, n_heads, shape.head_dim);
+    shape.n_layers as u64 * (l_max as u64 * per_token + (1 << 20))
+}
+
+/// The slots whose mirrors fit `budget` bytes at `per_slot` each, at most `n_slots`.
+fn slots_that_fit(budget: u64, per_slot: u64, n_slots: usize) -> usize {
+    (budget / per_slot.max(1)).min(n_slots as u64) as usize
+}
+
+/// Device bytes the mirrors may take: `FASA_GPU_MEM_MB` (MiB) where set; else none of the GPU's
+/// own (None: a GPU that shares the host's memory, where the memory plan fits them); else three
+/// quarters of its free memory less 1 GiB, the rest left to the process's other GPU work (ONNX
+/// Runtime's CUDA provider, whose session is made after the mirror, and the kernels' own).
+fn mirror_budget(gpu: &Gpu) -> Result<Option<u64>, String> {
+    if let Ok(v) = std::env::var("FASA_GPU_MEM_MB") {
+        return v.trim().parse::<u64>().map(|mb| Some(mb << 20)).map_err(|_| format!("FASA_GPU_MEM_MB={v:?} is not a number of MiB"));
+    }
+    if gpu.integrated {
+        return Ok(None);
+    }
+    let free = gpu.free_memory().map_err(|e| format!("the GPU's free memory is unknown ({e})"))?;
+    Ok(Some((free / 4 * 3).saturating_sub(1 << 30)))
+}
+
 /// Whether the GPU runs this mode (the rest stay on the CPU).
 pub fn serves(mode: Mode) -> bool {
     matches!(mode, Mode::Dense | Mode::Fasa | Mode::FasaPaper)
@@ -173,6 +203,7 @@ impl GpuMirror {
         static NONE: Once = Once::new();
         static SHAPE: Once = Once::new();
         static ON: Once = Once::new();
+        static MEM: Once = Once::new();
         if !gpu_allowed(enabled) {
             log_once(&OFF, || "FasaAttention: CPU path (GPU off: FASA_GPU=0 or the load options)".into());
             return None;
@@ -197,9 +228,37 @@ impl GpuMirror {
                 return None;
             }
         };
+        // A GPU with memory of its own holds the mirrors of as many slots as fit it (each at the
+        // full context, allocated at its first use); the others decode on the CPU.
+        let l_max = max_context.max(1);
+        let mirrored = match mirror_budget(&gpu) {
+            Ok(None) => n_slots,
+            Ok(Some(budget)) => {
+                let per_slot = slot_bytes(shape, n_heads, l_max);
+                let fit = slots_that_fit(budget, per_slot, n_slots);
+                let (mib, slot_mib) = (budget >> 20, per_slot.div_ceil(1 << 20));
+                if fit == 0 {
+                    log_once(&MEM, || format!("FasaAttention: CPU path (a slot's GPU mirror takes {slot_mib} MiB at {l_max} tokens, over the {mib} MiB it may have of the GPU's memory; FASA_GPU_MEM_MB sets that)"));
+                    return None;
+                }
+                if fit < n_slots {
+                    log_once(&MEM, || format!("FasaAttention: the GPU's memory holds the mirrors of {fit} of {n_slots} slots ({slot_mib} MiB each at {l_max} tokens, {mib} MiB for them; FASA_GPU_MEM_MB sets that); the others decode on the CPU"));
+                }
+                fit
+            }
+            Err(e) => {
+                log_once(&MEM, || format!("FasaAttention: CPU path ({e})"));
+                return None;
+            }
+        };
         log_once(&ON, || format!("FasaAttention: decode on the GPU (sm_{}{}), fp16 mirror of the FASA-C cache; prefill and other modes on the CPU", gpu.arch.0, gpu.arch.1));
-        let slots = (0..n_slots).map(|_| Mutex::new((0..shape.n_layers).map(|_| LayerMirror::default()).collect())).collect();
-        Some(Self { gpu, shape, l_max: max_context.max(1), slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None), ort_view: Mutex::new(None), graphs: AtomicBool::new(!std::env::var("FASA_GPU_GRAPH").is_ok_and(|v| v == "0")), staging: Mutex::new(None) })
+        let slots = (0..mirrored).map(|_| Mutex::new((0..shape.n_layers).map(|_| LayerMirror::default()).collect())).collect();
+        Some(Self { gpu, shape, l_max, slots, poison: std::env::var("FASA_GPU_POISON").is_ok_and(|v| v == "1"), last_error: Mutex::new(None), ort_view: Mutex::new(None), graphs: AtomicBool::new(!std::env::var("FASA_GPU_GRAPH").is_ok_and(|v| v == "0")), staging: Mutex::new(None) })
+    }
+
+    /// Whether `slot` has a mirror (a GPU with memory of its own holds only as many as fit it).
+    pub fn holds(&self, slot: usize) -> bool {
+        slot < self.slots.len()
     }
 
     fn layers(&self, slot: usize) -> std::sync::MutexGuard<'_, Vec<LayerMirror>> {
@@ -215,6 +274,9 @@ impl GpuMirror {
 
     /// The CPU cache rewrote `layer`'s rows from `pos` on without the GPU.
     pub fn rewind(&self, slot: usize, layer: usize, pos: usize) {
+        if !self.holds(slot) {
+            return;
+        }
         if let Some(l) = self.layers(slot).get_mut(layer) {
             l.valid = l.valid.min(pos);
         }
@@ -227,6 +289,9 @@ impl GpuMirror {
     /// below `pos` come along. On an error the rows stay unmirrored (logged once) and the next
     /// decode step writes them.
     pub fn prefill(&self, c: &SeqCache, slot: usize, layer: usize, pos: usize, n_q: usize, profile: &Arc<Profile>) {
+        if !self.holds(slot) {
+            return;
+        }
         let mut layers = self.layers(slot);
         let lm = &mut layers[layer];
         lm.valid = lm.valid.min(pos);
@@ -305,6 +370,9 @@ impl GpuMirror {
     /// `out` `(n_q, d)` in the model's dim order, and the step's counters. On an error the
     /// mirror of (slot, layer) is marked stale and the caller runs the CPU path.
     pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: Out) -> Result<AttnStats, GpuError> {
+        if !self.holds(st.slot) {
+            return Err(GpuError::Shape(format!("slot {} has no GPU mirror (the GPU's memory holds {})", st.slot, self.slots.len())));
+        }
         let run = match &out {
             Out::Host(_) => Arc::clone(&self.gpu),
             Out::Device { stream, .. } => self.ort_view(*stream),
@@ -599,4 +667,24 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32
         });
     }
     total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{slot_bytes, slots_that_fit, CacheShape};
+
+    /// A slot's mirror at the full context: SmolLM2-135M (30 layers, 3 KV heads of 64, 9 query
+    /// heads) at 8192 tokens holds 1260 bytes a layer and token (fp16 K and V 768, int8 planes and
+    /// scales 204, workspaces 288) and 1 MiB a layer: ~341 MB. A budget holds its whole slots.
+    #[test]
+    fn a_gpu_budget_holds_whole_slots() {
+        let smol = CacheShape { n_layers: 30, n_kv_heads: 3, head_dim: 64 };
+        let per = slot_bytes(smol, 9, 8192);
+        assert_eq!(per, 30 * (8192 * 1260 + (1 << 20)));
+        assert_eq!(slots_that_fit(per * 5 / 2, per, 4), 2);
+        assert_eq!(slots_that_fit(per * 10, per, 4), 4);
+        assert_eq!(slots_that_fit(per - 1, per, 4), 0);
+        // (a budget of 0: no slot, so no GPU path)
+        assert_eq!(slots_that_fit(0, per, 4), 0);
+    }
 }

@@ -215,7 +215,7 @@ impl FasaKernel {
         // CPU cache stays authoritative; steps that need it (measurement, calibration, capture,
         // other modes, FASA-M) and any GPU error take the CPU path below.
         if let Some(m) = self.pool.gpu() {
-            let mirrored = !tiered && !measure && recorder.is_none() && cache.state.capture.is_none() && super::gpu::serves(cfg.mode);
+            let mirrored = !tiered && !measure && recorder.is_none() && cache.state.capture.is_none() && super::gpu::serves(cfg.mode) && m.holds(slot);
             if s > 1 && mirrored {
                 // (the prompt's rows go up now, beside the CPU's prefill attention below)
                 m.prefill(&cache, slot, layer, pos, h, &self.pool.profile());

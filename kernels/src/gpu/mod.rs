@@ -781,6 +781,12 @@ impl Gpu {
         Ok(Arc::new(Gpu { ctx, stream, arch, sm_count, integrated, module, f, pdl: AtomicU8::new(pdl) }))
     }
 
+    /// Free device memory, bytes (all of the host's on a GPU that shares it).
+    pub fn free_memory(&self) -> Result<u64, GpuError> {
+        self.ctx.bind_to_thread()?;
+        Ok(cudarc::driver::result::mem_get_info()?.0 as u64)
+    }
+
     /// Device 0, or None (logged once) when there is no usable GPU: callers run the CPU path.
     pub fn try_default() -> Option<Arc<Gpu>> {
         static GPU: OnceLock<Option<Arc<Gpu>>> = OnceLock::new();
