@@ -28,7 +28,7 @@ fn slots_past_the_gpu_memory_decode_on_the_cpu() {
     let mut cpu = load(&path, false);
     let per_slot = slot_bytes(cpu.pool().shape(), HEADS, cpu.pool().max_context());
     // One slot and a half, in MiB (rounded down: still more than one slot).
-    std::env::set_var("FASA_GPU_MEM_MB", (per_slot * 3 / 2 >> 20).max(per_slot.div_ceil(1 << 20)).to_string());
+    std::env::set_var("FASA_GPU_MEM_MB", ((per_slot * 3 / 2) >> 20).max(per_slot.div_ceil(1 << 20)).to_string());
     let mut gpu = load(&path, true);
     {
         let m = gpu.pool().gpu().expect("no GPU path: the budget holds one slot");
