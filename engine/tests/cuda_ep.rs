@@ -14,22 +14,15 @@
 //! the steps and ≤ 0.1 at all, greedy tokens equal wherever the CPU's top-2 margin exceeds 0.05.
 mod support;
 
-use fasa_engine::{paths, runtime, Activations, AttnConfig, ExecutionProvider, LoadOptions, Model};
-use support::{logits_rel_err as rel_err, top2, write_model_ctx, Types, LAYERS};
+use fasa_engine::{paths, runtime, AttnConfig, ExecutionProvider, LoadOptions, Model};
+use support::{byte_prompt, gpu_test_options, logits_rel_err as rel_err, top2, write_gpu_model as synthetic, LAYERS};
 
 const PROMPT: usize = 320;
 const STEPS: usize = 40;
 const BUDGET: usize = 64;
 
 fn options(path: &std::path::Path, gpu: bool, ep: ExecutionProvider) -> LoadOptions {
-    let ort = paths::default_ort_library();
-    assert!(ort.is_file(), "ONNX Runtime library missing at {}: run scripts/setup or set FASA_ORT_LIB", ort.display());
-    LoadOptions { max_sequences: 1, max_context: 512, gpu, activations: Activations::F32, execution_provider: ep, ..LoadOptions::new(path, ort) }
-}
-
-fn synthetic(dir: &std::path::Path) -> std::path::PathBuf {
-    use fasa_engine::gguf::GgmlType::{Q4K, Q5K, Q5_0, Q6K, Q8_0};
-    write_model_ctx(dir, &Types { embd: Q8_0, output: Some(Q6K), layers: [[Q5_0, Q5_0, Q8_0, Q4K, Q5K, Q5_0, Q6K]; LAYERS] }, 1024)
+    gpu_test_options(path, gpu, ep, 1)
 }
 
 /// Without the provider in the library, `cuda` is refused with the reason and `auto` falls back
@@ -63,7 +56,7 @@ fn cuda_provider_matches_the_cpu_path() {
     assert!(runtime::has_cuda_provider(), "this ONNX Runtime library ({}) has no CUDA execution provider", paths::default_ort_library().display());
     let mut gpu = Model::load(&options(&path, true, ExecutionProvider::Auto)).expect("load on the CUDA provider");
     assert_eq!(gpu.info().execution_provider, ExecutionProvider::Cuda, "auto with the provider and a GPU takes CUDA");
-    let prompt: Vec<u32> = (0..PROMPT as u64).map(|i| ((i * 2654435761 + 12345) >> 7) as u32 % 256).collect();
+    let prompt = byte_prompt(PROMPT, 12345);
     let decode_steps = (STEPS * LAYERS) as u64;
     let mut failures = vec![];
     for cfg in [AttnConfig::dense(), AttnConfig::fasa(BUDGET, 4), AttnConfig::paper(BUDGET, 4)] {

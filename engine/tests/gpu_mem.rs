@@ -9,22 +9,18 @@
 mod support;
 
 use fasa_engine::attention::gpu::slot_bytes;
-use fasa_engine::{paths, Activations, AttnConfig, ExecutionProvider, LoadOptions, Model};
-use support::{logits_rel_err, top2, write_model_ctx, Types, HEADS, LAYERS};
+use fasa_engine::{AttnConfig, ExecutionProvider, Model};
+use support::{byte_prompt, gpu_test_options, logits_rel_err, top2, write_gpu_model, HEADS, LAYERS};
 
 fn load(path: &std::path::Path, gpu: bool) -> Model {
-    let ort = paths::default_ort_library();
-    assert!(ort.is_file(), "ONNX Runtime library missing at {}: run scripts/setup or set FASA_ORT_LIB", ort.display());
-    let opts = LoadOptions { max_sequences: 2, max_context: 512, gpu, activations: Activations::F32, execution_provider: ExecutionProvider::Cpu, ..LoadOptions::new(path, ort) };
-    Model::load(&opts).expect("load the synthetic model")
+    Model::load(&gpu_test_options(path, gpu, ExecutionProvider::Cpu, 2)).expect("load the synthetic model")
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the device with --include-ignored (FASA_ORT_LIB, NVRTC on LD_LIBRARY_PATH)"]
 fn slots_past_the_gpu_memory_decode_on_the_cpu() {
-    use fasa_engine::gguf::GgmlType::{Q4K, Q5K, Q5_0, Q6K, Q8_0};
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model_ctx(dir.path(), &Types { embd: Q8_0, output: Some(Q6K), layers: [[Q5_0, Q5_0, Q8_0, Q4K, Q5K, Q5_0, Q6K]; LAYERS] }, 1024);
+    let path = write_gpu_model(dir.path());
     let mut cpu = load(&path, false);
     let per_slot = slot_bytes(cpu.pool().shape(), HEADS, cpu.pool().max_context());
     // One slot and a half, in MiB (rounded down: still more than one slot).
@@ -35,7 +31,7 @@ fn slots_past_the_gpu_memory_decode_on_the_cpu() {
         assert!(m.holds(0) && !m.holds(1), "a budget of one slot and a half mirrors slot 0 only");
     }
     let cfg = AttnConfig::default();
-    let prompt: Vec<u32> = (0..200u64).map(|i| ((i * 2654435761 + 12345) >> 7) as u32 % 256).collect();
+    let prompt = byte_prompt(200, 12345);
     let lc = cpu.pool().acquire().unwrap();
     let (g0, g1) = (gpu.pool().acquire().unwrap(), gpu.pool().acquire().unwrap());
     assert_eq!((g0.slot(), g1.slot()), (0, 1));

@@ -17,22 +17,17 @@
 //! logit error of either path).
 mod support;
 
-use fasa_engine::{paths, Activations, AttnConfig, AttnStats, ExecutionProvider, LoadOptions, Model};
-use support::{logits_rel_err as rel_err, top2, write_model_ctx, Types, LAYERS};
+use fasa_engine::{AttnConfig, AttnStats, ExecutionProvider, Model};
+use support::{byte_prompt, gpu_test_options, logits_rel_err as rel_err, top2, write_gpu_model, LAYERS};
 
 const PROMPT: usize = 320;
 const STEPS: usize = 40;
 const BUDGET: usize = 64;
 
 fn load(path: &std::path::Path, gpu: bool) -> Model {
-    let ort = paths::default_ort_library();
-    assert!(ort.is_file(), "ONNX Runtime library missing at {}: run scripts/setup or set FASA_ORT_LIB", ort.display());
-    // f32 activations: the test compares the attention paths, and int8 activation rounding
-    // would turn their fp16-vs-f32 differences into steps of whole quantization levels.
     // The CPU execution provider in both, also with an ORT library that has CUDA's: this test is
     // about the operator's own GPU path (tests/cuda_ep.rs runs the graph under CUDA's).
-    let opts = LoadOptions { max_sequences: 1, max_context: 512, gpu, activations: Activations::F32, execution_provider: ExecutionProvider::Cpu, ..LoadOptions::new(path, ort) };
-    Model::load(&opts).expect("load the synthetic model")
+    Model::load(&gpu_test_options(path, gpu, ExecutionProvider::Cpu, 1)).expect("load the synthetic model")
 }
 
 struct Outcome {
@@ -79,11 +74,10 @@ fn lockstep(cpu: &mut Model, gpu: &mut Model, cfg: &AttnConfig, prompt: &[u32], 
 #[test]
 #[ignore = "needs an NVIDIA GPU: run on the device with --include-ignored (FASA_ORT_LIB, NVRTC on LD_LIBRARY_PATH)"]
 fn gpu_decode_matches_the_cpu_path() {
-    use fasa_engine::gguf::GgmlType::{Q4K, Q5K, Q5_0, Q6K, Q8_0};
     // Outputs poisoned (NaN) before every GPU step: an unwritten row fails the step.
     std::env::set_var("FASA_GPU_POISON", "1");
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model_ctx(dir.path(), &Types { embd: Q8_0, output: Some(Q6K), layers: [[Q5_0, Q5_0, Q8_0, Q4K, Q5K, Q5_0, Q6K]; LAYERS] }, 1024);
+    let path = write_gpu_model(dir.path());
     let mut cpu = load(&path, false);
     let mut gpu = load(&path, true);
     assert!(cpu.pool().gpu().is_none());
@@ -94,7 +88,7 @@ fn gpu_decode_matches_the_cpu_path() {
     let integrated = fasa_kernels::gpu::Gpu::try_default().is_some_and(|g| g.integrated);
     eprintln!("GPU shares the host's memory (the memory plan counts the mirror there): {integrated}");
     // Deterministic token ids over the byte vocabulary.
-    let prompt: Vec<u32> = (0..PROMPT as u64).map(|i| ((i * 2654435761 + 12345) >> 7) as u32 % 256).collect();
+    let prompt = byte_prompt(PROMPT, 12345);
     let decode_steps = (STEPS * LAYERS) as u64;
     let mut failures = vec![];
     // Each mode with its steps replayed as CUDA graphs (the default: every step after a layer's
@@ -168,12 +162,11 @@ fn two_models_decode_at_once() {
     // instance of the model can: each mirror has its own stream, so one's CUDA graph capture
     // does not take in the other's launches. Each thread's decode, in three rounds, must equal
     // the same decode run alone, every step on the GPU, every other one captured and replayed.
-    use fasa_engine::gguf::GgmlType::{Q4K, Q5K, Q5_0, Q6K, Q8_0};
     let dir = tempfile::tempdir().unwrap();
-    let path = write_model_ctx(dir.path(), &Types { embd: Q8_0, output: Some(Q6K), layers: [[Q5_0, Q5_0, Q8_0, Q4K, Q5K, Q5_0, Q6K]; LAYERS] }, 1024);
+    let path = write_gpu_model(dir.path());
     let (mut a, mut b) = (load(&path, true), load(&path, true));
     assert!(a.pool().gpu().is_some() && b.pool().gpu().is_some(), "no GPU path");
-    let prompt: Vec<u32> = (0..PROMPT as u64).map(|i| ((i * 2654435761 + 777) >> 7) as u32 % 256).collect();
+    let prompt = byte_prompt(PROMPT, 777);
     let (alone, alone_logits, _) = greedy(&mut a, &prompt);
     let steps = (STEPS * LAYERS) as u64;
     for round in 0..3 {

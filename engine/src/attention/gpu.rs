@@ -86,9 +86,15 @@ pub struct GpuMirror {
     /// Decode steps replayed as CUDA graphs (off with `FASA_GPU_GRAPH=0`, or once a capture
     /// failed: then launched one by one).
     graphs: AtomicBool,
-    /// `(n_kv, ROWS_PIECE, d)` f32 K and V rows on their way into a cache (`GpuMirror::extend`;
-    /// allocated at first use; reused in the order of our stream).
-    staging: Mutex<Option<(CudaSlice<f32>, CudaSlice<f32>)>>,
+    /// K and V rows on their way into a cache (`GpuMirror::extend`; allocated at first use).
+    staging: Mutex<Option<Staging>>,
+}
+
+/// `(n_kv, ROWS_PIECE, d)` f32 K and V rows: gathered on the host, then copied to the device
+/// buffers, which the next piece reuses in the order of our stream.
+struct Staging {
+    host: (Vec<f32>, Vec<f32>),
+    dev: (CudaSlice<f32>, CudaSlice<f32>),
 }
 
 /// Rows a mirror takes in one piece through its staging (a prefill chunk is 512).
@@ -157,12 +163,18 @@ pub fn mirror_in_host_memory(head_dim: usize, n_heads: usize, n_kv_heads: usize,
         && Gpu::try_default().is_some_and(|g| g.integrated)
 }
 
-/// Device bytes one slot's mirror takes at `l_max` tokens: every layer's fp16 K and V, scoring
-/// planes and context-sized workspaces (`mirror_bytes_per_token`), and 1 MiB a layer for the
-/// fixed ones (the decoder's partials and histogram, the step's staging and graph).
+/// Device bytes a slot's mirror holds per token of its context, over every layer: fp16 K and
+/// V, scoring planes and context-sized workspaces (`fasa_kernels::gpu::append::mirror_bytes_per_token`
+/// a layer). The memory plan (`plan::gpu_mirror_bytes_per_token`) and [`slot_bytes`] count it.
+pub fn mirror_bytes_per_token(shape: CacheShape, n_heads: usize) -> u64 {
+    shape.n_layers as u64 * fasa_kernels::gpu::append::mirror_bytes_per_token(shape.n_kv_heads, n_heads, shape.head_dim)
+}
+
+/// Device bytes one slot's mirror takes at `l_max` tokens: [`mirror_bytes_per_token`] each, and
+/// 1 MiB a layer for the fixed buffers (the decoder's partials and histogram, the step's staging
+/// and graph).
 pub fn slot_bytes(shape: CacheShape, n_heads: usize, l_max: usize) -> u64 {
-    let per_token = fasa_kernels::gpu::append::mirror_bytes_per_token(shape.n_kv_heads, n_heads, shape.head_dim);
-    shape.n_layers as u64 * (l_max as u64 * per_token + (1 << 20))
+    l_max as u64 * mirror_bytes_per_token(shape, n_heads) + shape.n_layers as u64 * (1 << 20)
 }
 
 /// The slots whose mirrors fit `budget` bytes at `per_slot` each, at most `n_slots`.
@@ -261,23 +273,21 @@ impl GpuMirror {
         slot < self.slots.len()
     }
 
-    fn layers(&self, slot: usize) -> std::sync::MutexGuard<'_, Vec<LayerMirror>> {
-        self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
+    /// `slot`'s layers, locked; None for a slot without a mirror (`holds`).
+    fn layers(&self, slot: usize) -> Option<std::sync::MutexGuard<'_, Vec<LayerMirror>>> {
+        self.slots.get(slot).map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Every row of `slot` is stale (new contents copied in, or the slot was freed).
     pub fn invalidate(&self, slot: usize) {
-        if slot < self.slots.len() {
-            self.layers(slot).iter_mut().for_each(|l| l.valid = 0);
+        if let Some(mut layers) = self.layers(slot) {
+            layers.iter_mut().for_each(|l| l.valid = 0);
         }
     }
 
     /// The CPU cache rewrote `layer`'s rows from `pos` on without the GPU.
     pub fn rewind(&self, slot: usize, layer: usize, pos: usize) {
-        if !self.holds(slot) {
-            return;
-        }
-        if let Some(l) = self.layers(slot).get_mut(layer) {
+        if let Some(l) = self.layers(slot).as_mut().and_then(|ls| ls.get_mut(layer)) {
             l.valid = l.valid.min(pos);
         }
     }
@@ -289,10 +299,7 @@ impl GpuMirror {
     /// below `pos` come along. On an error the rows stay unmirrored (logged once) and the next
     /// decode step writes them.
     pub fn prefill(&self, c: &SeqCache, slot: usize, layer: usize, pos: usize, n_q: usize, profile: &Arc<Profile>) {
-        if !self.holds(slot) {
-            return;
-        }
-        let mut layers = self.layers(slot);
+        let Some(mut layers) = self.layers(slot) else { return };
         let lm = &mut layers[layer];
         lm.valid = lm.valid.min(pos);
         let n = c.len(layer);
@@ -345,12 +352,11 @@ impl GpuMirror {
         let (g, s) = (&*self.gpu, &self.gpu.stream);
         let (hkv, d) = (self.shape.n_kv_heads, self.shape.head_dim);
         let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        let (ks, vs) = match &mut *staging {
+        let size = hkv * ROWS_PIECE * d;
+        let Staging { host: (k, v), dev: (ks, vs) } = match &mut *staging {
             Some(st) => st,
-            none => none.insert((s.alloc_zeros(hkv * ROWS_PIECE * d)?, s.alloc_zeros(hkv * ROWS_PIECE * d)?)),
+            none => none.insert(Staging { host: (vec![0f32; size], vec![0f32; size]), dev: (s.alloc_zeros(size)?, s.alloc_zeros(size)?) }),
         };
-        let piece = ROWS_PIECE.min(n - t0);
-        let (mut k, mut v) = (vec![0f32; hkv * piece * d], vec![0f32; hkv * piece * d]);
         for a in (t0..n).step_by(ROWS_PIECE) {
             // (n_kv, len, d): one KV head's rows after the other.
             let len = ROWS_PIECE.min(n - a);
@@ -370,14 +376,13 @@ impl GpuMirror {
     /// `out` `(n_q, d)` in the model's dim order, and the step's counters. On an error the
     /// mirror of (slot, layer) is marked stale and the caller runs the CPU path.
     pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: Out) -> Result<AttnStats, GpuError> {
-        if !self.holds(st.slot) {
+        let Some(mut layers) = self.layers(st.slot) else {
             return Err(GpuError::Shape(format!("slot {} has no GPU mirror (the GPU's memory holds {})", st.slot, self.slots.len())));
-        }
+        };
         let run = match &out {
             Out::Host(_) => Arc::clone(&self.gpu),
             Out::Device { stream, .. } => self.ort_view(*stream),
         };
-        let mut layers = self.layers(st.slot);
         let lm = &mut layers[st.layer];
         let r = self.decode_in(lm, c, st, &run, out);
         lm.valid = if r.is_ok() { c.len(st.layer) } else { 0 };

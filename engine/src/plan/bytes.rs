@@ -178,7 +178,8 @@ pub fn tier_bytes_per_token(l: &Layout, s: &Shapes) -> TierBytes {
 
 /// Bytes a GPU mirror holds per cached token over all layers (`Layout::gpu_mirror`).
 pub fn gpu_mirror_bytes_per_token(s: &Shapes) -> u64 {
-    s.n_layers as u64 * fasa_kernels::gpu::append::mirror_bytes_per_token(s.n_kv_heads, s.n_heads, s.head_dim)
+    let shape = crate::attention::cache::CacheShape { n_layers: s.n_layers, n_kv_heads: s.n_kv_heads, head_dim: s.head_dim };
+    crate::attention::gpu::mirror_bytes_per_token(shape, s.n_heads)
 }
 
 /// `tier_bytes_per_token` with the default dense layers and no GPU mirror (the signature the

@@ -186,3 +186,24 @@ pub fn top2(x: &[f32]) -> (u32, f32) {
     }
     (i1 as u32, v1 - v2)
 }
+
+/// The synthetic model the GPU tests decode (`gpu_op`, `gpu_mem`, `cuda_ep`): a mix of the 4–8-bit
+/// types over its layers, a trained context of 1024.
+pub fn write_gpu_model(dir: &std::path::Path) -> std::path::PathBuf {
+    use GgmlType::{Q4K, Q5K, Q5_0, Q6K, Q8_0};
+    write_model_ctx(dir, &Types { embd: Q8_0, output: Some(Q6K), layers: [[Q5_0, Q5_0, Q8_0, Q4K, Q5K, Q5_0, Q6K]; LAYERS] }, 1024)
+}
+
+/// Load options of the GPU tests: f32 activations (they compare attention paths, and int8
+/// activation rounding would turn their fp16-vs-f32 differences into steps of whole quantization
+/// levels), a context of 512, `sequences` slots, on execution provider `ep`.
+pub fn gpu_test_options(path: &std::path::Path, gpu: bool, ep: fasa_engine::ExecutionProvider, sequences: usize) -> fasa_engine::LoadOptions {
+    let ort = fasa_engine::paths::default_ort_library();
+    assert!(ort.is_file(), "ONNX Runtime library missing at {}: run scripts/setup or set FASA_ORT_LIB", ort.display());
+    fasa_engine::LoadOptions { max_sequences: sequences, max_context: 512, gpu, activations: fasa_engine::Activations::F32, execution_provider: ep, ..fasa_engine::LoadOptions::new(path, ort) }
+}
+
+/// `n` deterministic token ids over the byte vocabulary; `salt` gives another sequence.
+pub fn byte_prompt(n: usize, salt: u64) -> Vec<u32> {
+    (0..n as u64).map(|i| ((i * 2654435761 + salt) >> 7) as u32 % 256).collect()
+}
