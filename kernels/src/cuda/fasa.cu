@@ -182,6 +182,16 @@ __device__ void quant_block(const Dims& D, const u16* kb, i8* qb, float* sb, int
     sb[(size_t)blk * D.n_fc + j] = amax == 0.f ? 0.f : ok ? __fdiv_rn(amax, lv) : __int_as_float(0x7fc00000);
 }
 
+// One K pair's terms added to (or, SUB, taken from) moments m [Σx, Σy, Σxx, Σxy, Σyy], each
+// rounded as cpu::add_moments rounds it (no fused multiply-add), so the GPU's sums have its bits.
+// m: a mom entry in global memory (append) or a thread's registers (append_rows).
+template <bool SUB>
+__device__ __forceinline__ void mom_pair(double* m, double x, double y) {
+    double t[5] = {x, y, __dmul_rn(x, x), __dmul_rn(x, y), __dmul_rn(y, y)};
+#pragma unroll
+    for (int i = 0; i < 5; ++i) m[i] = SUB ? __dsub_rn(m[i], t[i]) : __dadd_rn(m[i], t[i]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Append: the new token's rotated K (FC order) into its FC-group slots, V into its row, and
 // its K pairs into the moments of its (sequence, KV head): mom (batch, n_kv, n_fc, 5) f64
@@ -208,17 +218,11 @@ __device__ void append_impl(Dims D, u16* k, u16* v, const float* k_new, const fl
         int slot = slot_of_fc[kvh * D.n_fc + f];
         u16* kp = k + bk * D.l_max * D.d + k_off(p, slot / FCG, D.n_grp) + (slot % FCG) * 2;
         double* m = mom + (bk * D.n_fc + f) * 5;
-        if (p < covered) {
-            double x = T::load(kp[0]), y = T::load(kp[1]);
-            m[0] = __dsub_rn(m[0], x); m[1] = __dsub_rn(m[1], y);
-            m[2] = __dsub_rn(m[2], __dmul_rn(x, x)); m[3] = __dsub_rn(m[3], __dmul_rn(x, y)); m[4] = __dsub_rn(m[4], __dmul_rn(y, y));
-        }
+        if (p < covered) mom_pair<true>(m, T::load(kp[0]), T::load(kp[1]));
         u16 nx = T::store(k_new[bk * D.d + 2 * f]), ny = T::store(k_new[bk * D.d + 2 * f + 1]);
         kp[0] = nx;
         kp[1] = ny;
-        double x = T::load(nx), y = T::load(ny);
-        m[0] = __dadd_rn(m[0], x); m[1] = __dadd_rn(m[1], y);
-        m[2] = __dadd_rn(m[2], __dmul_rn(x, x)); m[3] = __dadd_rn(m[3], __dmul_rn(x, y)); m[4] = __dadd_rn(m[4], __dmul_rn(y, y));
+        mom_pair<false>(m, T::load(nx), T::load(ny));
     }
     __syncthreads(); // every thread has read mom_len and q8n; the new K pairs are written
     if (j == 0 && p >= covered) mom_len[bk] = p + 1;
@@ -263,11 +267,7 @@ __device__ void append_rows_impl(Dims D, u16* __restrict__ k, u16* __restrict__ 
             if (covered == t0) {
                 for (int i = 0; i < 5; ++i) m[i] = mp[i];
             }
-            auto add = [&](double x, double y) {
-                m[0] = __dadd_rn(m[0], x); m[1] = __dadd_rn(m[1], y);
-                m[2] = __dadd_rn(m[2], __dmul_rn(x, x)); m[3] = __dadd_rn(m[3], __dmul_rn(x, y));
-                m[4] = __dadd_rn(m[4], __dmul_rn(y, y));
-            };
+            auto add = [&](double x, double y) { mom_pair<false>(m, x, y); };
             if (covered != t0) {
                 for (int t = 0; t < t0; ++t) {
                     const u16* p = kp + k_off(t, g, D.n_grp);

@@ -17,6 +17,13 @@ use cudarc::driver::{result, sys, CudaContext, CudaEvent, CudaSlice, DevicePtr, 
 use super::{Gpu, GpuError};
 
 /// `len` values of `T` in page-locked host memory (zeroed at allocation: `T` is valid as zeros).
+///
+/// Not cudarc's `PinnedHostSlice`: that one waits on an event of its own at every host access,
+/// recorded by cudarc's copies. A decode step writes its inputs and reads its output once around
+/// one graph replay whose completion [`StepIo`]'s single event already tells, and the replay's
+/// copies are graph nodes that never record that event: its waits would add driver calls to every
+/// token and order nothing. (Its `alloc_pinned` is also write-combined, slow for the host to read
+/// back the output from; this is cached.)
 pub struct Pinned<T: Copy + ValidAsZeroBits> {
     ptr: *mut T,
     len: usize,
