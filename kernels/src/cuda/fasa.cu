@@ -745,8 +745,17 @@ __device__ __forceinline__ void ml_merge(float& m, float& s, float m2, float s2)
     m = mn;
 }
 
-// The per-head TIP kernels' output for the thread's tokens tc + j·TIP_THREADS + tid of one chunk:
-// x_h = scale·ŝ_h into xs (hps, l_max) and into the thread's online-softmax state per head.
+// One token t's output of head h: x = scale·ŝ (as the CPU: ŝ, then · scale) into xs (hps, l_max)
+// and into the online-softmax state (m, s) of the thread and head.
+__device__ __forceinline__ void head_put(const Dims& D, float acc, float* xs, int h, int t, float& m, float& s) {
+    float x = __fmul_rn(D.scale, acc);
+    xs[(size_t)h * D.l_max + t] = x;
+    if (x > m) { s = s * expf(m - x) + 1.f; m = x; }
+    else s += expf(x - m);
+}
+
+// The per-head TIP kernels' output for the thread's tokens tc + j·TIP_THREADS + tid of one chunk
+// (head_put per head).
 template <int H>
 __device__ __forceinline__ void heads_store(const Dims& D, const float (&acc)[TIP_TPT][H], int tc, int len, float* xs, float (&ml_m)[H],
                                             float (&ml_s)[H]) {
@@ -756,12 +765,7 @@ __device__ __forceinline__ void heads_store(const Dims& D, const float (&acc)[TI
         if (t < len) {
 #pragma unroll
             for (int h = 0; h < H; ++h) {
-                if (h < D.hps) {
-                    float x = __fmul_rn(D.scale, acc[j][h]); // as the CPU: ŝ, then · scale
-                    xs[(size_t)h * D.l_max + t] = x;
-                    if (x > ml_m[h]) { ml_s[h] = ml_s[h] * expf(ml_m[h] - x) + 1.f; ml_m[h] = x; }
-                    else ml_s[h] += expf(x - ml_m[h]);
-                }
+                if (h < D.hps) head_put(D, acc[j][h], xs, h, t, ml_m[h], ml_s[h]);
             }
         }
     }
@@ -1326,11 +1330,14 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
     constexpr int STAGE = TIPFC_STAGE(TPT, U);
     // Units in order: step st, its slots c·U .. c·U + U − 1; issue and compute each walk them once,
     // (step, unit) counted as they go.
-    int ist = 0, ic = 0, cst = 0, cc = 0;
+    struct Walk {
+        int st = 0, c = 0;
+        __device__ void next(int n) { if (++c == n) { c = 0; ++st; } }
+    } wi, wc;
     auto issue = [&](int u) {
         if (u < nunit) {
-            int st = ist, c = ic;
-            if (++ic == nb) { ic = 0; ++ist; }
+            int st = wi.st, c = wi.c;
+            wi.next(nb);
             int tt = t0 + st * STEP + tid * TPT;
             if (tt < qlen) {
                 const i8* base = S.kq + kqf_off(tt, 0, D.n_fc);
@@ -1352,8 +1359,8 @@ __device__ void tipfc_impl(Dims D, const u16* k, const i8* kq, const float* ks, 
         cp_async_commit(); // (an empty group past the last unit keeps the wait count uniform)
     };
     auto compute = [&](int u) {
-        int st = cst, c = cc;
-        if (++cc == nb) { cc = 0; ++cst; }
+        int st = wc.st, c = wc.c;
+        wc.next(nb);
         const unsigned char* sd = tipfc_dyn + (size_t)(u % NS) * STAGE;
         int tt = t0 + st * STEP + tid * TPT;
         if (c == 0) zero_acc(acc);
@@ -1719,12 +1726,7 @@ __device__ void tipm_impl(Dims D, const u16* k, const i8* kq, const float* ks, c
         }
 #pragma unroll
         for (int h = 0; h < H; ++h) {
-            if (h < nq) {
-                float x = __fmul_rn(D.scale, acc[h]);
-                xs[(size_t)h * D.l_max + t] = x;
-                if (x > tm[h]) { ts[h] = ts[h] * expf(tm[h] - x) + 1.f; tm[h] = x; }
-                else ts[h] += expf(x - tm[h]);
-            }
+            if (h < nq) head_put(D, acc[h], xs, h, t, tm[h], ts[h]);
         }
     }
     trace_mark(M_TIP_LOOP);
