@@ -1166,6 +1166,9 @@ fn nvrtc_compiles_for_orin_and_hopper() {
                 assert!(ptx.contains(&format!(".entry {name}(")), "{name} not in the module");
             }
         }
+        for tpt in [2, 4, 8] {
+            assert!(ptx.contains(&format!(".entry tip_mass_t{tpt}(")), "tip_mass_t{tpt} not in the module");
+        }
     }
 }
 

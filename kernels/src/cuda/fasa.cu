@@ -1155,9 +1155,8 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
 
 // tip_mass: scores(t) = Σ_h exp(x_h(t) − M_h) / Z_h (heads in order, as cpu::tip_group_mass
 // adds them), forced rows +∞, histogram and (with done) the threshold, as TIP.
-// grid (ceil(l_max/MASS_TOK), n_sel, batch), block 256. nchunk: tip_heads' chunks per block.
-#define MASS_TPT 8
-#define MASS_TOK (256 * MASS_TPT)
+// grid (ceil(l_max/(256·TPT)), n_sel, batch), block 256, TPT tokens a thread (`tip_mass_t<TPT>`:
+// 2, 4 or 8; gpu::mass_tpt). nchunk: tip_heads' chunks per block.
 #ifndef MASS_PIPE
 #define MASS_PIPE 1
 #endif
@@ -1169,15 +1168,17 @@ __device__ void tip_heads_impl(Dims D, const u16* k, const i8* kq, const float* 
 #ifndef MASS_EXP
 #define MASS_EXP __expf
 #endif
-extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* xh, const float* pml, const int* lens, int nchunk,
-                                                           float* scores, u32* hist, u32* done, int* thr) {
+template <int TPT>
+__device__ void tip_mass_impl(Dims D, const float* xh, const float* pml, const int* lens, int nchunk, float* scores, u32* hist,
+                              u32* done, int* thr) {
+    constexpr int NTOK = 256 * TPT;
     PDL_BEGIN(TR_MASS);
     select_early_trigger(D);
     __shared__ u32 sh_hist[NBIN];
     __shared__ float mh[MAXH], izh[MAXH];
     int s = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
     int len = lens[b];
-    int t0 = blockIdx.x * MASS_TOK;
+    int t0 = blockIdx.x * NTOK;
     if (t0 >= len) return;
     int seg = b * D.n_sel + s, hps = D.hps;
     const float* xs = xh + (size_t)seg * hps * D.l_max;
@@ -1186,10 +1187,10 @@ extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* 
     // exposed instead of 1 + hps (the same operations in the same order either way). GPU run 29
     // (default int8, Llama-3-8B shapes, same call, MASS_PIPE 0 / 1): 1 × 32k 55.3 → 54.5 µs,
     // 1 × 128k 103.3 → 102.3, 16 × 32k 327.2 → 326.8.
-    float x[MASS_TPT];
+    float x[TPT];
     auto load = [&](int h) {
 #pragma unroll
-        for (int j = 0; j < MASS_TPT; ++j) {
+        for (int j = 0; j < TPT; ++j) {
             int t = t0 + j * 256 + tid;
             x[j] = t < len ? __ldcg(&xs[(size_t)h * D.l_max + t]) : 0.f;
         }
@@ -1212,25 +1213,25 @@ extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* 
         if (lane == 0) { mh[w] = m; izh[w] = 1.f / sm; }
     }
     __syncthreads();
-    float a[MASS_TPT];
+    float a[TPT];
 #pragma unroll
-    for (int j = 0; j < MASS_TPT; ++j) a[j] = 0.f;
+    for (int j = 0; j < TPT; ++j) a[j] = 0.f;
     for (int h = 0; h < hps; ++h) {
         float m = mh[h], iz = izh[h];
-        float xc[MASS_TPT];
+        float xc[TPT];
         if (!MASS_PIPE) load(h);
 #pragma unroll
-        for (int j = 0; j < MASS_TPT; ++j) xc[j] = x[j];
+        for (int j = 0; j < TPT; ++j) xc[j] = x[j];
         if (MASS_PIPE && h + 1 < hps) load(h + 1);
 #pragma unroll
-        for (int j = 0; j < MASS_TPT; ++j) {
+        for (int j = 0; j < TPT; ++j) {
             int t = t0 + j * 256 + tid;
             if (t < len) a[j] = __fadd_rn(a[j], __fmul_rn(MASS_EXP(xc[j] - m), iz));
         }
     }
     float* sc = scores + (size_t)seg * D.l_max;
 #pragma unroll
-    for (int j = 0; j < MASS_TPT; ++j) {
+    for (int j = 0; j < TPT; ++j) {
         int t = t0 + j * 256 + tid;
         if (t < len) {
             float v = (t < D.sinks || t >= len - D.recent) ? POS_INF : a[j];
@@ -1238,8 +1239,17 @@ extern "C" __global__ void __launch_bounds__(256) tip_mass(Dims D, const float* 
             atomicAdd(&sh_hist[okey(v) >> BIN_SHIFT], 1u);
         }
     }
-    flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + MASS_TOK - 1) / MASS_TOK);
+    flush_hist(D, sh_hist, hist, seg, len, done, thr, (len + NTOK - 1) / NTOK);
 }
+#define TIP_MASS_ENTRY(TPT)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) tip_mass_t##TPT(Dims D, const float* xh, const float* pml,         \
+                                                                      const int* lens, int nchunk, float* scores,        \
+                                                                      u32* hist, u32* done, int* thr) {                  \
+        tip_mass_impl<TPT>(D, xh, pml, lens, nchunk, scores, hist, done, thr);                                           \
+    }
+TIP_MASS_ENTRY(2)
+TIP_MASS_ENTRY(4)
+TIP_MASS_ENTRY(8)
 
 // TIP over per-FC int8 planes (FC_PLANES; `tipfc_h<H>x<TPT>_<dtype>`): NQ = 1 the summed score with
 // tip_impl's outputs (scores, histogram, threshold), NQ > 1 the group-mass stage 1 with

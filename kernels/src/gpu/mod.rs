@@ -71,7 +71,23 @@ pub const TIP4_PIPES: [usize; 2] = [4224, 4244];
 /// 26.8 / 26.7, 16 × 32k 87.7 / 87.9, 16 × 128k 216.4 / 210.1: more bytes in flight did not
 /// shorten batch 1, whose TIP is bound by each chunk's instruction latency, not by its loads.
 pub const TIP4_PIPE: usize = 4224;
-pub(crate) const MASS_TOK: usize = 2048; // 256 · MASS_TPT
+/// Tokens a thread of the group-mass stage's second launch (`tip_mass_t<TPT>`, blocks of 256
+/// threads) whose grid at 8 tokens a thread would have `blocks8` blocks on `sm_count`
+/// multiprocessors: 4 where those blocks are fewer than the multiprocessors, else 8;
+/// `FASA_GPU_MASS_TPT` (2, 4 or 8) forces one (benchmarks). Each block's chain of dependent
+/// instructions bounds it at batch 1, so twice the blocks of half the tokens finish sooner while
+/// they fit one wave, and cost more (prologues, histogram flushes) once they do not. GPU run 36
+/// (default int8 step, same call, two rounds, 8 / 4 / 2 tokens a thread, µs): Llama-3-8B 1 × 8k
+/// 37.6 / 36.8 / 37.5, 1 × 32k 42.2 / 41.1 / 42.3, 1 × 128k 57.4 / 59.2 / 67.0, 16 × 32k
+/// 151.5 / 156.9 / 188.6; SmolLM2 1 × 8k 33.5 / 32.6 / 32.7.
+pub fn mass_tpt(blocks8: usize, sm_count: usize) -> usize {
+    static FORCED: OnceLock<Option<usize>> = OnceLock::new();
+    let forced = *FORCED.get_or_init(|| match std::env::var("FASA_GPU_MASS_TPT").ok().and_then(|v| v.trim().parse().ok()) {
+        Some(t @ (2 | 4 | 8)) => Some(t),
+        _ => None,
+    });
+    forced.unwrap_or(if blocks8 < sm_count { 4 } else { 8 })
+}
 pub(crate) const RR_ROWS: usize = 256;
 /// Tokens per int8 quantisation block (`QB` in common.cuh, `cpu::QB`).
 pub const QB: usize = crate::cpu::QB;
@@ -347,7 +363,8 @@ unsafe impl DeviceRepr for Dims {}
 /// Every kernel of the module, looked up once.
 #[derive(Clone)]
 pub(crate) struct Funcs {
-    pub tip_mass: CudaFunction,
+    /// `tip_mass_t2`, `_t4`, `_t8` (tokens a thread: [`mass_tpt`]).
+    pub tip_mass: [CudaFunction; 3],
     /// Filter blocks of 8192 and of 2048 tokens (`select_filter_v8`, `_v2`).
     pub select_filter: [CudaFunction; 2],
     pub select_refine: CudaFunction,
@@ -748,7 +765,7 @@ impl Gpu {
             Ok([f(1)?, f(2)?])
         };
         let f = Funcs {
-            tip_mass: get("tip_mass")?,
+            tip_mass: [get("tip_mass_t2")?, get("tip_mass_t4")?, get("tip_mass_t8")?],
             select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
             select_refine: get("select_refine")?,
             rerank_mass: get("rerank_mass")?,

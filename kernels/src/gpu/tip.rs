@@ -10,7 +10,7 @@
 use cudarc::driver::CudaSlice;
 
 use super::launch::Launch;
-use super::{cfg, Dims, Dtype, Gpu, GpuError, Q8Planes, MASS_TOK, QB, TIP_TOK};
+use super::{cfg, mass_tpt, Dims, Dtype, Gpu, GpuError, Q8Planes, QB, TIP_TOK};
 
 /// `scores (batch·n_sel, l_max)` f32 and `hist (batch·n_sel, NBIN)` (must be zero on entry; the
 /// select op zeroes it again). `q (batch, n_q, d)` f32 FC-pair order; `pool (2, n_sel, P)`: the
@@ -208,13 +208,14 @@ pub fn mass(
     }
     let null = 0u64;
     let nc = nchunk as i32;
-    let mut l = gpu.launcher(&gpu.f.tip_mass);
+    let tpt = mass_tpt((dims.l_max as usize).div_ceil(256 * 8) * segs, gpu.sm_count);
+    let mut l = gpu.launcher(&gpu.f.tip_mass[tpt.trailing_zeros() as usize - 1]);
     l.arg(dims).arg(xh).arg(pml).arg(lens).arg(&nc).arg(scores).arg(hist);
     match thr {
         Some((d, t)) => l.arg(d).arg(t),
         None => l.arg(&null).arg(&null),
     };
-    let grid = ((dims.l_max as usize).div_ceil(MASS_TOK), dims.n_sel as usize, dims.batch as usize);
+    let grid = ((dims.l_max as usize).div_ceil(256 * tpt), dims.n_sel as usize, dims.batch as usize);
     // SAFETY: sizes checked; each block reads its selection's xh and pml entries of blocks that
     // held tokens (< lens[b]) and writes its own tokens' scores and its selection's histogram.
     unsafe { l.launch(cfg(grid, 256)) }?;
@@ -301,5 +302,28 @@ fn check(d: &Dims, q: &CudaSlice<f32>, pool: &CudaSlice<i32>, scores: usize) -> 
         Ok(())
     } else {
         Err(GpuError::Shape(format!("tip: inconsistent dims or buffers {d:?}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::mass_tpt;
+
+    #[test]
+    fn the_mass_stage_halves_its_blocks_only_while_they_fit_one_wave() {
+        // (FASA_GPU_MASS_TPT, a benchmark switch, is not set in the tests.) H200, 132 SMs, blocks
+        // at 8 tokens a thread = ceil(l_max / 2048) · batch · selections. Llama-3-8B (8 KV
+        // groups): batch 1 at 8k (32) and 32k (128) take 4 tokens a thread (GPU run 36: 37.6 →
+        // 36.8 and 42.2 → 41.1 µs), 1 × 128k (512) and 16 × 32k (2048) keep 8 (4 cost 1.8 and
+        // 5.3 µs there).
+        assert_eq!(mass_tpt(32, 132), 4);
+        assert_eq!(mass_tpt(128, 132), 4);
+        assert_eq!(mass_tpt(512, 132), 8);
+        assert_eq!(mass_tpt(2048, 132), 8);
+        // SmolLM2 (3 KV groups) at 8k: batch 1 (12) on an H200 or a 16-SM Jetson Orin takes 4;
+        // batch 16 (192) keeps 8.
+        assert_eq!(mass_tpt(12, 132), 4);
+        assert_eq!(mass_tpt(12, 16), 4);
+        assert_eq!(mass_tpt(192, 132), 8);
     }
 }
