@@ -3,9 +3,9 @@
 //! the other slots decode on the CPU, and a budget under one slot leaves no GPU path. On a tiny
 //! synthetic qwen2 with two slots: a budget of one slot and a half mirrors slot 0 only, whose
 //! decode steps run on the GPU, while slot 1's run on the CPU and give the CPU model's logits (to
-//! 1e-6, where the GPU's fp16 mirror is ~1e-3 off); then a budget of one slot less a byte gives no mirror. A test binary of its own: it
-//! sets the variable, which any other model load in the process would read. Needs an NVIDIA GPU:
-//! ignored in CI; on the device run with `--include-ignored`.
+//! 1e-6, where the GPU's fp16 mirror is ~1e-3 off); then a budget under one slot gives no mirror.
+//! A test binary of its own: it sets the variable, which any other model load in the process
+//! would read. Needs an NVIDIA GPU: ignored in CI; on the device run with `--include-ignored`.
 mod support;
 
 use fasa_engine::attention::gpu::slot_bytes;

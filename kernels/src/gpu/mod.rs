@@ -800,8 +800,7 @@ impl Gpu {
 
     /// Free device memory, bytes (all of the host's on a GPU that shares it).
     pub fn free_memory(&self) -> Result<u64, GpuError> {
-        self.ctx.bind_to_thread()?;
-        Ok(cudarc::driver::result::mem_get_info()?.0 as u64)
+        Ok(self.ctx.mem_get_info()?.0 as u64)
     }
 
     /// Device 0, or None (logged once) when there is no usable GPU: callers run the CPU path.
