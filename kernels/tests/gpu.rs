@@ -460,6 +460,12 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     }
     dec.fused_combine = false;
     dec.set_fac_rows(0)?;
+    // The other bins of the group-mass scores (mass bins off where the decoder has them on):
+    // the same rows.
+    let mb0 = dec.mass_bins;
+    dec.mass_bins = !mb0;
+    variants_same &= same_rows(&mut dec)?;
+    dec.mass_bins = mb0;
     // FAC after the whole select filter (no FAC early), the filter after the whole TIP launch (no
     // select early), neither; combine apart and fused. FAC over candidates (where the decoder's
     // FAC kernel runs it) off, and at one candidate per FAC block, so selections with more
@@ -817,6 +823,10 @@ fn default_mode_matches_cpu() {
         let c = Case { pool: d / 4, sinks: 4, recent: 32, var_mass: true, ..base(dt, d, n_q, n_kv) };
         check(c, &mut r);
     }
+    // More forced rows than B: the threshold in the top bin, which mass bins clamp (+∞ with the
+    // largest masses), so the refine sorts whole keys.
+    let c = Case { budget: 32, pool: 16, sinks: 4, recent: 64, var_mass: true, ..base(Dtype::F16, 64, 9, 3) };
+    check(c, &mut r);
 }
 
 #[test]
@@ -1113,12 +1123,14 @@ fn long_and_large_budget_matches_cpu() {
 fn ties_pick_lower_rows() {
     // Every K equal: all scores tie, top-B must be rows 0..B (cpu::top_b's rule). 6000 ties also
     // overflow the shared-memory candidate buffer (4096) and take the global-memory path.
+    // The group-mass scores tie too (every head's softmax uniform), in one of mass bins' bins.
     for len in [2000, 6000] {
-        ties_case(len);
+        ties_case(len, false);
+        ties_case(len, true);
     }
 }
 
-fn ties_case(len: usize) {
+fn ties_case(len: usize, group_mass: bool) {
     let g = gpu();
     let (d, n_kv, n_q, b) = (64, 1, 2, 100);
     let mut cache = GpuKvCache::new(&g, Dtype::F16, 1, n_kv, d, len, None).unwrap();
@@ -1137,7 +1149,7 @@ fn ties_case(len: usize) {
         recent: 0,
         rerank: 0,
         fc_by_variance: false,
-        group_mass: false,
+        group_mass,
         q8_tip: false,
     };
     let mut dec = FasaDecoder::new(&g, &cache, cfg).unwrap();

@@ -114,6 +114,16 @@ pub struct FasaDecoder {
     /// FAC early on, same call, with / without) 16 × 32k 95.6 / 99.3 µs, 16 × 128k 228.5 / 238.7,
     /// 1 × 32k 28.6 / 28.5, 1 × 128k 38.0 / 38.1; default int8 16 × 32k 341.3 / 343.3.
     pub early_select: bool,
+    /// Mass bins: the group-mass stage 1's histogram, filter and refine bin its scores over
+    /// their own range (`gpu::MASS_BINS`), so the refine sorts fewer candidates. On unless
+    /// `FASA_GPU_MASS_BINS=0` ([`super::mass_bins_on`]); the summed score keeps the key's top
+    /// bits. GPU run 37 (default int8 step, B = 1024, same calls, two or three rounds, off → on,
+    /// µs): Llama-3-8B 1 × 8k 36.9 → 35.8, 1 × 32k 41.2 → 39.5, 1 × 128k 57.5 → 56.3, 16 × 8k
+    /// 79.3 → 77.6; SmolLM2 16 × 8k 53.6 → 52.3; B = 256 and SmolLM2 1 × 8k 0.1–0.6 faster. Slower
+    /// at 8 × 32k (93.6 → 94.3), 16 × 32k (152.5 → 154.0) and 16 × 128k (443.2 → 445.1): there
+    /// stage 1 and the select are still faster (16 × 32k: 125.9 → 124.7 µs) and FAC's overlap
+    /// with the refine is what changes, untraced. One binning for every shape.
+    pub mass_bins: bool,
     /// FAC over candidates: with FAC early, the `FacKernel::Reg` FAC kernel (below 32 selections
     /// per step by default) and a one-launch stage 1 (not the group-mass one), FAC launches with
     /// the select filter and takes the threshold bin's candidates with the rows above it, at most
@@ -293,6 +303,7 @@ impl FasaDecoder {
             filter_tok: 0,
             early_fac: true,
             early_select: true,
+            mass_bins: super::mass_bins_on(),
             fac_cands: super::CAND_MAX,
             combine8: None,
             pdl: true,
@@ -467,6 +478,9 @@ impl FasaDecoder {
         }
         if self.early_select && self.thr_in_tip {
             d1.flags |= super::EARLY_SELECT;
+        }
+        if self.mass_bins && Self::heads_mass(&self.cfg, d1.hps as usize) {
+            d1.flags |= super::MASS_BINS; // (cands_flags is 0 there: FAC takes no cut)
         }
         self.tip(gpu, cache, &d1, q, lens)?;
         let thr = if self.thr_in_tip { Some(&self.thr) } else { None };

@@ -323,7 +323,8 @@ pub struct Dims {
     pub sinks: i32,
     pub recent: i32,
     pub scale: f32,
-    /// [`EARLY_SELECT`], and FAC over candidates' cap `<< CANDS_SHIFT` ([`cands_flag`]).
+    /// [`EARLY_SELECT`], [`Q4_PLANES`], [`FC_PLANES`], [`MASS_BINS`], and FAC over candidates' cap
+    /// `<< CANDS_SHIFT` ([`cands_flag`]).
     pub flags: i32,
 }
 
@@ -338,6 +339,18 @@ pub const Q4_PLANES: i32 = 2;
 /// `Dims::flags`: the cache's int8 scoring planes are stored per FC (fasa.cu's `FC_PLANES`;
 /// [`GpuKvCache::enable_scoring_planes_as`]), read by the `tipfc_h*` kernels only.
 pub const FC_PLANES: i32 = 4;
+/// `Dims::flags`: the scores are the group-mass stage's (Σ_h softmax ∈ [0, hps] or +∞), and the
+/// histogram, select filter and refine bin them 64 an octave over [2^-60, 2^4) (fasa.cu's
+/// `MASS_BINS`) instead of by the key's top 12 bits, 8 an octave over every float: the threshold
+/// bin, and so the refine's candidates, 8 times narrower. Set by the decoder for that stage
+/// ([`mass_bins_on`]); never with FAC over candidates.
+pub const MASS_BINS: i32 = 8;
+/// Whether the decoder bins group-mass scores by [`MASS_BINS`]: yes, or `FASA_GPU_MASS_BINS=0`
+/// (benchmarks). Read once.
+pub fn mass_bins_on() -> bool {
+    static R: OnceLock<bool> = OnceLock::new();
+    *R.get_or_init(|| std::env::var("FASA_GPU_MASS_BINS").map_or(true, |v| v != "0"))
+}
 /// i32 words of `thr` per selection (fasa.cu's `THR_W`): threshold bin, rows above it, select
 /// early's flag, FAC over candidates' count and cut (a u64 in words 4–5), unused.
 pub const THR_W: usize = 8;
