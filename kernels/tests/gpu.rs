@@ -361,7 +361,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
     let others = [others[0], *others.last().unwrap_or(&others[0])];
     let st0 = dec.tip8_pipe;
     // Programmatic dependent launch switched for three (the decoder's policy, twice, then forced
-    // for every launch as FASA_GPU_PDL does), filter blocks of both sizes forced for two; the int8
+    // for every launch as FASA_GPU_PDL does), filter blocks of each size forced for three; the int8
     // TIP unpipelined (0) and the other pipelined kernels for others; each combine kernel forced
     // for the last two.
     let pdl0 = dec.pdl;
@@ -376,6 +376,7 @@ fn run_case(g: &Gpu, c: &Case, data: &Data) -> Result<Outcome, GpuError> {
         (true, false, chunks0, fac0, !pdl0, 0, st0, None, None),
         (true, false, chunks0, fac0, pdl0, 8192, st0, None, None),
         (false, false, chunks0, fac0, pdl0, 2048, st0, None, None),
+        (true, false, chunks0, fac0, pdl0, 1024, st0, None, None),
         (true, false, 2, fac0, pdl0, 0, 0, None, None),
         (true, false, 3, others[0], pdl0, 0, 24, None, None),
         (true, true, chunks0, fac0, pdl0, 0, 24, None, None),
@@ -1180,6 +1181,9 @@ fn nvrtc_compiles_for_orin_and_hopper() {
         }
         for tpt in [2, 4, 8] {
             assert!(ptx.contains(&format!(".entry tip_mass_t{tpt}(")), "tip_mass_t{tpt} not in the module");
+        }
+        for v in [8, 2, 1] {
+            assert!(ptx.contains(&format!(".entry select_filter_v{v}(")), "select_filter_v{v} not in the module");
         }
     }
 }

@@ -1989,7 +1989,7 @@ __device__ bool last_block(u32* done, int seg, int n) {
 // and a write test per token: 81 µs for 64 MiB of scores at 16 × 128k, 23 cycles per instruction
 // and ~3× the instructions; ncu, GPU run 12.)
 // grid (ceil(l_max / (1024·V)), n_sel, batch), block 256; V = 8, or 2 when that leaves too few
-// blocks to fill the GPU (batch 1).
+// blocks to fill the GPU (batch 1), or 1 on the smallest grids (select::filter_tok).
 // With `ready` (FAC early; needs thr): the last block sets ready[seg] = 1 (every row above the
 // bin written) and lets FAC launch before it refines, then 2 once the refine's rows are written.
 // FAC over candidates (cands_cap(D) > 0) also: every block lets FAC launch from its start, raises
@@ -2097,6 +2097,7 @@ __device__ void filter_impl(Dims D, const float* scores, u32* hist, int* thr, co
     }
 FILTER_ENTRY(8)
 FILTER_ENTRY(2)
+FILTER_ENTRY(1)
 
 // refine_seg alone, one block per selection (grid (n_sel, batch), block 256).
 extern "C" __global__ void __launch_bounds__(256) select_refine(Dims D, u32* hist, const int* thr, const int* lens, u32* sel,

@@ -98,7 +98,7 @@ pub struct FasaDecoder {
     /// µs, 16 × 32k 194.5 → 153.2, 1 × 128k 68.4 → 58.0, 16 × 128k 611.4 → 448.4. Set it with
     /// [`FasaDecoder::set_tipm`] (the chunk count follows).
     pub tipm: bool,
-    /// Scores per select-filter block, 8192 or 2048; 0 (default): chosen by `select::filter`.
+    /// Scores per select-filter block, 8192, 2048 or 1024; 0 (default): chosen by `select::filter`.
     pub filter_tok: usize,
     /// FAC early: the FAC launch starts while the select filter's last blocks refine, scores the
     /// rows above the threshold bin and then the refine's (`fac::partials`' `early`); with the

@@ -378,8 +378,8 @@ unsafe impl DeviceRepr for Dims {}
 pub(crate) struct Funcs {
     /// `tip_mass_t2`, `_t4`, `_t8` (tokens a thread: [`mass_tpt`]).
     pub tip_mass: [CudaFunction; 3],
-    /// Filter blocks of 8192 and of 2048 tokens (`select_filter_v8`, `_v2`).
-    pub select_filter: [CudaFunction; 2],
+    /// Filter blocks of 8192, 2048 and 1024 tokens (`select_filter_v8`, `_v2`, `_v1`).
+    pub select_filter: [CudaFunction; 3],
     pub select_refine: CudaFunction,
     pub rerank_mass: CudaFunction,
     /// The split merge, walkers loading 1 or 8 splits at a time (`fac_combine`, `fac_combine8`).
@@ -779,7 +779,7 @@ impl Gpu {
         };
         let f = Funcs {
             tip_mass: [get("tip_mass_t2")?, get("tip_mass_t4")?, get("tip_mass_t8")?],
-            select_filter: [get("select_filter_v8")?, get("select_filter_v2")?],
+            select_filter: [get("select_filter_v8")?, get("select_filter_v2")?, get("select_filter_v1")?],
             select_refine: get("select_refine")?,
             rerank_mass: get("rerank_mass")?,
             fac_combine: [get("fac_combine")?, get("fac_combine8")?],

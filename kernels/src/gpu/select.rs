@@ -11,8 +11,8 @@ use super::{cfg, Dims, Gpu, GpuError};
 /// `thr (batch·n_sel, THR_W)`: the threshold bin found by the TIP launch (`tip::launch` with `thr`)
 /// on the same `dims.budget`; `None`: each block finds it from the histogram. `sel_cnt`, `cand_cnt`, `done` `(batch·n_sel,)` and `hist` must be zero on entry, and are zero
 /// again on return: the last block of each selection completes it (as [`refine`]) and resets
-/// them. `cand (batch·n_sel, l_max)` is scratch. `tok`: tokens per block, 8192 or 2048, or 0 to
-/// choose (8192 unless that leaves fewer than two blocks per multiprocessor).
+/// them. `cand (batch·n_sel, l_max)` is scratch. `tok`: tokens per block, 8192, 2048 or 1024, or 0
+/// to choose ([`filter_tok`]).
 /// `ready (batch·n_sel,)`, zero on entry, with `thr` (FAC early, for [`super::fac::partials`]'s
 /// `early`): each selection's last block sets it to 1 once the rows above the threshold bin are
 /// written, lets the next launch start, and sets 2 once the selection is complete; the FAC
@@ -42,15 +42,19 @@ pub fn filter(
         return Err(GpuError::Shape("select::filter: ready and select early need thr (batch·n_sel, THR_W)".into()));
     }
     // Blocks of 8192 tokens (32 per thread, loads in flight together), or of 2048 where those
-    // would leave fewer than two blocks per multiprocessor (batch 1).
-    let big = match tok {
-        0 => segs * (dims.l_max as usize).div_ceil(8192) >= 2 * gpu.sm_count,
-        8192 => true,
-        2048 => false,
-        _ => return Err(GpuError::Shape(format!("select::filter: blocks of 8192 or 2048 tokens, not {tok}"))),
+    // would leave fewer than two blocks per multiprocessor (batch 1), or of 1024 where even
+    // those would leave multiprocessors without one ([`filter_tok`]).
+    let tok = match tok {
+        0 => filter_tok(segs, dims.l_max as usize, gpu.sm_count),
+        8192 | 2048 | 1024 => tok,
+        _ => return Err(GpuError::Shape(format!("select::filter: blocks of 8192, 2048 or 1024 tokens, not {tok}"))),
     };
-    let tok = if big { 8192 } else { 2048 };
-    let mut l = gpu.launcher(&gpu.f.select_filter[!big as usize]);
+    let kernel = match tok {
+        8192 => 0,
+        2048 => 1,
+        _ => 2,
+    };
+    let mut l = gpu.launcher(&gpu.f.select_filter[kernel]);
     let null = 0u64;
     l.arg(dims).arg(scores).arg(hist);
     match thr {
@@ -67,6 +71,24 @@ pub fn filter(
     // stay inside each selection's `budget` rows, and candidates inside its `l_max` slots.
     unsafe { l.launch(cfg(grid, 256)) }?;
     Ok(())
+}
+
+/// The select filter's tokens per block for `segs` selections of `l_max` tokens on `sm_count`
+/// multiprocessors: 8192 while that gives two blocks per multiprocessor, else 2048, else 1024
+/// where blocks of 2048 would not give each multiprocessor one. A filter block is a chain of
+/// dependent steps (its loads, one block scan, the atomics, the writes), so on a small grid more,
+/// shorter blocks finish sooner. GPU run 37 (Llama-3-8B shapes, same call, three rounds, 2048 →
+/// 1024 tokens): paper int8 1 × 8k 25.95 → 25.34 µs and 1 × 32k 27.1 → 26.8 (32 and 128 blocks
+/// of 2048); default int8 1 × 8k 35.8 → 35.3, 1 × 32k 39.5 → 39.3; SmolLM2 1 × 8k (12 blocks)
+/// paper 20.6 → 20.4, default 30.3 → 30.0 at B 256. At 1 × 128k (512 blocks) 1024 cost 2.8 µs.
+pub fn filter_tok(segs: usize, l_max: usize, sm_count: usize) -> usize {
+    if segs * l_max.div_ceil(8192) >= 2 * sm_count {
+        8192
+    } else if segs * l_max.div_ceil(2048) >= sm_count {
+        2048
+    } else {
+        1024
+    }
 }
 
 /// The completion step alone (already done by [`filter`]'s last blocks): completes `sel` and
@@ -106,4 +128,25 @@ fn check(d: &Dims, sel: &CudaSlice<u32>, cand: &CudaSlice<u64>) -> Result<(), Gp
         return Err(GpuError::Shape(format!("select: buffers too small for {d:?}")));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::filter_tok;
+
+    #[test]
+    fn the_filter_shortens_its_blocks_only_on_small_grids() {
+        // H200, 132 SMs. Llama-3-8B (8 KV groups): batch 1 at 8k and 32k (32 and 128 blocks of
+        // 2048) take 1024; 1 × 128k (512) keeps 2048 (1024 cost 2.8 µs, GPU run 37); 16 × 32k
+        // (64 of 8192 a selection row: 1024 blocks) takes 8192.
+        assert_eq!(filter_tok(8, 8192, 132), 1024);
+        assert_eq!(filter_tok(8, 32768, 132), 1024);
+        assert_eq!(filter_tok(8, 131072, 132), 2048);
+        assert_eq!(filter_tok(128, 32768, 132), 8192);
+        // SmolLM2 (3 KV groups) at 8k: batch 1 (12 blocks) takes 1024, on a 16-SM Jetson Orin
+        // too; batch 16 (192 blocks of 2048) keeps 2048.
+        assert_eq!(filter_tok(3, 8192, 132), 1024);
+        assert_eq!(filter_tok(3, 8192, 16), 1024);
+        assert_eq!(filter_tok(48, 8192, 132), 2048);
+    }
 }
