@@ -248,6 +248,8 @@ pub enum GpuError {
     Compile { arch: String, log: String },
     #[error("unsupported shape: {0}")]
     Shape(String),
+    #[error("input out of the GPU kernels' range: {0}")]
+    Range(String),
 }
 
 /// Storage type of the GPU cache (accumulation is always f32).
