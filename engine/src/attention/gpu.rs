@@ -156,8 +156,9 @@ fn serves_shape(head_dim: usize, group: usize) -> bool {
 /// Whether a step's rotated q `(heads, d)` is in the GPU kernels' range. The tensor-core FAC and
 /// dense kernels (`facm_*`, taken for dense steps and from 32 selections a step) feed q · d^-1/2
 /// to the tensor cores as sums of fp16 pairs, so past fp16's largest value it would be ∞ (GPU run
-/// 37: q × 10^12 made the dense output ∞ where the CPU's is finite); a NaN would poison the
-/// step's shared buffers. No real model's q comes near; such a step runs on the CPU.
+/// 37: q × 10^12 made the dense output ∞ where the CPU's is finite). A q that is not finite has
+/// no finite output on either path and is refused too, so the kernels see finite inputs only. No
+/// real model's q comes near; such a step runs on the CPU.
 fn q_in_range(q: &[f32], head_dim: usize) -> Result<(), GpuError> {
     const F16_MAX: f32 = 65504.0;
     let scale = 1.0 / (head_dim as f32).sqrt();
