@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, Once};
 
 use fasa_kernels::gpu::append::{append, append_rows};
 use fasa_kernels::gpu::decode::capture;
+use fasa_kernels::gpu::fac;
 use fasa_kernels::gpu::io::{poison, Pinned, StepIo};
 use fasa_kernels::gpu::{CudaGraph, CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS, QB};
 
@@ -151,21 +152,6 @@ fn gpu_allowed(enabled: bool) -> bool {
 /// Whether the GPU kernels take these shapes: head dim 64 or 128, 1..=8 query heads per KV head.
 fn serves_shape(head_dim: usize, group: usize) -> bool {
     matches!(head_dim, 64 | 128) && (1..=MAX_HPS).contains(&group)
-}
-
-/// Whether a step's rotated q `(heads, d)` is in the GPU kernels' range. The tensor-core FAC and
-/// dense kernels (`facm_*`, taken for dense steps and from 32 selections a step) feed q · d^-1/2
-/// to the tensor cores as sums of fp16 pairs, so past fp16's largest value it would be ∞ (GPU run
-/// 37: q × 10^12 made the dense output ∞ where the CPU's is finite). A q that is not finite has
-/// no finite output on either path and is refused too, so the kernels see finite inputs only. No
-/// real model's q comes near; such a step runs on the CPU.
-fn q_in_range(q: &[f32], head_dim: usize) -> Result<(), GpuError> {
-    const F16_MAX: f32 = 65504.0;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    match q.iter().position(|&x| !(x * scale).is_finite() || (x * scale).abs() >= F16_MAX) {
-        None => Ok(()),
-        Some(i) => Err(GpuError::Range(format!("q[{i}] = {} (· d^-1/2 past fp16's ±{F16_MAX})", q[i]))),
-    }
 }
 
 /// Whether a model of these shapes gets a GPU mirror (as [`GpuMirror::detect`] decides, with
@@ -393,7 +379,7 @@ impl GpuMirror {
     pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: Out) -> Result<AttnStats, GpuError> {
         // Refused before the mirror is touched: it keeps its rows and catches up at the slot's
         // next GPU step.
-        q_in_range(st.q_fc, self.shape.head_dim)?;
+        fac::q_in_range(st.q_fc, self.shape.head_dim)?;
         let Some(mut layers) = self.layers(st.slot) else {
             return Err(GpuError::Shape(format!("slot {} has no GPU mirror (the GPU's memory holds {})", st.slot, self.slots.len())));
         };
@@ -694,7 +680,7 @@ fn step_stats(st: &DecodeStep, hkv: usize, d: usize, n: usize, sel: Option<&[u32
 
 #[cfg(test)]
 mod tests {
-    use super::{q_in_range, slot_bytes, slots_that_fit, CacheShape};
+    use super::{slot_bytes, slots_that_fit, CacheShape};
 
     /// A slot's mirror at the full context: SmolLM2-135M (30 layers, 3 KV heads of 64, 9 query
     /// heads) at 8192 tokens holds 1260 bytes a layer and token (fp16 K and V 768, int8 planes and
@@ -709,18 +695,5 @@ mod tests {
         assert_eq!(slots_that_fit(per - 1, per, 4), 0);
         // (a budget of 0: no slot, so no GPU path)
         assert_eq!(slots_that_fit(0, per, 4), 0);
-    }
-
-    /// q · d^-1/2 must stay inside fp16's range (the tensor-core kernels' operands): the bound is
-    /// strict, and NaN and ∞ are out.
-    #[test]
-    fn queries_past_fp16_take_the_cpu_path() {
-        let (d, lim) = (64, 65504.0f32 * 8.0); // d^-1/2 = 1/8 exactly
-        assert!(q_in_range(&[1.0, -300.0, lim * 0.999], d).is_ok());
-        let e = q_in_range(&[1.0, -lim, 2.0], d).unwrap_err().to_string();
-        assert!(e.contains("q[1]") && e.contains("fp16"), "{e}");
-        assert!(q_in_range(&[f32::NAN], d).is_err());
-        assert!(q_in_range(&[f32::INFINITY], 128).is_err());
-        assert!(q_in_range(&[1e12], 128).is_err());
     }
 }

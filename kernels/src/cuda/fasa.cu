@@ -102,6 +102,18 @@ __device__ __forceinline__ int score_bin(u32 key, int flags) {
     if (!(flags & MASS_BINS)) return (int)(key >> BIN_SHIFT);
     return min(max((int)(key >> MASS_SHIFT) - (int)MASS_OFF, 0), NBIN - 1);
 }
+// The selection-key bits (score key << 32 | index) that every key of bin tb shares, as a mask and
+// value, and the top bit of the refine's first digit below them: the key's top 12 bits, or with
+// mass bins 15 (bits 17..31 of the score's key) unless tb is a clamped end bin, which fixes none.
+__device__ __forceinline__ void bin_prefix(int tb, int flags, u64* mask, u64* val, int* top) {
+    if (!(flags & MASS_BINS)) {
+        *mask = (u64)0xfff << 52; *val = (u64)tb << 52; *top = 51;
+    } else if (tb > 0 && tb < NBIN - 1) {
+        *mask = (u64)0x7fff << 49; *val = (u64)(tb + MASS_OFF) << 49; *top = 48;
+    } else {
+        *mask = 0; *val = 0; *top = 63;
+    }
+}
 
 __device__ __forceinline__ int kv_of_sel(const Dims& D, int s) { return (s * D.hps) / (D.n_q / D.n_kv); }
 
@@ -1885,17 +1897,9 @@ __device__ void refine_seg(const Dims& D, int seg, int len, u32* hist, const int
                 find_threshold(hist + (size_t)seg * NBIN, D.budget, &tb, &above);
             }
             need = D.budget - above;
-            // The bin fixes the keys' top bits: 12 of them, or with mass bins 15 (bits 17..31 of
-            // the score's key) unless the bin is a clamped end one, which fixes none.
-            if (!(D.flags & MASS_BINS)) {
-                mask = (u64)0xfff << 52;
-                val = (u64)tb << 52;
-                start = 44;
-            } else if (tb > 0 && tb < NBIN - 1) {
-                mask = (u64)0x7fff << 49;
-                val = (u64)(tb + MASS_OFF) << 49;
-                start = 41;
-            }
+            int top;
+            bin_prefix(tb, D.flags, &mask, &val, &top);
+            start = top - 7;
         }
     } else {
         active = true;

@@ -173,9 +173,25 @@ pub fn combine(
     Ok(())
 }
 
+/// Whether a step's rotated q `(heads, d)` is in the GPU kernels' range. The tensor-core FAC and
+/// dense kernels (`facm_*`, `FacKernel::Mma`: dense steps, and FAC from 32 selections a step)
+/// feed q · d^-1/2 to the tensor cores as sums of fp16 pairs, so past fp16's largest value it
+/// would be ∞ (GPU run 37: q × 10^12 made the dense output ∞ where the CPU's is finite). A q that
+/// is not finite has no finite output on either path and is refused too, so the kernels see
+/// finite inputs only. No real model's q comes near; a caller with a CPU path (the engine's
+/// operator) runs such a step there.
+pub fn q_in_range(q: &[f32], head_dim: usize) -> Result<(), GpuError> {
+    const F16_MAX: f32 = 65504.0;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    match q.iter().position(|&x| !(x * scale).is_finite() || (x * scale).abs() >= F16_MAX) {
+        None => Ok(()),
+        Some(i) => Err(GpuError::Range(format!("q[{i}] = {} (· d^-1/2 past fp16's ±{F16_MAX})", q[i]))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::split_dense;
+    use super::{q_in_range, split_dense};
 
     #[test]
     fn dense_split_keeps_blocks_long_at_batch_16_and_one_wave_at_batch_1() {
@@ -193,5 +209,18 @@ mod tests {
         assert_eq!(split_dense(32768, 8, 132, 2), (1024, 32));
         assert_eq!(split_dense(131072, 8, 132, 2), (4032, 33));
         assert_eq!(split_dense(8192, 3, 132, 2), (256, 32));
+    }
+
+    /// q · d^-1/2 must stay inside fp16's range (the tensor-core kernels' operands): the bound is
+    /// strict, and NaN and ∞ are out.
+    #[test]
+    fn queries_past_fp16_take_the_cpu_path() {
+        let (d, lim) = (64, 65504.0f32 * 8.0); // d^-1/2 = 1/8 exactly
+        assert!(q_in_range(&[1.0, -300.0, lim * 0.999], d).is_ok());
+        let e = q_in_range(&[1.0, -lim, 2.0], d).unwrap_err().to_string();
+        assert!(e.contains("q[1]") && e.contains("fp16"), "{e}");
+        assert!(q_in_range(&[f32::NAN], d).is_err());
+        assert!(q_in_range(&[f32::INFINITY], 128).is_err());
+        assert!(q_in_range(&[1e12], 128).is_err());
     }
 }

@@ -380,7 +380,7 @@ unsafe impl DeviceRepr for Dims {}
 pub(crate) struct Funcs {
     /// `tip_mass_t2`, `_t4`, `_t8` (tokens a thread: [`mass_tpt`]).
     pub tip_mass: [CudaFunction; 3],
-    /// Filter blocks of 8192, 2048 and 1024 tokens (`select_filter_v8`, `_v2`, `_v1`).
+    /// Filter blocks of 8192, 2048 and 1024 tokens (`select_filter_v8`, `_v2`, `_v1`; `select::FILTER_TOKS`).
     pub select_filter: [CudaFunction; 3],
     pub select_refine: CudaFunction,
     pub rerank_mass: CudaFunction,

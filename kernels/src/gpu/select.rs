@@ -44,15 +44,9 @@ pub fn filter(
     // Blocks of 8192 tokens (32 per thread, loads in flight together), or of 2048 where those
     // would leave fewer than two blocks per multiprocessor (batch 1), or of 1024 where even
     // those would leave multiprocessors without one ([`filter_tok`]).
-    let tok = match tok {
-        0 => filter_tok(segs, dims.l_max as usize, gpu.sm_count),
-        8192 | 2048 | 1024 => tok,
-        _ => return Err(GpuError::Shape(format!("select::filter: blocks of 8192, 2048 or 1024 tokens, not {tok}"))),
-    };
-    let kernel = match tok {
-        8192 => 0,
-        2048 => 1,
-        _ => 2,
+    let tok = if tok == 0 { filter_tok(segs, dims.l_max as usize, gpu.sm_count) } else { tok };
+    let Some(kernel) = FILTER_TOKS.iter().position(|&t| t == tok) else {
+        return Err(GpuError::Shape(format!("select::filter: blocks of {FILTER_TOKS:?} tokens, not {tok}")));
     };
     let mut l = gpu.launcher(&gpu.f.select_filter[kernel]);
     let null = 0u64;
@@ -72,6 +66,10 @@ pub fn filter(
     unsafe { l.launch(cfg(grid, 256)) }?;
     Ok(())
 }
+
+/// Tokens per select-filter block, in the order of `Funcs::select_filter` (`select_filter_v8`,
+/// `_v2`, `_v1`: 4·V scores a thread).
+const FILTER_TOKS: [usize; 3] = [8192, 2048, 1024];
 
 /// The select filter's tokens per block for `segs` selections of `l_max` tokens on `sm_count`
 /// multiprocessors: 8192 while that gives two blocks per multiprocessor, else 2048, else 1024
