@@ -69,6 +69,8 @@ struct Case {
     /// With `by_fc` and `var_mass`: the group-mass stage 1 on CUDA cores (`tipfc_h*`) rather
     /// than on tensor cores (`tipm_h*`, `FasaDecoder::tipm`).
     cuda_cores: bool,
+    /// q's values are uniform in ±2 times this (1: real models' range).
+    q_scale: f32,
 }
 
 /// Host copy of one case's data, values already rounded to the storage type.
@@ -120,7 +122,7 @@ fn make_data(c: &Case, r: &mut StdRng) -> Data {
         v.push(vb);
         planes.push(pb);
     }
-    let q: Vec<f32> = (0..c.lens.len() * c.n_q * d).map(|_| r.random_range(-2.0f32..2.0)).collect();
+    let q: Vec<f32> = (0..c.lens.len() * c.n_q * d).map(|_| c.q_scale * r.random_range(-2.0f32..2.0)).collect();
     let group = c.n_q / c.n_kv;
     let n_sel = if c.per_group { c.n_kv } else { c.n_q };
     let pools: Vec<Vec<usize>> = (0..n_sel)
@@ -797,6 +799,7 @@ fn base(dt: Dtype, d: usize, n_q: usize, n_kv: usize) -> Case {
         q4: false,
         by_fc: false,
         cuda_cores: false,
+        q_scale: 1.0,
     }
 }
 
@@ -838,6 +841,28 @@ fn old_default_mode_matches_cpu() {
     for (dt, d, n_q, n_kv) in [(Dtype::F16, 128, 32, 8), (Dtype::Bf16, 64, 14, 2)] {
         let c = Case { pool: d / 4, sinks: 4, recent: 32, ..base(dt, d, n_q, n_kv) };
         check(c, &mut r);
+    }
+}
+
+#[test]
+#[cfg_attr(not(feature = "gpu-tests"), ignore = "needs an NVIDIA GPU: run bench/gpu/run.sh on the device")]
+fn extreme_queries_match_cpu() {
+    // q · d^-1/2 far past fp16's largest value and far below its subnormals: the tensor-core FAC
+    // and dense kernels take q as fp16 pairs (GPU run 37: × 10^12 made the dense output ∞), and
+    // the scores leave the histogram bins' windows at both ends.
+    let mut r = rng();
+    for q_scale in [1e12f32, 1e-14] {
+        // The paper's mode from 16-bit K and from int8 planes, the default's (group mass).
+        for (dt, d, n_q, n_kv, var_mass, q8) in [
+            (Dtype::F16, 128, 32, 8, false, false),
+            (Dtype::F16, 128, 32, 8, false, true),
+            (Dtype::F16, 64, 9, 3, true, false),
+            (Dtype::Bf16, 128, 28, 4, true, true),
+        ] {
+            eprintln!("q × {q_scale:e}:");
+            let c = Case { q_scale, var_mass, q8, pool: if var_mass { d / 4 } else { d / 8 }, ..base(dt, d, n_q, n_kv) };
+            check(c, &mut r);
+        }
     }
 }
 

@@ -2699,6 +2699,8 @@ template <> struct Mma<BF16> {
     }
 };
 
+__device__ __forceinline__ float ex2(float x) { float r; asm("ex2.approx.f32 %0, %1;" : "=f"(r) : "f"(x)); return r; }
+
 // (x0, x1) as a sum of Mma<T>::NS 16-bit pairs, each the rounding of what the ones before left:
 // two f16 pairs hold an f32 pair to ~2^-22 relative (to ~3e-8 absolute below 6e-5, where the
 // second term is subnormal), three bf16 pairs to ~2^-24, so NS mma with 16-bit operands give
@@ -2730,7 +2732,8 @@ template <int NW> __device__ __forceinline__ u32 pair_half(const u32 (&x)[NW], c
 // bytes per load) are Vᵀ's rows g and g + 8 of each m-tile. q and p go in as sums of 16-bit
 // pairs (split_pair: NS mma each), so products are those of f32 q and p, as fac_impl's.
 // The products are exact, the tensor cores' f32 sums are not rounded as IEEE adds are, and the
-// second fp16 term of a pair below ~6e-5 is subnormal (absolute error ≤ 3e-8 per q or p element).
+// second fp16 term of a pair below ~6e-5 is subnormal (absolute error ≤ 3e-8 per p element; q is
+// first scaled by a power of two into [0.5, 1) per head).
 // Tests: the dense output within 2.4–3.0e-7 of fac_impl's, FAC and dense within 1.2e-6 of the CPU
 // on captured K/V (GPU run 19). Per lane: Q fragments NS·DD/8 registers, accumulators DD/4, and
 // DD/2 for each of the TU tiles' K and V loads: with TU = 2 (FACM_TU), 255 registers at d = 128
@@ -2753,6 +2756,21 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
         const u16* kb = k + bk * D.l_max * DD;
         const u16* vb = v + bk * D.l_max * DD;
         constexpr int NS = Mma<T>::NS;
+        // Head g's q goes in as q·2^-qe, max |q·2^-qe| in [0.5, 1) (its quad holds all its dims),
+        // so its fp16 pairs neither overflow (|q·scale| ≥ 65504 gave ∞, GPU run 37) nor lose a
+        // tiny q to subnormals. S is then s·2^-qe: the online softmax runs on it with the 2^qe
+        // folded into the exp2's factor c2, and m goes back to score units at the end. Powers of
+        // two, so exact. (GPU run 38: the loop's c2 register costs dense 1.5–2 % at batch 1.)
+        float qmax = 0.f;
+#pragma unroll
+        for (int i = 0; i < NPT; ++i)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) qmax = fmaxf(qmax, fabsf(sm.q_s[g][8 * (c + 4 * i) + j]));
+        qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, 1));
+        qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, 2));
+        int qe = qmax > 0.f ? min(max(((__float_as_int(qmax) >> 23) & 0xff) - 126, -125), 126) : 0; // qmax < 2^qe
+        const float qdown = __int_as_float((127 - qe) << 23), qup = __int_as_float((127 + qe) << 23);
+        const float c2 = qup * 1.44269504f; // exp(s − m) = 2^((s' − m')·c2)
         u32 qa[NKS][2][NS]; // Q's (a0, a2) of each k-slice, as NS split terms
         int koff[NPT];
 #pragma unroll
@@ -2762,8 +2780,8 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 const float* qp = &sm.q_s[g][8 * p + 4 * hh];
-                split_pair<T>(qp[0], qp[1], qa[2 * i + hh][0]);
-                split_pair<T>(qp[2], qp[3], qa[2 * i + hh][1]);
+                split_pair<T>(qp[0] * qdown, qp[1] * qdown, qa[2 * i + hh][0]);
+                split_pair<T>(qp[2] * qdown, qp[3] * qdown, qa[2 * i + hh][1]);
             }
         }
         float m = NEG_INF, l = 0.f, acc[NKS][4];
@@ -2820,13 +2838,13 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                     float mn = fmaxf(m, mx); // finite: row tb is in the tile
-                    float al = m == NEG_INF ? 0.f : __expf(m - mn);
+                    float al = m == NEG_INF ? 0.f : ex2((m - mn) * c2);
                     m = mn;
                     float p[2][2];
 #pragma unroll
                     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) p[nt][e] = sc[nt][e] == NEG_INF ? 0.f : __expf(sc[nt][e] - mn);
+                        for (int e = 0; e < 2; ++e) p[nt][e] = sc[nt][e] == NEG_INF ? 0.f : ex2((sc[nt][e] - mn) * c2);
                     l = l * al + (p[0][0] + p[0][1]) + (p[1][0] + p[1][1]);
                     // Oᵀ's columns are heads 2c, 2c + 1: their rescale factors from quads 2c, 2c + 1.
                     float al0 = __shfl_sync(0xffffffffu, al, 8 * c), al1 = __shfl_sync(0xffffffffu, al, 8 * c + 4);
@@ -2856,7 +2874,7 @@ __device__ void facm_impl(Dims D, const u16* k, const u16* v, const float* q, co
         }
         l += __shfl_xor_sync(0xffffffffu, l, 1);
         l += __shfl_xor_sync(0xffffffffu, l, 2);
-        if (c == 0 && g < hps) { sm.wm[w][g] = m; sm.wl[w][g] = l; }
+        if (c == 0 && g < hps) { sm.wm[w][g] = m * qup; sm.wl[w][g] = l; } // (m back in score units)
         // Oᵀ rows g, g + 8 of m-tile mt are the lane's halves mt and NKS + mt: dims dim_of(·).
         auto dim_of = [&](int i) { return i < 8 ? 8 * g + i : 64 + 8 * g + (i - 8); };
 #pragma unroll
