@@ -379,7 +379,7 @@ impl GpuMirror {
     pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: Out) -> Result<AttnStats, GpuError> {
         // Refused before the mirror is touched: it keeps its rows and catches up at the slot's
         // next GPU step.
-        fac::q_in_range(st.q_fc)?;
+        fac::q_finite(st.q_fc)?;
         let Some(mut layers) = self.layers(st.slot) else {
             return Err(GpuError::Shape(format!("slot {} has no GPU mirror (the GPU's memory holds {})", st.slot, self.slots.len())));
         };
