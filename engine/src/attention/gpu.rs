@@ -35,8 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 
 use fasa_kernels::gpu::append::{append, append_rows};
-use fasa_kernels::gpu::decode::capture;
-use fasa_kernels::gpu::fac;
+use fasa_kernels::gpu::decode::{capture, q_finite};
 use fasa_kernels::gpu::io::{poison, Pinned, StepIo};
 use fasa_kernels::gpu::{CudaGraph, CudaSlice, DecodeConfig, Dtype, FasaDecoder, Gpu, GpuError, GpuKvCache, MAX_HPS, QB};
 
@@ -379,7 +378,7 @@ impl GpuMirror {
     pub fn decode(&self, c: &SeqCache, st: &DecodeStep, out: Out) -> Result<AttnStats, GpuError> {
         // Refused before the mirror is touched: it keeps its rows and catches up at the slot's
         // next GPU step.
-        fac::q_finite(st.q_fc)?;
+        q_finite(st.q_fc)?;
         let Some(mut layers) = self.layers(st.slot) else {
             return Err(GpuError::Shape(format!("slot {} has no GPU mirror (the GPU's memory holds {})", st.slot, self.slots.len())));
         };

@@ -173,21 +173,9 @@ pub fn combine(
     Ok(())
 }
 
-/// Whether a step's rotated q `(heads, d)` is one the GPU kernels take: finite. A q with ∞ or
-/// NaN has no finite output on either path; refusing it keeps the kernels' inputs finite, and a
-/// caller with a CPU path (the engine's operator) runs such a step there. Magnitude is no limit:
-/// the tensor-core kernels (`facm_*`) prescale q by a power of two before its fp16 pairs (GPU
-/// run 37 found q × 10^12 giving ∞ before they did; `extreme_queries_match_cpu`).
-pub fn q_finite(q: &[f32]) -> Result<(), GpuError> {
-    match q.iter().position(|x| !x.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(GpuError::Range(format!("q[{i}] = {} is not finite", q[i]))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{q_finite, split_dense};
+    use super::split_dense;
 
     #[test]
     fn dense_split_keeps_blocks_long_at_batch_16_and_one_wave_at_batch_1() {
@@ -205,15 +193,5 @@ mod tests {
         assert_eq!(split_dense(32768, 8, 132, 2), (1024, 32));
         assert_eq!(split_dense(131072, 8, 132, 2), (4032, 33));
         assert_eq!(split_dense(8192, 3, 132, 2), (256, 32));
-    }
-
-    /// Any finite q goes to the GPU (the kernels prescale it); NaN and ±∞ are refused, typed.
-    #[test]
-    fn non_finite_queries_take_the_cpu_path() {
-        assert!(q_finite(&[1.0, -300.0, 1e12, -3e38, 1e-30]).is_ok());
-        let e = q_finite(&[1.0, f32::NAN, 2.0]).unwrap_err().to_string();
-        assert!(e.contains("q[1]") && e.contains("not finite"), "{e}");
-        assert!(q_finite(&[f32::INFINITY]).is_err());
-        assert!(q_finite(&[0.0, f32::NEG_INFINITY]).is_err());
     }
 }
